@@ -1,0 +1,1 @@
+"""cascade-jax: Stable Cascade (Wuerstchen v3) in JAX/Flax NNX."""

@@ -1,0 +1,104 @@
+"""The building blocks shared by Stage B and Stage C (official ``modules/common.py``)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from cascade_jax.nn.attention import MultiheadAttention
+from cascade_jax.nn.functional import layer_norm
+from cascade_jax.nn.layers import GELU, Conv2d, GlobalResponseNorm, Identity, LayerNorm2d, Linear, Sequential, SiLU
+
+
+def _channel_mlp(c_in, c, *, rngs):
+    # Index 3 is the official Dropout; inference (and parity) make it the identity.
+    return Sequential(Linear(c_in, c * 4, rngs=rngs), GELU(), GlobalResponseNorm(c * 4, rngs=rngs),
+                      Identity(), Linear(c * 4, c, rngs=rngs))
+
+
+class ResBlock(nnx.Module):
+    """Depthwise conv → LayerNorm → (concat skip) → channel MLP with GRN, plus residual."""
+
+    def __init__(self, c, c_skip=0, kernel_size=3, dropout=0.0, *, rngs):
+        self.depthwise = Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c, rngs=rngs)
+        self.norm = LayerNorm2d(eps=1e-6)
+        self.channelwise = _channel_mlp(c + c_skip, c, rngs=rngs)
+
+    def __call__(self, x, x_skip=None):
+        h = self.norm(self.depthwise(x))
+        if x_skip is not None:
+            h = jnp.concatenate([h, x_skip.astype(h.dtype)], axis=-1)
+        return self.channelwise(h) + x
+
+
+class FeedForwardBlock(nnx.Module):
+    def __init__(self, c, dropout=0.0, *, rngs):
+        self.norm = LayerNorm2d(eps=1e-6)
+        self.channelwise = _channel_mlp(c, c, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.channelwise(self.norm(x))
+
+
+class Attention2D(nnx.Module):
+    def __init__(self, c, nhead, dropout=0.0, *, rngs):
+        self.attn = MultiheadAttention(c, nhead, rngs=rngs)
+
+    def __call__(self, x, kv, self_attn=False):
+        b, h, w, c = x.shape
+        tokens = x.reshape(b, h * w, c)
+        if self_attn:
+            kv = jnp.concatenate([tokens, kv.astype(tokens.dtype)], axis=1)
+        return self.attn(tokens, kv).reshape(b, h, w, c)
+
+
+class AttnBlock(nnx.Module):
+    """Self+cross attention: queries are pixels, keys/values are pixels and the mapped condition."""
+
+    def __init__(self, c, c_cond, nhead, self_attn=True, dropout=0.0, *, rngs):
+        self.self_attn = self_attn
+        self.norm = LayerNorm2d(eps=1e-6)
+        self.attention = Attention2D(c, nhead, dropout, rngs=rngs)
+        self.kv_mapper = Sequential(SiLU(), Linear(c_cond, c, rngs=rngs))
+
+    def __call__(self, x, kv):
+        kv = self.kv_mapper(kv)
+        return x + self.attention(self.norm(x), kv, self_attn=self.self_attn)
+
+
+class TimestepBlock(nnx.Module):
+    """FiLM from the noise-level embedding and each extra condition (``sca``, ``crp``)."""
+
+    def __init__(self, c, c_timestep, conds=("sca",), *, rngs):
+        self.conds = tuple(conds)
+        self.c_timestep = c_timestep
+        self.mapper = Linear(c_timestep, c * 2, rngs=rngs)
+        for name in self.conds:
+            setattr(self, f"mapper_{name}", Linear(c_timestep, c * 2, rngs=rngs))
+
+    def __call__(self, x, t):
+        chunks = jnp.split(t, len(self.conds) + 1, axis=1)
+        ab = self.mapper(chunks[0])
+        for i, name in enumerate(self.conds):
+            ab = ab + getattr(self, f"mapper_{name}")(chunks[i + 1])
+        a, b = jnp.split(ab[:, None, None, :], 2, axis=-1)
+        return x * (1 + a) + b
+
+
+def r_embedding(r, c_r: int, max_positions: float = 10000.0):
+    """Sinusoidal embedding of the noise level r in [0, 1], always computed in float32.
+
+    (diffusers casts r to bf16 first, which rounds r·10000 badly; we never do.)
+    """
+    r = r.astype(jnp.float32) * max_positions
+    half = c_r // 2
+    freq = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(jnp.log(max_positions) / (half - 1)))
+    emb = r[:, None] * freq[None, :]
+    emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=1)
+    if c_r % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def clip_norm(x):
+    return layer_norm(x, eps=1e-6)

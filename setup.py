@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cascade-jax",
+    version="0.1.0",
+    description="Stable Cascade (Wuerstchen v3) in JAX/Flax NNX: models, weight conversion, parity tests",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cascade_jax", "cascade_jax.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "numpy",
+        "pillow",
+        "safetensors",
+        "pyyaml",
+        "transformers",
+    ],
+    extras_require={
+        # PyTorch references: only for parity tests, verification and reading .pt files.
+        "test": [
+            "pytest",
+            "torch==2.14.1",
+            "torchvision==0.29.1",
+            "diffusers==0.42.1",
+        ],
+        "convert": [
+            "torch==2.14.1",
+            "torchvision==0.29.1",
+            "diffusers==0.42.1",
+        ],
+    },
+)

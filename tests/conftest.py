@@ -1,0 +1,22 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep the CPU suite deterministic and able to test sharding on 8 virtual devices.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent: the official fixtures and checkpoint layouts live there")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir(shared_dir) -> Path:
+    return shared_dir / "fixtures" / "official"
