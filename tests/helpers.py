@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def nchw_to_nhwc(x):
     x = np.asarray(x)
@@ -40,3 +42,37 @@ def load_fixture_model(model_name: str, config: dict, weights: Path, tmp_path: P
     out = tmp_path / f"{model_name}_converted"
     convert_checkpoint(model_name, config, weights, out, dtype=dtype)
     return cascade_jax.load_model(out)
+
+
+def checkpoint_layout(shared_dir: Path, name: str) -> dict[str, tuple]:
+    """``{key: torch shape}`` of a released checkpoint from ``reference/checkpoint_layouts/NAME.tsv``."""
+    lines = (shared_dir / "reference" / "checkpoint_layouts" / f"{name}.tsv").read_text().splitlines()
+    assert lines[0] == "key\tshape", f"{name}.tsv: unexpected header {lines[0]!r}"
+    layout = {}
+    for line in lines[1:]:
+        key, shape = line.split("\t")
+        layout[key] = () if shape == "scalar" else tuple(int(d) for d in shape.split("x"))
+    return layout
+
+
+def randomize_torch_module(module, seed: int = 0):
+    """Set every parameter and BatchNorm statistic of a torch module to seeded random values.
+
+    Default inits zero some tensors (Stage A gammas, GRN), which hides bugs. Weights get
+    N(0, 1/fan_in) so deep nets stay finite; BatchNorm running_var stays positive.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                value = torch.rand(tensor.shape, generator=generator) + 0.5
+            elif tensor.ndim >= 2:
+                value = torch.randn(tensor.shape, generator=generator) / tensor[0].numel() ** 0.5
+            else:
+                value = torch.randn(tensor.shape, generator=generator) * 0.5
+            tensor.copy_(value)
+    return module.eval()

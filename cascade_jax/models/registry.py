@@ -51,3 +51,42 @@ def load_config(preset_or_file: str) -> tuple[str | None, dict]:
     if "config" in data and isinstance(data["config"], dict):
         return data.get("model"), dict(data["config"])
     return None, data
+
+
+# Third-party config dicts (a diffusers/transformers config.json) -> official constructor kwargs,
+# keyed by the "_class_name" (diffusers) or "model_type" (transformers) field.
+CONFIG_TRANSLATORS: dict = {}
+
+
+def register_config_translator(class_name: str, translate):
+    CONFIG_TRANSLATORS[class_name] = translate
+
+
+def translate_config(config: dict) -> dict:
+    """Official kwargs from ``config``; third-party configs are recognised by their class field."""
+    for field in ("_class_name", "model_type"):
+        name = config.get(field)
+        if name is not None:
+            if name not in CONFIG_TRANSLATORS:
+                raise ValueError(f"config of class {name!r} cannot be translated; known: {sorted(CONFIG_TRANSLATORS)}")
+            return CONFIG_TRANSLATORS[name](config)
+    return config
+
+
+def resolve_config(model_name: str, config, src=None) -> dict:
+    """Constructor kwargs for ``model_name`` from a dict, a preset name, a file, or (None) the
+    ``config.json`` beside ``src``."""
+    from cascade_jax.weights.sources import folder_config
+
+    if config is None:
+        found = folder_config(src) if src is not None else None
+        if found is None:
+            raise ValueError(f"no config given for {model_name!r} and no config.json beside {src}; "
+                             f"pass --config with a preset ({', '.join(list_presets())}) or a file")
+        return translate_config(found)
+    if isinstance(config, dict):
+        return translate_config(dict(config))
+    preset_model, kwargs = load_config(str(config))
+    if preset_model is not None and preset_model != model_name:
+        raise ValueError(f"config {config!r} is for model {preset_model!r}, not {model_name!r}")
+    return translate_config(kwargs)

@@ -1,0 +1,1 @@
+"""Weight I/O: safetensors sources, format adapters, conversion, Orbax directories, export."""

@@ -65,3 +65,6 @@ def detect_format(model_name: str, keys: set[str], requested: str | None = None)
         if fmt.detect(keys):
             return fmt
     return OFFICIAL
+
+
+import cascade_jax.weights.diffusers_vq  # noqa: E402,F401  (registers the diffusers Stage A format)

@@ -43,4 +43,4 @@ def load_torch_state_dict(model: nnx.Module, state_dict: dict, *, strict: bool =
         value = torch_to_ours(value, var.get_metadata()["torch_layout"])
         if value.shape != var.shape:
             raise ValueError(f"{key}: checkpoint shape {value.shape} (after layout change) != model {var.shape}")
-        var.value = jnp.asarray(value, dtype=var.dtype)
+        var.set_value(jnp.asarray(value, dtype=var.dtype))

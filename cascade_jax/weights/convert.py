@@ -1,0 +1,106 @@
+"""PyTorch safetensors -> converted model directory (config + Orbax checkpoint).
+
+Strict: every tensor the model needs must be in the file with the right shape, and every
+tensor in the file must be used; otherwise nothing is written and the error lists them.
+Streaming: source tensors are memory-mapped and converted one at a time, so peak memory is
+about the size of the output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from cascade_jax.models.registry import model_class, resolve_config
+from cascade_jax.weights import checkpoint
+from cascade_jax.weights.formats import detect_format
+from cascade_jax.weights.layout import torch_shape, torch_to_ours
+from cascade_jax.weights.sources import open_source
+from cascade_jax.weights.tree import named_variables
+
+FLOAT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype("bfloat16")}
+
+
+class ConversionError(ValueError):
+    """The checkpoint does not fit the model; the message lists every offending tensor."""
+
+
+def parse_dtype(dtype) -> np.dtype:
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name == "float16":
+        raise ValueError("float16 is not supported: these models overflow in float16 (NaN / black images); "
+                         "use bfloat16 or float32")
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(FLOAT_DTYPES)}")
+    return FLOAT_DTYPES[name]
+
+
+def abstract_model(model_name: str, config: dict) -> nnx.Module:
+    """The model with shapes only (no memory), or a clear error when ``config`` cannot build it."""
+    cls = model_class(model_name)
+    try:
+        return nnx.eval_shape(lambda: cls(**config, rngs=nnx.Rngs(0)))
+    except TypeError as e:
+        raise ValueError(f"config does not fit model {model_name!r} ({cls.__name__}): {e}") from e
+
+
+def _describe(items, limit=25) -> str:
+    items = sorted(items)
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return "\n    " + "\n    ".join(items[:limit]) + more
+
+
+def _check_plan(model_name, src, fmt, plan, variables, reader):
+    expected = {k: torch_shape(tuple(v.shape), v.get_metadata()["torch_layout"]) for k, v in variables.items()}
+    used = {s for recipe in plan.values() for s in recipe.sources}
+    missing = set(expected) - set(plan)
+    unexpected = (set(plan) - set(expected)) | (set(reader.keys()) - used)
+    misshaped = [f"{k}: file {reader.shape(k)}, model expects {expected[k]}" for k, r in plan.items()
+                 if k in expected and r.sources == (k,) and reader.shape(k) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors the model needs are missing:{_describe(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors are not used by the model:{_describe(unexpected)}")
+    if misshaped:
+        problems.append(f"{len(misshaped)} tensors have the wrong shape:{_describe(misshaped)}")
+    if problems:
+        raise ConversionError(
+            f"{src} ({fmt.name} format) does not match model {model_name!r} with this config:\n  "
+            + "\n  ".join(problems) + "\nCheck --model and --config (a lite checkpoint needs the *_lite preset).")
+    return expected
+
+
+def convert_checkpoint(model_name: str, config, src, out_dir, *, dtype="float32", fmt: str | None = None,
+                       overwrite: bool = False):
+    """Convert ``src`` (official or diffusers safetensors) into ``out_dir``; returns ``out_dir``.
+
+    ``config`` is a dict of constructor arguments, a preset name or a YAML/JSON file.
+    """
+    target_dtype = parse_dtype(dtype)
+    reader = open_source(src)
+    config = resolve_config(model_name, config, src)
+    variables = named_variables(abstract_model(model_name, config))
+    keys = set(reader.keys())
+    source_format = detect_format(model_name, keys, fmt)
+    plan = source_format.plan(keys)
+    expected = _check_plan(model_name, src, source_format, plan, variables, reader)
+
+    arrays, source_dtypes = {}, {}
+    for key, var in variables.items():
+        recipe = plan[key]
+        torch_value = recipe.combine([reader.get(s) for s in recipe.sources])
+        if tuple(torch_value.shape) != expected[key]:
+            raise ConversionError(f"{src}: {key} assembled from {recipe.sources} has shape "
+                                  f"{tuple(torch_value.shape)}, model expects {expected[key]}")
+        value = torch_to_ours(np.asarray(torch_value), var.get_metadata()["torch_layout"])
+        if np.issubdtype(var.dtype, np.floating):
+            out_dtype = target_dtype if isinstance(var, nnx.Param) else np.float32
+        else:
+            out_dtype = var.dtype
+        arrays[key] = value.astype(out_dtype, order="C")  # a C-ordered copy, never a view of the mmap
+        source_dtypes[key] = str(reader.dtype(recipe.sources[0]))
+    meta = {"model": model_name, "config": config, "dtype": target_dtype.name,
+            "source": {"path": str(src), "format": source_format.name, "dtypes": source_dtypes}}
+    checkpoint.save(out_dir, meta, arrays, overwrite=overwrite)
+    return out_dir

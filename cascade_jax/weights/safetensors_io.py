@@ -1,0 +1,124 @@
+"""Streaming safetensors reading and writing (no torch, bfloat16 included).
+
+The reader memory-maps the file and hands out one tensor at a time, so converting a
+checkpoint needs memory for the output only. The writer writes tensor by tensor into a
+temporary file and renames it into place, so a failed export never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a readable safetensors file; the message names the file and the problem."""
+
+
+class SafetensorsReader:
+    """``reader.keys()``, ``reader.shape(key)``, ``reader.dtype(key)``, ``reader.get(key)`` (a read-only view)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such file")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SafetensorsError(f"{self.path}: {size} bytes is too short for a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise SafetensorsError(f"{self.path}: header length {n} does not fit the {size}-byte file "
+                                       "(truncated download, or not a safetensors file)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise SafetensorsError(f"{self.path}: header is not valid JSON ({e}); not a safetensors file") from e
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        self._entries = header
+        self._check_entries(size - self._data_start)
+        self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start,
+                               shape=(size - self._data_start,)) if size > self._data_start else np.zeros(0, np.uint8)
+
+    def _check_entries(self, data_size: int):
+        for key, entry in self._entries.items():
+            dtype = entry.get("dtype")
+            if dtype not in DTYPES:
+                raise SafetensorsError(f"{self.path}: tensor {key!r} has unsupported dtype {dtype!r}")
+            begin, end = entry["data_offsets"]
+            expected = int(np.prod(entry["shape"], dtype=np.int64)) * DTYPES[dtype].itemsize
+            if end - begin != expected:
+                raise SafetensorsError(f"{self.path}: tensor {key!r} of shape {entry['shape']} {dtype} needs "
+                                       f"{expected} bytes but its offsets span {end - begin}")
+            if end > data_size:
+                raise SafetensorsError(f"{self.path}: tensor {key!r} ends at byte {end} of the data section but the "
+                                       f"file holds only {data_size} data bytes (truncated file; download it again)")
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key) -> tuple:
+        return tuple(self._entries[key]["shape"])
+
+    def dtype(self, key) -> np.dtype:
+        return DTYPES[self._entries[key]["dtype"]]
+
+    def get(self, key) -> np.ndarray:
+        entry = self._entries[key]
+        begin, end = entry["data_offsets"]
+        return self._mmap[begin:end].view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def save_safetensors(path, tensors: dict, metadata: dict | None = None):
+    """Write a dict of numpy arrays (atomic)."""
+    specs = [(k, np.asarray(v).dtype, np.shape(v)) for k, v in tensors.items()]
+    write_safetensors(path, specs, lambda key: np.asarray(tensors[key]), metadata)
+
+
+def write_safetensors(path, specs, fetch, metadata: dict | None = None):
+    """Stream tensors into a safetensors file: ``specs`` lists ``(key, dtype, shape)`` and
+    ``fetch(key)`` produces each array only when it is written. Atomic: temp file, then rename."""
+    entries, offset = [], 0
+    for key, dtype, shape in specs:
+        dtype, shape = np.dtype(dtype), tuple(int(d) for d in shape)
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"{key}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        entries.append((key, dtype, shape, offset, offset + nbytes))
+        offset += nbytes
+    header = {k: {"dtype": DTYPE_NAMES[d], "shape": list(s), "data_offsets": [b, e]} for k, d, s, b, e in entries}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for key, dtype, shape, _, _ in entries:
+                arr = np.asarray(fetch(key), order="C")
+                if arr.dtype != dtype or tuple(arr.shape) != shape:
+                    raise ValueError(f"{key}: produced {arr.dtype}{arr.shape}, announced {dtype}{shape}")
+                f.write(arr.tobytes())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
