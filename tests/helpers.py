@@ -76,3 +76,32 @@ def randomize_torch_module(module, seed: int = 0):
                 value = torch.randn(tensor.shape, generator=generator) * 0.5
             tensor.copy_(value)
     return module.eval()
+
+
+def read_checkpoint_layout(path: Path) -> dict[str, tuple]:
+    """``{key: torch shape}`` of a shared/reference/checkpoint_layouts tsv (``key\\tshape``, 'scalar' = 0-d)."""
+    lines = Path(path).read_text().strip().split("\n")
+    assert lines[0] == "key\tshape", f"{path}: unexpected header {lines[0]!r}"
+    rows = (line.split("\t") for line in lines[1:])
+    return {key: () if shape == "scalar" else tuple(int(d) for d in shape.split("x")) for key, shape in rows}
+
+
+class _ConstantKeys:
+    """Stands in for ``nnx.Rngs`` in abstract construction: every ``params()`` is the same key.
+
+    Under ``nnx.eval_shape`` each ``nnx.Rngs`` draw updates a traced counter, and flax's
+    Variable update then probes the tracer's ``sharding``, whose error message walks the whole
+    jaxpr: construction becomes quadratic (minutes for the 3.6B Stage C). Shapes need no randomness.
+    """
+
+    def params(self):
+        import jax
+
+        return jax.random.key(0)
+
+
+def abstract_model(cls, config: dict):
+    """``nnx.eval_shape`` of ``cls(**config)``: shapes and metadata only, no memory, seconds for billions."""
+    from flax import nnx
+
+    return nnx.eval_shape(lambda: cls(**config, rngs=_ConstantKeys()))
