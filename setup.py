@@ -15,6 +15,7 @@ setup(
         "pillow",
         "safetensors",
         "pyyaml",
+        "regex",
         "transformers",
     ],
     extras_require={
@@ -24,6 +25,8 @@ setup(
             "torch==2.14.1",
             "torchvision==0.29.1",
             "diffusers==0.42.1",
+            # Only its bundled CLIP BPE merges file is used, to build tokenizer folders in tests.
+            "open_clip_torch==3.3.0",
         ],
         "convert": [
             "torch==2.14.1",

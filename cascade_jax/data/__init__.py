@@ -1,0 +1,1 @@
+"""Data: image preprocessing, datasets, aspect-ratio buckets."""
