@@ -1,0 +1,258 @@
+"""The sampling loop of one stage, as the official ``GDF.sample`` runs it, in one ``lax.scan``.
+
+Official behaviour (the default here), step by step:
+
+* the sampler times are ``torch.linspace(t_start, t_end, steps + 1)`` (float32, rounded as
+  torch rounds); step i goes from t[i] to t[i+1], so ``t_start < 1`` keeps ``steps`` steps,
+  each covering a smaller stretch (img2img passes an ``x_init`` noised to ``t_start``);
+* each t becomes a log-SNR of the cosine schedule, lowered by 2·ln(shift) and clamped to the
+  unshifted range; the network is fed ``r = CosineTNoiseCond(logSNR)`` of that *shifted*
+  log-SNR (0.99358 at t=1, any shift), never t itself;
+* with guidance, the network runs once on the batch [x, x] with conditions
+  [cond, uncond] and r repeated; pred = lerp(uncond, cond, scale), rescaled towards the
+  conditional prediction's global std by ``cfg_rho``; the scale may be a (t=1, t=0) pair
+  or a function of t, and guidance only runs while cfg_t_stop ≤ t ≤ cfg_t_start;
+* predicted x0 and ε come from the target (ε for Stable Cascade); the sampler step
+  (DDPM by default) moves x to the next level and draws noise on *every* step, the last
+  included; the stage's result is the last predicted x0, not the last x.
+
+Differences to diffusers' ``StableCascadePriorPipeline`` / ``StableCascadeDecoderPipeline``
+(0.42.1), which this module reproduces only when asked to:
+
+* diffusers feeds r = t (1.0 at the first step, where the official code feeds 0.99358)
+  and has no resolution ``shift`` (Stage C's official default is shift 2);
+* no ``cfg_rho`` rescale (diffusers is ``cfg_rho=0``), and the decoder's default guidance
+  is 0 (no guidance) where the official Stage B uses 1.1;
+* its DDPM step adds no noise on the last step and it returns that last x, not the last
+  predicted x0.
+
+A fix over the official code: when guidance is off for a step (``cfg_t_start`` /
+``cfg_t_stop``), the official loop calls the network on x with the *concatenated* 2B-batch
+conditions; here it gets the conditional inputs only.
+
+Usage with an NNX model (jit once; the loop runs on device without host round trips)::
+
+    @nnx.jit
+    def generate(model, cond, uncond, key):
+        fn = lambda x, r, **c: model(x, r, **c)
+        return sample(fn, cond, uncond, shape=(2, 24, 24, 16), key=key, **STAGE_C_DEFAULTS).x0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cascade_jax.diffusion.gdf import GDF
+from cascade_jax.diffusion.guidance import GuidanceScale, apply_cfg, cfg_active, cfg_scales, concat_conditions
+from cascade_jax.diffusion.samplers import get_sampler
+from cascade_jax.diffusion.schedule import torch_linspace
+
+# Official inference settings per stage (the text-to-image notebook; DESIGN.md).
+STAGE_C_DEFAULTS = dict(steps=20, cfg=4.0, shift=2.0)
+STAGE_B_DEFAULTS = dict(steps=10, cfg=1.1, shift=1.0)
+
+
+class SamplingPlan(NamedTuple):
+    """Host-side, static description of the steps (numpy float32; constants of the jitted loop)."""
+
+    t: np.ndarray  # (steps + 1,) sampler times, t[0] = t_start, t[-1] = t_end
+    logsnr: np.ndarray  # (steps + 1,) shifted, clamped log-SNR at each t
+    r: np.ndarray  # (steps,) noise condition fed to the network at each step
+    cfg_scale: np.ndarray  # (steps,) guidance scale of each step
+    cfg_on: np.ndarray  # (steps,) bool: whether step i runs guidance
+
+
+class SampleOutput(NamedTuple):
+    x0: jnp.ndarray  # last predicted x0: the result of the stage
+    x: jnp.ndarray  # x after the last step (still carries the last step's noise)
+    x0s: jnp.ndarray | None = None  # (steps, ...) predicted x0 of every step, if asked for
+    xs: jnp.ndarray | None = None  # (steps, ...) x after every step, if asked for
+
+
+def _on_host(fn, *args) -> np.ndarray:
+    """Evaluate ``fn`` now, op by op, on the CPU, even while a jit is tracing.
+
+    The network's sinusoidal embedding multiplies r by 10⁴, and the first step divides the
+    prediction by a = 0.01 (x0 = (x − b·ε)/a), so the sampled trajectory is sensitive to the
+    last bits of r: left inside the jitted loop, XLA constant-folded r at t=1 two ulp away from
+    torch's, which moved the official fixture's trajectory by 1.5e-4 relative (2e-6 here).
+    Computed here it is one set of numbers in every jit context and on every backend, and the
+    CPU's op-by-op float32 results match torch's at t=1 (r = 0.9935832).
+    """
+    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
+        return np.asarray(fn(*args))
+
+
+def sampling_plan(steps: int, t_start: float = 1.0, t_end: float = 0.0, shift: float = 1.0, cfg=None,
+                  cfg_t_start: float | None = None, cfg_t_stop: float | None = None,
+                  gdf: GDF = GDF()) -> SamplingPlan:
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    t = torch_linspace(t_start, t_end, int(steps) + 1)
+    logsnr = _on_host(gdf.logsnr, t, shift)
+    r = _on_host(gdf.noise_cond, logsnr[:-1])
+    if cfg is None:
+        return SamplingPlan(t, logsnr, r, np.zeros(steps, np.float32), np.zeros(steps, bool))
+    return SamplingPlan(t, logsnr, r, cfg_scales(cfg, t[:-1]), cfg_active(t[:-1], cfg_t_start, cfg_t_stop))
+
+
+def _segments(cfg_on: np.ndarray):
+    """(first, end, guided) runs of consecutive steps with the same guidance on/off."""
+    runs, first = [], 0
+    for i in range(1, len(cfg_on) + 1):
+        if i == len(cfg_on) or cfg_on[i] != cfg_on[first]:
+            runs.append((first, i, bool(cfg_on[first])))
+            first = i
+    return runs
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """The static (host-side, hashable) settings of a stage's sampling loop."""
+
+    steps: int = 20
+    cfg: GuidanceScale | None = 3.0  # None: no guidance (and no unconditional pass)
+    cfg_rho: float = 0.7
+    cfg_t_start: float | None = None
+    cfg_t_stop: float | None = None
+    cfg_std_per_sample: bool = False
+    shift: float = 1.0
+    sampler: str = "ddpm"  # ddpm | ddim | lcm
+    eta: float | None = None  # None: the sampler's default (ddpm 1, ddim 0)
+    t_start: float = 1.0
+    t_end: float = 0.0
+    gdf: GDF = GDF()
+
+    def __post_init__(self):
+        if isinstance(self.cfg, list):
+            object.__setattr__(self, "cfg", tuple(self.cfg))  # keep the settings hashable
+        get_sampler(self.sampler, self.eta)  # fail early on a bad sampler/eta pair
+
+    def plan(self) -> SamplingPlan:
+        return sampling_plan(self.steps, self.t_start, self.t_end, self.shift, self.cfg, self.cfg_t_start,
+                             self.cfg_t_stop, self.gdf)
+
+
+def _predict(model_fn, x, r, scale, conditions, guided_conditions, guided: bool, settings):
+    """Network prediction at noise condition ``r`` (a scalar), guided or not, in float32."""
+    r = jnp.full((x.shape[0],), r, jnp.float32)
+    if not guided:
+        return jnp.asarray(model_fn(x, r, **conditions), jnp.float32)
+    both = model_fn(jnp.concatenate([x, x]), jnp.concatenate([r, r]), **guided_conditions)
+    pred, pred_uncond = jnp.split(jnp.asarray(both, jnp.float32), 2)
+    return apply_cfg(pred, pred_uncond, scale, settings.cfg_rho, std_per_sample=settings.cfg_std_per_sample)
+
+
+def _step_builder(model_fn, conditions, guided_conditions, settings: SamplerSettings, key_steps,
+                  trajectory: bool) -> Callable[[bool], Callable]:
+    """guided -> scan body ``(carry=(x, x0), per-step slice) -> (carry, outputs)``."""
+    step_fn, eta, needs_noise = get_sampler(settings.sampler, settings.eta)
+
+    def make(guided: bool):
+        def step(carry, s):
+            x = carry[0]
+            pred = _predict(model_fn, x, s["r"], s["scale"], conditions, guided_conditions, guided, settings)
+            x0, epsilon = settings.gdf.undiffuse(x, s["logsnr"], pred)
+            noise = s.get("noise")
+            if noise is None and needs_noise:
+                # One independent draw per step, whatever segment the step falls in.
+                noise = jax.random.normal(jax.random.fold_in(key_steps, s["index"]), x.shape, jnp.float32)
+            x = step_fn(x, x0, epsilon, s["logsnr"], s["logsnr_next"], noise, eta=eta)
+            return (x, x0), ((x, x0) if trajectory else None)
+
+        return step
+
+    return make
+
+
+def _initial_x(settings: SamplerSettings, x_init, shape, key, noise):
+    """(x at t_start in float32, per-step noise array or None, key for per-step noise or None)."""
+    needs_noise = get_sampler(settings.sampler, settings.eta)[2]
+    if x_init is None and (shape is None or key is None):
+        raise ValueError("sample: pass x_init, or shape and key to draw it from")
+    key_init, key_steps = jax.random.split(key) if key is not None else (None, None)
+    x = jax.random.normal(key_init, tuple(shape), jnp.float32) if x_init is None else jnp.asarray(x_init, jnp.float32)
+    if noise is not None:
+        noise = jnp.asarray(noise, jnp.float32)
+        if noise.shape != (settings.steps, *x.shape):
+            raise ValueError(f"sample: noise has shape {noise.shape}; expected (steps, *x.shape) = "
+                             f"{(settings.steps, *x.shape)}")
+    elif needs_noise and key is None:
+        raise ValueError(f"sample: the {settings.sampler!r} sampler draws noise every step; pass key or noise")
+    return x, noise, key_steps
+
+
+def _per_step_arrays(settings: SamplerSettings, plan: SamplingPlan, noise) -> dict:
+    """Scan inputs, leading axis = step: levels, network r, guidance scale (and noise)."""
+    arrays = {"index": jnp.arange(settings.steps), "logsnr": jnp.asarray(plan.logsnr[:-1]),
+              "logsnr_next": jnp.asarray(plan.logsnr[1:]), "r": jnp.asarray(plan.r),
+              "scale": jnp.asarray(plan.cfg_scale)}
+    if noise is not None:
+        arrays["noise"] = noise
+    return arrays
+
+
+def _prepare(model_fn, conditions, uncond_conditions, x_init, shape, key, noise, settings, trajectory):
+    plan = settings.plan()
+    x, noise, key_steps = _initial_x(settings, x_init, shape, key, noise)
+    conditions = dict(conditions or {})
+    guided = concat_conditions(conditions, uncond_conditions) if plan.cfg_on.any() else None
+    make_step = _step_builder(model_fn, conditions, guided, settings, key_steps, trajectory)
+    return x, _per_step_arrays(settings, plan, noise), make_step, _segments(plan.cfg_on)
+
+
+def sample(model_fn: Callable, conditions: dict, uncond_conditions: dict | None = None, *, x_init=None,
+           shape=None, key=None, noise=None, steps: int = 20, cfg: GuidanceScale | None = 3.0,
+           cfg_rho: float = 0.7, cfg_t_start: float | None = None, cfg_t_stop: float | None = None,
+           cfg_std_per_sample: bool = False, shift: float = 1.0, sampler: str = "ddpm",
+           eta: float | None = None, t_start: float = 1.0, t_end: float = 0.0, gdf: GDF = GDF(),
+           return_trajectory: bool = False) -> SampleOutput:
+    """Run one stage's reverse diffusion; ``.x0`` of the result is the stage's output.
+
+    ``model_fn(x, r, **conditions)`` maps x (B, ..., C) and r (B,) to the prediction; it is
+    called inside ``lax.scan``, so wrap the whole ``sample`` call in ``jax.jit`` /
+    ``nnx.jit`` (everything but the arrays is static). Start from ``x_init``, or from
+    N(0, 1) of ``shape`` drawn from ``key``. Per-step noise is ``noise[i]`` when a
+    (steps, *x.shape) array is given, else drawn from ``key``. The defaults are the official
+    ``GDF.sample`` ones; ``STAGE_C_DEFAULTS`` / ``STAGE_B_DEFAULTS`` hold the per-stage ones.
+    """
+    settings = SamplerSettings(steps, cfg, cfg_rho, cfg_t_start, cfg_t_stop, cfg_std_per_sample, shift,
+                               sampler, eta, t_start, t_end, gdf)
+    x, per_step, make_step, segments = _prepare(model_fn, conditions, uncond_conditions, x_init, shape,
+                                                key, noise, settings, return_trajectory)
+    carry, outputs = (x, jnp.zeros_like(x)), []
+    # One scan per run of guided / unguided steps: the batch size differs between them.
+    for first, end, guided in segments:
+        part = jax.tree.map(lambda a: a[first:end], per_step)
+        carry, out = jax.lax.scan(make_step(guided), carry, part)
+        outputs.append(out)
+    x, x0 = carry
+    if not return_trajectory:
+        return SampleOutput(x0, x)
+    xs, x0s = (jnp.concatenate(parts) for parts in zip(*outputs))
+    return SampleOutput(x0, x, x0s, xs)
+
+
+def sample_steps(model_fn: Callable, conditions: dict, uncond_conditions: dict | None = None, *,
+                 x_init=None, shape=None, key=None, noise=None,
+                 settings: SamplerSettings = SamplerSettings()) -> Iterator[SampleOutput]:
+    """The same loop step by step in Python, yielding ``SampleOutput(x0, x)`` after each step.
+
+    For previews and debugging (the official ``GDF.sample`` is such a generator). Same plan,
+    noise and step function as :func:`sample`, so the same numbers up to float32 rounding
+    (XLA fuses the scanned step differently: ~1e-7 relative). Steps run op by op; pass a
+    jitted ``model_fn`` for speed.
+    """
+    x, per_step, make_step, segments = _prepare(model_fn, conditions, uncond_conditions, x_init, shape,
+                                                key, noise, settings, False)
+    carry = (x, jnp.zeros_like(x))
+    for first, end, guided in segments:
+        step = make_step(guided)
+        for i in range(first, end):
+            carry, _ = step(carry, jax.tree.map(lambda a: a[i], per_step))
+            yield SampleOutput(carry[1], carry[0])
