@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
 .PHONY: setup test test-fast demo bench clean
 
@@ -19,7 +18,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) sample/demo.py --out demo_out
+	$(PY) sample/generate.py text2img --prompt "a lighthouse on a cliff at sunset" --height 512 --width 512 \
+		$(if $(WEIGHTS),--weights $(WEIGHTS),--random tiny) --preview --out demo_out
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_cpu.py

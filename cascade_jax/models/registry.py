@@ -19,7 +19,8 @@ MODEL_CLASSES = {
     "clip_vision": "cascade_jax.models.clip:CLIPVisionEncoder",
 }
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PRESETS_DIR = REPO_ROOT / "configs" / "models"
 
 
 def model_class(name: str):
