@@ -1,0 +1,171 @@
+"""The U-Net trunk shared by Stage B and Stage C (official ``StageB``/``StageC`` minus conditioning).
+
+Both official models build the same down/up ladder of ResBlock / TimestepBlock / AttnBlock /
+FeedForwardBlock levels and run it with the same ``_down_encode`` / ``_up_decode`` loops; they
+differ only in how a level is rescaled and in their conditioning. :class:`CascadeUNet` holds the
+ladder (attribute names are the official ones, so module paths are checkpoint keys) and the
+subclasses pass the rescaling layers in.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+from cascade_jax.nn.blocks import AttnBlock, FeedForwardBlock, ResBlock, TimestepBlock, clip_norm, r_embedding
+from cascade_jax.nn.functional import resize_bilinear_align_corners
+from cascade_jax.nn.layers import Conv2d, Identity, LayerNorm2d, PixelShuffle, PixelUnshuffle, Sequential
+
+
+def per_level(value, levels: int) -> list:
+    """The official ``dropout``/``self_attn`` convention: a scalar applies to every level."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * levels
+
+
+def as_batch_vector(value, batch: int):
+    """r / sca / crp as a float32 (B,) vector; a scalar is broadcast over the batch."""
+    return jnp.broadcast_to(jnp.asarray(value, jnp.float32).reshape(-1), (batch,))
+
+
+def as_token_sequence(embedding):
+    """A pooled / image embedding as (B, S, D): (B, D) means one token (the official code crashes on it)."""
+    return embedding[:, None, :] if embedding.ndim == 2 else embedding
+
+
+def map_to_tokens(mapper, embedding, c_clip_seq: int):
+    """Each input token becomes ``c_clip_seq`` condition tokens (official ``.view(B, S*seq, -1)``)."""
+    embedding = as_token_sequence(embedding)
+    mapped = mapper(embedding)
+    return mapped.reshape(mapped.shape[0], embedding.shape[1] * c_clip_seq, -1)
+
+
+class CascadeUNet(nnx.Module):
+    """Base of StageB/StageC: patch embedding, level ladder, output head and their forward loops."""
+
+    def _init_io(self, c_in, c_out, c_hidden0, patch_size, *, rngs):
+        self.embedding = Sequential(PixelUnshuffle(patch_size),
+                                    Conv2d(c_in * patch_size ** 2, c_hidden0, 1, rngs=rngs), LayerNorm2d(eps=1e-6))
+        self.clf = Sequential(LayerNorm2d(eps=1e-6), Conv2d(c_hidden0, c_out * patch_size ** 2, 1, rngs=rngs),
+                              PixelShuffle(patch_size))
+
+    def _init_levels(self, *, c_hidden, nhead, blocks, block_repeat, level_config, c_cond, c_r, t_conds,
+                     kernel_size, dropout, self_attn, make_downscaler: Callable, make_upscaler: Callable, rngs):
+        """Build the official down/up ladder; ``make_*scaler(c_from, c_to, level)`` give the rescalers."""
+        levels = len(c_hidden)
+        self.c_r, self.t_conds = c_r, tuple(t_conds)
+        dropout, self_attn = per_level(dropout, levels), per_level(self_attn, levels)
+        # Official ``block_repeat=None`` builds no mappers at all; all-ones is the same key set.
+        block_repeat = block_repeat or [[1] * levels, [1] * levels]
+
+        def block(kind, i, c_skip=0):
+            return _make_block(kind, c_hidden[i], nhead[i], c_skip=c_skip, c_cond=c_cond, c_r=c_r, t_conds=t_conds,
+                               kernel_size=kernel_size, dropout=dropout[i], self_attn=self_attn[i], rngs=rngs)
+
+        down_blocks, down_scalers, down_mappers = [], [], []
+        for i in range(levels):
+            down_scalers.append(make_downscaler(c_hidden[i - 1], c_hidden[i], i - 1) if i > 0 else Identity())
+            down_blocks.append(nnx.List([block(kind, i) for _ in range(blocks[0][i]) for kind in level_config[i]]))
+            down_mappers.append(_repeat_mappers(c_hidden[i], block_repeat[0][i], rngs))
+        up_blocks, up_scalers, up_mappers = [], [], []
+        for i in reversed(range(levels)):
+            up_scalers.append(make_upscaler(c_hidden[i], c_hidden[i - 1], i - 1) if i > 0 else Identity())
+            # The first block of every level but the deepest receives the skip connection.
+            c_skip = c_hidden[i] if i < levels - 1 else 0
+            up_blocks.append(nnx.List([block(kind, i, c_skip if j == k == 0 else 0)
+                                       for j in range(blocks[1][::-1][i]) for k, kind in enumerate(level_config[i])]))
+            up_mappers.append(_repeat_mappers(c_hidden[i], block_repeat[1][::-1][i], rngs))
+        self.down_blocks, self.down_downscalers = nnx.List(down_blocks), nnx.List(down_scalers)
+        self.down_repeat_mappers = nnx.List(down_mappers)
+        self.up_blocks, self.up_upscalers = nnx.List(up_blocks), nnx.List(up_scalers)
+        self.up_repeat_mappers = nnx.List(up_mappers)
+
+    def _embed_noise_levels(self, r, conds: dict, batch: int):
+        """float32 (B, c_r·(1+len(t_conds))): r then each t_cond (zeros where not given), as officially."""
+        unknown = sorted(set(conds) - set(self.t_conds))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown conditions {unknown}; this model's t_conds are "
+                            f"{list(self.t_conds)}")
+        values = [r] + [conds.get(name) for name in self.t_conds]
+        return jnp.concatenate([r_embedding(as_batch_vector(0.0 if v is None else v, batch), self.c_r)
+                                for v in values], axis=1)
+
+    def _run_unet(self, x, r_embed, clip, cnet: Sequence | None = None):
+        """Embedded input → ladder → output head; ``cnet`` residuals are handed to ResBlocks in visiting order."""
+        residuals = iter(cnet) if cnet is not None else None
+        level_outputs = self._down_encode(x, r_embed, clip, residuals)
+        return self.clf(self._up_decode(level_outputs, r_embed, clip, residuals))
+
+    def _down_encode(self, x, r_embed, clip, residuals: Iterator | None):
+        level_outputs = []
+        for level_blocks, downscaler, repeat_mappers in zip(self.down_blocks, self.down_downscalers,
+                                                            self.down_repeat_mappers):
+            x = downscaler(x)
+            # block_repeat: the same blocks run again, a 1x1 mapper between passes.
+            for rep in range(len(repeat_mappers) + 1):
+                for block in level_blocks:
+                    if isinstance(block, ResBlock):
+                        x = _add_control(x, residuals)
+                    x = _apply(block, x, r_embed, clip)
+                if rep < len(repeat_mappers):
+                    x = repeat_mappers[rep](x)
+            level_outputs.insert(0, x)
+        return level_outputs
+
+    def _up_decode(self, level_outputs, r_embed, clip, residuals: Iterator | None):
+        x = level_outputs[0]
+        for i, (level_blocks, upscaler, repeat_mappers) in enumerate(zip(self.up_blocks, self.up_upscalers,
+                                                                         self.up_repeat_mappers)):
+            for rep in range(len(repeat_mappers) + 1):
+                for k, block in enumerate(level_blocks):
+                    skip = level_outputs[i] if isinstance(block, ResBlock) and k == 0 and i > 0 else None
+                    if skip is not None and x.shape[1:3] != skip.shape[1:3]:
+                        # Odd sizes: the upscaled map is one pixel off its skip connection.
+                        x = resize_bilinear_align_corners(x, skip.shape[1:3])
+                    if isinstance(block, ResBlock):
+                        x = _add_control(x, residuals)
+                    x = _apply(block, x, r_embed, clip, skip)
+                if rep < len(repeat_mappers):
+                    x = repeat_mappers[rep](x)
+            x = upscaler(x)
+        return x
+
+
+def _make_block(kind, c, nhead, *, c_skip, c_cond, c_r, t_conds, kernel_size, dropout, self_attn, rngs):
+    if kind == "C":
+        return ResBlock(c, c_skip, kernel_size=kernel_size, dropout=dropout, rngs=rngs)
+    if kind == "A":
+        return AttnBlock(c, c_cond, nhead, self_attn=self_attn, dropout=dropout, rngs=rngs)
+    if kind == "F":
+        return FeedForwardBlock(c, dropout=dropout, rngs=rngs)
+    if kind == "T":
+        return TimestepBlock(c, c_r, conds=t_conds, rngs=rngs)
+    raise ValueError(f"block type {kind!r} in level_config is not supported; use C, A, F or T")
+
+
+def _repeat_mappers(c, repeats, rngs):
+    return nnx.List([Conv2d(c, c, 1, rngs=rngs) for _ in range(repeats - 1)])
+
+
+def _apply(block, x, r_embed, clip, skip=None):
+    if isinstance(block, ResBlock):
+        return block(x, skip)
+    if isinstance(block, AttnBlock):
+        return block(x, clip)
+    if isinstance(block, TimestepBlock):
+        return block(x, r_embed)
+    return block(x)
+
+
+def _add_control(x, residuals: Iterator | None):
+    """Add the next ControlNet residual (resized to x) to a ResBlock input; None entries add nothing."""
+    residual = next(residuals, None) if residuals is not None else None
+    if residual is None:
+        return x
+    return x + resize_bilinear_align_corners(residual, x.shape[1:3]).astype(x.dtype)
+
+
+def embed_condition_tokens(*token_groups):
+    """Concatenate condition token groups and apply the official affine-free clip LayerNorm."""
+    return clip_norm(jnp.concatenate(token_groups, axis=1))
