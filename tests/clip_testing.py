@@ -59,14 +59,3 @@ def load_converted(model_name: str, config: dict, weights: Path, tmp_path: Path)
     model = model_class(model_name)(**config, rngs=nnx.Rngs(0))
     load_torch_state_dict(model, load_file(str(weights)))
     return model
-
-
-def read_layout(path: Path) -> dict[str, tuple]:
-    """``{key: shape}`` of a shared/reference/checkpoint_layouts tsv (header ``key\\tshape``)."""
-    lines = Path(path).read_text().strip().split("\n")
-    assert lines[0] == "key\tshape", f"{path}: unexpected header {lines[0]!r}"
-    layout = {}
-    for line in lines[1:]:
-        key, shape = line.split("\t")
-        layout[key] = tuple(int(d) for d in shape.split("x")) if shape else ()
-    return layout

@@ -44,17 +44,6 @@ def load_fixture_model(model_name: str, config: dict, weights: Path, tmp_path: P
     return cascade_jax.load_model(out)
 
 
-def checkpoint_layout(shared_dir: Path, name: str) -> dict[str, tuple]:
-    """``{key: torch shape}`` of a released checkpoint from ``reference/checkpoint_layouts/NAME.tsv``."""
-    lines = (shared_dir / "reference" / "checkpoint_layouts" / f"{name}.tsv").read_text().splitlines()
-    assert lines[0] == "key\tshape", f"{name}.tsv: unexpected header {lines[0]!r}"
-    layout = {}
-    for line in lines[1:]:
-        key, shape = line.split("\t")
-        layout[key] = () if shape == "scalar" else tuple(int(d) for d in shape.split("x"))
-    return layout
-
-
 def randomize_torch_module(module, seed: int = 0):
     """Set every parameter and BatchNorm statistic of a torch module to seeded random values.
 
@@ -84,24 +73,3 @@ def read_checkpoint_layout(path: Path) -> dict[str, tuple]:
     assert lines[0] == "key\tshape", f"{path}: unexpected header {lines[0]!r}"
     rows = (line.split("\t") for line in lines[1:])
     return {key: () if shape == "scalar" else tuple(int(d) for d in shape.split("x")) for key, shape in rows}
-
-
-class _ConstantKeys:
-    """Stands in for ``nnx.Rngs`` in abstract construction: every ``params()`` is the same key.
-
-    Under ``nnx.eval_shape`` each ``nnx.Rngs`` draw updates a traced counter, and flax's
-    Variable update then probes the tracer's ``sharding``, whose error message walks the whole
-    jaxpr: construction becomes quadratic (minutes for the 3.6B Stage C). Shapes need no randomness.
-    """
-
-    def params(self):
-        import jax
-
-        return jax.random.key(0)
-
-
-def abstract_model(cls, config: dict):
-    """``nnx.eval_shape`` of ``cls(**config)``: shapes and metadata only, no memory, seconds for billions."""
-    from flax import nnx
-
-    return nnx.eval_shape(lambda: cls(**config, rngs=_ConstantKeys()))

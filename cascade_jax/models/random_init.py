@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cascade_jax.models.registry import model_class
+from cascade_jax.models.registry import abstract_model
 from cascade_jax.weights.tree import named_variables
 
 
@@ -41,8 +41,7 @@ def random_value(key: str, var, rng: np.random.Generator, dtype=np.float32) -> n
 
 def random_model(model_name: str, config: dict, seed: int = 0, dtype="float32") -> nnx.Module:
     """``model_name`` built from ``config`` with seeded random weights (float32 or bfloat16 params)."""
-    cls = model_class(model_name)
-    model = nnx.eval_shape(lambda: cls(**config, rngs=nnx.Rngs(0)))
+    model = abstract_model(model_name, config)
     rng = np.random.default_rng(seed)
     for key, var in named_variables(model).items():
         value = random_value(key, var, rng)

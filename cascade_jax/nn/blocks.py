@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cascade_jax.nn.attention import MultiheadAttention
@@ -78,11 +79,12 @@ class TimestepBlock(nnx.Module):
 
     def __call__(self, x, t):
         chunks = jnp.split(t, len(self.conds) + 1, axis=1)
-        ab = self.mapper(chunks[0])
+        # FiLM in float32: a is small, and in bfloat16 1 + a keeps only ~2 significant digits of it.
+        ab = self.mapper(chunks[0]).astype(jnp.float32)
         for i, name in enumerate(self.conds):
-            ab = ab + getattr(self, f"mapper_{name}")(chunks[i + 1])
+            ab = ab + getattr(self, f"mapper_{name}")(chunks[i + 1]).astype(jnp.float32)
         a, b = jnp.split(ab[:, None, None, :], 2, axis=-1)
-        return x * (1 + a) + b
+        return (x.astype(jnp.float32) * (1 + a) + b).astype(x.dtype)
 
 
 def r_embedding(r, c_r: int, max_positions: float = 10000.0):
@@ -92,7 +94,11 @@ def r_embedding(r, c_r: int, max_positions: float = 10000.0):
     """
     r = r.astype(jnp.float32) * max_positions
     half = c_r // 2
-    freq = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(jnp.log(max_positions) / (half - 1)))
+    # The frequency table is a constant computed in numpy, not with jnp.exp: r·10000·freq reaches
+    # 10^4 rad, so one ulp of freq moves the embedding by ~1e-3, and XLA's exp differs by an ulp
+    # between eager, jit and backends. float32 product then exp in float64 reproduces torch's table.
+    exponent = np.arange(half, dtype=np.float32) * np.float32(-np.log(max_positions) / (half - 1))
+    freq = jnp.asarray(np.exp(exponent.astype(np.float64)).astype(np.float32))
     emb = r[:, None] * freq[None, :]
     emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=1)
     if c_r % 2 == 1:

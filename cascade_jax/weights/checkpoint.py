@@ -70,7 +70,8 @@ def load_model(model_dir, dtype=None, sharding=None) -> nnx.Module:
     (parameters placed by their logical axes, see ``cascade_jax.sharding``), or a callable
     ``(key, variable) -> Sharding``. Arrays are restored directly into that layout.
     """
-    from cascade_jax.weights.convert import abstract_model, parse_dtype
+    from cascade_jax.models.registry import abstract_model
+    from cascade_jax.weights.convert import parse_dtype
     from cascade_jax.weights.tree import named_variables
 
     meta = read_meta(model_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-from cascade_jax.models.registry import model_class, resolve_config
+from cascade_jax.models.registry import abstract_model, resolve_config
 from cascade_jax.weights import checkpoint
 from cascade_jax.weights.formats import detect_format
 from cascade_jax.weights.layout import torch_shape, torch_to_ours
@@ -33,15 +33,6 @@ def parse_dtype(dtype) -> np.dtype:
     if name not in FLOAT_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(FLOAT_DTYPES)}")
     return FLOAT_DTYPES[name]
-
-
-def abstract_model(model_name: str, config: dict) -> nnx.Module:
-    """The model with shapes only (no memory), or a clear error when ``config`` cannot build it."""
-    cls = model_class(model_name)
-    try:
-        return nnx.eval_shape(lambda: cls(**config, rngs=nnx.Rngs(0)))
-    except TypeError as e:
-        raise ValueError(f"config does not fit model {model_name!r} ({cls.__name__}): {e}") from e
 
 
 def _describe(items, limit=25) -> str:

@@ -11,7 +11,6 @@ weights are the same and Stage B was trained on ``latent / 0.43``, so
 
 from __future__ import annotations
 
-from cascade_jax.models.registry import register_config_translator
 from cascade_jax.weights.formats import Format, Recipe, register_format, take_only
 
 DIFFUSERS_CODEBOOK = "vquantizer.embedding.weight"
@@ -56,4 +55,3 @@ def stage_a_config_from_paella(config: dict, scale_factor: float | None = OFFICI
 
 
 register_format("stage_a", DIFFUSERS_VQ)
-register_config_translator("PaellaVQModel", stage_a_config_from_paella)

@@ -68,3 +68,4 @@ def detect_format(model_name: str, keys: set[str], requested: str | None = None)
 
 
 import cascade_jax.weights.diffusers_vq  # noqa: E402,F401  (registers the diffusers Stage A format)
+import cascade_jax.weights.diffusers_unet  # noqa: E402,F401  (registers the diffusers Stage B/C formats)
