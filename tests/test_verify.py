@@ -68,3 +68,34 @@ def test_verify_cli_fails_on_different_weights(converted_previewer):
     assert bad.returncode == 1 and "FAILED" in bad.stdout, bad.stdout + bad.stderr
     missing = subprocess.run(cmd[:-4] + ["--torch", "no_such_module:X"], capture_output=True, text=True)
     assert missing.returncode == 2 and "error:" in missing.stderr
+
+
+def test_verify_diffusers_unet_folder(tmp_path):
+    """A diffusers-format folder: convert (config.json read and translated), then verify with diffusers."""
+    pytest.importorskip("diffusers")
+    from test_diffusers_unet import DECODER, random_diffusers_unet
+
+    folder = tmp_path / "decoder"
+    random_diffusers_unet(DECODER, seed=3).save_pretrained(folder, safe_serialization=True)
+    out = convert_checkpoint("stage_b", None, folder, tmp_path / "stage_b")
+    report = verify(out, "diffusers:StableCascadeUNet", checkpoint=folder, batch=2, size=24)
+    abs_err, rel_err = report["out"]
+    print(f"stage_b diffusers verify: max|diff| {abs_err:.2e}, relative {rel_err:.2e}")
+    assert rel_err <= 1e-4
+
+
+def test_verify_transformers_text_encoder_folder(tmp_path):
+    """A transformers CLIPTextModelWithProjection folder (model.safetensors + config.json)."""
+    transformers = pytest.importorskip("transformers")
+    from clip_testing import randomise_torch_model
+    from test_clip_text import tiny_config
+
+    folder = tmp_path / "text_encoder"
+    model = randomise_torch_model(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**tiny_config())))
+    model.save_pretrained(folder, safe_serialization=True)
+    out = convert_checkpoint("clip_text", None, folder, tmp_path / "clip_text")
+    report = verify(out, "transformers:CLIPTextModelWithProjection", checkpoint=folder, batch=2)
+    assert set(report) == {"hidden_pre_norm", "text_embeds"}
+    for name, (abs_err, rel_err) in report.items():
+        print(f"clip_text verify {name}: max|diff| {abs_err:.2e}, relative {rel_err:.2e}")
+        assert rel_err <= 1e-4
