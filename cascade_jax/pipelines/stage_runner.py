@@ -77,11 +77,13 @@ class StageRunner:
             self.state = jax.device_put(self.state, NamedSharding(self._mesh, PartitionSpec()))
 
     def _place(self, tree, batch: int):
-        """Shard the batch axis over the local devices when it divides evenly; else leave it."""
+        """Device arrays; the batch axis is sharded over the local devices when it divides evenly."""
         if self._mesh is None or batch % self._mesh.size:
-            return tree
+            return jax.tree.map(jnp.asarray, tree)
+
         def put(x):
-            spec = PartitionSpec("data", *([None] * (x.ndim - 1))) if x.ndim and x.shape[0] == batch else PartitionSpec()
+            batched = x.ndim and x.shape[0] == batch
+            spec = PartitionSpec("data", *([None] * (x.ndim - 1))) if batched else PartitionSpec()
             return jax.device_put(x, NamedSharding(self._mesh, spec))
         return jax.tree.map(put, tree)
 
