@@ -90,6 +90,8 @@ def convert_checkpoint(model_name: str, config, src, out_dir, *, dtype="float32"
         else:
             out_dtype = var.dtype
         arrays[key] = value.astype(out_dtype, order="C")  # a C-ordered copy, never a view of the mmap
+        for source in recipe.sources:
+            reader.release(source)
         source_dtypes[key] = str(reader.dtype(recipe.sources[0]))
     meta = {"model": model_name, "config": config, "dtype": target_dtype.name,
             "source": {"path": str(src), "format": source_format.name, "dtypes": source_dtypes}}

@@ -8,6 +8,7 @@ temporary file and renames it into place, so a failed export never leaves a part
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -53,8 +54,10 @@ class SafetensorsReader:
         self._data_start = 8 + n
         self._entries = header
         self._check_entries(size - self._data_start)
-        self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start,
-                               shape=(size - self._data_start,)) if size > self._data_start else np.zeros(0, np.uint8)
+        self._raw = None
+        if size > 0:
+            with open(self.path, "rb") as f:
+                self._raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
     def _check_entries(self, data_size: int):
         for key, entry in self._entries.items():
@@ -80,9 +83,19 @@ class SafetensorsReader:
         return DTYPES[self._entries[key]["dtype"]]
 
     def get(self, key) -> np.ndarray:
+        """A read-only view of the tensor in the memory-mapped file (no copy)."""
         entry = self._entries[key]
         begin, end = entry["data_offsets"]
-        return self._mmap[begin:end].view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        data = np.frombuffer(self._raw, np.uint8, end - begin, self._data_start + begin) if end > begin else \
+            np.zeros(0, np.uint8)
+        return data.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    def release(self, key):
+        """Drop the tensor's pages from memory once it has been copied (they would count as resident)."""
+        begin, end = self._entries[key]["data_offsets"]
+        start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > begin and hasattr(mmap, "MADV_DONTNEED"):
+            self._raw.madvise(mmap.MADV_DONTNEED, start, self._data_start + end - start)
 
 
 def save_safetensors(path, tensors: dict, metadata: dict | None = None):

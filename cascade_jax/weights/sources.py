@@ -33,6 +33,9 @@ class ShardedReader:
     def get(self, key):
         return self._owner[key].get(key)
 
+    def release(self, key):
+        self._owner[key].release(key)
+
     def __repr__(self):
         return ", ".join(str(p) for p in self.paths)
 
