@@ -16,7 +16,7 @@ import time
 
 from PIL import Image
 
-from cascade_jax.pipelines import StableCascadePipeline, StageSettings
+from cascade_jax.pipelines import StableCascadePipeline, StageSettings, check_image_size
 from cascade_jax.pipelines.outputs import save_images, timing_report
 
 
@@ -50,6 +50,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.mode != "text2img" and not args.image:
         p.error(f"{args.mode} needs --image")
+    # Fail in a second, before any model is built (img2img and reconstruct take the image's size).
+    try:
+        if args.mode in ("text2img", "variation"):
+            check_image_size(args.height, args.width)
+        if args.mode == "img2img" and not 0 < args.strength <= 1:
+            raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
+        if args.num_images < 1:
+            raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 

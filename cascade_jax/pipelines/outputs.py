@@ -41,5 +41,5 @@ def timing_report(timings: dict) -> str:
     lines = []
     for stage, t in timings.items():
         compile_part = "compiled earlier" if t.cached else f"compile {t.compile_s:.2f}s"
-        lines.append(f"{stage}: {compile_part}, sampling {t.sample_s:.3f}s")
+        lines.append(f"{stage}: {compile_part}, sampling {t.sample_s:.3f}s ({t.steps} steps)")
     return "\n".join(lines)
