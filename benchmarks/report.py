@@ -1,0 +1,172 @@
+"""``results/summary.md`` from the section JSON files, and the marked section of README.md."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from common import REPO_ROOT
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _load(results_dir: Path, name: str):
+    path = results_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _f(value, digits=2, suffix=""):
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _x(value, digits=2):
+    """A ratio as '1.23×', or '–'."""
+    return _f(value, digits, "×")
+
+
+def _load_note(record: dict) -> str:
+    before, after = record.get("load_before") or {}, record.get("load_after") or {}
+    others = [x.get("other_processes_cpu_pct") for x in (before, after) if x.get("other_processes_cpu_pct") is not None]
+    return f"{max(others):.0f}%" if others else "–"
+
+
+def forward_table(data) -> list[str]:
+    lines = ["### Forward pass, float32, random weights shared by both frameworks", "",
+             "Spread = (max − min) / median over the n alternating runs. 'depthwise as shifted sums': the same JAX "
+             "model with its 3×3 depthwise convolutions written as 9 shifted multiply-adds (a what-if measured "
+             "by the benchmark; the library is unchanged).", "",
+             "| model | latent (NHWC) | JAX s (median, spread, n) | PyTorch s (median, spread, n) | JAX / PyTorch | "
+             "depthwise as shifted sums / PyTorch | JAX GFLOP/s | JAX compile s | max rel. diff | other load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    notes, slow = [], []
+    for r in data or []:
+        if "jax" not in r:
+            notes.append(f"- {r.get('label')} batch {r.get('batch')}: **{'skipped' if 'skipped' in r else 'error'}** — "
+                         f"{r.get('skipped') or r.get('error')}")
+            continue
+        j, t = r["jax"], r["torch"]
+        shifted = r.get("jax_depthwise_shifted_sum") or {}
+        shape = "×".join(str(d) for d in r.get("latent_shape_nhwc", []))
+        lines.append(f"| {r['label']} | {shape} | {_f(j['median_s'], 3)} ({_f(j['spread_pct'], 0)}%, {j['n']}) | "
+                     f"{_f(t['median_s'], 3)} ({_f(t['spread_pct'], 0)}%, {t['n']}) | "
+                     f"**{_x(r['ratio_jax_over_torch'])}** | {_x(shifted.get('ratio_over_torch'))} | "
+                     f"{_f((r.get('gflops_per_s') or {}).get('jax'), 0)} | "
+                     f"{_f(r['jax_compile_s'], 1)} | {r['max_rel_diff_vs_torch']:.1e} | {_load_note(r)} |")
+        for op in (r.get("breakdown") or {}).get("slower_in_jax", [])[:4]:
+            slow.append(f"- {r['label']} b{r['batch']}: {op['where']} `{op['op']}` {op['ratio']:.2f}× PyTorch "
+                        f"(≈{op['lost_s_per_forward']:.2f} s lost per forward)")
+    lines += [""] + notes
+    if slow:
+        lines += ["", "Ops where JAX is slower than PyTorch (per-op breakdown, `forward.json` → `breakdown`):"] + slow
+    return lines
+
+
+def pipeline_table(data) -> list[str]:
+    lines = [f"### Text-to-image pipeline ({(data or {}).get('set', 'lite')} set, random weights, float32)", ""]
+    if not data or "runs" not in data:
+        reason = (data or {}).get("skipped") or (data or {}).get("error") or "not run"
+        return lines + [f"Skipped: {reason}"]
+    lines += [f"{data['size']}×{data['size']}, batch {data['batch']}, steps {data['steps']['stage_c']}+"
+              f"{data['steps']['stage_b']}, CFG {data['cfg']['stage_c']} / {data['cfg']['stage_b']} "
+              f"(both run the cond+uncond batch). Size: {data['size_note']}.", "",
+              "| stage | compile s | steady loop s | one forward s (CFG batch) | forward × steps s | loop overhead |",
+              "|---|---|---|---|---|---|"]
+    for stage in ("stage_c", "stage_b"):
+        o, c = data["loop_overhead"][stage], data["model_calls"][stage]
+        lines.append(f"| {stage} | {_f(data['compile_s'][stage], 1)} | {_f(o['loop_s'], 2)} | {_f(c['median_s'], 3)} | "
+                     f"{_f(o['model_calls_s'], 2)} | {_f(o['overhead_pct'], 1)}% |")
+    steady = data["runs"][-1]
+    lines += ["", f"Whole call (steady): {_f(steady['wall_s'], 1)} s ({_f(data['images_per_s_steady'], 3)} images/s); "
+                  f"first call {_f(data['runs'][0]['wall_s'], 1)} s; `pipe.decode` (Stage A) alone "
+                  f"{_f(data['stage_a_decode_s'], 2)} s (first call {_f(data.get('stage_a_decode_first_s'), 2)} s)."]
+    return lines
+
+
+def convert_table(data) -> list[str]:
+    lines = ["### Checkpoint conversion (official bf16 safetensors → converted directory, bf16)", "",
+             "Peak RSS is the converting process's VmHWM (interpreter and libraries included, ~0.2 GiB); 'net' "
+             "subtracts the RSS before the conversion started.", "",
+             "| checkpoint | output GiB | convert s | plain copy s | time / copy (goal ≤2) | peak RSS GiB | "
+             "peak / output (goal ≤1.3) | net peak / output |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for r in data or []:
+        if "convert" not in r:
+            notes.append(f"- {r.get('label')}: **{'skipped' if 'skipped' in r else 'error'}** — "
+                         f"{r.get('skipped') or r.get('error')}")
+            continue
+        lines.append(f"| {r['label']} | {_f(r['output_array_bytes'] / 2**30)} | {_f(r['convert']['seconds'], 1)} | "
+                     f"{_f(r['baseline_s'], 1)} | {_x(r['time_ratio_vs_copy'])} | {_f(r['peak_rss_gb'])} | "
+                     f"{_x(r['peak_over_output'])} | {_x(r.get('net_peak_over_output'))} |")
+        phases = r["convert"].get("phases_gb", {})
+        if phases:
+            desc = "; ".join(f"{k}: RSS {v.get('VmRSS', 0):.2f} (anon {v.get('RssAnon', 0):.2f}, file "
+                             f"{v.get('RssFile', 0):.2f})" for k, v in phases.items() if k not in ("start", "work"))
+            notes.append(f"- {r['label']} peak GiB by phase — {desc}; phase seconds {r['convert'].get('phase_s')}")
+    return lines + [""] + notes
+
+
+def train_table(data, machine) -> list[str]:
+    peak = (machine or {}).get("nominal_peak_fp32", {})
+    probe = (machine or {}).get("matmul_probe_gflops", {})
+    lines = ["### Stage C training step (AdamW, float32, 24×24×16 latents)", "",
+             f"MFU = model flops (XLA cost analysis of the step without remat) / step time / peak; nominal peak "
+             f"{_f(peak.get('gflops'), 0)} GFLOP/s = {peak.get('how', '?')}; measured fp32 matmul "
+             f"{_f(probe.get('jax'), 0)} GFLOP/s (JAX) / {_f(probe.get('torch'), 0)} (PyTorch).", "",
+             "| model | remat | batch | step s | images/s | MFU (nominal) | MFU (vs matmul) | peak RSS GiB | compile s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for r in data or []:
+        if "median_step_s" not in r:
+            notes.append(f"- {r.get('label')} remat={r.get('remat')}: **{'skipped' if 'skipped' in r else 'error'}** — "
+                         f"{r.get('skipped') or r.get('error')}")
+            continue
+        lines.append(f"| {r['label']} | {r['remat']} | {r['batch']} | {_f(r['median_step_s'], 3)} | "
+                     f"{_f(r['images_per_s'], 2)} | {_f(100 * r.get('mfu_vs_nominal_peak', 0), 1)}% | "
+                     f"{_f(100 * r.get('mfu_vs_measured_matmul', 0), 1)}% | {_f(r['peak_rss_gb'])} | "
+                     f"{_f(r['compile_s'], 1)} |")
+    return lines + [""] + notes
+
+
+def machine_lines(machine) -> list[str]:
+    if not machine:
+        return []
+    v = machine.get("versions", {})
+    load = machine.get("load_at_start", {})
+    return [f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('memory_gb')} GiB; "
+            f"jax {v.get('jax')}, flax {v.get('flax')}, torch {v.get('torch')} ({machine.get('cores')} threads), "
+            f"diffusers {v.get('diffusers')}. Run {machine.get('started')} ({machine.get('mode')} set, budget "
+            f"{machine.get('budget_s'):.0f} s); at start load average {load.get('loadavg_1m')}, other processes "
+            f"{load.get('other_processes_cpu_pct')}% CPU. 'other load' columns: peak CPU % of other processes around "
+            "the case (100% = one core taken); PyTorch's OpenMP threads suffer most from a busy core."]
+
+
+def write_summary(results_dir: Path) -> str:
+    sections = {name: _load(results_dir, name) for name in ("machine", "forward", "pipeline", "convert", "train")}
+    machine = sections["machine"]
+    body = ["## Benchmarks (CPU)", "", *machine_lines(machine), "",
+            "Generated by `make bench` (`benchmarks/run_cpu.py`); raw numbers in `benchmarks/results/*.json`.", ""]
+    for name, table in (("forward", forward_table), ("pipeline", pipeline_table), ("convert", convert_table)):
+        data = sections[name]
+        body += table(data["results"] if data else None) + [""]
+    train = sections["train"]
+    body += train_table(train["results"] if train else None, machine) + [""]
+    text = "\n".join(body)
+    (results_dir / "summary.md").write_text(text)
+    return text
+
+
+def update_readme(summary: str, readme: Path = REPO_ROOT / "README.md") -> bool:
+    """Replace the text between the bench markers of README.md; False (and no change) without markers."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.DOTALL)
+    if not pattern.search(text):
+        print(f"{readme.name} has no {README_START} ... {README_END} markers; summary left in benchmarks/results/summary.md")
+        return False
+    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{summary}\n{README_END}", text))
+    return True
