@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cascade_jax.models.random_init import random_value
-from cascade_jax.models.registry import abstract_model
+from cascade_jax.models.random_init import random_model
 from cascade_jax.weights.layout import ours_to_torch
 from cascade_jax.weights.tree import named_variables
 
@@ -59,15 +58,8 @@ class PooledGenerator:
 
 
 def fast_random_model(model_name: str, config: dict, seed: int = 0, dtype="float32") -> nnx.Module:
-    """Like ``cascade_jax.models.random_init.random_model`` (same value rules), pooled draws."""
-    model = abstract_model(model_name, config)
-    rng = PooledGenerator(seed)
-    for key, var in named_variables(model).items():
-        value = random_value(key, var, rng)
-        if isinstance(var, nnx.Param) and np.issubdtype(value.dtype, np.floating):
-            value = value.astype(jnp.dtype(dtype))
-        var.set_value(jnp.asarray(value))
-    return model
+    """``cascade_jax.models.random_init.random_model`` (same value rules) with pooled draws."""
+    return random_model(model_name, config, seed, dtype, rng=PooledGenerator(seed))
 
 
 def param_count(model: nnx.Module) -> int:

@@ -39,10 +39,14 @@ def random_value(key: str, var, rng: np.random.Generator, dtype=np.float32) -> n
     return (0.05 * rng.standard_normal(shape)).astype(dtype)  # biases, GRN, gammas, embeddings
 
 
-def random_model(model_name: str, config: dict, seed: int = 0, dtype="float32") -> nnx.Module:
-    """``model_name`` built from ``config`` with seeded random weights (float32 or bfloat16 params)."""
+def random_model(model_name: str, config: dict, seed: int = 0, dtype="float32", rng=None) -> nnx.Module:
+    """``model_name`` built from ``config`` with seeded random weights (float32 or bfloat16 params).
+
+    ``rng`` replaces the numpy generator (anything with ``standard_normal``/``uniform``), e.g. a
+    cheaper one for multi-billion-parameter benchmark models.
+    """
     model = abstract_model(model_name, config)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed) if rng is None else rng
     for key, var in named_variables(model).items():
         value = random_value(key, var, rng)
         if isinstance(var, nnx.Param) and np.issubdtype(value.dtype, np.floating):
