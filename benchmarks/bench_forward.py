@@ -109,7 +109,7 @@ def _depthwise_as_shifted_sum(original):
 
 
 def depthwise_variant(model, args, rounds: int) -> dict:
-    """What-if (benchmark only, the library is unchanged): the same forward with depthwise convs as
+    """The same forward with depthwise convs forced to (the library's CPU path on CPU)
     shifted sums; JAX-only timings to set against the main alternation's PyTorch median."""
     from cascade_jax.nn.layers import Conv2d
 

@@ -36,8 +36,9 @@ def _load_note(record: dict) -> str:
 def forward_table(data) -> list[str]:
     lines = ["### Forward pass, float32, random weights shared by both frameworks", "",
              "Spread = (max − min) / median over the n alternating runs. 'depthwise as shifted sums': the same JAX "
-             "model with its 3×3 depthwise convolutions written as 9 shifted multiply-adds (a what-if measured "
-             "by the benchmark; the library is unchanged).", "",
+             "model with its 3×3 depthwise convolutions written as 9 shifted multiply-adds (the library's CPU "
+             "path since this benchmark found XLA:CPU's grouped convolution 10-18x slower; the column forces that "
+             "form explicitly).", "",
              "| model | latent (NHWC) | JAX s (median, spread, n) | PyTorch s (median, spread, n) | JAX / PyTorch | "
              "depthwise as shifted sums / PyTorch | JAX GFLOP/s | JAX compile s | max rel. diff | other load |",
              "|---|---|---|---|---|---|---|---|---|---|"]
