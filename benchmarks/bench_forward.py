@@ -109,8 +109,8 @@ def _depthwise_as_shifted_sum(original):
 
 
 def depthwise_variant(model, args, rounds: int) -> dict:
-    """The same forward with depthwise convs forced to (the library's CPU path on CPU)
-    shifted sums; JAX-only timings to set against the main alternation's PyTorch median."""
+    """The same forward with depthwise convs forced to shifted sums (the library's CPU path);
+    JAX-only timings to set against the main alternation's PyTorch median."""
     from cascade_jax.nn.layers import Conv2d
 
     original = Conv2d.__call__
