@@ -65,6 +65,7 @@ from diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model import P
 from flax import nnx
 from helpers import nchw_to_nhwc, nhwc_to_nchw, randomize_torch_module, relative_error
 from pipeline_testing import DIFFUSERS, OFFICIAL, LoopMode, LoopRunner, diffusers_settings
+from test_diffusers_unet import DECODER, LEVEL  # the same tiny decoder as the UNet parity test
 
 import cascade_jax
 from cascade_jax.diffusion import SamplerSettings
@@ -86,19 +87,12 @@ PRIOR_STEPS, DECODER_STEPS = 3, 2
 PRIOR_AS_DIFFUSERS = StageSettings(steps=PRIOR_STEPS, cfg=4.0, shift=1.0, cfg_rho=0.0)
 DECODER_AS_DIFFUSERS = StageSettings(steps=DECODER_STEPS, cfg=1.1, shift=1.0, cfg_rho=0.0)
 
-LEVEL = ("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock")
 PRIOR = dict(in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1, conditioning_dim=64,
              block_out_channels=(64, 64), num_attention_heads=(2, 2), down_num_layers_per_block=(1, 2),
              up_num_layers_per_block=(2, 1), down_blocks_repeat_mappers=(1, 1), up_blocks_repeat_mappers=(1, 1),
              block_types_per_layer=(LEVEL, LEVEL), clip_text_in_channels=32, clip_text_pooled_in_channels=32,
              clip_image_in_channels=24, clip_seq=4, dropout=(0.1, 0.1), timestep_conditioning_type=("sca", "crp"),
              switch_level=(False,))
-DECODER = dict(in_channels=4, out_channels=4, timestep_ratio_embedding_dim=64, patch_size=2, conditioning_dim=64,
-               block_out_channels=(16, 32, 64), num_attention_heads=(0, 0, 2), down_num_layers_per_block=(1, 1, 2),
-               up_num_layers_per_block=(2, 1, 1), down_blocks_repeat_mappers=(1, 2, 1),
-               up_blocks_repeat_mappers=(2, 2, 1), block_types_per_layer=(LEVEL[:2], LEVEL[:2], LEVEL),
-               clip_text_pooled_in_channels=32, clip_seq=4, effnet_in_channels=16, pixel_mapper_in_channels=3,
-               dropout=(0.0, 0.0, 0.1), timestep_conditioning_type=("sca",), switch_level=None)
 TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
             bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
