@@ -16,6 +16,15 @@ from flax import nnx
 from gpu_bench import PEAK_BF16_TFLOPS, PUBLISHED, sync_time
 
 
+
+def _time_twice(fn, device):
+    """(last output, [first-run seconds, steady seconds]) of two synchronised runs."""
+    times = []
+    for _ in range(2):
+        out, seconds = sync_time(fn, device)
+        times.append(seconds)
+    return out, times
+
 class State:
     def __init__(self, cfg: dict):
         self.cfg, self.models, self.outputs = cfg, {}, {}
@@ -117,10 +126,7 @@ class State:
         latents = torch.randn(self.batch, 16, self.hc, self.hc, generator=torch.Generator().manual_seed(0))
         latents = latents.to(device=device, dtype=torch.bfloat16)
         steps = self.cfg["steps"][0]
-        times = []
-        for _ in range(2):
-            out, seconds = sync_time(lambda: torch_loop.denoise(unet, latents, steps, 4.0, cond, uncond), device)
-            times.append(seconds)
+        out, times = _time_twice(lambda: torch_loop.denoise(unet, latents, steps, 4.0, cond, uncond), device)
         self.outputs["torch_stage_c"] = out
         return {"build_s": build_s, "first_run_s": times[0], "steady_s": times[1], "steps": steps, "cfg": 4.0}
 
@@ -137,10 +143,7 @@ class State:
         latents = torch.randn(self.batch, 4, self.size // 4, self.size // 4, generator=torch.Generator().manual_seed(1))
         latents = latents.to(device=device, dtype=torch.bfloat16)
         steps = self.cfg["steps"][1]
-        times = []
-        for _ in range(2):
-            out, seconds = sync_time(lambda: torch_loop.denoise(unet, latents, steps, 1.1, cond, uncond), device)
-            times.append(seconds)
+        out, times = _time_twice(lambda: torch_loop.denoise(unet, latents, steps, 1.1, cond, uncond), device)
         self.outputs["torch_stage_b"] = out
         return {"build_s": build_s, "first_run_s": times[0], "steady_s": times[1], "steps": steps, "cfg": 1.1}
 

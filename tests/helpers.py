@@ -73,3 +73,12 @@ def read_checkpoint_layout(path: Path) -> dict[str, tuple]:
     assert lines[0] == "key\tshape", f"{path}: unexpected header {lines[0]!r}"
     rows = (line.split("\t") for line in lines[1:])
     return {key: () if shape == "scalar" else tuple(int(d) for d in shape.split("x")) for key, shape in rows}
+
+
+def assert_batch_equals_samples_alone(run, model, inputs: dict, bound: float = 1e-5):
+    """``run(model, inputs)`` on the batch equals running each sample alone (within ``bound`` relative)."""
+    batch = np.asarray(run(model, inputs))
+    for i in range(batch.shape[0]):
+        alone = run(model, {k: v[i:i + 1] for k, v in inputs.items()})
+        err = relative_error(alone, batch[i:i + 1])
+        assert err <= bound, f"sample {i} alone differs from the batch by {err:.2e}"

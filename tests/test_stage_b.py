@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import (fixture, load_fixture_model, nchw_to_nhwc, nhwc_to_nchw,
+from helpers import (assert_batch_equals_samples_alone, fixture, load_fixture_model, nchw_to_nhwc, nhwc_to_nchw,
                      relative_error)
 
 
@@ -48,8 +48,4 @@ def test_pooled_clip_2d_equals_3d(official):
 
 def test_batch_equals_samples_alone(official):
     model, inputs, _ = official
-    batch = np.asarray(run(model, inputs))
-    for i in range(batch.shape[0]):
-        alone = run(model, {k: v[i:i + 1] for k, v in inputs.items()})
-        err = relative_error(alone, batch[i:i + 1])
-        assert err <= 1e-5, f"sample {i} alone differs from the batch by {err:.2e}"
+    assert_batch_equals_samples_alone(run, model, inputs)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import (fixture, load_fixture_model, nchw_to_nhwc, nhwc_to_nchw,
+from helpers import (assert_batch_equals_samples_alone, fixture, load_fixture_model, nchw_to_nhwc, nhwc_to_nchw,
                      relative_error)
 
 
@@ -74,11 +74,7 @@ def test_pooled_embeddings_2d_equal_3d(official):
 
 def test_batch_equals_samples_alone(official):
     model, inputs, _ = official
-    batch = np.asarray(run(model, inputs))
-    for i in range(batch.shape[0]):
-        alone = run(model, {k: v[i:i + 1] for k, v in inputs.items()})
-        err = relative_error(alone, batch[i:i + 1])
-        assert err <= 1e-5, f"sample {i} alone differs from the batch by {err:.2e}"
+    assert_batch_equals_samples_alone(run, model, inputs)
 
 
 def test_bfloat16_close_to_float32(official):
