@@ -25,7 +25,7 @@ PROMPT = "a lighthouse on a cliff at sunset"
 
 def build_pipeline(set_name: str, dtype: str = "float32", tokenizer_dir=None):
     """StableCascadePipeline with fast random weights (text-to-image needs no image encoders)."""
-    from cascade_jax.models.clip_tokenizer import CLIPTokenizer
+    from cascade_jax.data.clip_tokenizer import CLIPTokenizer
     from cascade_jax.pipelines import StableCascadePipeline
     from cascade_jax.pipelines.loading import default_tokenizer_dir, pipeline_set
 

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from cascade_jax.models.clip_tokenizer import (CLIPTokenizer, clean_text, openai_bpe_path,
+from cascade_jax.data.clip_tokenizer import (CLIPTokenizer, clean_text, openai_bpe_path,
                                                write_tokenizer_folder_from_openai_bpe)
 
 PROMPTS = [

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from cascade_jax.models.clip_tokenizer import CLIPTokenizer, openai_bpe_path, write_tokenizer_folder_from_openai_bpe
+from cascade_jax.data.clip_tokenizer import CLIPTokenizer, openai_bpe_path, write_tokenizer_folder_from_openai_bpe
 from cascade_jax.models.random_init import random_model
 from cascade_jax.models.registry import REPO_ROOT, load_config, resolve_config
 from cascade_jax.weights.checkpoint import META_FILE, load_model
