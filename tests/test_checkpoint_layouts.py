@@ -33,5 +33,5 @@ def test_preset_reproduces_released_layout(preset, shared_dir):
     trainable = sum(int(np.prod(v.shape)) for v in named_variables(model).values() if isinstance(v, nnx.Param))
     assert (len(shapes), trainable) == (summary["tensors"], summary["parameters"])
     if "config" in summary:  # the transformers config.json maps onto the preset
-        from cascade_jax.models.registry import translate_config
+        from cascade_jax.weights.model_configs import translate_config
         assert translate_config(summary["config"]) == config

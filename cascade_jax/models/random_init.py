@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from cascade_jax.models.registry import abstract_model
-from cascade_jax.weights.tree import named_variables
+from cascade_jax.nn.params import named_variables
 
 
 def _fan_in(shape, layout) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.resources
 import json
 from pathlib import Path
 
@@ -22,8 +23,22 @@ MODEL_CLASSES = {
     "controlnet": "cascade_jax.models.controlnet:ControlNet",
 }
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PRESETS_DIR = REPO_ROOT / "configs" / "models"
+
+def configs_root() -> Path:
+    """The ``configs/`` folder: shipped inside the installed package (setup.py copies the top-level
+    ``configs/`` to ``cascade_jax/configs``), or the checkout's own for a source tree / editable install."""
+    installed = Path(str(importlib.resources.files("cascade_jax"))) / "configs"
+    if installed.is_dir():
+        return installed
+    checkout = Path(__file__).resolve().parents[2] / "configs"
+    if checkout.is_dir():
+        return checkout
+    raise FileNotFoundError(f"no configs/ folder in {installed} or {checkout}: the installation is incomplete; "
+                            "reinstall cascade-jax (pip install .)")
+
+
+def presets_dir() -> Path:
+    return configs_root() / "models"
 
 
 def model_class(name: str):
@@ -54,7 +69,7 @@ def abstract_model(name: str, config: dict) -> nnx.Module:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
 
 
 def load_config(preset_or_file: str) -> tuple[str | None, dict]:
@@ -64,12 +79,11 @@ def load_config(preset_or_file: str) -> tuple[str | None, dict]:
     """
     path = Path(preset_or_file)
     if not path.exists():
-        path = PRESETS_DIR / f"{preset_or_file}.yaml"
+        path = presets_dir() / f"{preset_or_file}.yaml"
         if not path.exists():
             raise FileNotFoundError(f"config {preset_or_file!r} is neither a file nor a preset; "
                                     f"presets: {list_presets()}")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    data = read_config_file(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of constructor arguments, got {type(data).__name__}")
     if "config" in data and isinstance(data["config"], dict):
@@ -77,46 +91,18 @@ def load_config(preset_or_file: str) -> tuple[str | None, dict]:
     return None, data
 
 
-# Third-party config dicts (a diffusers/transformers config.json) -> official constructor kwargs,
-# keyed by the "_class_name" (diffusers) or "model_type" (transformers) field.
-CONFIG_TRANSLATORS = {
-    "StableCascadeUNet": "cascade_jax.weights.diffusers_unet:official_config_from_diffusers",
-    "PaellaVQModel": "cascade_jax.weights.diffusers_vq:stage_a_config_from_paella",
-    "clip_text_model": "cascade_jax.models.clip:text_kwargs_from_hf_config",
-    "clip_vision_model": "cascade_jax.models.clip:vision_kwargs_from_hf_config",
-}
+def read_config_file(path: Path):
+    """The parsed YAML/JSON file, or a ValueError naming the file and the line of a syntax error."""
+    try:
+        text = path.read_text()
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({e}); "
+                         "fix the file or pass another config") from e
+    except IsADirectoryError as e:
+        raise ValueError(f"{path} is a folder, not a config file") from e
 
 
 def _import(target: str):
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
-
-
-def translate_config(config: dict) -> dict:
-    """Official kwargs from ``config``; third-party configs are recognised by their class field."""
-    for field in ("_class_name", "model_type"):
-        name = config.get(field)
-        if name is not None:
-            if name not in CONFIG_TRANSLATORS:
-                raise ValueError(f"config of class {name!r} cannot be translated; known: {sorted(CONFIG_TRANSLATORS)}")
-            return _import(CONFIG_TRANSLATORS[name])(config)
-    return config
-
-
-def resolve_config(model_name: str, config, src=None) -> dict:
-    """Constructor kwargs for ``model_name`` from a dict, a preset name, a file, or (None) the
-    ``config.json`` beside ``src``."""
-    from cascade_jax.weights.sources import folder_config
-
-    if config is None:
-        found = folder_config(src) if src is not None else None
-        if found is None:
-            raise ValueError(f"no config given for {model_name!r} and no config.json beside {src}; "
-                             f"pass --config with a preset ({', '.join(list_presets())}) or a file")
-        return translate_config(found)
-    if isinstance(config, dict):
-        return translate_config(dict(config))
-    preset_model, kwargs = load_config(str(config))
-    if preset_model is not None and preset_model != model_name:
-        raise ValueError(f"config {config!r} is for model {preset_model!r}, not {model_name!r}")
-    return translate_config(kwargs)

@@ -39,5 +39,15 @@ def param(rngs: nnx.Rngs | None, shape, *, torch_layout: str, axes: tuple, init=
     return nnx.Param(value, torch_layout=torch_layout, axes=axes)
 
 
+def official_key(path) -> str:
+    """The official PyTorch checkpoint name of the variable at nnx ``path``: the module path joined with dots."""
+    return ".".join(str(p) for p in path)
+
+
+def named_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """``{official key: variable}`` for every parameter and BatchNorm statistic of ``model``."""
+    return {official_key(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Variable))}
+
+
 def batch_stat(shape, value: float, *, dtype=jnp.float32):
     return BatchStat(jnp.full(shape, value, dtype), torch_layout="same", axes=("norm",) * len(shape))

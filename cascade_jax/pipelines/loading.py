@@ -20,15 +20,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from cascade_jax.data.clip_tokenizer import CLIPTokenizer, openai_bpe_path, write_tokenizer_folder_from_openai_bpe
 from cascade_jax.models.random_init import random_model
-from cascade_jax.models.registry import REPO_ROOT, load_config, resolve_config
+from cascade_jax.models.registry import configs_root, load_config, read_config_file
 from cascade_jax.weights.checkpoint import META_FILE, load_model
-from cascade_jax.weights.convert import ConversionError, convert_checkpoint, parse_dtype
-
-PIPELINE_SETS = REPO_ROOT / "configs" / "pipelines"
+from cascade_jax.weights.convert import ConversionError, convert_checkpoint
+from cascade_jax.weights.dtypes import parse_dtype
+from cascade_jax.weights.model_configs import resolve_config
 REQUIRED = ("stage_c", "stage_b", "stage_a", "text_encoder")
 
 # Where each component lives in a download: official file names (first match wins), then the
@@ -47,13 +45,23 @@ DIFFUSERS_FOLDERS = {"stage_c": "prior{lite}", "stage_b": "decoder{lite}", "stag
 def pipeline_set(name) -> dict:
     """Component -> (model name, constructor kwargs) for a set in configs/pipelines/ (or a YAML file
     in the same format)."""
-    path = Path(name) if str(name).endswith((".yaml", ".yml")) else PIPELINE_SETS / f"{name}.yaml"
+    sets = configs_root() / "pipelines"
+    path = Path(name) if str(name).endswith((".yaml", ".yml")) else sets / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown pipeline set {name!r}; choose one of {sorted(p.stem for p in PIPELINE_SETS.glob('*.yaml'))}")
+        raise ValueError(f"unknown pipeline set {name!r}; choose one of {sorted(p.stem for p in sets.glob('*.yaml'))}")
+    data = read_config_file(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of component -> preset name or {{model, config}}, "
+                         f"got {type(data).__name__}")
     components = {}
-    for component, spec in yaml.safe_load(path.read_text()).items():
-        model, config = load_config(spec) if isinstance(spec, str) else (spec["model"], spec["config"])
-        components[component] = (model, config)
+    for component, spec in data.items():
+        if isinstance(spec, str):
+            components[component] = load_config(spec)
+        elif isinstance(spec, dict) and isinstance(spec.get("model"), str) and isinstance(spec.get("config"), dict):
+            components[component] = (spec["model"], spec["config"])
+        else:
+            raise ValueError(f"{path}: component {component!r} must be a preset name or a mapping with 'model' "
+                             f"(a name) and 'config' (constructor arguments), got {spec!r}")
     return components
 
 

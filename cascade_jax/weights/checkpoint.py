@@ -17,6 +17,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from cascade_jax.models.registry import abstract_model
+from cascade_jax.nn.params import named_variables
+from cascade_jax.sharding import logical_sharding
+from cascade_jax.weights.dtypes import parse_dtype
+
 META_FILE = "cascade_model.json"
 WEIGHTS_DIR = "weights"
 FORMAT_VERSION = 1
@@ -65,7 +70,6 @@ def _sharding_for(sharding, key, var):
     if sharding is None:
         return None
     if isinstance(sharding, jax.sharding.Mesh):
-        from cascade_jax.sharding import logical_sharding
         return logical_sharding(var, sharding)
     if isinstance(sharding, jax.sharding.Sharding):
         return sharding
@@ -80,10 +84,6 @@ def load_model(model_dir, dtype=None, sharding=None) -> nnx.Module:
     (parameters placed by their logical axes, see ``cascade_jax.sharding``), or a callable
     ``(key, variable) -> Sharding``. Arrays are restored directly into that layout.
     """
-    from cascade_jax.models.registry import abstract_model
-    from cascade_jax.weights.convert import parse_dtype
-    from cascade_jax.weights.tree import named_variables
-
     meta = read_meta(model_dir)
     model = abstract_model(meta["model"], meta["config"])
     variables = named_variables(model)

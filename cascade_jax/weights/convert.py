@@ -11,28 +11,19 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-from cascade_jax.models.registry import abstract_model, resolve_config
+from cascade_jax.models.registry import abstract_model
 from cascade_jax.weights import checkpoint
+from cascade_jax.weights.dtypes import parse_dtype  # noqa: F401  (also imported from here)
 from cascade_jax.weights.formats import detect_format
 from cascade_jax.weights.layout import torch_shape, torch_to_ours
+from cascade_jax.weights.model_configs import resolve_config
 from cascade_jax.weights.sources import open_source
 from cascade_jax.weights.tree import named_variables
 
-FLOAT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype("bfloat16")}
 
 
 class ConversionError(ValueError):
     """The checkpoint does not fit the model; the message lists every offending tensor."""
-
-
-def parse_dtype(dtype) -> np.dtype:
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    if name == "float16":
-        raise ValueError("float16 is not supported: these models overflow in float16 (NaN / black images); "
-                         "use bfloat16 or float32")
-    if name not in FLOAT_DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(FLOAT_DTYPES)}")
-    return FLOAT_DTYPES[name]
 
 
 def _describe(items, limit=25) -> str:

@@ -7,14 +7,14 @@ diffusers keeps the official module tree except in two places (its own single-fi
   packed ``<block>.attention.attn.in_proj_{weight,bias}`` ([q; k; v] rows) and ``attn.out_proj``;
 * Stage B's pooled-text mapper is ``clip_txt_pooled_mapper`` instead of ``clip_mapper``.
 
-Importing this module (``cascade_jax.weights.formats`` does) registers :data:`DIFFUSERS_STAGE_B` /
-:data:`DIFFUSERS_STAGE_C` (both named ``"diffusers"``) and the config translator for diffusers'
+:mod:`cascade_jax.weights.formats` lists :data:`DIFFUSERS_STAGE_B` / :data:`DIFFUSERS_STAGE_C` (both
+named ``"diffusers"``); :mod:`cascade_jax.weights.model_configs` uses the translator of diffusers'
 ``config.json`` (``_class_name: StableCascadeUNet``, see :func:`official_config_from_diffusers`).
 """
 
 from __future__ import annotations
 
-from cascade_jax.weights.formats import Format, Recipe, concat_rows, register_format, take_only
+from cascade_jax.weights.recipes import Format, Recipe, concat_rows, take_only
 
 _PACKED = ("to_q", "to_k", "to_v")
 _ATTENTION_RENAMES = {"to_out.0.weight": "attn.out_proj.weight", "to_out.0.bias": "attn.out_proj.bias"}
@@ -71,9 +71,6 @@ DIFFUSERS_STAGE_C = Format("diffusers", detect=_has_split_attention, plan=plan_s
 # A Stage B without attention levels is still recognisable by its renamed pooled-text mapper.
 DIFFUSERS_STAGE_B = Format("diffusers", plan=plan_stage_b,
                            detect=lambda keys: _has_split_attention(keys) or "clip_txt_pooled_mapper.weight" in keys)
-
-register_format("stage_c", DIFFUSERS_STAGE_C)
-register_format("stage_b", DIFFUSERS_STAGE_B)
 
 
 # ---- config.json ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ weights are the same and Stage B was trained on ``latent / 0.43``, so
 
 from __future__ import annotations
 
-from cascade_jax.weights.formats import Format, Recipe, register_format, take_only
+from cascade_jax.weights.recipes import Format, Recipe, take_only
 
 DIFFUSERS_CODEBOOK = "vquantizer.embedding.weight"
 OFFICIAL_CODEBOOK = "vquantizer.codebook.weight"
@@ -52,6 +52,3 @@ def stage_a_config_from_paella(config: dict, scale_factor: float | None = OFFICI
         "codebook_size": config.get("num_vq_embeddings", 8192),
         "scale_factor": config.get("scale_factor", 0.3764) if scale_factor is None else scale_factor,
     }
-
-
-register_format("stage_a", DIFFUSERS_VQ)

@@ -6,7 +6,7 @@ import numpy as np
 
 from cascade_jax.weights.checkpoint import load_arrays, read_meta
 from cascade_jax.models.registry import abstract_model
-from cascade_jax.weights.convert import parse_dtype
+from cascade_jax.weights.dtypes import parse_dtype
 from cascade_jax.weights.layout import ours_to_torch
 from cascade_jax.weights.safetensors_io import write_safetensors
 from cascade_jax.weights.tree import named_variables

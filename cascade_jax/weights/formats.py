@@ -1,51 +1,23 @@
-"""Checkpoint formats: how the tensors of a source file make up the official tensors.
+"""Which checkpoint format a source file is in, per model (official, diffusers, or a registered one).
 
-A format adapter turns the key set of a source file into a *plan*:
-``{official key: Recipe(source keys, combine)}``. ``combine`` receives the source tensors
-(PyTorch layout, as numpy) and returns the official tensor (PyTorch layout). The official
-format is the identity plan; others (diffusers) rename keys and may pack several tensors
-into one (diffusers splits the packed q/k/v projection, for example).
+The format types (:class:`Format`, :class:`Recipe`) live in :mod:`cascade_jax.weights.recipes`, so
+the format modules do not import this registry and this registry imports them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable
-
-import numpy as np
-
-
-@dataclass(frozen=True)
-class Recipe:
-    sources: tuple[str, ...]
-    combine: Callable[[list[np.ndarray]], np.ndarray]
-
-
-def take_only(arrays):
-    return arrays[0]
-
-
-def concat_rows(arrays):
-    return np.concatenate(arrays, axis=0)
-
-
-def identity_plan(keys: Iterable[str]) -> dict[str, Recipe]:
-    return {k: Recipe((k,), take_only) for k in keys}
-
-
-@dataclass(frozen=True)
-class Format:
-    name: str
-    # True when a file with these keys is in this format (cheap, key-based).
-    detect: Callable[[set[str]], bool]
-    # Source keys -> plan; may raise KeyError naming what it cannot place.
-    plan: Callable[[set[str]], dict[str, Recipe]]
-
+from cascade_jax.weights.diffusers_unet import DIFFUSERS_STAGE_B, DIFFUSERS_STAGE_C
+from cascade_jax.weights.diffusers_vq import DIFFUSERS_VQ
+from cascade_jax.weights.recipes import Format, Recipe, concat_rows, identity_plan, take_only  # noqa: F401
 
 OFFICIAL = Format("official", detect=lambda keys: True, plan=identity_plan)
 
 # model name -> formats other than official, tried in order before falling back to official.
-EXTRA_FORMATS: dict[str, list[Format]] = {}
+EXTRA_FORMATS: dict[str, list[Format]] = {
+    "stage_a": [DIFFUSERS_VQ],
+    "stage_b": [DIFFUSERS_STAGE_B],
+    "stage_c": [DIFFUSERS_STAGE_C],
+}
 
 
 def register_format(model_name: str, fmt: Format):
@@ -66,6 +38,3 @@ def detect_format(model_name: str, keys: set[str], requested: str | None = None)
             return fmt
     return OFFICIAL
 
-
-import cascade_jax.weights.diffusers_vq  # noqa: E402,F401  (registers the diffusers Stage A format)
-import cascade_jax.weights.diffusers_unet  # noqa: E402,F401  (registers the diffusers Stage B/C formats)

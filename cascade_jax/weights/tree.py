@@ -6,16 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cascade_jax.nn.params import named_variables, official_key  # noqa: F401  (defined with the layers)
 from cascade_jax.weights.layout import torch_shape, torch_to_ours
-
-
-def official_key(path) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def named_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
-    """``{official key: variable}`` for every parameter and BatchNorm statistic of ``model``."""
-    return {official_key(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Variable))}
 
 
 def expected_torch_shapes(model: nnx.Module) -> dict[str, tuple]:

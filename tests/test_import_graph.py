@@ -1,0 +1,125 @@
+"""cascade_jax imports only point downward: no cycles between modules or between subpackages, and
+no layer imports one above it (nn -> models -> weights/diffusion/data -> pipelines/training).
+
+Imports inside functions count too: a lazy import hides a cycle from Python, not from the design.
+"""
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "cascade_jax"
+
+# Lower numbers are lower layers; a module may import its own layer or lower ones.
+LAYERS = {"nn": 0, "sharding": 0, "models": 1, "weights": 2, "diffusion": 2, "data": 2, "conditioning": 2,
+          "pipelines": 3, "training": 3}
+# Re-exports that keep old import paths working after a move (the target imports nothing above it).
+ALLOWED_UPWARD = {
+    ("cascade_jax.models", "cascade_jax.data.clip_tokenizer"): "cascade_jax.models.CLIPTokenizer, moved to data/",
+    ("cascade_jax.models.clip_tokenizer", "cascade_jax.data.clip_tokenizer"): "old module path of the tokenizer",
+}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = modules()
+    graph = {}
+    for name, path in known.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative import
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                # `from pkg import module` imports the module; `from module import name` the module itself.
+                targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names)
+        graph[name] = {t for t in targets if t in known and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one node (Tarjan, iterative)."""
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(root):
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter[0]
+                    counter[0] += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "<root>"  # the package root: a facade above every layer
+
+
+def test_no_import_cycles_between_modules():
+    assert cycles(import_graph()) == []
+
+
+def test_no_import_cycles_between_subpackages():
+    graph = {}
+    for source, targets in import_graph().items():
+        graph.setdefault(layer(source), set()).update(layer(t) for t in targets if layer(t) != layer(source))
+    for targets in list(graph.values()):
+        for t in targets:
+            graph.setdefault(t, set())
+    assert cycles(graph) == []
+
+
+def test_layers_only_import_downward():
+    upward = []
+    for source, targets in import_graph().items():
+        for target in targets:
+            src, dst = LAYERS.get(layer(source)), LAYERS.get(layer(target))
+            if layer(target) == "<root>":
+                continue  # `from cascade_jax import load_model`: the root only re-exports
+            if src is not None and dst is not None and dst > src and (source, target) not in ALLOWED_UPWARD:
+                upward.append(f"{source} ({layer(source)}) imports {target} ({layer(target)})")
+    assert not upward, "imports pointing up a layer:\n" + "\n".join(upward)
+
+
+def test_the_checker_sees_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
