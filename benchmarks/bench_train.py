@@ -3,12 +3,10 @@ optax AdamW, MSE against the GDF epsilon target of ``GDF().diffuse`` (noise leve
 drawn inside the step), float32. Each variant runs in its own process so its peak memory
 (VmHWM) is its own.
 
-Rematerialisation variants (the model has no remat switch, so the benchmark adds it):
+Rematerialisation variants:
 * ``none``   - plain backward;
 * ``whole``  - ``jax.checkpoint`` around the whole forward (recompute everything in backward);
-* ``blocks`` - ``nnx.remat`` around every block call, by replacing the U-Net's private
-  ``cascade_jax.models.unet._apply`` inside the child process (benchmark-only; a library
-  option such as ``StageC(..., remat=True)`` would make this unnecessary).
+* ``blocks`` - the model's own per-block remat option (``StageC.set_remat("full")``).
 
 Model flops come from XLA's cost analysis of the compiled step without remat (the remat
 variants recompute, so their own count is hardware flops, reported as ``hfu``).
@@ -34,18 +32,6 @@ SMALL_STAGE_C = {  # ~50M parameters: big enough that the step is compute, not d
     "dropout": [0.0, 0.0], "self_attn": True, "t_conds": ["sca", "crp"], "switch_level": [False]}
 
 
-def _patch_block_remat():
-    """Wrap every block call of the U-Net in ``nnx.remat``; returns a function that undoes it."""
-    from flax import nnx
-
-    import cascade_jax.models.unet as unet_module
-
-    original = unet_module._apply
-    remat_apply = nnx.remat(lambda block, x, r_embed, clip, skip: original(block, x, r_embed, clip, skip))
-    unet_module._apply = lambda block, x, r_embed, clip, skip=None: remat_apply(block, x, r_embed, clip, skip)
-    return lambda: setattr(unet_module, "_apply", original)
-
-
 def _optimizer(lr: float = 1e-4):
     import optax
     return optax.adamw(lr, weight_decay=0.01)
@@ -66,8 +52,8 @@ def init_state(model, batch: int, shape: tuple, config: dict):
 
 
 def make_step(graphdef, remat: str):
-    """A freshly traced jitted step (params and optimizer state donated). ``remat='blocks'`` needs
-    :func:`_patch_block_remat` applied while the step is traced."""
+    """A freshly traced jitted step (params and optimizer state donated); per-block remat is
+    already part of ``graphdef`` when the model was built with it."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -101,9 +87,9 @@ def child(spec: dict) -> dict:
     import jax
     from bench_forward import compiled_flops
 
-    if spec["remat"] == "blocks":
-        _patch_block_remat()
     model = bridge.fast_random_model("stage_c", spec["config"], seed=0)
+    if spec["remat"] == "blocks":
+        model.set_remat("full")
     n_params = bridge.param_count(model)
     graphdef, params, opt_state, data = init_state(model, spec["batch"], tuple(spec["shape"]), spec["config"])
     step = make_step(graphdef, spec["remat"])

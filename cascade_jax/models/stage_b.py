@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from cascade_jax.models.unet import CascadeUNet, embed_condition_tokens, map_to_tokens
+from cascade_jax.models.unet import CascadeUNet, dropout_key, embed_condition_tokens, map_to_tokens
 from cascade_jax.nn.functional import resize_bilinear_align_corners
 from cascade_jax.nn.layers import GELU, Conv2d, ConvTranspose2d, LayerNorm2d, Linear, Sequential
 
@@ -26,7 +26,7 @@ class StageB(CascadeUNet):
                  nhead=(-1, -1, 20, 20), blocks=((2, 6, 28, 6), (6, 28, 6, 2)),
                  block_repeat=((1, 1, 1, 1), (3, 3, 2, 2)), level_config=("CT", "CT", "CTA", "CTA"), c_clip=1280,
                  c_clip_seq=4, c_effnet=16, c_pixels=3, kernel_size=3, dropout=(0, 0, 0.1, 0.1), self_attn=True,
-                 t_conds=("sca",), *, rngs: nnx.Rngs):
+                 t_conds=("sca",), remat=None, *, rngs: nnx.Rngs):
         self.c_clip_seq, self.c_pixels = c_clip_seq, c_pixels
         self.effnet_mapper = _conditioning_mapper(c_effnet, c_hidden[0], rngs=rngs)
         self.pixels_mapper = _conditioning_mapper(c_pixels, c_hidden[0], rngs=rngs)
@@ -43,17 +43,19 @@ class StageB(CascadeUNet):
                           level_config=level_config, c_cond=c_cond, c_r=c_r, t_conds=t_conds,
                           kernel_size=kernel_size, dropout=dropout, self_attn=self_attn,
                           make_downscaler=downscaler, make_upscaler=upscaler, rngs=rngs)
+        self.set_remat(remat)
 
     def gen_c_embeddings(self, clip):
         """c_clip_seq condition tokens per pooled-text embedding ((B, D) or (B, S, D))."""
         return embed_condition_tokens(map_to_tokens(self.clip_mapper, clip, self.c_clip_seq))
 
-    def __call__(self, x, r, effnet, clip, pixels=None, **t_conds):
+    def __call__(self, x, r, effnet, clip, pixels=None, rngs=None, **t_conds):
         """NHWC latent ``x`` (B, H, W, c_in), noise level ``r`` (B,) → (B, H, W, c_out).
 
         ``effnet`` (B, h, w, c_effnet) Stage C latent / EfficientNet features, any size (resized to
         the embedded grid); ``clip`` pooled text (B, D) or (B, S, D); ``pixels`` (B, h, w, c_pixels),
-        black 8x8 when omitted; ``t_conds`` by name (``sca=``), zeros where omitted.
+        black 8x8 when omitted; ``t_conds`` by name (``sca=``), zeros where omitted. ``rngs``: dropout
+        randomness (``nnx.Rngs`` or a key), needed only in training mode.
         """
         if pixels is None:
             pixels = jnp.zeros((x.shape[0], _DEFAULT_PIXELS_SIZE, _DEFAULT_PIXELS_SIZE, self.c_pixels), x.dtype)
@@ -64,4 +66,4 @@ class StageB(CascadeUNet):
         # Official order: effnet is resized (in float32) before its mapper, pixels after theirs.
         x = x + self.effnet_mapper(resize_bilinear_align_corners(effnet.astype(jnp.float32), size)).astype(x.dtype)
         x = x + resize_bilinear_align_corners(self.pixels_mapper(pixels), size).astype(x.dtype)
-        return self._run_unet(x, r_embed, clip)
+        return self._run_unet(x, r_embed, clip, key=dropout_key(rngs))

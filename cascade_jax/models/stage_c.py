@@ -9,7 +9,7 @@ from functools import partial
 
 from flax import nnx
 
-from cascade_jax.models.unet import CascadeUNet, embed_condition_tokens, map_to_tokens
+from cascade_jax.models.unet import CascadeUNet, dropout_key, embed_condition_tokens, map_to_tokens
 from cascade_jax.nn.functional import resize_bilinear_align_corners
 from cascade_jax.nn.layers import Conv2d, Identity, LayerNorm2d, Lambda, Linear, Sequential
 
@@ -45,7 +45,8 @@ class StageC(CascadeUNet):
     def __init__(self, c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=2048, c_hidden=(2048, 2048), nhead=(32, 32),
                  blocks=((8, 24), (24, 8)), block_repeat=((1, 1), (1, 1)), level_config=("CTA", "CTA"),
                  c_clip_text=1280, c_clip_text_pooled=1280, c_clip_img=768, c_clip_seq=4, kernel_size=3,
-                 dropout=(0.1, 0.1), self_attn=True, t_conds=("sca", "crp"), switch_level=(False,), *, rngs: nnx.Rngs):
+                 dropout=(0.1, 0.1), self_attn=True, t_conds=("sca", "crp"), switch_level=(False,), remat=None, *,
+                 rngs: nnx.Rngs):
         self.c_clip_seq = c_clip_seq
         self.clip_txt_mapper = Linear(c_clip_text, c_cond, rngs=rngs)
         self.clip_txt_pooled_mapper = Linear(c_clip_text_pooled, c_cond * c_clip_seq, rngs=rngs)
@@ -64,6 +65,7 @@ class StageC(CascadeUNet):
                           level_config=level_config, c_cond=c_cond, c_r=c_r, t_conds=t_conds,
                           kernel_size=kernel_size, dropout=dropout, self_attn=self_attn,
                           make_downscaler=downscaler, make_upscaler=upscaler, rngs=rngs)
+        self.set_remat(remat)
 
     def gen_c_embeddings(self, clip_text, clip_text_pooled, clip_img):
         """Condition tokens: text sequence, then c_clip_seq tokens per pooled-text and image embedding."""
@@ -71,13 +73,14 @@ class StageC(CascadeUNet):
                                       map_to_tokens(self.clip_txt_pooled_mapper, clip_text_pooled, self.c_clip_seq),
                                       map_to_tokens(self.clip_img_mapper, clip_img, self.c_clip_seq))
 
-    def __call__(self, x, r, clip_text, clip_text_pooled, clip_img, cnet=None, **t_conds):
+    def __call__(self, x, r, clip_text, clip_text_pooled, clip_img, cnet=None, rngs=None, **t_conds):
         """NHWC latent ``x`` (B, H, W, c_in), noise level ``r`` (B,) → (B, H, W, c_out).
 
         ``clip_text`` (B, S, c_clip_text); ``clip_text_pooled`` / ``clip_img`` (B, D) or (B, S, D);
         ``t_conds`` by name (``sca=``, ``crp=``), zeros where omitted. ``cnet``: ControlNet residuals,
         one per ResBlock in visiting order (None adds nothing), resized to the block's input.
+        ``rngs``: dropout randomness (``nnx.Rngs`` or a key), needed only in training mode.
         """
         r_embed = self._embed_noise_levels(r, t_conds, x.shape[0])
         clip = self.gen_c_embeddings(clip_text, clip_text_pooled, clip_img)
-        return self._run_unet(self.embedding(x), r_embed, clip, cnet)
+        return self._run_unet(self.embedding(x), r_embed, clip, cnet, key=dropout_key(rngs))

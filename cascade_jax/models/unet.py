@@ -5,12 +5,23 @@ FeedForwardBlock levels and run it with the same ``_down_encode`` / ``_up_decode
 differ only in how a level is rescaled and in their conditioning. :class:`CascadeUNet` holds the
 ladder (attribute names are the official ones, so module paths are checkpoint keys) and the
 subclasses pass the rescaling layers in.
+
+Training options, neither of which changes the parameters or the checkpoint keys:
+
+* dropout: ``model.train()`` turns the official dropout on (``model.eval()`` off; a fresh model
+  is in inference mode) and the forward then needs ``rngs=`` (an ``nnx.Rngs`` with a
+  ``dropout`` stream, or a key). Each block draws ``fold_in(key, its visiting index)``.
+* remat: ``remat=`` at construction or :meth:`CascadeUNet.set_remat` recomputes every block
+  in the backward pass (``jax.checkpoint`` per block) under a named ``jax.checkpoint_policies``
+  policy; ``"full"`` (or True) saves nothing inside a block.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterator, Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -34,6 +45,28 @@ def as_token_sequence(embedding):
     return embedding[:, None, :] if embedding.ndim == 2 else embedding
 
 
+def remat_policy(remat):
+    """``(enabled, policy)`` for a ``remat`` option: None/False, True/"full", or a ``jax.checkpoint_policies`` name."""
+    if remat in (None, False, "none"):
+        return False, None
+    if remat in (True, "full", "blocks"):
+        return True, None
+    policy = getattr(jax.checkpoint_policies, str(remat), None)
+    if policy is None or not callable(policy):
+        names = sorted(n for n in dir(jax.checkpoint_policies) if n.endswith("saveable"))
+        raise ValueError(f"remat={remat!r} is not a policy; use None, 'full' or one of {names}")
+    if remat in ("save_only_these_names", "save_any_names_but_these", "save_and_offload_only_these_names"):
+        raise ValueError(f"remat={remat!r} needs arguments; pick a named policy such as 'dots_saveable'")
+    return True, policy
+
+
+def dropout_key(rngs):
+    """The dropout key of one forward: from an ``nnx.Rngs`` (its ``dropout`` stream), a key, or None."""
+    if rngs is None or isinstance(rngs, jax.Array):
+        return rngs
+    return rngs.dropout()
+
+
 def map_to_tokens(mapper, embedding, c_clip_seq: int):
     """Each input token becomes ``c_clip_seq`` condition tokens (official ``.view(B, S*seq, -1)``)."""
     embedding = as_token_sequence(embedding)
@@ -43,6 +76,13 @@ def map_to_tokens(mapper, embedding, c_clip_seq: int):
 
 class CascadeUNet(nnx.Module):
     """Base of StageB/StageC: patch embedding, level ladder, output head and their forward loops."""
+
+    remat = None
+
+    def set_remat(self, remat):
+        """Recompute each block in the backward pass (see :func:`remat_policy` for the values)."""
+        remat_policy(remat)
+        self.remat = remat
 
     def _init_io(self, c_in, c_out, c_hidden0, patch_size, *, rngs):
         self.embedding = Sequential(PixelUnshuffle(patch_size),
@@ -91,13 +131,17 @@ class CascadeUNet(nnx.Module):
         return jnp.concatenate([r_embedding(as_batch_vector(0.0 if v is None else v, batch), self.c_r)
                                 for v in values], axis=1)
 
-    def _run_unet(self, x, r_embed, clip, cnet: Sequence | None = None):
-        """Embedded input → ladder → output head; ``cnet`` residuals are handed to ResBlocks in visiting order."""
-        residuals = iter(cnet) if cnet is not None else None
-        level_outputs = self._down_encode(x, r_embed, clip, residuals)
-        return self.clf(self._up_decode(level_outputs, r_embed, clip, residuals))
+    def _run_unet(self, x, r_embed, clip, cnet: Sequence | None = None, key=None):
+        """Embedded input → ladder → output head; ``cnet`` residuals are handed to ResBlocks in visiting order.
 
-    def _down_encode(self, x, r_embed, clip, residuals: Iterator | None):
+        ``key`` (dropout, training mode only) is folded with each block's visiting index.
+        """
+        residuals = iter(cnet) if cnet is not None else None
+        run = _BlockRunner(key, self.remat)
+        level_outputs = self._down_encode(x, r_embed, clip, residuals, run)
+        return self.clf(self._up_decode(level_outputs, r_embed, clip, residuals, run))
+
+    def _down_encode(self, x, r_embed, clip, residuals: Iterator | None, run):
         level_outputs = []
         for level_blocks, downscaler, repeat_mappers in zip(self.down_blocks, self.down_downscalers,
                                                             self.down_repeat_mappers):
@@ -107,13 +151,13 @@ class CascadeUNet(nnx.Module):
                 for block in level_blocks:
                     if isinstance(block, ResBlock):
                         x = _add_control(x, residuals)
-                    x = _apply(block, x, r_embed, clip)
+                    x = run(block, x, r_embed, clip)
                 if rep < len(repeat_mappers):
                     x = repeat_mappers[rep](x)
             level_outputs.insert(0, x)
         return level_outputs
 
-    def _up_decode(self, level_outputs, r_embed, clip, residuals: Iterator | None):
+    def _up_decode(self, level_outputs, r_embed, clip, residuals: Iterator | None, run):
         x = level_outputs[0]
         for i, (level_blocks, upscaler, repeat_mappers) in enumerate(zip(self.up_blocks, self.up_upscalers,
                                                                          self.up_repeat_mappers)):
@@ -125,7 +169,7 @@ class CascadeUNet(nnx.Module):
                         x = resize_bilinear_align_corners(x, skip.shape[1:3])
                     if isinstance(block, ResBlock):
                         x = _add_control(x, residuals)
-                    x = _apply(block, x, r_embed, clip, skip)
+                    x = run(block, x, r_embed, clip, skip)
                 if rep < len(repeat_mappers):
                     x = repeat_mappers[rep](x)
             x = upscaler(x)
@@ -148,14 +192,33 @@ def _repeat_mappers(c, repeats, rngs):
     return nnx.List([Conv2d(c, c, 1, rngs=rngs) for _ in range(repeats - 1)])
 
 
-def _apply(block, x, r_embed, clip, skip=None):
+class _BlockRunner:
+    """Calls one block: hands it its dropout key and, with remat, runs it under ``jax.checkpoint``."""
+
+    def __init__(self, key, remat):
+        self.key, self.count = key, itertools.count()
+        self.remat, self.policy = remat_policy(remat)
+
+    def __call__(self, block, x, r_embed, clip, skip=None):
+        key = jax.random.fold_in(self.key, next(self.count)) if self.key is not None else None
+        if not self.remat:
+            return _apply(block, x, r_embed, clip, skip, key)
+        graphdef, state = nnx.split(block)
+
+        def run(state, x, r_embed, clip, skip, key):
+            return _apply(nnx.merge(graphdef, state), x, r_embed, clip, skip, key)
+
+        return jax.checkpoint(run, policy=self.policy)(state, x, r_embed, clip, skip, key)
+
+
+def _apply(block, x, r_embed, clip, skip=None, key=None):
     if isinstance(block, ResBlock):
-        return block(x, skip)
+        return block(x, skip, key=key)
     if isinstance(block, AttnBlock):
-        return block(x, clip)
+        return block(x, clip, key=key)
     if isinstance(block, TimestepBlock):
         return block(x, r_embed)
-    return block(x)
+    return block(x, key=key)
 
 
 def _add_control(x, residuals: Iterator | None):

@@ -2,19 +2,51 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from cascade_jax.nn.attention import MultiheadAttention
 from cascade_jax.nn.functional import layer_norm
-from cascade_jax.nn.layers import GELU, Conv2d, GlobalResponseNorm, Identity, LayerNorm2d, Linear, Sequential, SiLU
+from cascade_jax.nn.layers import GELU, Conv2d, GlobalResponseNorm, LayerNorm2d, Linear, Sequential, SiLU
 
 
-def _channel_mlp(c_in, c, *, rngs):
-    # Index 3 is the official Dropout; inference (and parity) make it the identity.
+class Dropout(nnx.Module):
+    """``torch.nn.Dropout`` with the key passed at call time, so a model holds no RNG state.
+
+    Off (``deterministic``) unless the model is put in training mode with ``model.train()``
+    (``model.eval()`` turns it off again); a fresh model is in inference mode, unlike torch.
+    """
+
+    def __init__(self, rate: float = 0.0):
+        self.rate = float(rate)
+        self.deterministic = True
+
+    def active(self) -> bool:
+        return not self.deterministic and self.rate > 0
+
+    def __call__(self, x, key=None):
+        if not self.active():
+            return x
+        if key is None:
+            raise ValueError(f"dropout {self.rate} is on (training mode) but no key was given: pass rngs= to the "
+                             "model call, or call model.eval() for inference")
+        keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
+def _channel_mlp(c_in, c, dropout, *, rngs):
+    # Index 3 is the official Dropout (no parameters, so the checkpoint keys are unchanged).
     return Sequential(Linear(c_in, c * 4, rngs=rngs), GELU(), GlobalResponseNorm(c * 4, rngs=rngs),
-                      Identity(), Linear(c * 4, c, rngs=rngs))
+                      Dropout(dropout), Linear(c * 4, c, rngs=rngs))
+
+
+def _run_channel_mlp(mlp: Sequential, x, key):
+    for i in range(len(mlp)):
+        layer = mlp[i]
+        x = layer(x, key) if isinstance(layer, Dropout) else layer(x)
+    return x
 
 
 class ResBlock(nnx.Module):
@@ -23,34 +55,34 @@ class ResBlock(nnx.Module):
     def __init__(self, c, c_skip=0, kernel_size=3, dropout=0.0, *, rngs):
         self.depthwise = Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c, rngs=rngs)
         self.norm = LayerNorm2d(eps=1e-6)
-        self.channelwise = _channel_mlp(c + c_skip, c, rngs=rngs)
+        self.channelwise = _channel_mlp(c + c_skip, c, dropout, rngs=rngs)
 
-    def __call__(self, x, x_skip=None):
+    def __call__(self, x, x_skip=None, key=None):
         h = self.norm(self.depthwise(x))
         if x_skip is not None:
             h = jnp.concatenate([h, x_skip.astype(h.dtype)], axis=-1)
-        return self.channelwise(h) + x
+        return _run_channel_mlp(self.channelwise, h, key) + x
 
 
 class FeedForwardBlock(nnx.Module):
     def __init__(self, c, dropout=0.0, *, rngs):
         self.norm = LayerNorm2d(eps=1e-6)
-        self.channelwise = _channel_mlp(c, c, rngs=rngs)
+        self.channelwise = _channel_mlp(c, c, dropout, rngs=rngs)
 
-    def __call__(self, x):
-        return x + self.channelwise(self.norm(x))
+    def __call__(self, x, key=None):
+        return x + _run_channel_mlp(self.channelwise, self.norm(x), key)
 
 
 class Attention2D(nnx.Module):
     def __init__(self, c, nhead, dropout=0.0, *, rngs):
-        self.attn = MultiheadAttention(c, nhead, rngs=rngs)
+        self.attn = MultiheadAttention(c, nhead, dropout=dropout, rngs=rngs)
 
-    def __call__(self, x, kv, self_attn=False):
+    def __call__(self, x, kv, self_attn=False, key=None):
         b, h, w, c = x.shape
         tokens = x.reshape(b, h * w, c)
         if self_attn:
             kv = jnp.concatenate([tokens, kv.astype(tokens.dtype)], axis=1)
-        return self.attn(tokens, kv).reshape(b, h, w, c)
+        return self.attn(tokens, kv, key=key).reshape(b, h, w, c)
 
 
 class AttnBlock(nnx.Module):
@@ -62,9 +94,9 @@ class AttnBlock(nnx.Module):
         self.attention = Attention2D(c, nhead, dropout, rngs=rngs)
         self.kv_mapper = Sequential(SiLU(), Linear(c_cond, c, rngs=rngs))
 
-    def __call__(self, x, kv):
+    def __call__(self, x, kv, key=None):
         kv = self.kv_mapper(kv)
-        return x + self.attention(self.norm(x), kv, self_attn=self.self_attn)
+        return x + self.attention(self.norm(x), kv, self_attn=self.self_attn, key=key)
 
 
 class TimestepBlock(nnx.Module):
