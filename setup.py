@@ -27,11 +27,19 @@ setup(
             "diffusers==0.42.1",
             # Only its bundled CLIP BPE merges file is used, to build tokenizer folders in tests.
             "open_clip_torch==3.3.0",
+            # The data-loader tests (same as the `train` extra).
+            "grain>=0.2.18",
+            "tensorflow-datasets>=4.9.10",
         ],
         "convert": [
             "torch==2.14.1",
             "torchvision==0.29.1",
             "diffusers==0.42.1",
+        ],
+        # Training input pipeline (cascade_jax/data/loader.py); TFDS reads ArrayRecord without TensorFlow.
+        "train": [
+            "grain>=0.2.18",
+            "tensorflow-datasets>=4.9.10",
         ],
     },
 )

@@ -1,0 +1,158 @@
+"""Random-access training sources: a list of small records and ``read(record) -> RawSample``.
+
+A source never decodes eagerly and never raises on one bad sample: ``read`` raises
+:class:`SkipSample` with a reason (``no_image``, ``no_caption``, ``filtered``, ``unreadable``,
+``corrupt_image``) that the loader counts and moves past. A source with no records at all is an
+error naming its path. Records are plain tuples so Grain can shuffle and slice them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cascade_jax.data.clip_preprocess import to_rgb
+from cascade_jax.data.config import DataConfig
+from cascade_jax.data.filters import MetadataFilter
+
+SKIP_REASONS = ("no_image", "no_caption", "filtered", "unreadable", "corrupt_image")
+
+
+class SkipSample(Exception):
+    """A sample the loader drops and counts; ``reason`` is one of ``SKIP_REASONS``."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class RawSample:
+    """Undecoded image (encoded bytes, or a uint8 array from TFDS) and its caption."""
+
+    image: bytes | np.ndarray
+    caption: str
+    name: str
+
+
+def open_image(raw: RawSample) -> Image.Image:
+    """A lazily decoded PIL image (header read only); corrupt data raises SkipSample."""
+    if isinstance(raw.image, np.ndarray):
+        return Image.fromarray(np.squeeze(raw.image, axis=-1) if raw.image.shape[-1] == 1 else raw.image)
+    try:
+        return Image.open(io.BytesIO(raw.image))
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise SkipSample("corrupt_image", f"{raw.name}: {err}") from None
+
+
+def decode_rgb(raw: RawSample) -> Image.Image:
+    """The fully decoded RGB image (alpha over white, as the CLIP preprocessing does)."""
+    image = open_image(raw)
+    try:
+        image.load()
+        return to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL raises these for truncated / bad streams
+        raise SkipSample("corrupt_image", f"{raw.name}: {err}") from None
+
+
+def text_of(value, what: str) -> str:
+    """Caption text from bytes, a string or a list of candidates (first non-empty)."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        texts = [text_of(v, what) for v in value]
+        texts = [t for t in texts if t]
+        if not texts:
+            raise SkipSample("no_caption", f"{what}: empty caption list")
+        return texts[0]
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SkipSample("unreadable", f"{what}: caption is not UTF-8") from None
+    if not isinstance(value, str):
+        raise SkipSample("no_caption", f"{what}: caption is a {type(value).__name__}, not text")
+    text = value.strip()
+    if not text:
+        raise SkipSample("no_caption", f"{what}: empty caption")
+    return text
+
+
+def check_filters(filters: MetadataFilter, metadata: dict | None, name: str) -> None:
+    if filters and not filters(metadata or {}):
+        raise SkipSample("filtered", name)
+
+
+def parse_json(data: bytes, name: str) -> dict:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SkipSample("unreadable", f"{name}: bad JSON metadata ({err})") from None
+    if not isinstance(value, dict):
+        raise SkipSample("unreadable", f"{name}: JSON metadata is a {type(value).__name__}, not an object")
+    return value
+
+
+class FolderSource:
+    """Images under one or more folders (recursively), each with a same-stem ``.txt`` caption.
+
+    An optional same-stem ``.json`` holds the metadata the filters read; ``width``/``height``
+    default to the image's own size, so ``width>=768`` works without metadata files.
+    """
+
+    def __init__(self, cfg: DataConfig):
+        self.description = ", ".join(cfg.paths)
+        self.caption_ext = cfg.caption_field.lstrip(".")
+        self.filters = MetadataFilter(cfg.filters)
+        exts = {"." + e for e in cfg.image_keys}
+        records = []
+        for folder in cfg.paths:
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"image folder {folder!r} does not exist or is not a folder")
+            for path in sorted(Path(folder).rglob("*")):
+                if path.suffix.lower() in exts and path.is_file():
+                    records.append(str(path))
+        if not records:
+            raise ValueError(f"no images ({', '.join(sorted(exts))}) under {self.description}")
+        self.records = records
+
+    def read(self, record: str) -> RawSample:
+        stem = os.path.splitext(record)[0]
+        try:
+            with open(record, "rb") as f:
+                data = f.read()
+            caption_path = f"{stem}.{self.caption_ext}"
+            if not os.path.exists(caption_path):
+                raise SkipSample("no_caption", f"{record}: no {caption_path}")
+            with open(caption_path, "rb") as f:
+                caption = text_of(f.read(), caption_path)
+            metadata = None
+            if self.filters:
+                metadata = {}
+                if os.path.exists(f"{stem}.json"):
+                    with open(f"{stem}.json", "rb") as f:
+                        metadata = parse_json(f.read(), f"{stem}.json")
+        except OSError as err:
+            raise SkipSample("unreadable", f"{record}: {err}") from None
+        raw = RawSample(data, caption, record)
+        if self.filters:
+            width, height = open_image(raw).size
+            check_filters(self.filters, {"width": width, "height": height, **metadata}, record)
+        return raw
+
+
+def make_source(cfg: DataConfig):
+    """The source object for ``cfg.source``; sources are imported lazily (TFDS is optional)."""
+    if cfg.source == "folder":
+        return FolderSource(cfg)
+    if cfg.source == "webdataset":
+        from cascade_jax.data.webdataset import WebDatasetSource
+
+        return WebDatasetSource(cfg)
+    from cascade_jax.data.tfds_source import TfdsSource
+
+    return TfdsSource(cfg)

@@ -1,0 +1,133 @@
+"""WebDataset tar shards as a random-access source.
+
+Shard paths may be lists, globs and brace ranges (``data/part-{000..099}.tar``, ``{a,b}``), as
+webdataset writes them. Each shard's member headers are scanned once (no data is read) to group
+members by key: the member path up to the first dot of its file name, as webdataset does, with
+the rest (``jpg``, ``txt``, ``json``) the field. A sample is then read by seeking into the tar, so
+Grain can shuffle globally and each host reads only its own samples. Shards must be uncompressed
+tars (webdataset's default); compressed ones cannot be read at random and are refused by name.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tarfile
+
+from cascade_jax.data.config import DataConfig
+from cascade_jax.data.filters import MetadataFilter
+from cascade_jax.data.sources import RawSample, SkipSample, check_filters, parse_json, text_of
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a{000..002}b`` -> a000b a001b a002b (zero padding kept); ``{x,y}`` -> both; nested left to right."""
+    match = _BRACE.search(pattern)
+    if not match:
+        return [pattern]
+    body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end():]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+        if not options:
+            raise ValueError(f"brace range {{{body}}} in {pattern!r} is empty (start > end)")
+    else:
+        options = body.split(",")
+    return [p for option in options for p in expand_braces(head + option + tail)]
+
+
+def expand_shards(paths) -> list[str]:
+    """Every shard named by the paths, globs and brace ranges, in order, without repeats."""
+    shards: list[str] = []
+    for path in paths:
+        for pattern in expand_braces(os.path.expanduser(path)):
+            found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            if not found or not os.path.exists(found[0]):
+                raise FileNotFoundError(f"webdataset shard {pattern!r} (from {path!r}) matches no file")
+            shards.extend(f for f in found if f not in shards)
+    return shards
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """``dir/000123.seg.jpg`` -> (``dir/000123``, ``seg.jpg``): the key and the field."""
+    directory, base = os.path.split(name)
+    stem, dot, field = base.partition(".")
+    return (os.path.join(directory, stem) if directory else stem), (field.lower() if dot else "")
+
+
+def index_shard(path: str, wanted) -> list[tuple[str, dict]]:
+    """(key, {field: (offset, size)}) per sample in the shard, in tar order; headers only."""
+    if path.endswith((".gz", ".tgz", ".bz2", ".xz", ".zst")):
+        raise ValueError(f"webdataset shard {path!r} is compressed; random access needs plain .tar shards "
+                         f"(decompress it, e.g. `gunzip`)")
+    samples: dict[str, dict] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, field = split_member(member.name)
+                if wanted(field):
+                    samples.setdefault(key, {})[field] = (member.offset_data, member.size)
+    except (tarfile.TarError, OSError) as err:
+        raise ValueError(f"webdataset shard {path!r} cannot be read as a tar file: {err}") from None
+    return list(samples.items())
+
+
+class WebDatasetSource:
+    """Samples of tar shards: an image field (first of image_keys present) and a caption."""
+
+    def __init__(self, cfg: DataConfig):
+        self.shards = expand_shards(cfg.paths)
+        self.description = ", ".join(cfg.paths)
+        self.image_fields = cfg.image_keys
+        caption = cfg.caption_field
+        self.caption_json_field = caption[5:] if caption.startswith("json:") else None
+        self.caption_field = None if self.caption_json_field else caption.lower().lstrip(".")
+        self.filters = MetadataFilter(cfg.filters)
+        wanted = set(self.image_fields) | {"json"} | ({self.caption_field} - {None})
+        self.records = [(shard_index, key, fields)
+                        for shard_index, shard in enumerate(self.shards)
+                        for key, fields in index_shard(shard, wanted.__contains__)]
+        if not self.records:
+            raise ValueError(f"webdataset shards {self.description} hold no sample with any of the fields "
+                             f"{', '.join(sorted(wanted))}")
+
+    def _read_field(self, record, field: str) -> bytes:
+        shard_index, key, fields = record
+        offset, size = fields[field]
+        with open(self.shards[shard_index], "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise SkipSample("unreadable", f"{self.shards[shard_index]}:{key}.{field} is truncated")
+        return data
+
+    def read(self, record) -> RawSample:
+        shard_index, key, fields = record
+        name = f"{self.shards[shard_index]}:{key}"
+        image_field = next((f for f in self.image_fields if f in fields), None)
+        if image_field is None:
+            raise SkipSample("no_image", f"{name} has none of the fields {', '.join(self.image_fields)}")
+        try:
+            metadata = None
+            if "json" in fields and (self.filters or self.caption_json_field):
+                metadata = parse_json(self._read_field(record, "json"), f"{name}.json")
+            check_filters(self.filters, metadata, name)
+            caption = self._caption(record, fields, metadata, name)
+            return RawSample(self._read_field(record, image_field), caption, f"{name}.{image_field}")
+        except OSError as err:
+            raise SkipSample("unreadable", f"{name}: {err}") from None
+
+    def _caption(self, record, fields, metadata, name) -> str:
+        if self.caption_json_field:
+            if not metadata or self.caption_json_field not in metadata:
+                raise SkipSample("no_caption", f"{name}: no json field {self.caption_json_field!r}")
+            return text_of(metadata[self.caption_json_field], f"{name}.json")
+        if self.caption_field not in fields:
+            raise SkipSample("no_caption", f"{name}: no .{self.caption_field} member")
+        return text_of(self._read_field(record, self.caption_field), f"{name}.{self.caption_field}")
