@@ -27,6 +27,7 @@ setup(
             "diffusers==0.42.1",
             # Only its bundled CLIP BPE merges file is used, to build tokenizer folders in tests.
             "open_clip_torch==3.3.0",
+            "opencv-python-headless",  # the canny hint test (same as the `controlnet` extra)
             # The data-loader tests (same as the `train` extra).
             "grain>=0.2.18",
             "tensorflow-datasets>=4.9.10",
@@ -41,5 +42,7 @@ setup(
             "grain>=0.2.18",
             "tensorflow-datasets>=4.9.10",
         ],
+        # ControlNet hint filters: the canny hint calls cv2.Canny as the official filter does.
+        "controlnet": ["opencv-python-headless"],
     },
 )
