@@ -3,9 +3,11 @@ skipped samples, buckets agreed across hosts, disjoint host shards, exact resume
 
 import json
 
+import grain
 import numpy as np
 import pytest
 from data_testing import add_member, caption_index, image_bytes, read_all, write_folder, write_shards
+from etils import epath
 
 from cascade_jax.data import DataConfig, make_train_loader
 from cascade_jax.data.webdataset import expand_braces
@@ -119,10 +121,13 @@ def test_resume_from_saved_state_gives_identical_batches(tmp_path):
     cfg = DataConfig(source="webdataset", paths=(str(tmp_path / "shard-*.tar"),), num_workers=2, max_pending=3)
     ref = iter(loader(cfg, batch=3, seed=1))
     read_all(ref, 5)
-    state = json.loads(json.dumps(ref.get_state()))  # as Orbax's Grain handler stores it
+    handler = grain.checkpoint.CheckpointHandler()  # what Orbax's CheckpointManager calls for a Grain item
+    (tmp_path / "ckpt").mkdir()
+    handler.save(epath.Path(tmp_path / "ckpt"), item=ref)
     expected = read_all(ref, 6)
     resumed = iter(loader(cfg, batch=3, seed=1))
-    resumed.set_state(state)
+    handler.restore(epath.Path(tmp_path / "ckpt"), item=resumed)
+    assert json.loads(next((tmp_path / "ckpt").glob("process_0-of-1.json")).read_text())["step"] == 5
     for a, b in zip(expected, read_all(resumed, 6)):
         assert a["bucket"] == b["bucket"] and a["captions"] == b["captions"]
         np.testing.assert_array_equal(a["images"], b["images"])

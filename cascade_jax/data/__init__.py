@@ -7,7 +7,7 @@ _TRAINING_NAMES = {
     "make_train_loader": "cascade_jax.data.loader",
     "TrainLoader": "cascade_jax.data.loader",
     "TrainIterator": "cascade_jax.data.loader",
-    "global_batch": "cascade_jax.data.global_batch",
+    "global_batch": "cascade_jax.data.sharded_batch",
 }
 
 

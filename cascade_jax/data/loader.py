@@ -233,7 +233,10 @@ class _BatchAssembler:
             result = future.result()
             if isinstance(result, SkipSample):  # a held-back sample that no longer reads: replace it
                 self._count_skip(result.reason)
-                taken.extend(self._take_next(index, size))
+                replacement: list[Future] = []
+                while not replacement:
+                    replacement = self._take_next(index, size)
+                taken.extend(replacement)
                 continue
             images.append(result[0])
             captions.append(result[1])
