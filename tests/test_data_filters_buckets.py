@@ -51,6 +51,10 @@ def test_data_config_from_dict():
         DataConfig(source="s3", paths=("a",))
     with pytest.raises(ValueError, match="tfds_name"):
         DataConfig(source="tfds")
+    with pytest.raises(TypeError, match="'num_workers' is '8'.*expected int"):
+        DataConfig.from_dict({"paths": ["a.tar"], "num_workers": "8"})
+    with pytest.raises(TypeError, match="'shuffle'"):
+        DataConfig(paths=("a.tar",), shuffle=1)
 
 
 def test_bucket_sizes_equal_the_official_formula():

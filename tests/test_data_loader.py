@@ -109,9 +109,12 @@ def test_hosts_agree_on_buckets_and_read_disjoint_samples(tmp_path):
     assert {b["bucket"] for b in steps[0]} != {(64, 64)}, "the test needs several buckets to mean anything"
     for a, b in zip(*steps):
         assert a["bucket"] == b["bucket"] and a["images"].shape == b["images"].shape == (2, *a["bucket"], 3)
-    # Within the first epoch (32 samples, 16 per host) no sample is read by both hosts.
-    first = [[caption_index(c) for b in host for c in b["captions"]][:12] for host in steps]
-    assert not set(first[0]) & set(first[1])
+    for h in hosts:
+        h.close()
+    # One epoch (32 samples, 16 per host) with one bucket, so nothing is held back: disjoint halves.
+    hosts = [iter(loader(cfg, batch=4, ratios=None, seed=7, index=i, count=2)) for i in range(2)]
+    seen = [[caption_index(c) for b in read_all(h, 8) for c in b["captions"]] for h in hosts]
+    assert len(set(seen[0])) == len(set(seen[1])) == 16 and set(seen[0]) | set(seen[1]) == set(range(32))
     for h in hosts:
         h.close()
 
@@ -134,3 +137,17 @@ def test_resume_from_saved_state_gives_identical_batches(tmp_path):
     assert resumed.get_state() == ref.get_state()
     ref.close()
     resumed.close()
+
+
+def test_two_hosts_together_read_the_one_process_batch(tmp_path):
+    """With one bucket and no bad samples, host batches concatenated in process order are the global batch."""
+    write_shards(tmp_path, 2, 10)
+    cfg = DataConfig(source="webdataset", paths=(str(tmp_path / "shard-*.tar"),), num_workers=2)
+    single = iter(loader(cfg, batch=4, ratios=None, seed=2))
+    hosts = [iter(loader(cfg, batch=4, ratios=None, seed=2, index=i, count=2)) for i in range(2)]
+    for _ in range(7):  # past the 20-sample epoch
+        whole, parts = next(single), [next(h) for h in hosts]
+        assert whole["captions"] == parts[0]["captions"] + parts[1]["captions"]
+        np.testing.assert_array_equal(whole["images"], np.concatenate([p["images"] for p in parts]))
+    for it in [single, *hosts]:
+        it.close()

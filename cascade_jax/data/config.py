@@ -57,6 +57,7 @@ class DataConfig:
     max_pending: int | None = None
 
     def __post_init__(self):
+        self._check_types()
         if self.source not in SOURCES:
             raise ValueError(f"data source {self.source!r} is unknown; use one of {', '.join(SOURCES)}")
         if isinstance(self.paths, str):
@@ -72,6 +73,15 @@ class DataConfig:
                              f"prefetch_batches={self.prefetch_batches} >= 0")
         if not 0.0 <= self.bucket_random_ratio <= 1.0:
             raise ValueError(f"bucket_random_ratio={self.bucket_random_ratio} must lie in [0, 1]")
+
+    def _check_types(self) -> None:
+        """YAML and ``key=value`` overrides give strings easily: a wrong type names the key."""
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+            if not ok:
+                expected = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+                raise TypeError(f"data config key {name!r} is {value!r} ({type(value).__name__}); expected {expected}")
 
     @property
     def image_keys(self) -> tuple[str, ...]:
@@ -92,6 +102,15 @@ class DataConfig:
                 hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
                 raise ValueError(f"unknown data config key {key!r}: {hint}")
         return cls(**values)
+
+
+_OPTIONAL_STR = (str, type(None))
+_FIELD_TYPES = {
+    "source": (str,), "paths": (str, list, tuple), "filters": (list, tuple), "tfds_name": _OPTIONAL_STR,
+    "tfds_data_dir": _OPTIONAL_STR, "tfds_split": (str,), "image_key": _OPTIONAL_STR, "caption_key": _OPTIONAL_STR,
+    "num_workers": (int,), "prefetch_batches": (int,), "shuffle": (bool,), "bucket_random_ratio": (int, float),
+    "bucket_probe_size": (int,), "max_pending": (int, type(None)),
+}
 
 
 def _freeze(value):

@@ -1,8 +1,9 @@
 """The training loader: Grain-ordered samples, agreed buckets, per-host batches, exact resume.
 
 Order: Grain ``MapDataset.source(records).shuffle(seed).repeat()`` gives one global order, a new
-permutation each epoch, identical on every host; host ``i`` of ``n`` reads positions ``i::n`` of it,
-so hosts never share a sample within an epoch. Batches: the bucket of step ``s`` comes from
+permutation each epoch, identical on every host; host ``i`` of ``n`` reads every ``n``-th block of
+``batch_size`` positions of it (``LoaderPlan.global_position``), so hosts never share a sample
+within an epoch. Batches: the bucket of step ``s`` comes from
 :class:`BucketSchedule` (seed and step only, so all hosts agree); a host fills its part of the batch
 with its next samples whose closest bucket it is, holds the others back (bounded) for their own
 buckets' steps, and when too many are held back crops the best-fitting one into the current bucket.
@@ -37,12 +38,20 @@ class LoaderPlan:
 
     cfg: DataConfig
     source: object
-    local_records: grain.MapDataset
+    records: grain.MapDataset  # the global order, shuffled per epoch, endless
     local_size: int
     schedule: bk.BucketSchedule
     batch_size: int
     seed: int
     process_index: int
+    process_count: int
+
+    def global_position(self, position: int) -> int:
+        """This host's ``position``-th sample in the global order: hosts take consecutive blocks of
+        ``batch_size``, so with one bucket the global batch of a step (hosts concatenated in process
+        order) is exactly the batch one process would read."""
+        block, offset = divmod(position, self.batch_size)
+        return (block * self.process_count + self.process_index) * self.batch_size + offset
 
     @property
     def max_pending(self) -> int:
@@ -245,7 +254,7 @@ class _BatchAssembler:
 
 def _load(plan: LoaderPlan, position: int):
     """(decoded RGB image, caption) of a stream position, or the SkipSample saying why not."""
-    record = plan.local_records[position]
+    record = plan.records[plan.global_position(position)]
     try:
         raw = plan.source.read(record)
         return decode_rgb(raw), raw.caption
@@ -254,7 +263,8 @@ def _load(plan: LoaderPlan, position: int):
 
 
 def _crop(plan: LoaderPlan, position: int, image, caption: str, size):
-    rng = np.random.default_rng([plan.seed, plan.process_index, position, 0xC409])
+    # Keyed on the global position: the same sample gets the same crop however many hosts read.
+    rng = np.random.default_rng([plan.seed, plan.global_position(position), 0xC409])
     return bk.resize_and_crop(image, size, rng), caption
 
 
@@ -315,6 +325,6 @@ def make_train_loader(data_cfg: DataConfig | dict, *, global_batch_size: int, im
     schedule = bk.BucketSchedule(sizes, ratios, frequencies, cfg.bucket_random_ratio if multi_aspect_ratio else 0,
                                  seed)
     local_size = -(-len(source.records) // process_count)
-    plan = LoaderPlan(cfg, source, records[process_index::process_count], local_size, schedule,
-                      global_batch_size // process_count, seed, process_index)
+    plan = LoaderPlan(cfg, source, records, local_size, schedule, global_batch_size // process_count, seed,
+                      process_index, process_count)
     return TrainLoader(plan)
