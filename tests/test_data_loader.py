@@ -151,3 +151,31 @@ def test_two_hosts_together_read_the_one_process_batch(tmp_path):
         np.testing.assert_array_equal(whole["images"], np.concatenate([p["images"] for p in parts]))
     for it in [single, *hosts]:
         it.close()
+
+
+def test_unexpected_errors_in_one_sample_are_counted_not_fatal(tmp_path, monkeypatch):
+    import cascade_jax.data.loader as loader_module
+
+    write_folder(tmp_path, 6)
+    real_decode = loader_module.decode_rgb
+
+    def flaky_decode(raw):
+        if raw.name.endswith("img_003.png"):
+            raise RuntimeError("a decoder bug on one odd file")
+        return real_decode(raw)
+
+    monkeypatch.setattr(loader_module, "decode_rgb", flaky_decode)
+    it = iter(loader(DataConfig(source="folder", paths=(str(tmp_path),), num_workers=2), batch=5, ratios=None))
+    batch = next(it)
+    assert sorted(caption_index(c) for c in batch["captions"]) == [0, 1, 2, 4, 5]
+    assert it.skip_counts["unreadable"] == 1
+    it.close()
+
+
+def test_bad_shards_are_errors_naming_the_file(tmp_path):
+    (tmp_path / "a.tar.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(ValueError, match=r"a\.tar\.gz.*compressed"):
+        loader(DataConfig(source="webdataset", paths=(str(tmp_path / "a.tar.gz"),)))
+    (tmp_path / "b.tar").write_bytes(b"this is not a tar file" * 40)
+    with pytest.raises(ValueError, match=r"b\.tar.*cannot be read as a tar"):
+        loader(DataConfig(source="webdataset", paths=(str(tmp_path / "b.tar"),)))

@@ -68,9 +68,9 @@ class DataConfig:
             raise ValueError(f"data source {self.source!r} needs `paths` (shards or folders to read)")
         if self.source == "tfds" and not self.tfds_name:
             raise ValueError("data source 'tfds' needs `tfds_name` (and usually `tfds_data_dir`)")
-        if self.num_workers < 1 or self.prefetch_batches < 0:
-            raise ValueError(f"num_workers={self.num_workers} must be >= 1 and "
-                             f"prefetch_batches={self.prefetch_batches} >= 0")
+        if self.num_workers < 1 or self.prefetch_batches < 1:
+            raise ValueError(f"num_workers={self.num_workers} and prefetch_batches={self.prefetch_batches} "
+                             f"must be >= 1")
         if not 0.0 <= self.bucket_random_ratio <= 1.0:
             raise ValueError(f"bucket_random_ratio={self.bucket_random_ratio} must lie in [0, 1]")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import logging
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +31,8 @@ import numpy as np
 from cascade_jax.data import buckets as bk
 from cascade_jax.data.config import DataConfig
 from cascade_jax.data.sources import SKIP_REASONS, SkipSample, decode_rgb, make_source, open_image
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +143,7 @@ class _Producer:
 
     def __init__(self, plan: LoaderPlan, state: dict, executor: ThreadPoolExecutor):
         self._assembler = _BatchAssembler(plan, state, executor)
-        self._queue: queue.Queue = queue.Queue(maxsize=max(plan.cfg.prefetch_batches, 1))
+        self._queue: queue.Queue = queue.Queue(maxsize=plan.cfg.prefetch_batches)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="cascade-data-producer")
         self._thread.start()
@@ -260,6 +263,10 @@ def _load(plan: LoaderPlan, position: int):
         return decode_rgb(raw), raw.caption
     except SkipSample as skip:
         return skip
+    except Exception as err:  # noqa: BLE001 - one odd sample must not end a run; it is counted and logged
+        logger.warning("skipping unreadable sample %r of %s: %s: %s", record, plan.source.description,
+                       type(err).__name__, err)
+        return SkipSample("unreadable", f"{record!r}: {err}")
 
 
 def _crop(plan: LoaderPlan, position: int, image, caption: str, size):

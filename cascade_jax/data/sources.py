@@ -47,7 +47,7 @@ def open_image(raw: RawSample) -> Image.Image:
         return Image.fromarray(np.squeeze(raw.image, axis=-1) if raw.image.shape[-1] == 1 else raw.image)
     try:
         return Image.open(io.BytesIO(raw.image))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise SkipSample("corrupt_image", f"{raw.name}: {err}") from None
 
 
@@ -57,7 +57,7 @@ def decode_rgb(raw: RawSample) -> Image.Image:
     try:
         image.load()
         return to_rgb(image)
-    except (OSError, ValueError, SyntaxError) as err:  # PIL raises these for truncated / bad streams
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # truncated / bad streams
         raise SkipSample("corrupt_image", f"{raw.name}: {err}") from None
 
 

@@ -14,6 +14,7 @@ import glob
 import os
 import re
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 
 from cascade_jax.data.config import DataConfig
 from cascade_jax.data.filters import MetadataFilter
@@ -90,9 +91,11 @@ class WebDatasetSource:
         self.caption_field = None if self.caption_json_field else caption.lower().lstrip(".")
         self.filters = MetadataFilter(cfg.filters)
         wanted = set(self.image_fields) | {"json"} | ({self.caption_field} - {None})
+        # Header scans are I/O-bound: run them on the loader's worker count of threads.
+        with ThreadPoolExecutor(cfg.num_workers) as pool:
+            indexes = list(pool.map(lambda shard: index_shard(shard, wanted.__contains__), self.shards))
         self.records = [(shard_index, key, fields)
-                        for shard_index, shard in enumerate(self.shards)
-                        for key, fields in index_shard(shard, wanted.__contains__)]
+                        for shard_index, index in enumerate(indexes) for key, fields in index]
         if not self.records:
             raise ValueError(f"webdataset shards {self.description} hold no sample with any of the fields "
                              f"{', '.join(sorted(wanted))}")
