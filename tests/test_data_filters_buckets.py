@@ -94,3 +94,10 @@ def test_bucket_schedule_depends_on_seed_and_step_only():
     assert abs(counts[0] - (0.95 * 5 / 8 + 0.01)) < 0.04 and 0 < counts[4] < 0.03
     assert steps != [bk.BucketSchedule(sizes, ratios, [5, 1, 1, 1, 0], 0.05, seed=4).bucket_index(s)
                      for s in range(2000)]
+
+
+def test_official_ratios_share_shapes_at_768():
+    # 4/5 and 5/6 both floor to 832x672 at 768: the loader treats a bucket as its shape, not its ratio.
+    sizes = bk.bucket_sizes(768, bk.bucket_ratios(OFFICIAL_RATIOS))
+    ratios = bk.bucket_ratios(OFFICIAL_RATIOS)
+    assert sizes[ratios.index(0.8)] == sizes[ratios.index(5 / 6)] == (832, 672)

@@ -179,3 +179,16 @@ def test_bad_shards_are_errors_naming_the_file(tmp_path):
     (tmp_path / "b.tar").write_bytes(b"this is not a tar file" * 40)
     with pytest.raises(ValueError, match=r"b\.tar.*cannot be read as a tar"):
         loader(DataConfig(source="webdataset", paths=(str(tmp_path / "b.tar"),)))
+
+
+def test_ratios_sharing_a_shape_form_one_bucket(tmp_path):
+    # At 64 px, 1/2 and 3/4 both give 64x32: portrait images of either ratio fill every portrait step.
+    for i in range(8):
+        (tmp_path / f"{i}.png").write_bytes(image_bytes(i, size=(64, 128) if i % 2 else (90, 120), fmt="PNG"))
+        (tmp_path / f"{i}.txt").write_text(f"caption {i}")
+    cfg = DataConfig(source="folder", paths=(str(tmp_path),), num_workers=2, bucket_random_ratio=0.0)
+    it = iter(loader(cfg, batch=2, ratios=["1/2", "3/4"]))
+    for _ in range(6):
+        assert next(it)["bucket"] == (64, 32)
+        assert it.get_state()["pending"] == []
+    it.close()

@@ -187,7 +187,8 @@ class _BatchAssembler:
         index = plan.schedule.bucket_index(state["step"])
         size = plan.schedule.sizes[index]
         taken: list[Future] = []
-        held = [p for p in state["pending"] if p[0] == index][: plan.batch_size]
+        # Ratios may share a shape (4/5 and 5/6 at 768): a bucket is its shape.
+        held = [p for p in state["pending"] if plan.schedule.sizes[p[0]] == size][: plan.batch_size]
         for entry in held:  # held-back samples of this bucket go first, oldest first
             state["pending"].remove(entry)
             taken.append(self.executor.submit(_load_and_crop, plan, entry[1], size))
@@ -210,7 +211,7 @@ class _BatchAssembler:
         image, caption = result
         aspect = image.size[0] / image.size[1]
         own = bk.closest_bucket(image.size[0], image.size[1], plan.schedule.ratios)
-        if own == index:
+        if plan.schedule.sizes[own] == size:
             return [self.executor.submit(_crop, plan, position, image, caption, size)]
         state["pending"].append([own, position, aspect])
         if len(state["pending"]) <= plan.max_pending:
