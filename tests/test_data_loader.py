@@ -170,6 +170,16 @@ def test_unexpected_errors_in_one_sample_are_counted_not_fatal(tmp_path, monkeyp
     assert sorted(caption_index(c) for c in batch["captions"]) == [0, 1, 2, 4, 5]
     assert it.skip_counts["unreadable"] == 1
     it.close()
+    # Every image failing (after the start-up probe, which reads headers only): a clear error, twice.
+    def broken_decode(raw):
+        raise RuntimeError("a decoder bug on every file")
+
+    monkeypatch.setattr(loader_module, "decode_rgb", broken_decode)
+    it = iter(loader(DataConfig(source="folder", paths=(str(tmp_path),), num_workers=2), batch=2, ratios=None))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="no usable sample in a whole pass.*unreadable"):
+            next(it)
+    it.close()
 
 
 def test_bad_shards_are_errors_naming_the_file(tmp_path):

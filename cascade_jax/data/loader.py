@@ -145,6 +145,7 @@ class _Producer:
         self._assembler = _BatchAssembler(plan, state, executor)
         self._queue: queue.Queue = queue.Queue(maxsize=plan.cfg.prefetch_batches)
         self._stopped = threading.Event()
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="cascade-data-producer")
         self._thread.start()
 
@@ -164,8 +165,11 @@ class _Producer:
                 return
 
     def get(self):
+        if self._error is not None:  # the thread has ended: asking again must not wait forever
+            raise self._error
         item = self._queue.get()
         if isinstance(item, BaseException):
+            self._error = item
             raise item
         return item
 
