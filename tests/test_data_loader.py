@@ -1,6 +1,7 @@
 """The Grain training loader on WebDataset shards and image folders: paths, filters, captions,
 skipped samples, buckets agreed across hosts, disjoint host shards, exact resume."""
 
+import dataclasses
 import json
 
 import grain
@@ -202,3 +203,26 @@ def test_ratios_sharing_a_shape_form_one_bucket(tmp_path):
         assert next(it)["bucket"] == (64, 32)
         assert it.get_state()["pending"] == []
     it.close()
+
+
+def test_shard_index_cache_is_reused_and_refreshed(tmp_path, monkeypatch):
+    import cascade_jax.data.webdataset as wds
+
+    write_shards(tmp_path / "s", 2, 5)
+    cfg = DataConfig(source="webdataset", paths=(str(tmp_path / "s" / "*.tar"),), num_workers=2,
+                     index_cache=str(tmp_path / "cache"))
+    plain = next(iter(loader(dataclasses.replace(cfg, index_cache=None), ratios=None)))
+    first = next(iter(loader(cfg, ratios=None)))
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+    real_index = wds.index_shard
+    monkeypatch.setattr(wds, "index_shard", lambda path: pytest.fail(f"{path} was scanned again"))
+    again = next(iter(loader(cfg, ratios=None)))
+    for batch in (first, again):
+        assert batch["captions"] == plain["captions"]
+        np.testing.assert_array_equal(batch["images"], plain["images"])
+    # A rewritten shard (new size and mtime) is scanned again.
+    write_shards(tmp_path / "s", 1, 3)
+    scanned = []
+    monkeypatch.setattr(wds, "index_shard", lambda path: scanned.append(path) or real_index(path))
+    assert len(loader(cfg, ratios=None).plan.source.records) == 3 + 5
+    assert [p.endswith("shard-000.tar") for p in scanned] == [True]

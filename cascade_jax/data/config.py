@@ -39,6 +39,8 @@ class DataConfig:
     bucket_probe_size: usable samples whose aspect ratios estimate the bucket frequencies.
     max_pending: samples held back for other buckets before one is cropped into the current
         bucket instead (None: 4 x the per-host batch, at least 16).
+    index_cache: a folder for the webdataset shard indexes (member offsets), so a restart does not
+        scan every tar header again; safe to share between hosts.
     """
 
     source: str = "webdataset"
@@ -55,6 +57,7 @@ class DataConfig:
     bucket_random_ratio: float = 0.05
     bucket_probe_size: int = 256
     max_pending: int | None = None
+    index_cache: str | None = None
 
     def __post_init__(self):
         self._check_types()
@@ -109,7 +112,7 @@ _FIELD_TYPES = {
     "source": (str,), "paths": (str, list, tuple), "filters": (list, tuple), "tfds_name": _OPTIONAL_STR,
     "tfds_data_dir": _OPTIONAL_STR, "tfds_split": (str,), "image_key": _OPTIONAL_STR, "caption_key": _OPTIONAL_STR,
     "num_workers": (int,), "prefetch_batches": (int,), "shuffle": (bool,), "bucket_random_ratio": (int, float),
-    "bucket_probe_size": (int,), "max_pending": (int, type(None)),
+    "bucket_probe_size": (int,), "max_pending": (int, type(None)), "index_cache": _OPTIONAL_STR,
 }
 
 
