@@ -74,7 +74,8 @@ def test_closest_bucket_and_cover_resize_crop():
     assert bk.closest_bucket(200, 100, ratios) == 2 and bk.closest_bucket(100, 190, ratios) == 1
     assert bk.closest_bucket(100, 100, ratios) == 0
     rng = np.random.default_rng(0)
-    for (w, h), target in [((300, 200), (64, 128)), ((90, 400), (128, 64)), ((50, 50), (96, 96)), ((640, 480), (480, 640))]:
+    cases = [((300, 200), (64, 128)), ((90, 400), (128, 64)), ((50, 50), (96, 96)), ((640, 480), (480, 640))]
+    for (w, h), target in cases:
         image = Image.fromarray(np.zeros((h, w, 3), np.uint8))
         out = bk.resize_and_crop(image, target, rng)
         assert out.shape == (*target, 3) and out.dtype == np.uint8

@@ -226,3 +226,20 @@ def test_shard_index_cache_is_reused_and_refreshed(tmp_path, monkeypatch):
     monkeypatch.setattr(wds, "index_shard", lambda path: scanned.append(path) or real_index(path))
     assert len(loader(cfg, ratios=None).plan.source.records) == 3 + 5
     assert [p.endswith("shard-000.tar") for p in scanned] == [True]
+
+
+def test_fast_tar_scan_equals_tarfile(tmp_path):
+    import tarfile
+
+    from cascade_jax.data.webdataset import _scan_ustar, index_shard
+
+    path = write_shards(tmp_path, 1, 4)[0]
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+    assert _scan_ustar(str(path)) == expected
+    long_name = tmp_path / "long.tar"
+    with tarfile.open(long_name, "w", format=tarfile.PAX_FORMAT) as tar:
+        add_member(tar, "d" * 120 + "/0001.txt", b"a caption")  # needs a pax header: tarfile's path
+        add_member(tar, "0002.txt", b"another")
+    assert _scan_ustar(str(long_name)) is None
+    assert [k for k, _ in index_shard(str(long_name))] == ["d" * 120 + "/0001", "0002"]

@@ -39,7 +39,8 @@ class TfdsSource:
 
     def __init__(self, cfg: DataConfig):
         tfds = _import_tfds()
-        self.description = f"tfds {cfg.tfds_name!r} split {cfg.tfds_split!r} in {cfg.tfds_data_dir or '~/tensorflow_datasets'}"
+        data_dir = cfg.tfds_data_dir or "~/tensorflow_datasets"
+        self.description = f"tfds {cfg.tfds_name!r} split {cfg.tfds_split!r} in {data_dir}"
         self.image_key, self.caption_key = cfg.image_keys[0], cfg.caption_field
         self.filters = MetadataFilter(cfg.filters)
         try:
