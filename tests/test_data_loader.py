@@ -243,3 +243,18 @@ def test_fast_tar_scan_equals_tarfile(tmp_path):
         add_member(tar, "0002.txt", b"another")
     assert _scan_ustar(str(long_name)) is None
     assert [k for k, _ in index_shard(str(long_name))] == ["d" * 120 + "/0001", "0002"]
+
+
+def test_batches_depend_on_the_seed_not_on_threads(tmp_path):
+    write_shards(tmp_path, 2, 8)
+    cfg = DataConfig(source="webdataset", paths=(str(tmp_path / "shard-*.tar"),), num_workers=1, prefetch_batches=1)
+
+    def run(seed, **changes):
+        it = iter(loader(dataclasses.replace(cfg, **changes), batch=3, seed=seed))
+        batches = read_all(it, 5)
+        it.close()
+        return [(b["bucket"], b["captions"], b["images"].tobytes()) for b in batches]
+
+    reference = run(5)
+    assert run(5, num_workers=3, prefetch_batches=4) == reference
+    assert run(6) != reference
