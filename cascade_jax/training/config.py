@@ -1,0 +1,187 @@
+"""Training configuration: one frozen, typed object read from YAML with the official keys.
+
+The official ``configs/training/*.yaml`` keys are accepted as they are (``lr``, ``batch_size``,
+``image_size``, ``multi_aspect_ratio``, ``grad_accum_steps``, ``updates``, ``warmup_updates``,
+``save_every``, ``backup_every``, ``adaptive_loss_weight``, ``ema_*``, ``webdataset_path``,
+``dataset_filters``, the ``*_checkpoint_path`` keys ...); this project's own keys sit beside
+them (``stage``, ``mesh``, ``param_dtype``, ``remat``, ``data``, ``seed``, logging). An unknown
+key is an error naming the closest valid one; ``key=value`` overrides (dotted for nested
+sections: ``mesh.fsdp=8``) are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Accepted for compatibility with the official files, and not used: they configure the official
+# trainer's infrastructure (Weights & Biases, torch FSDP), which a mesh and TensorBoard replace.
+IGNORED_OFFICIAL_KEYS = ("wandb_project", "wandb_entity", "use_fsdp", "captions_getter")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes (``-1``: the devices left over) over the axes (data, fsdp, tensor)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # --- official keys (StableCascade configs/training) ---
+    experiment_id: str = "cascade_jax"
+    checkpoint_path: str = "checkpoints"
+    output_path: str = "output"
+    model_version: str = "3.6B"  # Stage C: 3.6B | 1B; Stage B: 3B | 700M; or a preset/file via model_config
+    lr: float = 1e-4
+    batch_size: int = 8  # global, over all hosts and micro-batches
+    image_size: int = 768
+    multi_aspect_ratio: tuple | None = None
+    grad_accum_steps: int = 1
+    updates: int = 1000
+    warmup_updates: int = 1
+    save_every: int = 2000
+    backup_every: int = 20000
+    adaptive_loss_weight: bool = False
+    ema_start_iters: int | None = None
+    ema_iters: int | None = None
+    ema_beta: float | None = None
+    shift: float = 1.0  # Stage B configs set 4; the official train_b.py diffuses with shift 1 regardless
+    dtype: str | None = None  # official: the dtype of the frozen models; here compute_dtype wins if set
+    webdataset_path: tuple | None = None
+    dataset_filters: tuple | None = None
+    generator_checkpoint_path: str | None = None
+    effnet_checkpoint_path: str | None = None
+    previewer_checkpoint_path: str | None = None
+    stage_a_checkpoint_path: str | None = None
+    clip_text_model_name: str | None = None  # a converted dir, a transformers folder or safetensors file
+    clip_image_model_name: str | None = None
+    # --- this project's keys ---
+    stage: str = "c"  # c | b (and the tasks other helpers add: c_lora, c_controlnet)
+    model_config: str | None = None  # generator preset/file; default from model_version
+    encoders: str | None = None  # pipeline set (e.g. "tiny") for frozen models without checkpoint paths
+    init: str = "checkpoint"  # checkpoint | scratch (official init, no generator weights)
+    train_filter: tuple = ()  # regexes over official names of the generator; empty: all of it trains
+    mesh: MeshConfig = MeshConfig()
+    sharding_rules: dict | None = None
+    param_dtype: str = "float32"  # master weights
+    compute_dtype: str = "bfloat16"
+    moment_dtype: str | None = None  # "bfloat16" stores the first AdamW moment in bf16
+    remat: Any = None  # None | "full" | a jax.checkpoint_policies name
+    dropout: bool = True  # train with the model's configured dropout (official 0.1 for Stage C)
+    weight_decay: float = 0.01  # torch AdamW default (the official trainer leaves it)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 42
+    data: dict | None = None  # cascade_jax.data.DataConfig fields
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    log_every: int = 10
+    sample_every: int | None = None
+    loss_smoothing: float = 0.99  # the official "ema_loss" factor
+    peak_flops: float | None = None  # per-device peak FLOP/s for the MFU estimate (None: guess from device kind)
+
+    def __post_init__(self):
+        if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum_steps "
+                             f"{self.grad_accum_steps} (>= 1)")
+        if self.init not in ("checkpoint", "scratch"):
+            raise ValueError(f"init={self.init!r}: use 'checkpoint' or 'scratch'")
+        if (self.ema_start_iters is None) != (self.ema_iters is None) or \
+                (self.ema_iters is not None and self.ema_beta is None):
+            raise ValueError("EMA needs all of ema_start_iters, ema_iters and ema_beta (or none of them)")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum_steps
+
+    @property
+    def use_ema(self) -> bool:
+        return self.ema_iters is not None
+
+    def data_config(self) -> dict:
+        """The data section, with the official flat keys mapped in (``webdataset_path`` -> ``paths``...)."""
+        data = dict(self.data or {})
+        if self.webdataset_path and "paths" not in data:
+            data.setdefault("source", "webdataset")
+            data["paths"] = list(self.webdataset_path)
+        if self.dataset_filters and "filters" not in data:
+            data["filters"] = list(self.dataset_filters)
+        return data
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_keys(cls, values: dict, where: str):
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            raise ValueError(f"{where}: unknown config key {key!r}; {hint}")
+
+
+def _freeze(value):
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def config_from_dict(values: dict, where: str = "training config") -> TrainConfig:
+    values = {k: v for k, v in values.items() if k not in IGNORED_OFFICIAL_KEYS}
+    _check_keys(TrainConfig, values, where)
+    mesh = values.pop("mesh", None) or {}
+    if not isinstance(mesh, (dict, MeshConfig)):
+        raise ValueError(f"{where}: mesh must be a mapping of data/fsdp/tensor sizes, got {mesh!r}")
+    if isinstance(mesh, dict):
+        _check_keys(MeshConfig, mesh, f"{where}: mesh")
+        mesh = MeshConfig(**mesh)
+    frozen = {k: (v if k in ("data", "sharding_rules") else _freeze(v)) for k, v in values.items()}
+    return TrainConfig(mesh=mesh, **frozen)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(values: dict, overrides) -> dict:
+    values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return values
+
+
+def load_config(path_or_name, overrides=()) -> TrainConfig:
+    """A config from a YAML file or the name of one in ``configs/training/``, with ``key=value`` overrides."""
+    path = Path(path_or_name)
+    if not path.is_file():
+        path = training_configs_dir() / f"{path_or_name}.yaml"
+        if not path.is_file():
+            names = sorted(p.stem for p in training_configs_dir().glob("*.yaml"))
+            raise FileNotFoundError(f"training config {path_or_name!r} is neither a file nor one of {names}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+    return config_from_dict(apply_overrides(values, overrides), where=str(path))
+
+
+def training_configs_dir() -> Path:
+    from cascade_jax.models.registry import configs_root
+
+    return configs_root() / "training"

@@ -1,0 +1,32 @@
+"""Trained weights out: the generator (and its EMA) as a converted directory that ``load_model`` and
+the pipelines read, and as official-format safetensors (``cascade_jax.weights.export``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from cascade_jax.nn.params import named_variables
+from cascade_jax.weights import checkpoint
+from cascade_jax.weights.export import export_official
+
+
+def generator_arrays(graphdef, params, frozen) -> dict[str, np.ndarray]:
+    """The generator's ``{official key: host array}`` with ``params`` (trained or EMA) merged in."""
+    modules = nnx.merge(graphdef, jax.device_get(params), jax.device_get(frozen))
+    return {k: np.asarray(v[...]) for k, v in named_variables(modules.generator).items()}
+
+
+def export_generator(out_dir, model_name: str, config: dict, arrays: dict, *, safetensors_dtype="bfloat16",
+                     overwrite: bool = True) -> tuple[Path, Path]:
+    """Write ``out_dir`` (converted directory) and ``out_dir.safetensors`` (official names and layouts)."""
+    out_dir = Path(out_dir)
+    dtype = str(next(iter(arrays.values())).dtype) if arrays else "float32"
+    meta = {"model": model_name, "config": config, "dtype": dtype, "source": {"path": "cascade_jax training"}}
+    checkpoint.save(out_dir, meta, arrays, overwrite=overwrite)
+    file = out_dir.with_suffix(".safetensors")
+    export_official(out_dir, file, dtype=safetensors_dtype)
+    return out_dir, file

@@ -1,0 +1,88 @@
+"""Stage B training task (official ``train/train_b.py``).
+
+x0 = unquantised Stage A latents of the image (already divided by 0.43); conditions: the
+EfficientNet latents of the image resized (nearest) by one factor U(0.5, 1) per batch down to
+multiples of 32, zeroed for 10% of the samples, and the pooled CLIP-bigG text embedding (5% of
+captions -> ""). The noise is the official pyramid noise. Frozen: Stage A, EfficientNet, CLIP text.
+
+The resize factor changes the EfficientNet input shape, so it is drawn on the host (seeded per
+step) and the host resizes; each distinct size compiles the step once (at most 17 per bucket).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cascade_jax.training import losses
+from cascade_jax.training.config import TrainConfig
+from cascade_jax.training.stage_c import _is_local, encode_text, tokenize_with_drop
+from cascade_jax.training.task import Task, TrainModules, frozen_model, param_dtype, register_task
+
+EFFNET_KEEP = 0.9  # official: rand <= 0.9 gets EfficientNet latents, the rest zeros
+
+
+def effnet_size(height: int, width: int, factor: float) -> tuple[int, int]:
+    """Official ``int(((size * factor) // 32) * 32)`` per side."""
+    return int(((height * factor) // 32) * 32), int(((width * factor) // 32) * 32)
+
+
+class StageBTask(Task):
+    generator_model = "stage_b"
+    versions = {"3B": "stage_b", "700M": "stage_b_lite"}
+
+    def build(self, cfg: TrainConfig) -> TrainModules:
+        from cascade_jax.data.clip_tokenizer import CLIPTokenizer
+        from cascade_jax.pipelines.loading import default_tokenizer_dir
+
+        work = Path(cfg.output_path)
+        text_path = cfg.clip_text_model_name if _is_local(cfg.clip_text_model_name) else None
+        modules = TrainModules(
+            generator=self.build_generator(cfg, work),
+            stage_a=frozen_model("stage_a", cfg, cfg.stage_a_checkpoint_path, "stage_a", work, preset="stage_a",
+                                 seed_offset=1),
+            effnet=frozen_model("effnet", cfg, cfg.effnet_checkpoint_path, "effnet", work, preset="effnet_encoder",
+                                seed_offset=2),
+            text_encoder=frozen_model("clip_text", cfg, text_path, "text_encoder", work, preset="clip_text_bigg14",
+                                      seed_offset=3),
+        )
+        tokenizer_dir = text_path if text_path and (Path(text_path) / "vocab.json").is_file() else None
+        self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir or default_tokenizer_dir())
+        return modules
+
+    def host_batch(self, cfg: TrainConfig, batch: dict, rng: np.random.Generator) -> dict:
+        images = np.asarray(batch["images"])
+        tokens = tokenize_with_drop(self.tokenizer, batch["captions"], rng)
+        size = effnet_size(images.shape[1], images.shape[2], rng.uniform(0.5, 1))
+        keep = rng.random(len(images)) <= EFFNET_KEEP
+        return {"images": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+                "effnet_images": losses.resize_nearest(images, size), "effnet_keep": keep.astype(np.float32)}
+
+    def conditions(self, modules, batch):
+        images = losses.images_to_unit(batch["images"])
+        x0 = modules.stage_a.encode(images.astype(param_dtype(modules.stage_a))).astype(jnp.float32)
+        effnet_in = losses.effnet_normalize(losses.images_to_unit(batch["effnet_images"]))
+        effnet = modules.effnet(effnet_in.astype(param_dtype(modules.effnet))).astype(jnp.float32)
+        effnet = effnet * batch["effnet_keep"][:, None, None, None]
+        _, pooled = encode_text(modules.text_encoder, batch["input_ids"], batch["attention_mask"])
+        return jax.lax.stop_gradient((x0, effnet, pooled))
+
+    def loss(self, modules, batch, key, loss_state, cfg: TrainConfig):
+        x0, effnet, pooled = self.conditions(modules, batch)
+        key_t, key_eps, key_pyramid, key_dropout = jax.random.split(key, 4)
+        t = losses.sample_train_t(key_t, x0.shape[0])
+        epsilon = losses.pyramid_noise(key_pyramid, jax.random.normal(key_eps, x0.shape, jnp.float32))
+        generator = modules.generator
+        dtype = param_dtype(generator)
+
+        def apply(noised, noise_cond):
+            return generator(noised.astype(dtype), noise_cond, effnet.astype(dtype), pooled.astype(dtype),
+                             rngs=key_dropout)
+
+        return losses.denoising_loss(apply, x0, t, epsilon, losses.make_gdf(cfg.adaptive_loss_weight), loss_state)
+
+
+register_task("b", StageBTask)

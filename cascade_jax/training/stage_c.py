@@ -1,0 +1,99 @@
+"""Stage C training task (official ``train/train_c.py``).
+
+x0 = EfficientNet latents of the image; conditions: CLIP-bigG text hidden states (last layer,
+before the final norm) and pooled embedding with 5% of captions replaced by "", and CLIP-L image
+embeddings for 10% of the samples, zeros otherwise. Frozen: EfficientNet, both CLIP encoders
+(and the Previewer, only used for sample collages).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cascade_jax.data.clip_preprocess import preprocess_images
+from cascade_jax.training import losses
+from cascade_jax.training.config import TrainConfig
+from cascade_jax.training.task import Task, TrainModules, frozen_model, param_dtype, register_task
+
+CAPTION_DROP = 0.05  # official: rand > 0.05 keeps the caption
+IMAGE_EMBED_SHARE = 0.1  # official: rand > 0.9 gets a CLIP image embedding
+
+
+def tokenize_with_drop(tokenizer, captions, rng: np.random.Generator, drop: float = CAPTION_DROP) -> dict:
+    keep = rng.random(len(captions)) > drop
+    return tokenizer([str(c) if k else "" for c, k in zip(captions, keep)])
+
+
+def encode_text(text_encoder, input_ids, attention_mask):
+    out = text_encoder(input_ids, attention_mask)
+    return out.last_hidden_state_pre_norm, out.text_embeds[:, None, :]
+
+
+class StageCTask(Task):
+    generator_model = "stage_c"
+    versions = {"3.6B": "stage_c", "1B": "stage_c_lite"}
+
+    def build(self, cfg: TrainConfig) -> TrainModules:
+        from cascade_jax.pipelines.loading import default_tokenizer_dir
+        from cascade_jax.data.clip_tokenizer import CLIPTokenizer
+
+        work = Path(cfg.output_path)
+        text_path = cfg.clip_text_model_name if _is_local(cfg.clip_text_model_name) else None
+        image_path = cfg.clip_image_model_name if _is_local(cfg.clip_image_model_name) else None
+        modules = TrainModules(
+            generator=self.build_generator(cfg, work),
+            effnet=frozen_model("effnet", cfg, cfg.effnet_checkpoint_path, "effnet", work, preset="effnet_encoder",
+                                seed_offset=1),
+            text_encoder=frozen_model("clip_text", cfg, text_path, "text_encoder", work, preset="clip_text_bigg14",
+                                      seed_offset=2),
+            image_encoder=frozen_model("clip_vision", cfg, image_path, "image_encoder", work,
+                                       preset="clip_vision_l14", seed_offset=3),
+        )
+        tokenizer_dir = text_path if text_path and (Path(text_path) / "vocab.json").is_file() else None
+        self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir or default_tokenizer_dir())
+        self.clip_image_size = modules.image_encoder.vision_model.embeddings.image_size
+        return modules
+
+    def host_batch(self, cfg: TrainConfig, batch: dict, rng: np.random.Generator) -> dict:
+        images = np.asarray(batch["images"])
+        tokens = tokenize_with_drop(self.tokenizer, batch["captions"], rng)
+        use_image = rng.random(len(images)) > 1 - IMAGE_EMBED_SHARE
+        size = self.clip_image_size
+        pixels = np.zeros((len(images), size, size, 3), np.float32)
+        if use_image.any():
+            pixels[use_image] = preprocess_images(list(images[use_image]), size=size, crop_size=size)
+        return {"images": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+                "clip_pixels": pixels, "use_image": use_image.astype(np.float32)}
+
+    def conditions(self, modules, batch):
+        """(x0 latents, clip_text, clip_text_pooled, clip_img) from a device batch, without gradients."""
+        dtype = param_dtype(modules.effnet)
+        x0 = modules.effnet(losses.effnet_normalize(losses.images_to_unit(batch["images"])).astype(dtype))
+        clip_text, pooled = encode_text(modules.text_encoder, batch["input_ids"], batch["attention_mask"])
+        image_embeds = modules.image_encoder(batch["clip_pixels"].astype(param_dtype(modules.image_encoder))).image_embeds
+        clip_img = (image_embeds.astype(jnp.float32) * batch["use_image"][:, None])[:, None, :]
+        return jax.lax.stop_gradient((x0.astype(jnp.float32), clip_text, pooled, clip_img))
+
+    def loss(self, modules, batch, key, loss_state, cfg: TrainConfig):
+        x0, clip_text, pooled, clip_img = self.conditions(modules, batch)
+        key_noise, key_dropout = jax.random.split(key)
+        t, epsilon = losses.draw_t_and_noise(key_noise, x0.shape)
+        generator = modules.generator
+        dtype = param_dtype(generator)
+
+        def apply(noised, noise_cond):
+            return generator(noised.astype(dtype), noise_cond, clip_text.astype(dtype), pooled.astype(dtype),
+                             clip_img.astype(dtype), rngs=key_dropout)
+
+        return losses.denoising_loss(apply, x0, t, epsilon, losses.make_gdf(cfg.adaptive_loss_weight), loss_state)
+
+
+def _is_local(path) -> bool:
+    return path is not None and Path(path).exists()
+
+
+register_task("c", StageCTask)

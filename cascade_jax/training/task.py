@@ -1,0 +1,166 @@
+"""A training task: what is trained, how its models are built and the loss of one batch.
+
+The trainer (``cascade_jax.training.loop``) is generic; a :class:`Task` supplies:
+
+* ``build(cfg) -> TrainModules``: every model the loss needs, under fixed attribute names
+  (``generator`` is the one that is trained/exported; frozen encoders beside it);
+* ``trainable(cfg)``: an NNX filter over the paths of the ``TrainModules`` (a callable
+  ``(path, variable) -> bool``, a Variable type such as a LoRA parameter type, ...). Only
+  matching variables get gradients, optimizer moments and EMA; the rest is frozen, passed to
+  the step as a constant argument and stored in the compute dtype;
+* ``host_batch(cfg, batch, rng) -> dict of numpy arrays``: per-host preprocessing of a loader
+  batch (tokenising, the random caption / image-embedding / EfficientNet choices drawn from
+  ``rng``, which is seeded per step and host so that resuming repeats them exactly);
+* ``loss(modules, batch, key, loss_state, cfg) -> (loss, LossAux)``: traced inside the jitted
+  step on one micro-batch; ``key`` gives the noise levels, noise and dropout;
+* ``export_model(modules) -> (model name, config)``: how the trained generator is saved.
+
+Stage C and Stage B are the two tasks in this package (``stage_c.py``, ``stage_b.py``). LoRA or
+ControlNet training is a further task: subclass one of them, add the adapter/ControlNet module in
+``build`` and make ``trainable`` select only its parameters (e.g. ``nnx.OfType(LoRAParam)`` or a
+path filter on ``controlnet``); register it with :func:`register_task` under a ``stage`` name.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+from cascade_jax.models.random_init import random_model
+from cascade_jax.models.registry import load_config
+from cascade_jax.nn.params import official_key
+from cascade_jax.training.config import TrainConfig
+
+TASKS: dict[str, Callable[[], "Task"]] = {}
+
+
+def register_task(stage: str, factory: Callable[[], "Task"]):
+    TASKS[stage] = factory
+
+
+def get_task(stage: str) -> "Task":
+    if stage not in TASKS:
+        raise ValueError(f"unknown training stage {stage!r}; registered tasks: {sorted(TASKS)}")
+    return TASKS[stage]()
+
+
+class LossAux(NamedTuple):
+    per_sample_loss: jax.Array  # (b,) unweighted MSE, what the adaptive buckets track
+    logsnr: jax.Array  # (b,)
+
+
+class TrainModules(nnx.Module):
+    """The models of a task as attributes (paths start with the attribute name)."""
+
+    def __init__(self, **modules):
+        self.names = tuple(modules)
+        for name, module in modules.items():
+            setattr(self, name, module)
+
+
+def generator_filter(patterns=()):
+    """Trainable = the generator's parameters whose official name matches one of ``patterns`` (all if empty)."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def trainable(path, variable) -> bool:
+        if not path or path[0] != "generator" or not isinstance(variable, nnx.Param):
+            return False
+        name = official_key(path[1:])
+        return not compiled or any(c.search(name) for c in compiled)
+
+    return trainable
+
+
+class Task:
+    """Base class of the training tasks; see the module docstring for the contract."""
+
+    generator_model: str = ""  # registry name of the generator
+    versions: dict = {}  # official model_version -> generator preset
+
+    def build(self, cfg: TrainConfig) -> TrainModules:
+        raise NotImplementedError
+
+    def trainable(self, cfg: TrainConfig):
+        return generator_filter(cfg.train_filter)
+
+    def host_batch(self, cfg: TrainConfig, batch: dict, rng: np.random.Generator) -> dict:
+        raise NotImplementedError
+
+    def loss(self, modules: TrainModules, batch: dict, key, loss_state, cfg: TrainConfig):
+        raise NotImplementedError
+
+    def generator_config(self, cfg: TrainConfig) -> dict:
+        if isinstance(cfg.model_config, dict):
+            return dict(cfg.model_config)
+        preset = cfg.model_config or self.versions.get(cfg.model_version)
+        if preset is None:
+            raise ValueError(f"model_version {cfg.model_version!r} is not one of {sorted(self.versions)}; "
+                             "or set model_config to a preset name or file")
+        return load_config(preset)[1]
+
+    def export_model(self, modules: TrainModules) -> tuple[str, dict]:
+        return self.generator_model, self.generator_config_used
+
+    def build_generator(self, cfg: TrainConfig, work_dir: Path):
+        config = self.generator_config(cfg)
+        self.generator_config_used = config
+        if cfg.init == "scratch" or cfg.generator_checkpoint_path is None:
+            model = random_model(self.generator_model, config, seed=cfg.seed, dtype=cfg.param_dtype)
+        else:
+            model = load_weights(self.generator_model, config, cfg.generator_checkpoint_path, work_dir,
+                                 cfg.param_dtype)
+        if cfg.remat:
+            model.set_remat(cfg.remat)
+        if cfg.dropout:
+            model.train()
+        return model
+
+
+def load_weights(model_name: str, config, path, work_dir: Path, dtype: str):
+    """A model from a converted directory, or converted on first use from official/diffusers/transformers files."""
+    from cascade_jax.weights.checkpoint import META_FILE, load_model
+    from cascade_jax.weights.convert import convert_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{model_name}: checkpoint {path} does not exist; give a converted directory, "
+                                "an official .safetensors file or a diffusers/transformers folder")
+    if (path / META_FILE).is_file():
+        return load_model(path, dtype=dtype)
+    out = work_dir / "converted" / f"{model_name}-{path.stem}"
+    if not (out / META_FILE).is_file():
+        convert_checkpoint(model_name, config, path, out, dtype="float32")
+    return load_model(out, dtype=dtype)
+
+
+def frozen_model(model_name: str, cfg: TrainConfig, path, set_component: str | None, work_dir: Path, *,
+                 preset: str, seed_offset: int) -> nnx.Module:
+    """A frozen model from ``path``, or random weights from the ``encoders`` pipeline set (tests)."""
+    if path is not None:
+        model = load_weights(model_name, load_config(preset)[1], path, work_dir, compute_dtype(cfg))
+    elif cfg.encoders is not None:
+        from cascade_jax.pipelines.loading import pipeline_set
+
+        name, config = pipeline_set(cfg.encoders)[set_component]
+        model = random_model(name, config, seed=cfg.seed + seed_offset, dtype=compute_dtype(cfg))
+    else:
+        raise ValueError(f"no weights for the frozen {model_name}: set its *_checkpoint_path (or `encoders: tiny` "
+                         "for random test weights)")
+    model.eval()
+    return model
+
+
+def param_dtype(module: nnx.Module):
+    """The dtype of a module's first parameter (what its inputs are cast to)."""
+    for _, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        return var.dtype
+    return np.float32
+
+
+def compute_dtype(cfg: TrainConfig) -> str:
+    return cfg.compute_dtype or cfg.dtype or "float32"
