@@ -31,6 +31,8 @@ setup(
             # The data-loader tests (same as the `train` extra).
             "grain>=0.2.18",
             "tensorflow-datasets>=4.9.10",
+            "tensorboardX>=2.6",
+            "tqdm",
         ],
         "convert": [
             "torch==2.14.1",
@@ -41,6 +43,8 @@ setup(
         "train": [
             "grain>=0.2.18",
             "tensorflow-datasets>=4.9.10",
+            "tensorboardX>=2.6",
+            "tqdm",
         ],
         # ControlNet hint filters: the canny hint calls cv2.Canny as the official filter does.
         "controlnet": ["opencv-python-headless"],
