@@ -1,22 +1,33 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# configs/ stays at the top of the repository (the design card puts it there) and is installed as
+# cascade_jax/configs, where cascade_jax.models.registry.configs_root finds it with importlib.resources.
+CONFIG_PACKAGES = ["cascade_jax.configs" + "".join("." + part for part in p.relative_to("configs").parts)
+                   for p in [Path("configs"), *sorted(q for q in Path("configs").rglob("*") if q.is_dir())]]
 
 setup(
     name="cascade-jax",
     version="0.1.0",
     description="Stable Cascade (Wuerstchen v3) in JAX/Flax NNX: models, weight conversion, parity tests",
     python_requires=">=3.10",
-    packages=find_packages(include=["cascade_jax", "cascade_jax.*"]),
+    packages=find_packages(include=["cascade_jax", "cascade_jax.*"]) + CONFIG_PACKAGES,
+    package_dir={"cascade_jax.configs": "configs"},
+    package_data={name: ["*.yaml", "*.yml", "*.json"] for name in CONFIG_PACKAGES},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",
         "optax",
         "orbax-checkpoint",
         "numpy",
+        "ml_dtypes",  # bfloat16 in the safetensors reader
         "pillow",
-        "safetensors",
         "pyyaml",
         "regex",
-        "transformers",
+        "huggingface_hub",  # from_pretrained("org/name") downloads
+        "filelock",  # one conversion per cache entry across processes
+        "tqdm",  # progress bars of sample/generate.py
     ],
     extras_require={
         # PyTorch references: only for parity tests, verification and reading .pt files.
@@ -25,19 +36,23 @@ setup(
             "torch==2.14.1",
             "torchvision==0.29.1",
             "diffusers==0.42.1",
+            "transformers==5.24.0",  # CLIP parity references
+            "safetensors",
             # Only its bundled CLIP BPE merges file is used, to build tokenizer folders in tests.
             "open_clip_torch==3.3.0",
-            "opencv-python-headless",  # the canny hint test (same as the `controlnet` extra)
+            "opencv-python-headless", "scipy",  # the hint tests (same as the `controlnet` extra)
             # The data-loader tests (same as the `train` extra).
             "grain>=0.2.18",
             "tensorflow-datasets>=4.9.10",
             "tensorboardX>=2.6",
             "tqdm",
         ],
+        # convert/verify.py: the PyTorch reference side of a parity check.
         "convert": [
             "torch==2.14.1",
             "torchvision==0.29.1",
             "diffusers==0.42.1",
+            "safetensors",
         ],
         # Training input pipeline (cascade_jax/data/loader.py); TFDS reads ArrayRecord without TensorFlow.
         "train": [
@@ -47,6 +62,7 @@ setup(
             "tqdm",
         ],
         # ControlNet hint filters: the canny hint calls cv2.Canny as the official filter does.
-        "controlnet": ["opencv-python-headless"],
+        # scipy: the super-resolution hint's separable blur (cascade_jax/data/hints/resize.py).
+        "controlnet": ["opencv-python-headless", "scipy"],
     },
 )

@@ -46,7 +46,7 @@ def main(argv=None):
             from cascade_jax.weights.convert import convert_checkpoint
             convert_checkpoint(args.model, args.config, args.input, args.output, dtype=args.dtype or "float32",
                                fmt=args.format, overwrite=args.overwrite)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.output} in {time.perf_counter() - start:.1f}s")

@@ -76,7 +76,7 @@ def official_folder(tiny, tokenizer_dir, tmp_path_factory):
             export_official(converted, folder / "model.safetensors")
             (folder / "config.json").write_text(json.dumps({**HF_CONFIG_EXTRAS[component], **config}))
         else:
-            export_official(converted, root / loading.OFFICIAL_FILES[component][-1].format(lite=""))
+            export_official(converted, root / loading.official_candidates(component, False, "float32")[0])
     shutil.copytree(tokenizer_dir, root / "tokenizer")
     return root
 
@@ -119,18 +119,32 @@ def test_official_folder_with_tiny_configs_converts_once(official_folder, tiny, 
     pipe = StableCascadePipeline.from_pretrained(official_folder, configs="tiny", dtype="float32")
     check_pipeline(pipe, tiny)
     assert sorted(conversions) == sorted(["stage_c", "stage_b", "stage_a", "clip_text", "clip_vision", "previewer"])
-    assert len(list(cache.iterdir())) == 6
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 6  # .locks/ aside
 
     conversions.clear()  # (c) the second load reads the cache: no conversion at all
     check_pipeline(StableCascadePipeline.from_pretrained(official_folder, configs="tiny", dtype="float32"), tiny)
     assert conversions == []
 
-    # A changed file (new mtime) is converted again; the others still come from the cache.
+    # The cache is keyed on content: a touched file is still the same entry, but another file of the same
+    # size and modification time (issue 9 item 5) is converted again; the others still come from the cache.
     stage_a = official_folder / "stage_a.safetensors"
-    stat = stage_a.stat()
+    stat, original = stage_a.stat(), stage_a.read_bytes()
     os.utime(stage_a, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     check_pipeline(StableCascadePipeline.from_pretrained(official_folder, configs="tiny", dtype="float32"), tiny)
-    assert conversions == ["stage_a"]
+    assert conversions == []
+    model_name, config, _, _ = tiny["stage_a"]
+    other = random_model(model_name, config, seed=99)
+    checkpoint.save(cache.parent / "other_a", {"model": model_name, "config": config, "dtype": "float32"},
+                    arrays_of(other))
+    try:
+        export_official(cache.parent / "other_a", stage_a)
+        assert stage_a.stat().st_size == stat.st_size
+        os.utime(stage_a, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        pipe = StableCascadePipeline.from_pretrained(official_folder, configs="tiny", dtype="float32")
+        assert conversions == ["stage_a"]
+        assert_same_weights(pipe.stage_a, other, "replaced stage_a")
+    finally:
+        stage_a.write_bytes(original)
 
 
 def test_official_files_need_matching_configs(official_folder, cache):
@@ -190,6 +204,7 @@ def test_repository_id_offline_gives_clear_message(monkeypatch):
                                       "has been disabled.")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
     with pytest.raises(FileNotFoundError) as info:
         StableCascadePipeline.from_pretrained("stabilityai/stable-cascade", dtype="float32")
     message = str(info.value)
@@ -201,3 +216,41 @@ def test_float16_is_refused_before_loading(official_folder, cache):
     with pytest.raises(ValueError, match="float16 is not supported"):
         StableCascadePipeline.from_pretrained(official_folder, configs="tiny", dtype="float16")
     assert not cache.exists()
+
+
+# The layout of stabilityai/stable-cascade (abridged): both precisions and variants of every stage.
+HUB_LISTING = [
+    "README.md", "model_index.json", "stage_a.safetensors", "effnet_encoder.safetensors", "previewer.safetensors",
+    *(f"stage_{s}{lite}{bf16}.safetensors" for s in "bc" for lite in ("", "_lite") for bf16 in ("", "_bf16")),
+    "comfyui_checkpoints/stable_cascade_stage_c.safetensors", "controlnet/canny.safetensors",
+    "decoder/config.json", "decoder/diffusion_pytorch_model.bf16.safetensors",
+    "decoder/diffusion_pytorch_model.safetensors", "vqgan/config.json", "vqgan/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json", "text_encoder/model.bf16.safetensors", "text_encoder/model.safetensors",
+    "image_encoder/config.json", "image_encoder/model.safetensors",
+    "tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer/tokenizer_config.json",
+]
+
+
+@pytest.mark.parametrize("lite, dtype, stage_files, text_weights", [
+    (False, "bfloat16", ["stage_b_bf16.safetensors", "stage_c_bf16.safetensors"], "model.bf16.safetensors"),
+    (True, "float32", ["stage_b_lite.safetensors", "stage_c_lite.safetensors"], "model.safetensors"),
+])
+def test_hub_download_fetches_only_the_chosen_variant_and_dtype(monkeypatch, tmp_path, lite, dtype, stage_files,
+                                                                text_weights):
+    import huggingface_hub
+
+    calls = {}
+
+    def snapshot(repo_id, allow_patterns=None, **kwargs):
+        calls["allow_patterns"] = allow_patterns
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **kwargs: list(HUB_LISTING))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    presets = loading.pipeline_set("tiny")
+    assert loading.resolve_source("stabilityai/stable-cascade", presets, lite=lite, dtype=dtype) == tmp_path
+    expected = sorted(stage_files + ["stage_a.safetensors", "effnet_encoder.safetensors", "previewer.safetensors",
+                                     "text_encoder/config.json", f"text_encoder/{text_weights}",
+                                     "image_encoder/config.json", "image_encoder/model.safetensors",
+                                     "tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer/tokenizer_config.json"])
+    assert calls["allow_patterns"] == expected

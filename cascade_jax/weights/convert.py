@@ -60,6 +60,7 @@ def convert_checkpoint(model_name: str, config, src, out_dir, *, dtype="float32"
     ``config`` is a dict of constructor arguments, a preset name or a YAML/JSON file.
     """
     target_dtype = parse_dtype(dtype)
+    checkpoint.check_output(out_dir, overwrite=overwrite)
     reader = open_source(src)
     config = resolve_config(model_name, config, src)
     variables = named_variables(abstract_model(model_name, config))

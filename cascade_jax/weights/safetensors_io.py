@@ -8,6 +8,7 @@ temporary file and renames it into place, so a failed export never leaves a part
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from cascade_jax.weights import atomic
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -30,8 +33,35 @@ class SafetensorsError(ValueError):
     """A file that is not a readable safetensors file; the message names the file and the problem."""
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+
+
+def pickle_kind(path: Path, head: bytes) -> str | None:
+    """What kind of PyTorch pickle ``path`` is (by its first bytes or name), or None."""
+    if head.startswith(b"PK\x03\x04"):
+        return "a PyTorch zip checkpoint (torch.save)"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a Python pickle (legacy torch.save)"
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return f"a {path.suffix} file (PyTorch pickle)"
+    return None
+
+
+def pickle_message(path: Path, kind: str) -> str:
+    return (f"{path} is {kind}, not safetensors. Pickles are never loaded here (unpickling can run arbitrary "
+            "code). Re-save it as safetensors with your own PyTorch, e.g. python -c \"import torch; from "
+            "safetensors.torch import save_file; sd = torch.load('IN', weights_only=True); "
+            "save_file(sd.get('state_dict', sd), 'OUT.safetensors')\"")
+
+
 class SafetensorsReader:
-    """``reader.keys()``, ``reader.shape(key)``, ``reader.dtype(key)``, ``reader.get(key)`` (a read-only view)."""
+    """``reader.keys()``, ``reader.shape(key)``, ``reader.dtype(key)``, ``reader.get(key)`` (a read-only view).
+
+    The header is validated as the format requires before any tensor is read: a JSON object of
+    objects, each with a known dtype, a shape of non-negative integers and ``data_offsets`` that
+    are in order, contiguous and non-overlapping, cover the data section exactly and match
+    dtype x shape. A malformed header is one :class:`SafetensorsError` naming the file and tensor.
+    """
 
     def __init__(self, path):
         self.path = Path(path)
@@ -40,6 +70,9 @@ class SafetensorsReader:
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(8)
+            kind = pickle_kind(self.path, head)
+            if kind is not None:
+                raise SafetensorsError(pickle_message(self.path, kind))
             if len(head) < 8:
                 raise SafetensorsError(f"{self.path}: {size} bytes is too short for a safetensors file")
             (n,) = struct.unpack("<Q", head)
@@ -48,9 +81,15 @@ class SafetensorsReader:
                                        "(truncated download, or not a safetensors file)")
             try:
                 header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise SafetensorsError(f"{self.path}: header is not valid JSON ({e}); not a safetensors file") from e
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                raise SafetensorsError(f"{self.path}: header is not valid JSON ({type(e).__name__}: {e}); "
+                                       "not a safetensors file") from e
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{self.path}: header is a JSON {type(header).__name__}, not an object; "
+                                   "not a safetensors file")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise SafetensorsError(f"{self.path}: __metadata__ must map strings to strings")
         self._data_start = 8 + n
         self._entries = header
         self._check_entries(size - self._data_start)
@@ -59,19 +98,42 @@ class SafetensorsReader:
             with open(self.path, "rb") as f:
                 self._raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
+    def _bad(self, key, problem):
+        return SafetensorsError(f"{self.path}: tensor {key!r}: {problem} (a damaged or hand-edited file; "
+                                "download or export it again)")
+
+    def _check_entry(self, key, entry) -> tuple[int, int]:
+        if not isinstance(entry, dict):
+            raise self._bad(key, f"entry is {entry!r}, not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise SafetensorsError(f"{self.path}: tensor {key!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise self._bad(key, f"shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise self._bad(key, f"data_offsets {offsets!r} is not a pair of non-negative integers")
+        begin, end = offsets
+        expected = math.prod(shape) * DTYPES[dtype].itemsize
+        if end - begin != expected:
+            raise SafetensorsError(f"{self.path}: tensor {key!r} of shape {shape} {dtype} needs "
+                                   f"{expected} bytes but its offsets span {end - begin}")
+        return begin, end
+
     def _check_entries(self, data_size: int):
-        for key, entry in self._entries.items():
-            dtype = entry.get("dtype")
-            if dtype not in DTYPES:
-                raise SafetensorsError(f"{self.path}: tensor {key!r} has unsupported dtype {dtype!r}")
-            begin, end = entry["data_offsets"]
-            expected = int(np.prod(entry["shape"], dtype=np.int64)) * DTYPES[dtype].itemsize
-            if end - begin != expected:
-                raise SafetensorsError(f"{self.path}: tensor {key!r} of shape {entry['shape']} {dtype} needs "
-                                       f"{expected} bytes but its offsets span {end - begin}")
-            if end > data_size:
-                raise SafetensorsError(f"{self.path}: tensor {key!r} ends at byte {end} of the data section but the "
-                                       f"file holds only {data_size} data bytes (truncated file; download it again)")
+        spans = sorted((*self._check_entry(key, entry), key) for key, entry in self._entries.items())
+        position = 0
+        for begin, end, key in spans:
+            if begin != position:
+                problem = "overlaps the previous tensor" if begin < position else f"leaves a gap at byte {position}"
+                raise self._bad(key, f"data_offsets [{begin}, {end}] {problem}")
+            position = end
+        if position > data_size:
+            key = spans[-1][2]
+            raise SafetensorsError(f"{self.path}: tensor {key!r} ends at byte {position} of the data section but the "
+                                   f"file holds only {data_size} data bytes (truncated file; download it again)")
+        if position != data_size:
+            raise SafetensorsError(f"{self.path}: {data_size - position} bytes after the last tensor belong to no "
+                                   "tensor (a damaged file; download or export it again)")
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -98,6 +160,10 @@ class SafetensorsReader:
             self._raw.madvise(mmap.MADV_DONTNEED, start, self._data_start + end - start)
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def save_safetensors(path, tensors: dict, metadata: dict | None = None):
     """Write a dict of numpy arrays (atomic)."""
     specs = [(k, np.asarray(v).dtype, np.shape(v)) for k, v in tensors.items()]
@@ -120,10 +186,13 @@ def write_safetensors(path, specs, fetch, metadata: dict | None = None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    path = Path(path).resolve()
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; name the .safetensors file to write")
+    atomic.remove_stale_temps(path.parent, path.name)
+    tmp = atomic.temp_path(path)
     try:
-        with open(tmp, "wb") as f:
+        with atomic.sigterm_as_exception(), open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for key, dtype, shape, _, _ in entries:
@@ -133,5 +202,5 @@ def write_safetensors(path, specs, fetch, metadata: dict | None = None):
                 f.write(arr.tobytes())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if os.path.lexists(tmp):
             tmp.unlink()
