@@ -258,3 +258,13 @@ def test_batches_depend_on_the_seed_not_on_threads(tmp_path):
     reference = run(5)
     assert run(5, num_workers=3, prefetch_batches=4) == reference
     assert run(6) != reference
+
+
+def test_fingerprint_tells_hosts_that_see_different_data(tmp_path):
+    write_shards(tmp_path, 3, 4)
+    cfg = DataConfig(source="webdataset", paths=(str(tmp_path / "shard-{000..002}.tar"),), num_workers=2)
+    prints = {loader(cfg, seed=1, index=i, count=2).fingerprint() for i in range(2)}
+    assert len(prints) == 1
+    fewer = dataclasses.replace(cfg, paths=(str(tmp_path / "shard-{000..001}.tar"),))
+    assert loader(fewer, seed=1, index=1, count=2).fingerprint() not in prints
+    assert loader(cfg, seed=2, index=1, count=2).fingerprint() not in prints

@@ -20,12 +20,15 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import json
 import logging
 import queue
 import threading
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import grain
+import jax
 import numpy as np
 
 from cascade_jax.data import buckets as bk
@@ -73,6 +76,14 @@ class TrainLoader:
 
     def bucket_of_step(self, step: int) -> tuple[int, int]:
         return self.plan.schedule.bucket(step)
+
+    def fingerprint(self) -> int:
+        """A checksum of what must be equal on every host (sample count, buckets and their
+        frequencies, seed): hosts that list different shards would otherwise feed different shapes."""
+        plan = self.plan
+        summary = [len(plan.source.records), plan.schedule.sizes, plan.schedule.probabilities.round(12).tolist(),
+                   plan.schedule.random_ratio, plan.seed, plan.cfg.shuffle, plan.batch_size * plan.process_count]
+        return zlib.crc32(json.dumps(summary).encode())
 
     def __iter__(self) -> "TrainIterator":
         return TrainIterator(self.plan)
@@ -339,4 +350,11 @@ def make_train_loader(data_cfg: DataConfig | dict, *, global_batch_size: int, im
     local_size = -(-len(source.records) // process_count)
     plan = LoaderPlan(cfg, source, records, local_size, schedule, global_batch_size // process_count, seed,
                       process_index, process_count)
-    return TrainLoader(plan)
+    loader = TrainLoader(plan)
+    if process_count > 1 and jax.process_count() == process_count:  # real hosts, not simulated ones
+        from jax.experimental import multihost_utils
+
+        multihost_utils.assert_equal(np.asarray([loader.fingerprint()], np.int64),
+                                     f"the data loaders of {source.description} differ between hosts (different "
+                                     f"files or config?); every host must see the same dataset")
+    return loader
