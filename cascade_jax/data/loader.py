@@ -83,7 +83,7 @@ class TrainLoader:
         plan = self.plan
         summary = [len(plan.source.records), plan.schedule.sizes, plan.schedule.probabilities.round(12).tolist(),
                    plan.schedule.random_ratio, plan.seed, plan.cfg.shuffle, plan.batch_size * plan.process_count]
-        return zlib.crc32(json.dumps(summary).encode())
+        return zlib.crc32(json.dumps(summary).encode()) & 0x7FFFFFFF  # fits int32: jax gathers without x64
 
     def __iter__(self) -> "TrainIterator":
         return TrainIterator(self.plan)
@@ -354,7 +354,7 @@ def make_train_loader(data_cfg: DataConfig | dict, *, global_batch_size: int, im
     if process_count > 1 and jax.process_count() == process_count:  # real hosts, not simulated ones
         from jax.experimental import multihost_utils
 
-        multihost_utils.assert_equal(np.asarray([loader.fingerprint()], np.int64),
+        multihost_utils.assert_equal(np.asarray([loader.fingerprint()], np.int32),
                                      f"the data loaders of {source.description} differ between hosts (different "
                                      f"files or config?); every host must see the same dataset")
     return loader
