@@ -68,6 +68,9 @@ def test_tfds_errors_name_the_dataset_and_feature(data_dir):
     with pytest.raises(ValueError, match="no_such_captions.*no such dataset"):
         make_train_loader(DataConfig(source="tfds", tfds_name="no_such_captions", tfds_data_dir=data_dir),
                           global_batch_size=1, image_size=64)
+    with pytest.raises(ValueError, match="'mnist'.* not prepared.*tfds build mnist"):
+        make_train_loader(DataConfig(source="tfds", tfds_name="mnist", tfds_data_dir=data_dir), global_batch_size=1,
+                          image_size=64)
     with pytest.raises(ValueError, match="no image feature 'image'.*picture"):
         make_train_loader(DataConfig(source="tfds", tfds_name="cascade_tiny_captions", tfds_data_dir=data_dir,
                                      caption_key="meta/text"), global_batch_size=1, image_size=64)

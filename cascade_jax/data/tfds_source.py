@@ -48,6 +48,9 @@ class TfdsSource:
         except tfds.core.registered.DatasetNotFoundError as err:
             raise ValueError(f"{self.description}: no such dataset ({str(err).splitlines()[0]}); "
                              f"check tfds_name and tfds_data_dir") from None
+        if not builder.is_prepared():
+            raise ValueError(f"{self.description} is not prepared there; build it with `tfds build {cfg.tfds_name} "
+                             f"--data_dir DIR --file_format=array_record` (or download_and_prepare)")
         features = builder.info.features
         if self.image_key not in features:
             raise ValueError(f"{self.description} has no image feature {self.image_key!r}; its features: "
