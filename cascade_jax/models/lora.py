@@ -424,13 +424,20 @@ def unmerge(model: nnx.Module):
         weight.merged = None
 
 
+def shallow_copy(module: nnx.Module) -> nnx.Module:
+    """New module and variable objects over the same (immutable) arrays: no memory, and changes to
+    the copy (adapters, grown tables) leave ``module`` alone. (``nnx.merge`` alone would share the
+    variable objects.)"""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+
+
 def merged_model(model: nnx.Module) -> nnx.Module:
     """A copy of ``model`` with the plain structure of the base model and the LoRAs merged in.
 
     Arrays that no LoRA touches are shared with ``model``; ``model`` itself is unchanged.
     """
-    graphdef, state = nnx.split(model)
-    copy = nnx.merge(graphdef, state)
+    copy = shallow_copy(model)
     for target in list(_walk(copy, "")):
         weight = target.variable
         if isinstance(weight, AdaptedWeight):
