@@ -78,3 +78,48 @@ def caption_index(caption: str) -> int:
 
 def read_all(iterator, steps: int) -> list[dict]:
     return [next(iterator) for _ in range(steps)]
+
+
+_TFDS_BUILDER = None
+TFDS_NAME = "cascade_tiny_captions"
+
+
+def write_tfds(root: Path, n: int = 10, empty_caption=(4,)) -> str:
+    """A TFDS dataset ``cascade_tiny_captions`` (ArrayRecord, no TensorFlow) under ``root``; returns data_dir.
+
+    Features: ``picture`` (PNG, sizes cycling through SIZES), ``meta/text`` ("caption i", empty for
+    the indices in ``empty_caption``) and ``aesthetic`` (= i).
+    """
+    builder_cls = _tfds_builder()
+    builder_cls.examples = [(i, "" if i in empty_caption else f"caption {i}") for i in range(n)]
+    builder_cls(data_dir=str(root), file_format="array_record").download_and_prepare()
+    return str(root)
+
+
+def _tfds_builder():
+    global _TFDS_BUILDER
+    if _TFDS_BUILDER is None:
+        import tensorflow_datasets as tfds
+
+        class CascadeTinyCaptions(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("1.0.0")
+            examples: list = []
+
+            def _info(self):
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                    "picture": tfds.features.Image(shape=(None, None, 3)),
+                    "meta": {"text": tfds.features.Text()},
+                    "aesthetic": np.float32,
+                }))
+
+            def _split_generators(self, dl_manager):
+                return {"train": self._generate_examples()}
+
+            def _generate_examples(self):
+                for i, text in self.examples:
+                    # An encoded file object is stored as is; encoding an array would need TensorFlow.
+                    png = io.BytesIO(image_bytes(i, fmt="PNG"))
+                    yield i, {"picture": png, "meta": {"text": text}, "aesthetic": float(i)}
+
+        _TFDS_BUILDER = CascadeTinyCaptions
+    return _TFDS_BUILDER

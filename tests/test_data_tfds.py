@@ -1,54 +1,19 @@
 """The TFDS source on a tiny dataset built here in ArrayRecord format (no TensorFlow needed)."""
 
-import io
-
 import numpy as np
 import pytest
-from data_testing import SIZES, caption_index
+from data_testing import TFDS_NAME, caption_index, write_tfds
 
 from cascade_jax.data import DataConfig, make_train_loader
-
-import tensorflow_datasets as tfds  # noqa: E402  (the `train` and `test` extras install it)
-
-
-def png(index: int) -> io.BytesIO:
-    from PIL import Image
-
-    width, height = SIZES[index % len(SIZES)]
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((height, width, 3), index * 20, np.uint8)).save(buffer, format="PNG")
-    buffer.seek(0)  # TFDS stores an encoded file object as is; encoding an array would need TensorFlow
-    return buffer
-
-
-class CascadeTinyCaptions(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "picture": tfds.features.Image(shape=(None, None, 3)),
-            "meta": {"text": tfds.features.Text()},
-            "aesthetic": np.float32,
-        }))
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(10)}
-
-    def _generate_examples(self, n):
-        for i in range(n):
-            text = "" if i == 4 else f"caption {i}"  # one caption-less example
-            yield i, {"picture": png(i), "meta": {"text": text}, "aesthetic": float(i)}
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tfds")
-    CascadeTinyCaptions(data_dir=str(root), file_format="array_record").download_and_prepare()
-    return str(root)
+    return write_tfds(tmp_path_factory.mktemp("tfds"), n=10, empty_caption=(4,))
 
 
 def tfds_cfg(data_dir, **kw):
-    return DataConfig(source="tfds", tfds_name="cascade_tiny_captions", tfds_data_dir=data_dir, image_key="picture",
+    return DataConfig(source="tfds", tfds_name=TFDS_NAME, tfds_data_dir=data_dir, image_key="picture",
                       caption_key="meta/text", num_workers=2, **kw)
 
 
@@ -72,5 +37,5 @@ def test_tfds_errors_name_the_dataset_and_feature(data_dir):
         make_train_loader(DataConfig(source="tfds", tfds_name="mnist", tfds_data_dir=data_dir), global_batch_size=1,
                           image_size=64)
     with pytest.raises(ValueError, match="no image feature 'image'.*picture"):
-        make_train_loader(DataConfig(source="tfds", tfds_name="cascade_tiny_captions", tfds_data_dir=data_dir,
+        make_train_loader(DataConfig(source="tfds", tfds_name=TFDS_NAME, tfds_data_dir=data_dir,
                                      caption_key="meta/text"), global_batch_size=1, image_size=64)
