@@ -11,6 +11,8 @@ import jax
 import yaml
 from flax import nnx
 
+from cascade_jax.models.config_check import check_config
+
 # name -> "module:Class"; the class is constructed as Class(**official_config, rngs=...).
 MODEL_CLASSES = {
     "stage_a": "cascade_jax.models.stage_a:StageA",
@@ -62,10 +64,11 @@ class _ConstantKeys:
 def abstract_model(name: str, config: dict) -> nnx.Module:
     """The model with shapes and metadata only (no memory), or a clear error when ``config`` cannot build it."""
     cls = model_class(name)
+    check_config(cls, config, f"config of model {name!r} ({cls.__name__})")
     try:
         return nnx.eval_shape(lambda: cls(**config, rngs=_ConstantKeys()))
-    except TypeError as e:
-        raise ValueError(f"config does not fit model {name!r} ({cls.__name__}): {e}") from e
+    except (TypeError, ValueError, IndexError, KeyError) as e:
+        raise ValueError(f"config does not fit model {name!r} ({cls.__name__}): {type(e).__name__}: {e}") from e
 
 
 def list_presets() -> list[str]:
