@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from cascade_jax.diffusion import SamplerSettings, SamplingPlan, sample_steps
-from cascade_jax.pipelines.stage_runner import _noise
+from cascade_jax.pipelines.stage_runner import _noise, image_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +79,9 @@ class LoopRunner:
     def model_fn(self, x, r, **conditions):
         return _apply_jit(self.graphdef, self.state, x, r, **conditions)
 
-    def __call__(self, settings, x_shape, seeds, conditions, uncond, x_init=None, timing=None):
-        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-        drawn, noise = _noise(keys, tuple(x_shape), settings.steps)
+    def __call__(self, settings, x_shape, seeds, conditions, uncond, x_init=None, timing=None, *, stream=0,
+                 callback=None, callback_x0=False):
+        drawn, noise = _noise(image_keys(seeds, stream), tuple(x_shape), settings.steps)
         x_init = drawn if x_init is None else jnp.asarray(x_init, jnp.float32)
         noise = np.array(noise)
         if self.mode.r_is_t:
@@ -104,10 +104,10 @@ class RecordingRunner:
     def __init__(self, runner):
         self.runner, self.calls = runner, []
 
-    def __call__(self, settings, x_shape, seeds, conditions, uncond, x_init=None, timing=None):
+    def __call__(self, settings, x_shape, seeds, conditions, uncond, x_init=None, timing=None, **kwargs):
         self.calls.append(dict(settings=settings, x_shape=x_shape, seeds=list(seeds), conditions=conditions,
-                               uncond=uncond, x_init=x_init))
-        out = self.runner(settings, x_shape, seeds, conditions, uncond, x_init, timing)
+                               uncond=uncond, x_init=x_init, **kwargs))
+        out = self.runner(settings, x_shape, seeds, conditions, uncond, x_init, timing, **kwargs)
         self.calls[-1]["result"] = np.asarray(out)
         return out
 

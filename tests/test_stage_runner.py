@@ -3,11 +3,12 @@
 import jax
 import numpy as np
 import pytest
+from helpers import relative_error
 
 from cascade_jax.diffusion import SamplerSettings
 from cascade_jax.models.random_init import random_model
 from cascade_jax.pipelines.loading import pipeline_set
-from cascade_jax.pipelines.stage_runner import StageRunner, StageTiming
+from cascade_jax.pipelines.stage_runner import StageRunner, StageTiming, image_keys
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def test_batch_is_sharded_and_each_image_matches_its_seed_alone(runner):
     seeds = list(range(100, 108))
     timing = StageTiming()
     batch = stage(settings, (4, 4, 16), seeds, cond, uncond, timing=timing)
-    assert len(batch.sharding.device_set) == 8 and batch.sharding.spec[0] == "data"
+    assert len(batch.sharding.device_set) == 8 and {s.data.shape[0] for s in batch.addressable_shards} == {1}
     assert timing.compile_s > 0 and not timing.cached
     for i in (0, 5):
         alone = stage(settings, (4, 4, 16), [seeds[i]], {k: v[i:i + 1] for k, v in cond.items()},
@@ -44,3 +45,61 @@ def test_batch_is_sharded_and_each_image_matches_its_seed_alone(runner):
     repeat = stage(settings, (4, 4, 16), seeds, cond, uncond, timing=again)
     assert again.cached and again.compile_s == 0
     np.testing.assert_array_equal(np.asarray(repeat), np.asarray(batch))  # same seeds, same numbers
+
+
+def _hlo(stage, settings, progress, args):
+    from cascade_jax.pipelines.stage_runner import _run_jit
+    return _run_jit.lower(stage.graphdef, settings, (4, 4, 16), progress, stage.state, *args).as_text()
+
+
+def test_progress_callback_runs_in_order_from_the_compiled_loop_and_changes_nothing(runner):
+    """Sharded batch of 8: one event per step in step order, x0 of the last step == the stage's result,
+    the same numbers as without a callback, and no callback in the program when none is given."""
+    stage, config = runner
+    settings = SamplerSettings(steps=3, cfg=4.0, shift=2.0, cfg_std_per_sample=True)
+    batch = 8 if jax.local_device_count() >= 8 else 2
+    cond = _conditions(config, batch, 1)
+    uncond = {k: np.zeros_like(v) for k, v in cond.items()}
+    seeds = list(range(batch))
+    plain = np.asarray(stage(settings, (4, 4, 16), seeds, cond, uncond))
+    events = []
+    with_x0 = stage(settings, (4, 4, 16), seeds, cond, uncond, callback=events.append, callback_x0=True)
+    assert [(e.stage, e.step, e.steps) for e in events] == [("Stage C", i, 3) for i in (1, 2, 3)]
+    assert all(e.x0.shape == (batch, 4, 4, 16) for e in events)
+    np.testing.assert_array_equal(events[-1].x0, np.asarray(with_x0))
+    assert relative_error(events[0].x0, events[-1].x0) > 0.01  # a real per-step value, not the result 3 times
+    np.testing.assert_allclose(np.asarray(with_x0), plain, rtol=0, atol=1e-5 * np.abs(plain).max())
+    steps_only = []
+    stage(settings, (4, 4, 16), seeds, cond, uncond, callback=steps_only.append)
+    assert [e.step for e in steps_only] == [1, 2, 3] and steps_only[0].x0 is None
+
+    args = stage._place((image_keys(seeds), cond, uncond, None, np.int32(0), np.arange(batch, dtype=np.int32)),
+                        batch)
+    assert "callback" not in _hlo(stage, settings, None, args).lower()
+    assert "callback" in _hlo(stage, settings, "step", args).lower()
+
+
+def test_callback_errors_reach_the_caller(runner):
+    stage, config = runner
+    settings = SamplerSettings(steps=2, cfg=None, shift=2.0)
+    cond = _conditions(config, 1, 2)
+
+    def fail(event):
+        raise RuntimeError(f"stop at step {event.step}")
+
+    with pytest.raises(RuntimeError, match="stop at step 1"):
+        stage(settings, (4, 4, 16), [0], cond, None, callback=fail)
+
+
+@pytest.mark.parametrize("seeds", [[-1], [1 << 32], [1.5], ["7"], [True]])
+def test_seeds_outside_uint32_or_not_integers_are_refused(seeds):
+    with pytest.raises(ValueError, match=r"seeds must be integers in \[0, 2\*\*32\)"):
+        image_keys(seeds)
+
+
+def test_noise_streams_of_one_seed_are_independent_and_any_uint32_seed_works():
+    top = (1 << 32) - 1
+    keys = [jax.random.key_data(image_keys([top, 3 << 30], stream)) for stream in (0, 1, 2)]
+    assert all(not np.array_equal(keys[i], keys[j]) for i in range(3) for j in range(i))
+    np.testing.assert_array_equal(keys[0], jax.random.key_data(jax.vmap(jax.random.key)(
+        np.asarray([top, 3 << 30], np.uint32))))  # stream 0 is the seed's own key (Stage C unchanged)

@@ -16,14 +16,12 @@ from cascade_jax.diffusion.loss_weights import (
     p2_loss_weight,
 )
 from cascade_jax.diffusion.noise_conditions import cosine_t_noise_cond
-from cascade_jax.diffusion.sample_loop import (
+from cascade_jax.diffusion.sample_loop import SampleOutput, StepHook, sample, sample_steps, sample_with_settings
+from cascade_jax.diffusion.settings import (
     STAGE_B_DEFAULTS,
     STAGE_C_DEFAULTS,
-    SampleOutput,
     SamplerSettings,
     SamplingPlan,
-    sample,
-    sample_steps,
     sampling_plan,
 )
 from cascade_jax.diffusion.samplers import ddim_step, ddpm_step, get_sampler, lcm_step
@@ -35,8 +33,8 @@ __all__ = [
     "GDF", "Diffused", "apply_cfg", "cfg_active", "cfg_scales", "concat_conditions",
     "AdaptiveLossWeightState", "adaptive_bucket_index", "adaptive_loss_weight", "adaptive_loss_weight_init",
     "adaptive_loss_weight_update", "p2_loss_weight", "cosine_t_noise_cond", "STAGE_B_DEFAULTS",
-    "STAGE_C_DEFAULTS", "SampleOutput", "SamplerSettings", "SamplingPlan", "sample", "sample_steps",
-    "sampling_plan", "ddim_step", "ddpm_step", "get_sampler", "lcm_step", "vp_scalers", "cosine_logsnr",
+    "STAGE_C_DEFAULTS", "SampleOutput", "SamplerSettings", "SamplingPlan", "StepHook", "sample", "sample_steps",
+    "sample_with_settings", "sampling_plan", "ddim_step", "ddpm_step", "get_sampler", "lcm_step", "vp_scalers", "cosine_logsnr",
     "cosine_logsnr_limits", "sample_train_t", "torch_linspace", "EPSILON", "TARGETS", "V", "X0", "Target",
     "get_target",
 ]

@@ -35,12 +35,11 @@ Usage with an NNX model (jit once; the loop runs on device without host round tr
     @nnx.jit
     def generate(model, cond, uncond, key):
         fn = lambda x, r, **c: model(x, r, **c)
-        return sample(fn, cond, uncond, shape=(2, 24, 24, 16), key=key, **STAGE_C_DEFAULTS).x0
+        return sample_with_settings(fn, STAGE_C_DEFAULTS, cond, uncond, shape=(2, 24, 24, 16), key=key).x0
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Iterator, NamedTuple
 
 import jax
@@ -48,23 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cascade_jax.diffusion.gdf import GDF
-from cascade_jax.diffusion.guidance import GuidanceScale, apply_cfg, cfg_active, cfg_scales, concat_conditions
+from cascade_jax.diffusion.guidance import GuidanceScale, apply_cfg, concat_conditions
 from cascade_jax.diffusion.samplers import get_sampler
-from cascade_jax.diffusion.schedule import torch_linspace
+from cascade_jax.diffusion.settings import SamplerSettings, SamplingPlan
 
-# Official inference settings per stage (the text-to-image notebook; DESIGN.md).
-STAGE_C_DEFAULTS = dict(steps=20, cfg=4.0, shift=2.0)
-STAGE_B_DEFAULTS = dict(steps=10, cfg=1.1, shift=1.0)
-
-
-class SamplingPlan(NamedTuple):
-    """Host-side, static description of the steps (numpy float32; constants of the jitted loop)."""
-
-    t: np.ndarray  # (steps + 1,) sampler times, t[0] = t_start, t[-1] = t_end
-    logsnr: np.ndarray  # (steps + 1,) shifted, clamped log-SNR at each t
-    r: np.ndarray  # (steps,) noise condition fed to the network at each step
-    cfg_scale: np.ndarray  # (steps,) guidance scale of each step
-    cfg_on: np.ndarray  # (steps,) bool: whether step i runs guidance
+# on_step(index, x, x0): a traced hook called inside the loop after each step (index is a traced
+# int32 scalar); it returns nothing and may only have side effects such as jax.debug.callback.
+StepHook = Callable[[jax.Array, jax.Array, jax.Array], None]
 
 
 class SampleOutput(NamedTuple):
@@ -72,33 +61,6 @@ class SampleOutput(NamedTuple):
     x: jnp.ndarray  # x after the last step (still carries the last step's noise)
     x0s: jnp.ndarray | None = None  # (steps, ...) predicted x0 of every step, if asked for
     xs: jnp.ndarray | None = None  # (steps, ...) x after every step, if asked for
-
-
-def _on_host(fn, *args) -> np.ndarray:
-    """Evaluate ``fn`` now, op by op, on the CPU, even while a jit is tracing.
-
-    The network's sinusoidal embedding multiplies r by 10⁴, and the first step divides the
-    prediction by a = 0.01 (x0 = (x − b·ε)/a), so the sampled trajectory is sensitive to the
-    last bits of r: left inside the jitted loop, XLA constant-folded r at t=1 two ulp away from
-    torch's, which moved the official fixture's trajectory by 1.5e-4 relative (2e-6 here).
-    Computed here it is one set of numbers in every jit context and on every backend, and the
-    CPU's op-by-op float32 results match torch's at t=1 (r = 0.9935832).
-    """
-    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
-        return np.asarray(fn(*args))
-
-
-def sampling_plan(steps: int, t_start: float = 1.0, t_end: float = 0.0, shift: float = 1.0, cfg=None,
-                  cfg_t_start: float | None = None, cfg_t_stop: float | None = None,
-                  gdf: GDF = GDF()) -> SamplingPlan:
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    t = torch_linspace(t_start, t_end, int(steps) + 1)
-    logsnr = _on_host(gdf.logsnr, t, shift)
-    r = _on_host(gdf.noise_cond, logsnr[:-1])
-    if cfg is None:
-        return SamplingPlan(t, logsnr, r, np.zeros(steps, np.float32), np.zeros(steps, bool))
-    return SamplingPlan(t, logsnr, r, cfg_scales(cfg, t[:-1]), cfg_active(t[:-1], cfg_t_start, cfg_t_stop))
 
 
 def _segments(cfg_on: np.ndarray):
@@ -109,33 +71,6 @@ def _segments(cfg_on: np.ndarray):
             runs.append((first, i, bool(cfg_on[first])))
             first = i
     return runs
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerSettings:
-    """The static (host-side, hashable) settings of a stage's sampling loop."""
-
-    steps: int = 20
-    cfg: GuidanceScale | None = 3.0  # None: no guidance (and no unconditional pass)
-    cfg_rho: float = 0.7
-    cfg_t_start: float | None = None
-    cfg_t_stop: float | None = None
-    cfg_std_per_sample: bool = False
-    shift: float = 1.0
-    sampler: str = "ddpm"  # ddpm | ddim | lcm
-    eta: float | None = None  # None: the sampler's default (ddpm 1, ddim 0)
-    t_start: float = 1.0
-    t_end: float = 0.0
-    gdf: GDF = GDF()
-
-    def __post_init__(self):
-        if isinstance(self.cfg, list):
-            object.__setattr__(self, "cfg", tuple(self.cfg))  # keep the settings hashable
-        get_sampler(self.sampler, self.eta)  # fail early on a bad sampler/eta pair
-
-    def plan(self) -> SamplingPlan:
-        return sampling_plan(self.steps, self.t_start, self.t_end, self.shift, self.cfg, self.cfg_t_start,
-                             self.cfg_t_stop, self.gdf)
 
 
 def _predict(model_fn, x, r, scale, conditions, guided_conditions, guided: bool, settings):
@@ -149,7 +84,7 @@ def _predict(model_fn, x, r, scale, conditions, guided_conditions, guided: bool,
 
 
 def _step_builder(model_fn, conditions, guided_conditions, settings: SamplerSettings, key_steps,
-                  trajectory: bool) -> Callable[[bool], Callable]:
+                  trajectory: bool, on_step: StepHook | None = None) -> Callable[[bool], Callable]:
     """guided -> scan body ``(carry=(x, x0), per-step slice) -> (carry, outputs)``."""
     step_fn, eta, needs_noise = get_sampler(settings.sampler, settings.eta)
 
@@ -163,6 +98,8 @@ def _step_builder(model_fn, conditions, guided_conditions, settings: SamplerSett
                 # One independent draw per step, whatever segment the step falls in.
                 noise = jax.random.normal(jax.random.fold_in(key_steps, s["index"]), x.shape, jnp.float32)
             x = step_fn(x, x0, epsilon, s["logsnr"], s["logsnr_next"], noise, eta=eta)
+            if on_step is not None:
+                on_step(s["index"], x, x0)
             return (x, x0), ((x, x0) if trajectory else None)
 
         return step
@@ -197,34 +134,29 @@ def _per_step_arrays(settings: SamplerSettings, plan: SamplingPlan, noise) -> di
     return arrays
 
 
-def _prepare(model_fn, conditions, uncond_conditions, x_init, shape, key, noise, settings, trajectory):
+def _prepare(model_fn, conditions, uncond_conditions, x_init, shape, key, noise, settings, trajectory,
+             on_step=None):
     plan = settings.plan()
     x, noise, key_steps = _initial_x(settings, x_init, shape, key, noise)
     conditions = dict(conditions or {})
     guided = concat_conditions(conditions, uncond_conditions) if plan.cfg_on.any() else None
-    make_step = _step_builder(model_fn, conditions, guided, settings, key_steps, trajectory)
+    make_step = _step_builder(model_fn, conditions, guided, settings, key_steps, trajectory, on_step)
     return x, _per_step_arrays(settings, plan, noise), make_step, _segments(plan.cfg_on)
 
 
-def sample(model_fn: Callable, conditions: dict, uncond_conditions: dict | None = None, *, x_init=None,
-           shape=None, key=None, noise=None, steps: int = 20, cfg: GuidanceScale | None = 3.0,
-           cfg_rho: float = 0.7, cfg_t_start: float | None = None, cfg_t_stop: float | None = None,
-           cfg_std_per_sample: bool = False, shift: float = 1.0, sampler: str = "ddpm",
-           eta: float | None = None, t_start: float = 1.0, t_end: float = 0.0, gdf: GDF = GDF(),
-           return_trajectory: bool = False) -> SampleOutput:
-    """Run one stage's reverse diffusion; ``.x0`` of the result is the stage's output.
+def sample_with_settings(model_fn: Callable, settings: SamplerSettings, conditions: dict,
+                         uncond_conditions: dict | None = None, *, x_init=None, shape=None, key=None, noise=None,
+                         return_trajectory: bool = False, on_step: StepHook | None = None) -> SampleOutput:
+    """Run one stage's reverse diffusion with ``settings``; ``.x0`` of the result is the stage's output.
 
     ``model_fn(x, r, **conditions)`` maps x (B, ..., C) and r (B,) to the prediction; it is
-    called inside ``lax.scan``, so wrap the whole ``sample`` call in ``jax.jit`` /
-    ``nnx.jit`` (everything but the arrays is static). Start from ``x_init``, or from
-    N(0, 1) of ``shape`` drawn from ``key``. Per-step noise is ``noise[i]`` when a
-    (steps, *x.shape) array is given, else drawn from ``key``. The defaults are the official
-    ``GDF.sample`` ones; ``STAGE_C_DEFAULTS`` / ``STAGE_B_DEFAULTS`` hold the per-stage ones.
+    called inside ``lax.scan``, so wrap the whole call in ``jax.jit`` / ``nnx.jit`` (everything
+    but the arrays is static). Start from ``x_init``, or from N(0, 1) of ``shape`` drawn from
+    ``key``. Per-step noise is ``noise[i]`` when a (steps, *x.shape) array is given, else drawn
+    from ``key``. ``on_step(index, x, x0)`` (see ``StepHook``) runs inside the loop after each step.
     """
-    settings = SamplerSettings(steps, cfg, cfg_rho, cfg_t_start, cfg_t_stop, cfg_std_per_sample, shift,
-                               sampler, eta, t_start, t_end, gdf)
     x, per_step, make_step, segments = _prepare(model_fn, conditions, uncond_conditions, x_init, shape,
-                                                key, noise, settings, return_trajectory)
+                                                key, noise, settings, return_trajectory, on_step)
     carry, outputs = (x, jnp.zeros_like(x)), []
     # One scan per run of guided / unguided steps: the batch size differs between them.
     for first, end, guided in segments:
@@ -236,6 +168,20 @@ def sample(model_fn: Callable, conditions: dict, uncond_conditions: dict | None 
         return SampleOutput(x0, x)
     xs, x0s = (jnp.concatenate(parts) for parts in zip(*outputs))
     return SampleOutput(x0, x, x0s, xs)
+
+
+def sample(model_fn: Callable, conditions: dict, uncond_conditions: dict | None = None, *, x_init=None,
+           shape=None, key=None, noise=None, steps: int = 20, cfg: GuidanceScale | None = 3.0,
+           cfg_rho: float = 0.7, cfg_t_start: float | None = None, cfg_t_stop: float | None = None,
+           cfg_std_per_sample: bool = False, shift: float = 1.0, sampler: str = "ddpm",
+           eta: float | None = None, t_start: float = 1.0, t_end: float = 0.0, gdf: GDF = GDF(),
+           return_trajectory: bool = False) -> SampleOutput:
+    """:func:`sample_with_settings` with the settings given as keywords (the official ``GDF.sample``
+    defaults; ``STAGE_C_DEFAULTS`` / ``STAGE_B_DEFAULTS`` hold the per-stage ones)."""
+    settings = SamplerSettings(steps, cfg, cfg_rho, cfg_t_start, cfg_t_stop, cfg_std_per_sample, shift,
+                               sampler, eta, t_start, t_end, gdf)
+    return sample_with_settings(model_fn, settings, conditions, uncond_conditions, x_init=x_init, shape=shape,
+                                key=key, noise=noise, return_trajectory=return_trajectory)
 
 
 def sample_steps(model_fn: Callable, conditions: dict, uncond_conditions: dict | None = None, *,

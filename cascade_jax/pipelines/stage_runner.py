@@ -5,20 +5,34 @@ the state, conditions and per-image keys are arguments. Noise is drawn inside th
 from one key per image (initial noise and every step's noise), so image i of a batch gets
 exactly the pixels it gets when generated alone with the same seed. Compilation happens
 ahead of time (``lower().compile()``) so its time is reported apart from sampling time.
+
+Conditions are a dict of arrays (or pytrees of arrays, e.g. a list of ControlNet residuals)
+passed to the network as keyword arguments; the unconditional dict has the same keys.
+
+Progress: with a ``callback``, the compiled loop calls back to the host after every step
+(``jax.debug.callback``; unordered, because ordered effects are refused on more than one device,
+so the host side puts the events back in step order). Without one, no callback is compiled in:
+the program is the same as before callbacks existed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import threading
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-from cascade_jax.diffusion import SamplerSettings, sample
+from cascade_jax.diffusion import SamplerSettings, sample_with_settings
+from cascade_jax.sharding import batch_sharding, make_mesh
+
+SEED_LIMIT = 1 << 32  # seeds are uint32: 0 <= seed < 2**32
 
 
 @dataclasses.dataclass
@@ -27,6 +41,26 @@ class StageTiming:
     sample_s: float = 0.0
     cached: bool = False
     steps: int = 0  # sampler steps the program ran (img2img runs fewer than the settings' steps)
+
+
+class StepEvent(NamedTuple):
+    """What a progress callback receives after each step of a stage."""
+
+    stage: str  # "Stage C" or "Stage B"
+    step: int  # steps done so far, 1 .. steps
+    steps: int
+    x0: np.ndarray | None  # the step's predicted x0 (B, h, w, c) float32, when asked for (``callback_x0``)
+
+
+def image_keys(seeds, stream: int = 0) -> jax.Array:
+    """One PRNG key per seed; ``stream`` > 0 folds a stream number in (independent noise of another
+    stage for the same seed, without seed arithmetic that could overflow uint32)."""
+    seeds = list(seeds)
+    bad = [s for s in seeds if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or not 0 <= s < SEED_LIMIT]
+    if bad:
+        raise ValueError(f"seeds must be integers in [0, 2**32), got {bad[:3]}")
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    return keys if stream == 0 else jax.vmap(lambda k: jax.random.fold_in(k, stream))(keys)
 
 
 def _noise(keys, x_shape, steps: int):
@@ -45,31 +79,77 @@ def _noise(keys, x_shape, steps: int):
     return x_init, jnp.swapaxes(noise, 0, 1)
 
 
-def _run(graphdef, settings: SamplerSettings, x_shape: tuple, state, keys, conditions, uncond, x_init):
+# ---- host side of the progress callback -------------------------------------------------------
+_LISTENERS: dict[int, "_Listener"] = {}
+_LISTENER_IDS = itertools.count(1)
+
+
+class _Listener:
+    """Collects the devices' per-step reports and hands the user's callback one event per step, in order."""
+
+    def __init__(self, name: str, steps: int, batch: int, x_shape: tuple, with_x0: bool, callback):
+        self.name, self.steps, self.batch, self.x_shape = name, steps, batch, x_shape
+        self.with_x0, self.callback = with_x0, callback
+        self.pending: dict[int, dict[int, np.ndarray]] = {}
+        self.next, self.error = 0, None
+        self.lock = threading.Lock()
+
+    def receive(self, index: int, rows: np.ndarray):
+        """``rows``: one row per image this device holds: (batch position, the image's x0 or a probe)."""
+        with self.lock:
+            images = self.pending.setdefault(index, {})
+            images.update((int(row[0]), row[1:]) for row in rows)
+            while len(self.pending.get(self.next, ())) == self.batch and self.error is None:
+                images = self.pending.pop(self.next)
+                x0 = None
+                if self.with_x0:
+                    x0 = np.stack([images[i] for i in range(self.batch)]).reshape(self.batch, *self.x_shape)
+                self.next += 1
+                try:
+                    self.callback(StepEvent(self.name, self.next, self.steps, x0))
+                except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread after the run
+                    self.error = e
+
+
+def _emit(listener_id, index, rows):
+    listener = _LISTENERS.get(int(listener_id))
+    if listener is not None:
+        listener.receive(int(index), np.asarray(rows))
+
+
+def _step_hook(listener_id, positions, with_x0: bool):
+    """A hook that reports each step from every device with only the images it holds (``partitioned``):
+    gathering a sharded x0 onto one device for the callback deadlocked XLA:CPU's collectives. The batch
+    position travels in the same array as the data, so the rows stay matched whatever the layout."""
+    def on_step(index, x, x0):
+        flat = x0.reshape(x0.shape[0], -1)
+        # Without x0, one element of it still ties the report to the end of the step.
+        data = flat if with_x0 else flat[:, :1]
+        rows = jnp.concatenate([positions.astype(jnp.float32)[:, None], data], axis=1)
+        jax.debug.callback(_emit, listener_id, index, rows, partitioned=True)
+    return on_step
+
+
+# ---- the compiled program ----------------------------------------------------------------------
+def _run(graphdef, settings: SamplerSettings, x_shape: tuple, progress: str | None, state, keys, conditions,
+         uncond, x_init, listener_id, positions):
     model = nnx.merge(graphdef, state)
     compute_dtype = jax.tree.leaves(state)[0].dtype
 
+    def cast(v):
+        return v.astype(compute_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
+
     def model_fn(x, r, **cond):
-        cond = {k: (v.astype(compute_dtype) if v is not None and jnp.issubdtype(v.dtype, jnp.floating) else v)
-                for k, v in cond.items()}
-        return model(x.astype(compute_dtype), r, **cond).astype(jnp.float32)
+        return model(x.astype(compute_dtype), r, **jax.tree.map(cast, cond)).astype(jnp.float32)
 
     drawn_init, noise = _noise(keys, x_shape, settings.steps)
     start = drawn_init if x_init is None else x_init.astype(jnp.float32)
-    out = sample(model_fn, conditions, uncond, x_init=start, noise=noise, steps=settings.steps, cfg=settings.cfg,
-                 cfg_rho=settings.cfg_rho, cfg_t_start=settings.cfg_t_start, cfg_t_stop=settings.cfg_t_stop,
-                 cfg_std_per_sample=settings.cfg_std_per_sample, shift=settings.shift, sampler=settings.sampler,
-                 eta=settings.eta, t_start=settings.t_start, t_end=settings.t_end, gdf=settings.gdf)
+    on_step = None if progress is None else _step_hook(listener_id, positions, progress == "x0")
+    out = sample_with_settings(model_fn, settings, conditions, uncond, x_init=start, noise=noise, on_step=on_step)
     return out.x0, jnp.all(jnp.isfinite(out.x0))
 
 
-_run_jit = jax.jit(_run, static_argnums=(0, 1, 2))
-
-
-def data_mesh() -> Mesh | None:
-    """A 1-D mesh over the local devices for data parallelism (None with one device)."""
-    devices = jax.local_devices()
-    return Mesh(np.asarray(devices), ("data",)) if len(devices) > 1 else None
+_run_jit = jax.jit(_run, static_argnums=(0, 1, 2, 3))
 
 
 class StageRunner:
@@ -79,7 +159,8 @@ class StageRunner:
         self.name = name
         self.graphdef, self.state = nnx.split(model)
         self._compiled = {}
-        self._mesh = data_mesh()
+        devices = jax.local_devices()
+        self._mesh = make_mesh(devices=devices) if len(devices) > 1 else None  # all devices on the data axis
         if self._mesh is not None:
             self.state = jax.device_put(self.state, NamedSharding(self._mesh, PartitionSpec()))
 
@@ -95,31 +176,53 @@ class StageRunner:
 
         def put(x):
             batched = split and x.ndim and x.shape[0] == batch
-            spec = PartitionSpec("data", *([None] * (x.ndim - 1))) if batched else PartitionSpec()
-            return jax.device_put(x, NamedSharding(self._mesh, spec))
+            sharding = batch_sharding(self._mesh, x.ndim) if batched else NamedSharding(self._mesh, PartitionSpec())
+            return jax.device_put(x, sharding)
         return jax.tree.map(put, tree)
 
-    def __call__(self, settings: SamplerSettings, x_shape: tuple, seeds, conditions: dict, uncond: dict | None,
-                 x_init=None, timing: StageTiming | None = None):
-        """Return the stage output (B, *x_shape) float32 for one seed per image."""
-        batch = len(seeds)
-        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-        args = self._place((keys, conditions, uncond, x_init), batch)
+    def _program(self, settings, x_shape, progress, args, timing: StageTiming):
         leaves, treedef = jax.tree.flatten(args)
-        signature = (settings, x_shape, treedef, tuple((a.shape, a.dtype, a.sharding) for a in leaves))
-        timing = timing if timing is not None else StageTiming()
-        timing.steps = settings.steps
+        signature = (settings, x_shape, progress, treedef, tuple((a.shape, a.dtype, a.sharding) for a in leaves))
         compiled = self._compiled.get(signature)
         timing.cached = compiled is not None
         if compiled is None:
             start = time.perf_counter()
-            compiled = _run_jit.lower(self.graphdef, settings, x_shape, self.state, *args).compile()
+            compiled = _run_jit.lower(self.graphdef, settings, x_shape, progress, self.state, *args).compile()
             timing.compile_s = time.perf_counter() - start
             self._compiled[signature] = compiled
+        return compiled
+
+    def __call__(self, settings: SamplerSettings, x_shape: tuple, seeds, conditions: dict, uncond: dict | None,
+                 x_init=None, timing: StageTiming | None = None, *, stream: int = 0,
+                 callback: Callable[[StepEvent], None] | None = None, callback_x0: bool = False):
+        """Return the stage output (B, *x_shape) float32 for one seed per image.
+
+        ``stream`` selects independent noise for the same seeds (``image_keys``). ``callback(StepEvent)``
+        runs on the host after every step, in step order; ``callback_x0`` also hands it the step's x0.
+        """
+        batch = len(seeds)
+        if x_init is not None and tuple(np.shape(x_init)) != (batch, *x_shape):
+            raise ValueError(f"{self.name}: x_init has shape {tuple(np.shape(x_init))}; expected {(batch, *x_shape)}")
+        progress = None if callback is None else ("x0" if callback_x0 else "step")
+        listener_id = next(_LISTENER_IDS)
+        args = self._place((image_keys(seeds, stream), conditions, uncond, x_init, np.int32(listener_id),
+                            np.arange(batch, dtype=np.int32)), batch)
+        timing = timing if timing is not None else StageTiming()
+        timing.steps = settings.steps
+        compiled = self._program(settings, x_shape, progress, args, timing)
+        if callback is not None:
+            _LISTENERS[listener_id] = _Listener(self.name, settings.steps, batch, x_shape, callback_x0, callback)
         start = time.perf_counter()
-        x0, finite = compiled(self.state, *args)
-        x0 = jax.block_until_ready(x0)
+        try:
+            x0, finite = compiled(self.state, *args)
+            x0 = jax.block_until_ready(x0)
+            if callback is not None:
+                jax.effects_barrier()  # every step's callback has run
+        finally:
+            listener = _LISTENERS.pop(listener_id, None)
         timing.sample_s = time.perf_counter() - start
+        if listener is not None and listener.error is not None:
+            raise listener.error
         if not bool(finite):
             raise FloatingPointError(
                 f"{self.name} produced NaN or inf values. Check the weights (convert/verify.py), and use float32 or "
