@@ -8,80 +8,159 @@
 
 WEIGHTS_DIR holds converted directories, the official safetensors (stage_c_bf16.safetensors, ...,
 text_encoder/, tokenizer/) or the diffusers folders; --random tiny|lite uses random weights instead.
+Every argument and the input image are checked before any model loads. Earlier results in --out are
+kept (new names get a -N suffix) unless --overwrite is given.
 """
 
 import argparse
+import dataclasses
 import sys
 import time
 
-from PIL import Image
+from tqdm import tqdm
 
-from cascade_jax.pipelines import StableCascadePipeline, StageSettings, check_image_size
-from cascade_jax.pipelines.outputs import save_images, timing_report
+from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline, check_image_size
+from cascade_jax.pipelines import arguments as checks
+from cascade_jax.pipelines.images import load_image, round_size
+from cascade_jax.pipelines.outputs import check_output_dir, output_paths, save_images, timing_report
 
-
-def stage_args(p, name, steps, cfg, shift):
-    p.add_argument(f"--{name}-steps", type=int, default=steps)
-    p.add_argument(f"--{name}-cfg", type=float, default=cfg)
-    p.add_argument(f"--{name}-shift", type=float, default=shift)
-    p.add_argument(f"--{name}-sampler", default="ddpm", choices=["ddpm", "ddim", "lcm"])
+IMAGE_MODES = ("variation", "img2img", "reconstruct")
 
 
-def parse_args(argv=None):
+def stage_args(p, name, defaults):
+    p.add_argument(f"--{name}-steps", type=int, default=defaults.steps)
+    p.add_argument(f"--{name}-cfg", type=float, default=defaults.cfg)
+    p.add_argument(f"--{name}-shift", type=float, default=defaults.shift)
+    p.add_argument(f"--{name}-sampler", default=defaults.sampler, choices=["ddpm", "ddim", "lcm"])
+
+
+def rgb(text):
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) <= 255 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected R,G,B with values 0-255, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["text2img", "variation", "img2img", "reconstruct"])
+    p.add_argument("mode", choices=["text2img", *IMAGE_MODES])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="weights folder or Hugging Face repository id")
     src.add_argument("--random", choices=["tiny", "lite", "full"], help="random weights of this size (no download)")
     p.add_argument("--lite", action="store_true", help="use the lite Stage C/B weights from --weights")
-    p.add_argument("--dtype", default=None, help="bfloat16 (default with --weights) or float32 (default with --random)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="bfloat16 (default with --weights) or float32 (default with --random)")
     p.add_argument("--prompt", default="")
     p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--long-prompts", action="store_true",
+                   help="encode prompts past CLIP's 77 tokens in 75-token windows instead of truncating them")
     p.add_argument("--image", help="input image (variation, img2img, reconstruct)")
+    p.add_argument("--background", type=rgb, default=(255, 255, 255),
+                   help="R,G,B that transparent pixels of --image become (default white)")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how far to noise the image (0-1]")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=None, help="default 1024; img2img/reconstruct: the image's")
+    p.add_argument("--width", type=int, default=None, help="default 1024; img2img/reconstruct: the image's")
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    stage_args(p, "prior", 20, 4.0, 2.0)
-    stage_args(p, "decoder", 10, 1.1, 1.0)
+    p.add_argument("--seed", type=int, default=0, help="0 .. 2**32 - 1; image i gets seed + i")
+    stage_args(p, "prior", PRIOR_DEFAULTS)
+    stage_args(p, "decoder", DECODER_DEFAULTS)
     p.add_argument("--out", default="out", help="folder for the PNGs")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier PNGs of the same names")
     p.add_argument("--preview", action="store_true", help="also save previewer images of the Stage C latents")
-    args = p.parse_args(argv)
-    if args.mode != "text2img" and not args.image:
-        p.error(f"{args.mode} needs --image")
-    # Fail in a second, before any model is built (img2img and reconstruct take the image's size).
+    p.add_argument("--no-progress", action="store_true", help="no per-step progress bars")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="Stage C LoRA file (official or ComfyUI format), strength default 1; repeatable")
+    return p
+
+
+def settings(args, name):
+    """The stage's SamplerSettings; an impossible value fails naming its flag (e.g. --prior-shift)."""
+    base = PRIOR_DEFAULTS if name == "prior" else DECODER_DEFAULTS
     try:
-        if args.mode in ("text2img", "variation"):
-            check_image_size(args.height, args.width)
-        if args.mode == "img2img" and not 0 < args.strength <= 1:
-            raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
-        if args.num_images < 1:
-            raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
+        return base.replace(steps=getattr(args, f"{name}_steps"), cfg=getattr(args, f"{name}_cfg"),
+                            shift=getattr(args, f"{name}_shift"), sampler=getattr(args, f"{name}_sampler"))
+    except ValueError as e:
+        raise ValueError(f"--{name}-{e}") from None
+
+
+def validate(args):
+    """Everything that can be checked without a model, in a second: raises ValueError with the flag's name."""
+    if args.mode in IMAGE_MODES and not args.image:
+        raise ValueError(f"{args.mode} needs --image")
+    if args.mode == "img2img":
+        try:
+            checks.check_strength(args.strength)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
+    count = args.num_images if args.mode in ("text2img", "variation") else 1
+    try:
+        args.seeds = checks.seeds_for(args.seed, count)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
+    args.prior, args.decoder = settings(args, "prior"), settings(args, "decoder")
+    args.image_array = load_image(args.image, args.background) if args.mode in IMAGE_MODES else None
+    if args.mode in ("text2img", "variation"):
+        default_h = default_w = 1024
+    else:  # the image's size unless given
+        default_h, default_w = (round_size(side) for side in args.image_array.shape[:2])
+    args.height = default_h if args.height is None else args.height
+    args.width = default_w if args.width is None else args.width
+    check_image_size(args.height, args.width)
+    check_output_dir(args.out)
+    args.paths = output_paths(args.out, args.mode, args.seeds, overwrite=args.overwrite)
+    args.preview_paths = output_paths(args.out, "preview", args.seeds, overwrite=args.overwrite)
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        validate(args)
     except ValueError as e:
         p.error(str(e))
     return args
 
 
-def settings(args, name):
-    return StageSettings(steps=getattr(args, f"{name}_steps"), cfg=getattr(args, f"{name}_cfg"),
-                         shift=getattr(args, f"{name}_shift"), sampler=getattr(args, f"{name}_sampler"))
+class ProgressBars:
+    """One tqdm bar per stage, fed by the pipeline's per-step callback."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, event):
+        if event.step == 1:
+            self.bar = tqdm(total=event.steps, desc=event.stage, unit="step", leave=True)
+        self.bar.update(1)
+        if event.step == event.steps:
+            self.bar.close()
 
 
 def run(args, pipe):
-    prior, decoder = settings(args, "prior"), settings(args, "decoder")
-    common = dict(seed=args.seed)
+    common = dict(seed=args.seed, callback=None if args.no_progress else ProgressBars())
+    size = dict(height=args.height, width=args.width)
+    text = dict(long_prompts=args.long_prompts)
     if args.mode == "text2img":
-        return pipe.text_to_image(args.prompt, args.negative_prompt, height=args.height, width=args.width,
-                                  num_images_per_prompt=args.num_images, prior=prior, decoder=decoder, **common)
-    image = Image.open(args.image).convert("RGB")
+        return pipe.text_to_image(args.prompt, args.negative_prompt, num_images_per_prompt=args.num_images,
+                                  prior=args.prior, decoder=args.decoder, **size, **text, **common)
     if args.mode == "variation":
-        return pipe.image_variation(image, prompt=args.prompt, height=args.height, width=args.width,
-                                    num_images_per_prompt=args.num_images, prior=prior, decoder=decoder, **common)
+        return pipe.image_variation(args.image_array, prompt=args.prompt, num_images_per_prompt=args.num_images,
+                                    prior=args.prior, decoder=args.decoder, **size, **text, **common)
     if args.mode == "img2img":
-        return pipe.image_to_image(image, args.prompt, args.negative_prompt, strength=args.strength, prior=prior,
-                                   decoder=decoder, **common)
-    return pipe.reconstruct(image, prompt=args.prompt, decoder=decoder, **common)
+        return pipe.image_to_image(args.image_array, args.prompt, args.negative_prompt, strength=args.strength,
+                                   prior=args.prior, decoder=args.decoder, **size, **text, **common)
+    return pipe.reconstruct(args.image_array, prompt=args.prompt, decoder=args.decoder, **size, **common)
+
+
+def metadata(args) -> dict:
+    fields = ("steps", "cfg", "shift", "sampler", "cfg_rho", "cfg_std_per_sample")
+    stage = lambda s: {k: v for k, v in dataclasses.asdict(s).items() if k in fields}
+    meta = {"mode": args.mode, "prompt": args.prompt, "negative_prompt": args.negative_prompt or "",
+            "prior": stage(args.prior), "decoder": stage(args.decoder), "height": args.height, "width": args.width,
+            "weights": args.weights or f"random:{args.random}", "dtype": args.dtype or "",
+            "long_prompts": args.long_prompts, "loras": args.lora}
+    return {**meta, "strength": args.strength} if args.mode == "img2img" else meta
 
 
 def main(argv=None):
@@ -94,18 +173,18 @@ def main(argv=None):
             pipe = StableCascadePipeline.random(args.random, dtype=args.dtype or "float32")
         else:
             pipe = StableCascadePipeline.from_pretrained(args.weights, lite=args.lite, dtype=args.dtype or "bfloat16")
+        if args.lora:
+            pipe.load_loras(args.lora)
         print(f"models ready in {time.perf_counter() - start:.1f}s; running {args.mode}")
         result = run(args, pipe)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(timing_report(result.timings))
+        paths = save_images(args.paths, result.images, seeds=result.seeds, metadata=metadata(args))
+        if args.preview:
+            paths += save_images(args.preview_paths, pipe.preview(result.stage_c_latents), seeds=result.seeds,
+                                 metadata=metadata(args))
+    except (ValueError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(timing_report(result.timings))
-    meta = {"mode": args.mode, "prompt": args.prompt, "negative_prompt": args.negative_prompt or "",
-            "prior": vars(settings(args, "prior")), "decoder": vars(settings(args, "decoder")),
-            "weights": args.weights or f"random:{args.random}", "dtype": args.dtype or ""}
-    paths = save_images(args.out, result.images, prefix=args.mode, seeds=result.seeds, metadata=meta)
-    if args.preview:
-        save_images(args.out, pipe.preview(result.stage_c_latents), prefix="preview", seeds=result.seeds, metadata=meta)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

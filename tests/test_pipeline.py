@@ -14,8 +14,6 @@ compiles a different program per batch size. The compiled Stage C program and th
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
@@ -24,8 +22,10 @@ from helpers import relative_error
 from pipeline_testing import LoopRunner, RecordingRunner
 
 from cascade_jax.pipelines import (
+    DECODER_DEFAULTS,
+    PRIOR_DEFAULTS,
+    SamplerSettings,
     StableCascadePipeline,
-    StageSettings,
     latent_shapes,
     stage_b_latent_hw,
     stage_c_latent_hw,
@@ -34,8 +34,8 @@ from cascade_jax.pipelines.sizes import check_image_size
 from cascade_jax.weights.tree import named_variables
 
 H, W = 136, 200
-PRIOR = StageSettings(steps=2, cfg=4.0, shift=2.0)
-DECODER = StageSettings(steps=2, cfg=1.1, shift=1.0)
+PRIOR = PRIOR_DEFAULTS.replace(steps=2)
+DECODER = DECODER_DEFAULTS.replace(steps=2)
 PROMPTS = ("a red cube on a table", "a blue ball")
 LATENT_TOL = 1e-5  # max|Δ| / max|ref| between a batch member and its single run
 PIXEL_TOL = 1  # uint8 levels
@@ -105,10 +105,10 @@ def test_bad_inputs_fail_before_sampling(pipe):
         pipe.text_to_image("x", num_images_per_prompt=0)
     with pytest.raises(ValueError, match="3 seeds for 2 images"):
         pipe.text_to_image(list(PROMPTS), seed=[1, 2, 3])
-    with pytest.raises(ValueError, match="steps must be at least 1"):
-        pipe.text_to_image("x", height=H, width=W, prior=dataclasses.replace(PRIOR, steps=0))
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        PRIOR.replace(steps=0)
     with pytest.raises(ValueError, match="unknown sampler"):
-        StageSettings(steps=2, cfg=4.0, shift=2.0, sampler="euler").sampler_settings()
+        SamplerSettings(steps=2, cfg=4.0, shift=2.0, sampler="euler")
     image = np.zeros((H, W, 3), np.uint8)
     for strength in (0, 0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
@@ -198,7 +198,8 @@ def test_stage_runner_matches_step_by_step_loop_and_wiring(pipe, single):
     assert not np.any(b_call["uncond"]["effnet"])
     np.testing.assert_array_equal(b_call["conditions"]["clip"], text.clip_text_pooled)
     np.testing.assert_array_equal(b_call["uncond"]["clip"], empty.clip_text_pooled)
-    assert b_call["seeds"] != c_call["seeds"] == [0]  # Stage B's noise is not Stage C's
+    assert b_call["seeds"] == c_call["seeds"] == [0]
+    assert b_call["stream"] != c_call["stream"]  # Stage B's noise is not Stage C's
     settings = c_call["settings"]
     assert (settings.steps, settings.cfg, settings.shift, settings.cfg_rho) == (2, 4.0, 2.0, 0.7)
 
@@ -212,7 +213,7 @@ def test_stage_runner_matches_step_by_step_loop_and_wiring(pipe, single):
 # ---- modes ---------------------------------------------------------------------------------------
 def test_image_to_image_runs_a_shortened_schedule(pipe, single):
     image = single(PROMPTS[1], 5).images[0]
-    prior = dataclasses.replace(PRIOR, steps=4)
+    prior = PRIOR.replace(steps=4)
     out = pipe.image_to_image(image, PROMPTS[0], strength=0.5, seed=0, prior=prior, decoder=DECODER)
     assert out.timings["stage_c"].steps == 2  # round(4 * 0.5)
     assert out.timings["stage_b"].steps == DECODER.steps

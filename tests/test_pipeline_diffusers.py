@@ -70,7 +70,7 @@ from test_diffusers_unet import DECODER, LEVEL  # the same tiny decoder as the U
 import cascade_jax
 from cascade_jax.diffusion import SamplerSettings
 from cascade_jax.models.clip_tokenizer import CLIPTokenizer, openai_bpe_path, write_tokenizer_folder_from_openai_bpe
-from cascade_jax.pipelines import StableCascadePipeline, StageSettings, stage_b_latent_hw
+from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline, stage_b_latent_hw
 from cascade_jax.pipelines.cascade import jitted_call
 from cascade_jax.weights.convert import convert_checkpoint
 from cascade_jax.weights.diffusers_vq import stage_a_config_from_paella
@@ -84,8 +84,8 @@ H, W = 128, 256  # Stage C 3x6, Stage B 32x64 in both implementations (see diffe
 PROMPTS = ["a lighthouse on a cliff", "two cats"]
 PRIOR_STEPS, DECODER_STEPS = 3, 2
 # The settings under which our pipeline reproduces diffusers (with LoopMode DIFFUSERS).
-PRIOR_AS_DIFFUSERS = StageSettings(steps=PRIOR_STEPS, cfg=4.0, shift=1.0, cfg_rho=0.0)
-DECODER_AS_DIFFUSERS = StageSettings(steps=DECODER_STEPS, cfg=1.1, shift=1.0, cfg_rho=0.0)
+PRIOR_AS_DIFFUSERS = PRIOR_DEFAULTS.replace(steps=PRIOR_STEPS, cfg=4.0, shift=1.0, cfg_rho=0.0)
+DECODER_AS_DIFFUSERS = DECODER_DEFAULTS.replace(steps=DECODER_STEPS, cfg=1.1, shift=1.0, cfg_rho=0.0)
 
 PRIOR = dict(in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1, conditioning_dim=64,
              block_out_channels=(64, 64), num_attention_heads=(2, 2), down_num_layers_per_block=(1, 2),
@@ -160,7 +160,7 @@ def official_stage_a(ours):
 class Sampled:
     """Our pipeline run with LoopRunners of the given mode in place of its stage runners."""
 
-    def __init__(self, pipe, mode: LoopMode, prior: StageSettings, decoder: StageSettings):
+    def __init__(self, pipe, mode: LoopMode, prior: SamplerSettings, decoder: SamplerSettings):
         runners = pipe.prior, pipe.decoder
         self.prior_loop = LoopRunner("Stage C", runners[0], mode)
         self.decoder_loop = LoopRunner("Stage B", runners[1], mode)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -58,10 +59,15 @@ def test_bad_size_exits_2_with_the_message_before_loading_models(tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_other_bad_arguments_exit_2(tmp_path, capsys):
+def load_script():
     spec = importlib.util.spec_from_file_location("generate_script", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_other_bad_arguments_exit_2(tmp_path, capsys):
+    script = load_script()
     for argv, message in [
         (["img2img", "--random", "tiny", "--image", str(tmp_path / "x.png"), "--strength", "0"],
          "--strength must be in (0, 1]"),
@@ -72,3 +78,63 @@ def test_other_bad_arguments_exit_2(tmp_path, capsys):
         with pytest.raises(SystemExit) as info:
             script.parse_args(argv)
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def _refused(script, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        script.parse_args(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err, err
+    assert "Traceback" not in err
+
+
+def test_inputs_and_outputs_are_checked_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """Issue 9 item 7: each of these used to fail only after the models loaded (or after sampling)."""
+    script = load_script()
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(good)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "taken").write_text("a file")
+    out = ["--out", str(tmp_path / "out")]
+    base = ["img2img", "--random", "tiny", "--prompt", "x", *out]
+    for argv, message in [
+        ([*base, "--image", str(tmp_path / "missing.png")], "no such file"),
+        ([*base, "--image", str(tmp_path)], "is a folder"),
+        ([*base, "--image", str(corrupt)], "not an image file PIL can read"),
+        (["text2img", "--random", "tiny", "--out", str(tmp_path / "taken")], "is a file, not a folder"),
+        (["text2img", "--random", "tiny", "--seed", "-1", *out], "--seed must be an integer in [0, 2**32 - 1]"),
+        (["text2img", "--random", "tiny", "--seed", str(1 << 32), *out], "--seed must be an integer"),
+        (["text2img", "--random", "tiny", "--seed", str((1 << 32) - 1), "--num-images", "2", *out],
+         "--seed must be an integer in [0, 2**32 - 2]"),
+        (["text2img", "--random", "tiny", "--decoder-steps", "0", *out], "--decoder-steps must be a positive integer"),
+        (["text2img", "--random", "tiny", "--prior-shift", "0", *out], "--prior-shift must be a finite number"),
+        (["text2img", "--random", "tiny", "--decoder-shift", "nan", *out], "--decoder-shift must be a finite"),
+        (["text2img", "--random", "tiny", "--prior-cfg", "inf", *out], "--prior-cfg must be"),
+        (["reconstruct", "--random", "tiny", "--image", str(good), "--height", "7", *out], "nearest valid size"),
+        (["img2img", "--random", "tiny", "--image", str(good), "--width", "100", *out], "nearest valid size"),
+    ]:
+        _refused(script, capsys, argv, message)
+    assert not (tmp_path / "out").exists()  # nothing was created for a refused run
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 128x128 is then a "decompression bomb"
+    _refused(script, capsys, [*base, "--image", str(good)], "decompression bomb")
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        _refused(script, capsys, ["text2img", "--random", "tiny", "--out", str(locked)], "is not writable")
+
+
+def test_earlier_results_are_kept_unless_overwrite(tmp_path, capsys):
+    script = load_script()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "text2img_00_seed3.png").write_bytes(b"earlier result")
+    argv = ["text2img", "--random", "tiny", "--height", "64", "--width", "64", "--prior-steps", "2",
+            "--decoder-steps", "2", "--seed", "3", "--out", str(out)]
+    assert script.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "Stage C" in err and "Stage B" in err and "2/2" in err  # the per-stage progress bars
+    assert (out / "text2img_00_seed3.png").read_bytes() == b"earlier result"
+    assert np.asarray(Image.open(out / "text2img_00_seed3-1.png")).shape == (64, 64, 3)
+    args = script.parse_args([*argv, "--overwrite"])
+    assert [p.name for p in args.paths] == ["text2img_00_seed3.png"]

@@ -1,20 +1,29 @@
 """The whole cascade: prompt (or image) -> Stage C -> Stage B -> Stage A -> pixels.
 
-Defaults are the official ones (Stage C 20 steps, cfg 4, shift 2; Stage B 10 steps, cfg
-1.1, shift 1; DDPM; CFG rescale 0.7; the unconditional branch is the encoding of "" with
-zero image embeddings and zero EfficientNet latents). Each stage's sampling loop is one
-compiled program (see ``stage_runner``); the batch is sharded over the local devices.
+Defaults are the official ones (``PRIOR_DEFAULTS`` / ``DECODER_DEFAULTS``, from
+``cascade_jax.diffusion.STAGE_C_DEFAULTS`` / ``STAGE_B_DEFAULTS``: Stage C 20 steps, cfg 4,
+shift 2; Stage B 10 steps, cfg 1.1, shift 1; DDPM; CFG rescale 0.7; the unconditional branch
+is the encoding of "" with zero image embeddings and zero EfficientNet latents). A stage's
+settings are one ``SamplerSettings``, passed as it is to the stage's sampling loop; change a
+field with ``PRIOR_DEFAULTS.replace(steps=30)``. Each stage's sampling loop is one compiled
+program (see ``stage_runner``); the batch is sharded over the local devices.
 
 One deliberate difference from the official sampler: the CFG rescale uses each image's own
 standard deviation (``cfg_std_per_sample=True``) rather than the whole batch's, so an image
 does not depend on what else is in its batch. At batch size 1 the two are identical; pass
-``StageSettings(cfg_std_per_sample=False)`` for the official batch-wide statistic.
+``PRIOR_DEFAULTS.replace(cfg_std_per_sample=False)`` for the official batch-wide statistic.
+
+Noise: image i with seed s draws Stage C's noise from ``key(s)``, Stage B's from
+``fold_in(key(s), 1)`` and img2img's image noise from ``fold_in(key(s), 2)``; every seed in
+[0, 2**32) works for every stage. ``prior_x_init`` / ``decoder_x_init`` replace a stage's
+initial noise (diffusers' ``latents=`` of its prior / decoder pipeline), e.g. to reproduce
+another implementation's run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,36 +31,15 @@ import numpy as np
 from flax import nnx
 
 from cascade_jax.conditioning import TextConditioner
-from cascade_jax.diffusion import GDF, SamplerSettings
+from cascade_jax.diffusion import GDF, STAGE_B_DEFAULTS, STAGE_C_DEFAULTS, SamplerSettings
+from cascade_jax.pipelines import arguments as checks
 from cascade_jax.pipelines import images as image_ops
 from cascade_jax.pipelines.sizes import latent_shapes
-from cascade_jax.pipelines.stage_runner import StageRunner, StageTiming
+from cascade_jax.pipelines.stage_runner import StageRunner, StageTiming, StepEvent, image_keys
 
-
-@dataclasses.dataclass(frozen=True)
-class StageSettings:
-    """What a user sets per stage; ``steps``/``cfg``/``shift`` default to the official values."""
-
-    steps: int
-    cfg: Any
-    shift: float
-    sampler: str = "ddpm"
-    eta: float | None = None
-    cfg_rho: float = 0.7
-    cfg_std_per_sample: bool = True
-    t_start: float = 1.0
-
-    def sampler_settings(self) -> SamplerSettings:
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        cfg = None if self.cfg is None else self.cfg
-        return SamplerSettings(steps=self.steps, cfg=cfg, cfg_rho=self.cfg_rho,
-                               cfg_std_per_sample=self.cfg_std_per_sample, shift=self.shift, sampler=self.sampler,
-                               eta=self.eta, t_start=self.t_start)
-
-
-PRIOR_DEFAULTS = StageSettings(steps=20, cfg=4.0, shift=2.0)
-DECODER_DEFAULTS = StageSettings(steps=10, cfg=1.1, shift=1.0)
+PRIOR_DEFAULTS = STAGE_C_DEFAULTS.replace(cfg_std_per_sample=True)
+DECODER_DEFAULTS = STAGE_B_DEFAULTS.replace(cfg_std_per_sample=True)
+STAGE_B_STREAM, IMG2IMG_STREAM = 1, 2  # noise streams of a seed besides Stage C's (image_keys)
 
 
 @dataclasses.dataclass
@@ -61,6 +49,17 @@ class CascadeOutput:
     stage_b_latents: np.ndarray | None  # (B, H/4, W/4, 4) float32
     timings: dict  # stage name -> StageTiming
     seeds: list
+
+
+@dataclasses.dataclass
+class _Call:
+    """Per-call state shared by the stages of one pipeline call."""
+
+    seeds: list
+    callback: Callable[[StepEvent], None] | None = None
+    callback_x0: bool = False
+    long_prompts: bool = False
+    timings: dict = dataclasses.field(default_factory=dict)
 
 
 def _apply(graphdef, state, method: str | None, *args):
@@ -80,33 +79,6 @@ def jitted_call(module: nnx.Module, *args, method: str | None = None):
     """
     graphdef, state = nnx.split(module)
     return _apply_jit(graphdef, state, method, *args)
-
-
-def _prompt_list(prompt) -> list[str]:
-    if not isinstance(prompt, (str, list, tuple)):
-        raise ValueError(f"prompts must be strings: pass a string or a list of strings, got {type(prompt).__name__}")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts:
-        raise ValueError("no prompt given: pass a string or a non-empty list of strings")
-    if not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
-    return prompts
-
-
-def _batch(groups: int, num_images_per_prompt) -> int:
-    if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) \
-            or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-    return groups * num_images_per_prompt
-
-
-def _seeds(seed: int | Sequence[int], count: int) -> list[int]:
-    """One seed per image: consecutive seeds from an int, or an explicit list."""
-    if isinstance(seed, (list, tuple)):
-        if len(seed) != count:
-            raise ValueError(f"{len(seed)} seeds for {count} images")
-        return [int(s) for s in seed]
-    return [int(seed) + i for i in range(count)]
 
 
 class StableCascadePipeline:
@@ -144,29 +116,35 @@ class StableCascadePipeline:
         from cascade_jax.pipelines.loading import random_components
         return cls(**random_components(set_name, seed=seed, dtype=dtype, tokenizer_dir=tokenizer_dir))
 
+    def load_loras(self, loras) -> "StableCascadePipeline":
+        """Sample with these Stage C LoRAs (``"FILE[:STRENGTH]"`` strings or (path, strength) pairs),
+        merged for full speed; their new tokens work in prompts. ``[]`` restores the base weights."""
+        from cascade_jax.pipelines.lora import apply_loras
+        return apply_loras(self, loras)
+
     # ---- building blocks -------------------------------------------------------------------
-    def _text(self, prompts, negative_prompt, repeat: int):
-        cond, uncond = self.text.with_unconditional(prompts, negative_prompt)
+    def _text(self, prompts, negative_prompt, repeat: int, call: _Call):
+        cond, uncond = self.text.with_unconditional(prompts, negative_prompt, long_prompts=call.long_prompts)
         rep = lambda a: jnp.repeat(a, repeat, axis=0)
         return jax.tree.map(rep, cond), jax.tree.map(rep, uncond)
 
-    def _sample_prior(self, cond_text, uncond_text, clip_img, shape, seeds, settings: StageSettings, timings,
-                      x_init=None):
+    def _stage(self, runner, key: str, settings, shape, cond, uncond, x_init, call: _Call, stream: int):
+        call.timings[key] = StageTiming()
+        return runner(settings, tuple(shape[1:]), call.seeds, cond, uncond, x_init, call.timings[key], stream=stream,
+                      callback=call.callback, callback_x0=call.callback_x0)
+
+    def _sample_prior(self, cond_text, uncond_text, clip_img, shape, settings, call: _Call, x_init=None):
         zeros_img = jnp.zeros((shape[0], 1, self.c_clip_img), jnp.float32)
         clip_img = zeros_img if clip_img is None else clip_img
         cond = {**cond_text.stage_c(), "clip_img": clip_img}
         uncond = {**uncond_text.stage_c(), "clip_img": zeros_img}
-        timings["stage_c"] = StageTiming()
-        return self.prior(settings.sampler_settings(), tuple(shape[1:]), seeds, cond, uncond, x_init,
-                          timings["stage_c"])
+        return self._stage(self.prior, "stage_c", settings, shape, cond, uncond, x_init, call, 0)
 
-    def _sample_decoder(self, effnet_latents, cond_text, uncond_text, shape, seeds, settings, timings):
+    def _sample_decoder(self, effnet_latents, cond_text, uncond_text, shape, settings, call: _Call, x_init=None):
         cond = {"effnet": effnet_latents, **cond_text.stage_b()}
         uncond = {"effnet": jnp.zeros_like(effnet_latents), **uncond_text.stage_b()}
-        timings["stage_b"] = StageTiming()
-        # Stage B's noise must differ from Stage C's for the same seed.
-        return self.decoder(settings.sampler_settings(), tuple(shape[1:]), [s + (1 << 30) for s in seeds],
-                            cond, uncond, None, timings["stage_b"])
+        # Stage B's noise must differ from Stage C's for the same seed: its own stream of the seed's key.
+        return self._stage(self.decoder, "stage_b", settings, shape, cond, uncond, x_init, call, STAGE_B_STREAM)
 
     def decode(self, stage_b_latents) -> np.ndarray:
         return image_ops.to_uint8(jitted_call(self.stage_a, jnp.asarray(stage_b_latents), method="decode"))
@@ -177,40 +155,61 @@ class StableCascadePipeline:
             raise ValueError("this pipeline has no previewer; load one (previewer.safetensors)")
         return image_ops.to_uint8(jitted_call(self.previewer, jnp.asarray(stage_c_latents)))
 
-    def _finish(self, c_latents, cond, uncond, b_shape, seeds, decoder, timings, decode: bool) -> CascadeOutput:
-        b_latents = self._sample_decoder(c_latents, cond, uncond, b_shape, seeds, decoder, timings)
+    def _finish(self, c_latents, cond, uncond, b_shape, decoder, decoder_x_init, call: _Call,
+                decode: bool) -> CascadeOutput:
+        b_latents = self._sample_decoder(c_latents, cond, uncond, b_shape, decoder, call, decoder_x_init)
         images = self.decode(b_latents) if decode else None
-        return CascadeOutput(images, np.asarray(c_latents), np.asarray(b_latents), timings, seeds)
+        return CascadeOutput(images, np.asarray(c_latents), np.asarray(b_latents), call.timings, call.seeds)
+
+    @staticmethod
+    def _call(seed, batch: int, prior, decoder, callback, callback_x0, long_prompts=False) -> _Call:
+        """Check what every mode shares (before any work) and start the call's state."""
+        for name, settings in (("prior", prior), ("decoder", decoder)):
+            if settings is not None:
+                checks.check_settings(name, settings)
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be a function of one StepEvent, got {type(callback).__name__}")
+        checks.check_flag("callback_x0", callback_x0)
+        checks.check_flag("long_prompts", long_prompts)
+        return _Call(checks.seeds_for(seed, batch), callback, callback_x0, long_prompts)
 
     # ---- modes -----------------------------------------------------------------------------
     def text_to_image(self, prompt, negative_prompt=None, *, height=1024, width=1024, num_images_per_prompt=1,
-                      seed=0, prior: StageSettings = PRIOR_DEFAULTS, decoder: StageSettings = DECODER_DEFAULTS,
-                      prior_x_init=None, decode=True) -> CascadeOutput:
-        prompts = _prompt_list(prompt)
-        batch = _batch(len(prompts), num_images_per_prompt)
+                      seed=0, prior: SamplerSettings = PRIOR_DEFAULTS, decoder: SamplerSettings = DECODER_DEFAULTS,
+                      prior_x_init=None, decoder_x_init=None, decode=True, callback=None, callback_x0=False,
+                      long_prompts=False) -> CascadeOutput:
+        """Prompts -> images. ``callback(StepEvent)`` is called after every step of each stage (with the
+        step's predicted x0 when ``callback_x0``); ``long_prompts`` encodes prompts past CLIP's 77 tokens
+        in windows (see ``TextConditioner``) instead of truncating them."""
+        prompts = checks.prompt_list(prompt)
+        batch = checks.batch_size(len(prompts), num_images_per_prompt)
         c_shape, b_shape = latent_shapes(height, width, batch, self.c_latent_c, self.c_latent_b)
-        seeds = _seeds(seed, batch)
-        cond, uncond = self._text(prompts, negative_prompt, num_images_per_prompt)
-        timings = {}
-        c_latents = self._sample_prior(cond, uncond, None, c_shape, seeds, prior, timings, prior_x_init)
-        return self._finish(c_latents, cond, uncond, b_shape, seeds, decoder, timings, decode)
+        call = self._call(seed, batch, prior, decoder, callback, callback_x0, long_prompts)
+        prior_x_init = checks.check_x_init("prior_x_init", prior_x_init, c_shape)
+        decoder_x_init = checks.check_x_init("decoder_x_init", decoder_x_init, b_shape)
+        checks.check_flag("decode", decode)
+        cond, uncond = self._text(prompts, negative_prompt, num_images_per_prompt, call)
+        c_latents = self._sample_prior(cond, uncond, None, c_shape, prior, call, prior_x_init)
+        return self._finish(c_latents, cond, uncond, b_shape, decoder, decoder_x_init, call, decode)
 
     def image_variation(self, images, *, prompt="", height=1024, width=1024, num_images_per_prompt=1, seed=0,
-                        prior: StageSettings = PRIOR_DEFAULTS, decoder: StageSettings = DECODER_DEFAULTS):
+                        prior: SamplerSettings = PRIOR_DEFAULTS, decoder: SamplerSettings = DECODER_DEFAULTS,
+                        prior_x_init=None, decoder_x_init=None, callback=None, callback_x0=False, long_prompts=False):
         """New images like ``images``: Stage C conditioned on their CLIP-L image embeddings."""
         if self.image_encoder is None:
             raise ValueError("image variation needs the CLIP-L image encoder (image_encoder/)")
         arrays = image_ops.as_uint8_batch(images)
-        batch = _batch(len(arrays), num_images_per_prompt)
+        batch = checks.batch_size(len(arrays), num_images_per_prompt)
         c_shape, b_shape = latent_shapes(height, width, batch, self.c_latent_c, self.c_latent_b)  # check first
+        call = self._call(seed, batch, prior, decoder, callback, callback_x0, long_prompts)
+        prior_x_init = checks.check_x_init("prior_x_init", prior_x_init, c_shape)
+        decoder_x_init = checks.check_x_init("decoder_x_init", decoder_x_init, b_shape)
         pixels = image_ops.clip_pixels(arrays)
         embeds = jitted_call(self.image_encoder, jnp.asarray(pixels)).image_embeds[:, None, :]
-        seeds = _seeds(seed, batch)
-        cond, uncond = self._text([prompt] * pixels.shape[0], None, num_images_per_prompt)
-        timings = {}
+        cond, uncond = self._text([prompt] * pixels.shape[0], None, num_images_per_prompt, call)
         c_latents = self._sample_prior(cond, uncond, jnp.repeat(embeds, num_images_per_prompt, axis=0), c_shape,
-                                       seeds, prior, timings)
-        return self._finish(c_latents, cond, uncond, b_shape, seeds, decoder, timings, True)
+                                       prior, call, prior_x_init)
+        return self._finish(c_latents, cond, uncond, b_shape, decoder, decoder_x_init, call, True)
 
     def encode_effnet(self, images, height: int, width: int):
         """EfficientNet latents sized like Stage C latents of a (height, width) image."""
@@ -220,40 +219,49 @@ class StableCascadePipeline:
         pixels = image_ops.effnet_pixels(images, (hc * 32, wc * 32))
         return jitted_call(self.effnet, jnp.asarray(pixels)).astype(jnp.float32)
 
+    def _image_size(self, arrays, height, width):
+        """The output size: as given, else the input's size rounded down to a multiple of 8."""
+        height = image_ops.round_size(arrays.shape[1]) if height is None else height
+        width = image_ops.round_size(arrays.shape[2]) if width is None else width
+        return height, width
+
     def image_to_image(self, images, prompt, negative_prompt=None, *, strength=0.8, height=None, width=None,
-                       seed=0, prior: StageSettings = PRIOR_DEFAULTS, decoder: StageSettings = DECODER_DEFAULTS):
+                       seed=0, prior: SamplerSettings = PRIOR_DEFAULTS, decoder: SamplerSettings = DECODER_DEFAULTS,
+                       decoder_x_init=None, callback=None, callback_x0=False, long_prompts=False):
         """Stage C starts from the images' EfficientNet latents noised to t = ``strength`` and runs
-        ``round(steps * strength)`` steps of the same schedule."""
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        ``round(steps * strength)`` steps of the same schedule. The output is ``height`` x ``width``
+        (default: the input's size rounded down to a multiple of 8); the input is resized to it."""
+        checks.check_strength(strength)
         arrays = image_ops.as_uint8_batch(images)
-        height = height or image_ops.round_size(arrays.shape[1])
-        width = width or image_ops.round_size(arrays.shape[2])
-        prompts = _prompt_list(prompt)
+        height, width = self._image_size(arrays, height, width)
+        prompts = checks.prompt_list(prompt)
         if len(prompts) not in (1, len(arrays)):
             raise ValueError(f"{len(prompts)} prompts for {len(arrays)} images")
         prompts = prompts * len(arrays) if len(prompts) == 1 else prompts
         batch = len(arrays)
         c_shape, b_shape = latent_shapes(height, width, batch, self.c_latent_c, self.c_latent_b)
-        seeds = _seeds(seed, batch)
+        call = self._call(seed, batch, prior, decoder, callback, callback_x0, long_prompts)
+        decoder_x_init = checks.check_x_init("decoder_x_init", decoder_x_init, b_shape)
         effnet_latents = self.encode_effnet(arrays, height, width)
         with jax.threefry_partitionable(False):  # as the stage runner draws its noise (fast to compile)
-            eps = jax.vmap(lambda s: jax.random.normal(jax.random.key(s + (1 << 29)), c_shape[1:]))(jnp.asarray(seeds))
+            eps = jax.vmap(lambda k: jax.random.normal(k, c_shape[1:]))(image_keys(call.seeds, IMG2IMG_STREAM))
         x_init = self.gdf.diffuse(effnet_latents, epsilon=eps, t=jnp.full((batch,), strength), shift=prior.shift).noised
-        steps = max(1, round(prior.steps * strength))
-        settings = dataclasses.replace(prior, steps=steps, t_start=strength)
-        cond, uncond = self._text(prompts, negative_prompt, 1)
-        timings = {}
-        c_latents = self._sample_prior(cond, uncond, None, c_shape, seeds, settings, timings, x_init)
-        return self._finish(c_latents, cond, uncond, b_shape, seeds, decoder, timings, True)
+        settings = prior.replace(steps=max(1, round(prior.steps * strength)), t_start=strength)
+        cond, uncond = self._text(prompts, negative_prompt, 1, call)
+        c_latents = self._sample_prior(cond, uncond, None, c_shape, settings, call, x_init)
+        return self._finish(c_latents, cond, uncond, b_shape, decoder, decoder_x_init, call, True)
 
-    def reconstruct(self, images, *, prompt="", seed=0, decoder: StageSettings = DECODER_DEFAULTS):
-        """Image -> EfficientNet latents (the 42.67x code) -> Stage B -> Stage A: the codec round trip."""
+    def reconstruct(self, images, *, prompt="", height=None, width=None, seed=0,
+                    decoder: SamplerSettings = DECODER_DEFAULTS, decoder_x_init=None, callback=None,
+                    callback_x0=False):
+        """Image -> EfficientNet latents (the 42.67x code) -> Stage B -> Stage A: the codec round trip, at
+        ``height`` x ``width`` (default: the input's size rounded down to a multiple of 8)."""
         arrays = image_ops.as_uint8_batch(images)
-        height, width = image_ops.round_size(arrays.shape[1]), image_ops.round_size(arrays.shape[2])
+        height, width = self._image_size(arrays, height, width)
         batch = len(arrays)
         _, b_shape = latent_shapes(height, width, batch, self.c_latent_c, self.c_latent_b)
-        seeds = _seeds(seed, batch)
+        call = self._call(seed, batch, None, decoder, callback, callback_x0)
+        decoder_x_init = checks.check_x_init("decoder_x_init", decoder_x_init, b_shape)
         effnet_latents = self.encode_effnet(arrays, height, width)
-        cond, uncond = self._text([prompt] * batch, None, 1)
-        return self._finish(effnet_latents, cond, uncond, b_shape, seeds, decoder, {}, True)
+        cond, uncond = self._text([prompt] * batch, None, 1, call)
+        return self._finish(effnet_latents, cond, uncond, b_shape, decoder, decoder_x_init, call, True)

@@ -1,10 +1,19 @@
-"""Image conversions at the pipeline's edges (PIL / uint8 arrays <-> model inputs and outputs)."""
+"""Image conversions at the pipeline's edges (files / PIL / uint8 arrays <-> model inputs and outputs).
+
+PIL images of any mode become 8-bit RGB without silent damage: 16-bit (I;16*, and I, read as the
+16-bit range of 16-bit PNGs) and float (F, read as [0, 1]) grey images are scaled to 0-255, not
+clipped; images with transparency (RGBA, LA, PA, P with a transparent colour) are composited on
+``background`` (white unless given); values a mode cannot hold are refused by name.
+"""
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from cascade_jax.data.clip_preprocess import preprocess_images
 from cascade_jax.pipelines.sizes import SIZE_MULTIPLE
@@ -19,11 +28,63 @@ def to_uint8(images) -> np.ndarray:
     return np.asarray(jnp.round(jnp.clip(images.astype(jnp.float32), 0, 1) * 255)).astype(np.uint8)
 
 
+ALPHA_BACKGROUND = (255, 255, 255)  # what transparent pixels become: white
+_SIXTEEN_BIT = 65535
+
+
+def _grey_to_uint8(values: np.ndarray, scale: float, mode: str) -> np.ndarray:
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all() or values.min() < 0 or values.max() > scale:
+        raise ValueError(f"a mode {mode} image must hold values in [0, {scale:g}] "
+                         f"(got {np.nanmin(values):g} .. {np.nanmax(values):g}); convert it to 8-bit RGB first")
+    grey = np.round(values / scale * 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def to_rgb_uint8(image: Image.Image, background=ALPHA_BACKGROUND) -> np.ndarray:
+    """A PIL image of any mode -> (H, W, 3) uint8: high bit depths scaled, transparency composited."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        return _grey_to_uint8(np.asarray(image), _SIXTEEN_BIT, mode)
+    if mode == "F":
+        return _grey_to_uint8(np.asarray(image), 1.0, mode)
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*(int(c) for c in background), 255))
+        return np.asarray(Image.alpha_composite(base, rgba).convert("RGB"))
+    try:
+        return np.asarray(image.convert("RGB"))
+    except ValueError as e:
+        raise ValueError(f"cannot convert a mode {mode} image to RGB ({e}); save it as RGB first") from None
+
+
+def load_image(path, background=ALPHA_BACKGROUND) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 (see ``to_rgb_uint8``); every failure is one ``ValueError``
+    naming the file: missing, a folder, not an image, truncated, or over PIL's decompression-bomb limit."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image file {path}: {'is a folder' if path.is_dir() else 'no such file'}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb_uint8(image, background)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"image file {path}: refused as a possible decompression bomb ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"image file {path}: {e}") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"image file {path}: not an image file PIL can read") from None
+    except (OSError, SyntaxError) as e:  # truncated or corrupt data (PIL raises SyntaxError for some formats)
+        raise ValueError(f"image file {path}: cannot read it ({e})") from None
+
+
 def as_uint8_batch(images) -> np.ndarray:
     """A PIL image, a list of them, or uint8 arrays (H, W, 3)/(B, H, W, 3) -> (B, H, W, 3) uint8."""
     if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3):
         images = [images]
-    arrays = [np.asarray(im.convert("RGB")) if isinstance(im, Image.Image) else np.asarray(im) for im in images]
+    arrays = [to_rgb_uint8(im) if isinstance(im, Image.Image) else np.asarray(im) for im in images]
     if not arrays:
         raise ValueError("no images given")
     shapes = {a.shape for a in arrays}

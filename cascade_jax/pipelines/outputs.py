@@ -26,15 +26,38 @@ def read_png_metadata(path) -> dict:
         return dict(image.text)
 
 
-def save_images(out_dir, images, *, prefix: str, seeds, metadata: dict) -> list[Path]:
+def check_output_dir(out_dir) -> Path:
+    """Create ``out_dir`` if needed and prove it writable now, before any work whose result would be lost."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (image, seed) in enumerate(zip(images, seeds)):
-        path = out_dir / f"{prefix}_{i:02d}_seed{seed}.png"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder; name a folder for the images")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out_dir} is not writable ({e.strerror or e}); choose another folder") from None
+    return out_dir
+
+
+def output_paths(out_dir, prefix: str, seeds, *, overwrite: bool = False) -> list[Path]:
+    """``PREFIX_II_seedS.png`` per image; unless ``overwrite``, a ``-N`` suffix (the smallest that makes
+    every name of this run new) keeps earlier results instead of replacing them."""
+    out_dir = Path(out_dir)
+    names = [f"{prefix}_{i:02d}_seed{seed}" for i, seed in enumerate(seeds)]
+    for n in range(0, 1 << 20):
+        paths = [out_dir / (f"{name}-{n}.png" if n else f"{name}.png") for name in names]
+        if overwrite or not any(p.exists() for p in paths):
+            return paths
+    raise ValueError(f"--out {out_dir} holds too many earlier results named {names[0]}; choose another folder")
+
+
+def save_images(paths, images, *, seeds, metadata: dict) -> list[Path]:
+    """Write each image to its path (from ``output_paths``) with ``metadata`` and its seed."""
+    for path, image, seed in zip(paths, images, seeds):
         save_png(path, image, {**metadata, "seed": seed})
-        paths.append(path)
-    return paths
+    return list(paths)
 
 
 def timing_report(timings: dict) -> str:
