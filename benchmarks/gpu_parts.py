@@ -3,7 +3,6 @@ Stage C training step. The diffusers UNets hold the JAX weights through DLPack (
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import math
 import statistics
@@ -70,7 +69,7 @@ class State:
     def jax_stage_c(self) -> dict:
         from cascade_jax.pipelines.cascade import PRIOR_DEFAULTS
 
-        settings = dataclasses.replace(PRIOR_DEFAULTS, steps=self.cfg["steps"][0]).sampler_settings()
+        settings = PRIOR_DEFAULTS.replace(steps=self.cfg["steps"][0])
         cond, uncond = self._conditions(self.cfg["configs"]["stage_c"][1], 0)
         self.pooled = (cond["clip_text_pooled"], uncond["clip_text_pooled"])
         return self._sample("stage_c", settings, (self.hc, self.hc, 16), cond, uncond)
@@ -78,7 +77,7 @@ class State:
     def jax_stage_b(self) -> dict:
         from cascade_jax.pipelines.cascade import DECODER_DEFAULTS
 
-        settings = dataclasses.replace(DECODER_DEFAULTS, steps=self.cfg["steps"][1]).sampler_settings()
+        settings = DECODER_DEFAULTS.replace(steps=self.cfg["steps"][1])
         effnet = self.outputs.get("stage_c")
         if effnet is None:
             effnet = jax.random.normal(jax.random.key(5), (self.batch, self.hc, self.hc, 16))
