@@ -62,6 +62,18 @@ class TrainConfig:
     stage_a_checkpoint_path: str | None = None
     clip_text_model_name: str | None = None  # a converted dir, a transformers folder or safetensors file
     clip_image_model_name: str | None = None
+    # ControlNet (official train_c_controlnet.py; see cascade_jax.training.controlnet)
+    controlnet_blocks: tuple | None = None  # Stage C ResBlock indices that get a residual
+    controlnet_filter: str | None = None  # CannyFilter | InpaintFilter | SREffnetFilter | IdentityFilter
+    controlnet_filter_params: dict | None = None
+    controlnet_bottleneck_mode: str | None = None  # effnet (default) | simple | large
+    controlnet_checkpoint_path: str | None = None
+    offset_noise: float | None = None  # std of a per-(sample, channel) constant added to the noise
+    # LoRA (official train_c_lora.py; see cascade_jax.training.lora)
+    module_filters: tuple | None = None  # substrings of official module names; None: ['.attn'] as officially
+    rank: int = 4
+    train_tokens: tuple = ()  # [[token or regex, init regex or null], ...]; [x] / <x> adds a new token
+    lora_checkpoint_path: str | None = None  # start from this LoRA file
     # --- this project's keys ---
     stage: str = "c"  # c | b (and the tasks other helpers add: c_lora, c_controlnet)
     model_config: str | None = None  # generator preset/file; default from model_version
@@ -143,7 +155,8 @@ def config_from_dict(values: dict, where: str = "training config") -> TrainConfi
     if isinstance(mesh, dict):
         _check_keys(MeshConfig, mesh, f"{where}: mesh")
         mesh = MeshConfig(**mesh)
-    frozen = {k: (v if k in ("data", "sharding_rules") else _freeze(v)) for k, v in values.items()}
+    frozen = {k: (v if k in ("data", "sharding_rules", "controlnet_filter_params") else _freeze(v))
+              for k, v in values.items()}
     return TrainConfig(mesh=mesh, **frozen)
 
 
