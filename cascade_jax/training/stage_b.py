@@ -19,8 +19,8 @@ import numpy as np
 
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
-from cascade_jax.training.stage_c import _is_local, encode_text, tokenize_with_drop
-from cascade_jax.training.task import Task, TrainModules, frozen_model, param_dtype, register_task
+from cascade_jax.training.stage_c import encode_text, tokenize_with_drop
+from cascade_jax.training.task import Task, TrainModules, param_dtype, register_task
 
 EFFNET_KEEP = 0.9  # official: rand <= 0.9 gets EfficientNet latents, the rest zeros
 
@@ -34,23 +34,14 @@ class StageBTask(Task):
     generator_model = "stage_b"
     versions = {"3B": "stage_b", "700M": "stage_b_lite"}
 
-    def build(self, cfg: TrainConfig) -> TrainModules:
-        from cascade_jax.data.clip_tokenizer import CLIPTokenizer
-        from cascade_jax.pipelines.loading import default_tokenizer_dir
+    frozen = {"stage_a": ("stage_a", "stage_a", "stage_a_checkpoint_path"),
+              "effnet": ("effnet", "effnet_encoder", "effnet_checkpoint_path"),
+              "text_encoder": ("clip_text", "clip_text_bigg14", "clip_text_model_name")}
 
+    def build(self, cfg: TrainConfig) -> TrainModules:
         work = Path(cfg.output_path)
-        text_path = cfg.clip_text_model_name if _is_local(cfg.clip_text_model_name) else None
-        modules = TrainModules(
-            generator=self.build_generator(cfg, work),
-            stage_a=frozen_model("stage_a", cfg, cfg.stage_a_checkpoint_path, "stage_a", work, preset="stage_a",
-                                 seed_offset=1),
-            effnet=frozen_model("effnet", cfg, cfg.effnet_checkpoint_path, "effnet", work, preset="effnet_encoder",
-                                seed_offset=2),
-            text_encoder=frozen_model("clip_text", cfg, text_path, "text_encoder", work, preset="clip_text_bigg14",
-                                      seed_offset=3),
-        )
-        tokenizer_dir = text_path if text_path and (Path(text_path) / "vocab.json").is_file() else None
-        self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir or default_tokenizer_dir())
+        modules = TrainModules(generator=self.build_generator(cfg, work), **self.build_frozen(cfg, work))
+        self.tokenizer = self.tokenizer_for(cfg)
         return modules
 
     def host_batch(self, cfg: TrainConfig, batch: dict, rng: np.random.Generator) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 from cascade_jax.data.clip_preprocess import preprocess_images
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
-from cascade_jax.training.task import Task, TrainModules, frozen_model, param_dtype, register_task
+from cascade_jax.training.task import Task, TrainModules, param_dtype, register_task
 
 CAPTION_DROP = 0.05  # official: rand > 0.05 keeps the caption
 IMAGE_EMBED_SHARE = 0.1  # official: rand > 0.9 gets a CLIP image embedding
@@ -37,24 +37,14 @@ class StageCTask(Task):
     generator_model = "stage_c"
     versions = {"3.6B": "stage_c", "1B": "stage_c_lite"}
 
-    def build(self, cfg: TrainConfig) -> TrainModules:
-        from cascade_jax.pipelines.loading import default_tokenizer_dir
-        from cascade_jax.data.clip_tokenizer import CLIPTokenizer
+    frozen = {"effnet": ("effnet", "effnet_encoder", "effnet_checkpoint_path"),
+              "text_encoder": ("clip_text", "clip_text_bigg14", "clip_text_model_name"),
+              "image_encoder": ("clip_vision", "clip_vision_l14", "clip_image_model_name")}
 
+    def build(self, cfg: TrainConfig) -> TrainModules:
         work = Path(cfg.output_path)
-        text_path = cfg.clip_text_model_name if _is_local(cfg.clip_text_model_name) else None
-        image_path = cfg.clip_image_model_name if _is_local(cfg.clip_image_model_name) else None
-        modules = TrainModules(
-            generator=self.build_generator(cfg, work),
-            effnet=frozen_model("effnet", cfg, cfg.effnet_checkpoint_path, "effnet", work, preset="effnet_encoder",
-                                seed_offset=1),
-            text_encoder=frozen_model("clip_text", cfg, text_path, "text_encoder", work, preset="clip_text_bigg14",
-                                      seed_offset=2),
-            image_encoder=frozen_model("clip_vision", cfg, image_path, "image_encoder", work,
-                                       preset="clip_vision_l14", seed_offset=3),
-        )
-        tokenizer_dir = text_path if text_path and (Path(text_path) / "vocab.json").is_file() else None
-        self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir or default_tokenizer_dir())
+        modules = TrainModules(generator=self.build_generator(cfg, work), **self.build_frozen(cfg, work))
+        self.tokenizer = self.tokenizer_for(cfg)
         self.clip_image_size = modules.image_encoder.vision_model.embeddings.image_size
         return modules
 
@@ -90,10 +80,6 @@ class StageCTask(Task):
                              clip_img.astype(dtype), rngs=key_dropout)
 
         return losses.denoising_loss(apply, x0, t, epsilon, losses.make_gdf(cfg.adaptive_loss_weight), loss_state)
-
-
-def _is_local(path) -> bool:
-    return path is not None and Path(path).exists()
 
 
 register_task("c", StageCTask)

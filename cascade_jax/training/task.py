@@ -81,6 +81,35 @@ class Task:
 
     generator_model: str = ""  # registry name of the generator
     versions: dict = {}  # official model_version -> generator preset
+    # attribute -> (registry model, preset, config key of its weights); the attribute is also the
+    # component name in a pipeline set (``encoders: tiny``)
+    frozen: dict = {}
+
+    def frozen_specs(self, cfg: TrainConfig) -> dict:
+        """attribute -> (model name, constructor config) of every frozen model."""
+        if cfg.encoders is not None:
+            from cascade_jax.pipelines.loading import pipeline_set
+
+            components = pipeline_set(cfg.encoders)
+            return {attr: components[attr] for attr in self.frozen}
+        return {attr: (model, load_config(preset)[1]) for attr, (model, preset, _) in self.frozen.items()}
+
+    def build_frozen(self, cfg: TrainConfig, work_dir: Path) -> dict:
+        models = {}
+        for i, (attr, (model, preset, path_key)) in enumerate(self.frozen.items()):
+            path = getattr(cfg, path_key)
+            # Official CLIP keys name Hugging Face repositories; only local paths are read here.
+            path = path if path is not None and Path(path).exists() else None
+            models[attr] = frozen_model(model, cfg, path, attr, work_dir, preset=preset, seed_offset=i + 1)
+        return models
+
+    def tokenizer_for(self, cfg: TrainConfig):
+        from cascade_jax.data.clip_tokenizer import CLIPTokenizer
+        from cascade_jax.pipelines.loading import default_tokenizer_dir
+
+        text = cfg.clip_text_model_name
+        folder = text if text is not None and (Path(text) / "vocab.json").is_file() else None
+        return CLIPTokenizer.from_pretrained(folder or default_tokenizer_dir())
 
     def build(self, cfg: TrainConfig) -> TrainModules:
         raise NotImplementedError
@@ -138,7 +167,7 @@ def load_weights(model_name: str, config, path, work_dir: Path, dtype: str):
     return load_model(out, dtype=dtype)
 
 
-def frozen_model(model_name: str, cfg: TrainConfig, path, set_component: str | None, work_dir: Path, *,
+def frozen_model(model_name: str, cfg: TrainConfig, path, set_component: str, work_dir: Path, *,
                  preset: str, seed_offset: int) -> nnx.Module:
     """A frozen model from ``path``, or random weights from the ``encoders`` pipeline set (tests)."""
     if path is not None:

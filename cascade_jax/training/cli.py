@@ -1,0 +1,41 @@
+"""What ``train/train_c.py`` and ``train/train_b.py`` run: parse, (multi-host init), train or plan, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+
+
+def parse_args(argv, stage: str):
+    parser = argparse.ArgumentParser(description=f"Train Stage {stage.upper()} (cascade-jax).")
+    parser.add_argument("config", help="a YAML file or a name in configs/training (e.g. finetune_c_3b, tiny_c)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted for sections: mesh.fsdp=8)")
+    parser.add_argument("--dry-run", "--plan", action="store_true", dest="dry_run",
+                        help="compile the step for the configured mesh from shapes only; print memory and FLOPs")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() (multi-host; automatic on TPU pods/SLURM)")
+    parser.add_argument("--export", default=None, help="folder for the trained generator (+EMA) at the end "
+                                                         "(default: output_path/experiment_id/export)")
+    return parser.parse_args(argv)
+
+
+def main(argv, stage: str) -> int:
+    args = parse_args(argv, stage)
+    if args.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+    from cascade_jax.training import export_run, load_config, train
+    from cascade_jax.training.plan import plan
+
+    cfg = load_config(args.config, [f"stage={stage}", *args.overrides])
+    if args.dry_run:
+        print(json.dumps(plan(cfg), indent=1))
+        return 0
+    run = train(cfg)
+    out = args.export or os.path.join(cfg.output_path, cfg.experiment_id, "export")
+    if jax.process_index() == 0:
+        exported = export_run(run, out)
+        print(json.dumps({k: [str(p) for p in v] for k, v in exported.items()}, indent=1))
+    return 0
