@@ -63,7 +63,7 @@ def train_step(state: TrainState, frozen, batch, *, task, cfg: TrainConfig, grap
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = ema_update(cfg, state.ema, state.params, params, state.step)
-    metrics = {"loss": jnp.mean(raw), "loss_weighted": jnp.mean(weighted), "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": jnp.mean(raw), "loss_weighted": jnp.mean(weighted), "grad_norm": optax.tree.norm(grads),
                "lr": lr_schedule(cfg)(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, loss_state=loss_state)
     return new_state, metrics

@@ -1,0 +1,155 @@
+"""Shared pieces of the training tests: a toy task on the real trainer (compiles in a second), and
+deterministic in-memory data iterators with a checkpointable position.
+
+Run as a script it trains the toy task (the kill -9 / resume test starts it as a subprocess):
+``python training_testing.py CKPT_DIR UPDATES LOG_FILE`` appends one line per update to LOG_FILE.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cascade_jax.diffusion import adaptive_loss_weight
+from cascade_jax.nn.params import param
+from cascade_jax.training import config_from_dict, register_task
+from cascade_jax.training.task import LossAux, Task, TrainModules
+
+D_IN, D_HIDDEN, D_OUT = 16, 32, 8
+
+
+class ToyNet(nnx.Module):
+    def __init__(self, *, rngs):
+        self.w1 = param(rngs, (D_IN, D_HIDDEN), torch_layout="linear", axes=("in", "out"))
+        self.b1 = param(rngs, (D_HIDDEN,), torch_layout="same", axes=("out",))
+        self.w2 = param(rngs, (D_HIDDEN, D_OUT), torch_layout="linear", axes=("in", "out"))
+
+    def __call__(self, x):
+        return jnp.tanh(x @ self.w1[...] + self.b1[...]) @ self.w2[...]
+
+
+class ToyFrozen(nnx.Module):
+    def __init__(self, *, rngs):
+        self.proj = param(rngs, (D_IN, D_IN), torch_layout="linear", axes=("in", "out"))
+
+    def __call__(self, x):
+        return x @ self.proj[...]
+
+
+def toy_loss(modules, batch, loss_state):
+    """Per-sample MSE of the generator on frozen-projected inputs; adaptive weights from batch logSNRs."""
+    pred = modules.generator(modules.frozen(batch["x"]))
+    per_sample = jnp.mean(jnp.square(pred - batch["y"]), axis=1)
+    weight = 1.0 if loss_state is None else adaptive_loss_weight(loss_state, batch["logsnr"])
+    return jnp.mean(per_sample * weight), LossAux(per_sample, batch["logsnr"])
+
+
+class ToyTask(Task):
+    generator_model = "toy"
+
+    def build(self, cfg):
+        rngs = nnx.Rngs(cfg.seed)
+        return TrainModules(generator=ToyNet(rngs=rngs), frozen=ToyFrozen(rngs=rngs))
+
+    def host_batch(self, cfg, batch, rng):
+        return {k: batch[k] for k in ("x", "y", "logsnr")}
+
+    def loss(self, modules, batch, key, loss_state, cfg):
+        return toy_loss(modules, batch, loss_state)
+
+
+register_task("toy", ToyTask)
+
+
+class ToyData:
+    """Row ``i`` of the stream is a fixed function of i, so positions are easy to check."""
+
+    def __init__(self, batch: int, seed: int = 0):
+        self.batch, self.seed, self.position = batch, seed, 0
+        self.teacher = np.random.default_rng(99).standard_normal((D_IN, D_OUT)).astype(np.float32)
+
+    def __iter__(self):
+        return self
+
+    def rows(self, start: int, count: int) -> dict:
+        xs = np.stack([np.random.default_rng([self.seed, i]).standard_normal(D_IN).astype(np.float32)
+                       for i in range(start, start + count)])
+        logsnr = np.linspace(-9, 9, count).astype(np.float32) + (start % 7)
+        return {"x": xs, "y": np.tanh(xs @ self.teacher), "logsnr": logsnr, "index": np.arange(start, start + count)}
+
+    def __next__(self) -> dict:
+        out = self.rows(self.position, self.batch)
+        self.position += self.batch
+        return out
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict):
+        self.position = state["position"]
+
+
+class ImageData:
+    """Colour-patch images with captions naming the colour (what the tiny Stage B/C learn)."""
+
+    COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+    def __init__(self, batch: int, size: int, seed: int = 0):
+        self.batch, self.size, self.seed, self.position = batch, size, seed, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        images, captions = [], []
+        for i in range(self.position, self.position + self.batch):
+            rng = np.random.default_rng([self.seed, i])
+            name = list(self.COLOURS)[rng.integers(len(self.COLOURS))]
+            image = np.full((self.size, self.size, 3), 128, np.uint8)
+            half = self.size // 2
+            top, left = rng.integers(0, half, 2)
+            image[top:top + half, left:left + half] = self.COLOURS[name]
+            images.append(image)
+            captions.append(f"a {name} square")
+        self.position += self.batch
+        return {"images": np.stack(images), "captions": captions, "bucket": (self.size, self.size)}
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict):
+        self.position = state["position"]
+
+
+def toy_config(tmp_path, **overrides):
+    values = {"stage": "toy", "experiment_id": "toy", "checkpoint_path": str(tmp_path / "ckpt"),
+              "output_path": str(tmp_path / "out"), "lr": 0.05, "batch_size": 8, "updates": 4,
+              "warmup_updates": 2, "save_every": 1000, "backup_every": 1000, "compute_dtype": "float32",
+              "log_every": 1, "seed": 0, "async_checkpointing": False, **overrides}
+    return config_from_dict(values)
+
+
+def host_params(state) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    from cascade_jax.training import train
+    from cascade_jax.training.hooks import Hook
+
+    ckpt, updates, log_file = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    cfg = toy_config(ckpt, updates=updates, save_every=2, async_checkpointing=True, keep_checkpoints=2)
+    data = ToyData(cfg.batch_size)
+
+    def record(step, state, metrics):
+        with open(log_file, "a") as f:
+            f.write(json.dumps({"step": step, "position": data.position, "loss": float(metrics["loss"])}) + "\n")
+
+    train(cfg, data=data, hooks=[Hook(1, record)], progress=False)
