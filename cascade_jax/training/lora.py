@@ -1,0 +1,135 @@
+"""LoRA training task (official ``train/train_c_lora.py``), ``stage: c_lora``.
+
+The Stage C task's data and loss, with a LoRA on Stage C (``module_filters``, ``rank``; official
+init and scale, see ``cascade_jax.models.lora``) and token-row deltas on the text encoder
+(``train_tokens``: new tokens added to the tokenizer with rows initialised from a regex, existing
+ones selected by regex; see ``cascade_jax.models.lora_tokens``).
+
+Done better than the official script: only the LoRA factors and token deltas (``LoRAParam``) get
+gradients and optimizer state — Stage C and the text encoder are frozen and stay bit-identical
+(the official script leaves Stage C's ``requires_grad`` on and computes its gradients). The text
+conditioning is differentiated (for the token deltas) while EfficientNet and CLIP-L are not.
+Stage C runs with its configured dropout, as in the official trainer.
+
+At every checkpoint (``save_every``) and at the end, the LoRA file is written to
+``output_path/experiment_id/lora/lora_{step}.safetensors`` and ``lora.safetensors``: the
+official format plus the metadata (token strings, settings, model config) that make it
+self-contained; ``lora_checkpoint_path`` starts from such a file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from cascade_jax.models.lora import (DEFAULT_FILTERS, LayerFactors, LoRAParam, LoRAWeights, TokenDeltas, attach_lora,
+                                     init_lora, lora_layers)
+from cascade_jax.models.lora_tokens import add_train_tokens, attach_token_rows, init_token_rows, token_deltas, \
+    token_embedding
+from cascade_jax.training.config import TrainConfig
+from cascade_jax.training.stage_c import StageCTask, encode_text
+from cascade_jax.training.task import TrainModules, register_task
+
+NAME = "lora"  # the adapter name inside the models
+
+
+class LoRATask(StageCTask):
+    def build(self, cfg: TrainConfig) -> TrainModules:
+        modules = super().build(cfg)
+        self.filters = tuple(cfg.module_filters) if cfg.module_filters is not None else DEFAULT_FILTERS
+        self.train_tokens = [tuple(t) for t in cfg.train_tokens]
+        embedding = token_embedding(modules.text_encoder)
+        token_ids = add_train_tokens(self.tokenizer, embedding, self.train_tokens)
+        if cfg.lora_checkpoint_path is not None:
+            self._attach_file(cfg, modules, embedding, token_ids)
+        else:
+            init_lora(modules.generator, NAME, filters=self.filters, rank=cfg.rank, key=jax.random.key(cfg.seed))
+            init_token_rows(embedding, NAME, token_ids, self.tokenizer)
+        self._record_layout(modules)
+        return modules
+
+    def _attach_file(self, cfg, modules, embedding, token_ids):
+        from cascade_jax.weights.lora_files import load_lora
+
+        lora = load_lora(cfg.lora_checkpoint_path, modules.generator)
+        attach_lora(modules.generator, NAME, lora)
+        if lora.tokens is None or sorted(lora.tokens.indices.tolist()) != sorted(token_ids):
+            raise ValueError(f"{cfg.lora_checkpoint_path}: its token rows {None if lora.tokens is None else lora.tokens.indices.tolist()} "
+                             f"are not the rows train_tokens selects ({token_ids}); use the same train_tokens")
+        attach_token_rows(embedding, NAME, lora.tokens)
+
+    def trainable(self, cfg: TrainConfig):
+        return nnx.OfType(LoRAParam)
+
+    def conditions(self, modules, batch):
+        # The text encoding keeps its gradient (to the token deltas); the rest is constant.
+        x0, _, _, clip_img = super().conditions(modules, batch)
+        clip_text, pooled = encode_text(modules.text_encoder, batch["input_ids"], batch["attention_mask"])
+        return x0, clip_text, pooled, clip_img
+
+    def _record_layout(self, modules):
+        """What a LoRA file needs beside the trained values: key order, alphas, token ids and strings."""
+        layers = lora_layers(modules.generator, NAME)
+        self.alphas = {key: factors.alpha for key, factors in layers.items()}
+        self.tokens = token_deltas(token_embedding(modules.text_encoder), NAME)
+
+    def lora_weights(self, params) -> LoRAWeights:
+        """The LoRA held by the trainable ``params`` (an ``nnx.State`` of LoRAParam, host or device)."""
+        values = {path: np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(params)}
+        layers = {}
+        for key, alpha in self.alphas.items():
+            path = ("generator", *_path_of(key), "adapters", NAME)
+            layers[key] = LayerFactors(values[(*path, "lora_down")], values[(*path, "lora_up")], alpha)
+        tokens = None
+        if self.tokens is not None:
+            rows = next(v for p, v in values.items() if p[0] == "text_encoder" and p[-1] == "embeddings")
+            tokens = TokenDeltas(self.tokens.indices, rows, self.tokens.tokens)
+        return LoRAWeights(layers, tokens, self.filters, self.train_tokens)
+
+    def write_lora(self, cfg: TrainConfig, params, step: int) -> Path | None:
+        """Write ``lora_{step}.safetensors`` and ``lora.safetensors`` (process 0); returns the step's file."""
+        from cascade_jax.weights.lora_files import save_official
+
+        if jax.process_index() != 0:
+            return None
+        folder = Path(cfg.output_path) / cfg.experiment_id / "lora"
+        folder.mkdir(parents=True, exist_ok=True)
+        lora, model_config = self.lora_weights(params), {"model": "stage_c", "config": self.generator_config_used}
+        path = folder / f"lora_{step}.safetensors"
+        save_official(path, lora, model_config)
+        save_official(folder / "lora.safetensors", lora, model_config)
+        return path
+
+
+def _path_of(key: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in key.split("."))
+
+
+register_task("c_lora", LoRATask)
+
+
+def main(argv) -> int:
+    """``train/train_c_lora.py``: the trainer CLI, plus the LoRA file at every save and at the end."""
+    import json
+
+    from cascade_jax.training import load_config, train
+    from cascade_jax.training.cli import parse_args
+    from cascade_jax.training.hooks import Hook
+    from cascade_jax.training.plan import plan
+
+    args = parse_args(argv, "c_lora")
+    if args.distributed:
+        jax.distributed.initialize()
+    cfg = load_config(args.config, ["stage=c_lora", *args.overrides])
+    if args.dry_run:
+        print(json.dumps(plan(cfg), indent=1))
+        return 0
+    task = LoRATask()
+    hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, state.params, step))
+    run = train(cfg, task=task, hooks=[hook])
+    print(f"LoRA written to {task.write_lora(cfg, run.state.params, cfg.updates)}")
+    return 0
+
