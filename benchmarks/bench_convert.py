@@ -3,7 +3,7 @@
 Random checkpoints with the real layout (names and PyTorch shapes from the model's
 ``expected_torch_shapes``, bfloat16 as released) are written to a scratch folder with the
 streaming ``write_safetensors`` (one tensor in memory at a time), then converted in a child
-process per measurement. Goals (issue 5): peak memory <= 1.3x the output size, time within 2x
+process per measurement. Targets: peak memory <= 1.3x the output size, time within 2x
 of a plain read-and-write of the same bytes; the baseline runs before and after the
 conversion in the same run. Everything generated is deleted at the end.
 """
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from bridge import PooledGenerator, abstract_model
+from bridge import PooledGenerator
+from cascade_jax.models.registry import abstract_model
 from common import BENCH_DIR, log, other_cpu_load, skipped
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

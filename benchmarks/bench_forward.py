@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from common import alternate, free_memory, log, other_cpu_load, ratio, rss_gb, skipped, summarize, timed
+from cascade_jax.models.registry import abstract_model
 from flax import nnx
 
-# 1024x1024 images: Stage C latent 24x24x16, Stage B latent 256x256x4 (DESIGN.md).
+# 1024x1024 images: Stage C latent 24x24x16, Stage B latent 256x256x4.
 STAGE_SHAPES = {"stage_c": (24, 24, 16), "stage_b": (256, 256, 4)}
 TEXT_TOKENS = 77
 
@@ -140,7 +141,7 @@ def run_case(label: str, model_name: str, config: dict, batch: int, shape: tuple
 
     result = {"label": label, "model": model_name, "batch": batch, "latent_shape_nhwc": [batch, *shape],
               "dtype": "float32", "torch_threads": torch.get_num_threads()}
-    abstract = bridge.abstract_model(model_name, config)
+    abstract = abstract_model(model_name, config)
     n_params = bridge.param_count(abstract)
     result["params"] = n_params
     need = memory_needed_gb(n_params, batch, shape)
@@ -230,7 +231,7 @@ def abstract_cost(model_name: str, config: dict, batch: int, shape: tuple) -> tu
 
 
 def _abstract_cost(model_name: str, config: dict, batch: int, shape: tuple) -> tuple:
-    abstract = bridge.abstract_model(model_name, config)
+    abstract = abstract_model(model_name, config)
     graphdef, state = nnx.split(abstract)
     inputs = draw_inputs(model_name, config, 1, shape)
     args = tuple(jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype) for a in jax_args(model_name, inputs, jnp.float32))

@@ -80,6 +80,7 @@ def convert(budget, mode: str, scratch: str | None) -> list[dict]:
 
 def train(budget, mode: str, gflops: float, peak: dict, train_lite: bool) -> list[dict]:
     import bridge
+    from cascade_jax.models.registry import abstract_model
 
     shape = [24, 24, 16]
     configs = {"tiny": _tiny("stage_c")[1], "small (~50M)": SMALL_STAGE_C, "lite (1B)": _preset("stage_c_lite")[1]}
@@ -96,7 +97,7 @@ def train(budget, mode: str, gflops: float, peak: dict, train_lite: bool) -> lis
     variants = []
     for label, remat in plan:
         config, batch = configs[label], batches[label]
-        n_params = bridge.param_count(bridge.abstract_model("stage_c", config))
+        n_params = bridge.param_count(abstract_model("stage_c", config))
         flops = abstract_flops("stage_c", config, batch, tuple(shape))
         spec = dict(label=label, config=config, batch=batch, shape=shape, remat=remat, n_params=n_params,
                     steps=2 if mode == "tiny" else 3, est_step_s=3 * (flops or 0) / (gflops * 1e9))
