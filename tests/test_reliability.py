@@ -308,13 +308,24 @@ def edit_meta(model_dir: Path, change):
     (lambda d: edit_meta(d, lambda m: m.update(format_version=99)), "format_version 99 is newer"),
     (lambda d: edit_meta(d, lambda m: m.pop("format_version")), "format_version"),
     (lambda d: edit_meta(d, lambda m: m.pop("config")), "'config' is missing"),
-    (lambda d: (d / checkpoint.WEIGHTS_DIR / "_METADATA").unlink(), "Orbax checkpoint"),
+    (lambda d: (d / checkpoint.WEIGHTS_DIR / "_METADATA").unlink(), "_METADATA is missing"),
+    (lambda d: edit_meta(d, lambda m: m.pop("file_sizes")) or (d / checkpoint.WEIGHTS_DIR / "_METADATA").unlink(),
+     "Orbax checkpoint metadata"),  # a version-1 directory (no file sizes) without Orbax metadata
 ])
 def test_damaged_model_directories_name_the_file(tmp_path, damage, message):
     save_random(tmp_path / "m")
     damage(tmp_path / "m")
     with pytest.raises(CheckpointError, match=message):
         load_model(tmp_path / "m")
+
+
+def test_a_truncated_file_is_one_message_not_a_burst_of_event_loop_tracebacks(tmp_path, capfd):
+    save_random(tmp_path / "m")
+    target = largest_data_file(tmp_path / "m")
+    target.write_bytes(target.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{target.name} has 100 bytes"):
+        load_model(tmp_path / "m")
+    assert "Event loop is closed" not in capfd.readouterr().err
 
 
 def test_unknown_sharding_value_is_named(tmp_path):

@@ -53,6 +53,7 @@ def save(out_dir, meta: dict, arrays: dict, *, overwrite: bool = False):
                 checkpointer.save(tmp / WEIGHTS_DIR, args=ocp.args.PyTreeSave(arrays))
             finally:
                 checkpointer.close()  # its writer threads stop before the cleanup below
+            meta["file_sizes"] = _file_sizes(tmp / WEIGHTS_DIR)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
             if os.path.lexists(out_dir):
                 os.replace(out_dir, old)
@@ -88,6 +89,20 @@ def _check_replaceable(out_dir: Path):
                               "it. Move them away or choose a new --output")
     if Path.cwd().resolve().is_relative_to(out_dir):
         raise FileExistsError(f"{out_dir} contains the working directory; refusing to replace it")
+
+
+def _file_sizes(weights: Path) -> dict[str, int]:
+    return {p.relative_to(weights).as_posix(): p.stat().st_size for p in sorted(weights.rglob("*")) if p.is_file()}
+
+
+def _check_files(path: Path, expected: dict | None):
+    """Truncated or missing files fail here, by name, instead of as Orbax read errors mid-restore."""
+    for name, size in (expected or {}).items():
+        file = path / name
+        actual = file.stat().st_size if file.is_file() else None
+        if actual != size:
+            state = "is missing" if actual is None else f"has {actual} bytes, {size} were written"
+            raise CheckpointError(f"{path}: {name} {state} (a damaged or incomplete copy); convert the model again")
 
 
 def checksum(array) -> int:
@@ -170,6 +185,7 @@ def load_model(model_dir, dtype=None, sharding=None, *, verify: bool = True) -> 
     variables = named_variables(model)
     param_dtype = parse_dtype(dtype or meta["dtype"])
     path = Path(model_dir).resolve() / WEIGHTS_DIR
+    _check_files(path, meta.get("file_sizes"))
     stored = _stored_metadata(path)
     _check_stored(path, stored, variables)
     target = {}
@@ -237,6 +253,7 @@ def load_arrays(model_dir) -> dict[str, np.ndarray]:
     """All stored arrays as numpy, in their stored dtype (for export), checked against their checksums."""
     meta = read_meta(model_dir)
     path = Path(model_dir).resolve() / WEIGHTS_DIR
+    _check_files(path, meta.get("file_sizes"))
     stored = _stored_metadata(path)
     target = {k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for k, m in stored.items()}
     arrays = {k: np.asarray(v) for k, v in _read(path, target).items()}
