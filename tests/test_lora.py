@@ -238,7 +238,8 @@ def test_merge_script_and_format_conversion(official, tmp_path):
     _, inputs, _, lora_io, path, converted = official
     script = _script()
     out = tmp_path / "merged"
-    assert script.main(["merge", "--model", str(converted), "--lora", f"{path}:1", "--output", str(out)]) == 0
+    with pytest.warns(UserWarning, match="token rows"):  # the fixture also has token rows: not for Stage C
+        assert script.main(["merge", "--model", str(converted), "--lora", f"{path}:1", "--output", str(out)]) == 0
     err = relative_error(nhwc_to_nchw(run(cascade_jax.load_model(out), inputs)), lora_io["out_with_lora"])
     print(f"merge script: {err:.2e} (bound {PARITY:.0e})")
     assert err <= PARITY

@@ -247,10 +247,10 @@ def _own_weight(module) -> str | None:
     return None
 
 
-def _walk(module, name: str) -> Iterator[Target]:
+def all_targets(module, name: str = "") -> Iterator[Target]:
     """Adaptable weights in official ``modules()`` order: children first, then the module's own."""
     for child_name, child in _children(module):
-        yield from _walk(child, f"{name}.{child_name}" if name else child_name)
+        yield from all_targets(child, f"{name}.{child_name}" if name else child_name)
     attr = _own_weight(module)
     if attr is not None:
         yield Target(f"{name}.{attr}" if name else attr, name, module, attr)
@@ -267,7 +267,7 @@ def lora_targets(model: nnx.Module, filters: Sequence[str] | None = DEFAULT_FILT
     (a LayerNorm scale) is an error, as in the official code; narrow the filters.
     """
     filters = None if filters is None else tuple(filters)
-    targets = [t for t in _walk(model, "") if _matches(t.module_name, filters)]
+    targets = [t for t in all_targets(model, "") if _matches(t.module_name, filters)]
     for target in targets:
         try:
             target.torch_dims()
@@ -277,7 +277,7 @@ def lora_targets(model: nnx.Module, filters: Sequence[str] | None = DEFAULT_FILT
 
 
 def adapted_weights(model: nnx.Module) -> Iterator[tuple[str, AdaptedWeight]]:
-    for target in _walk(model, ""):
+    for target in all_targets(model, ""):
         if isinstance(target.variable, AdaptedWeight):
             yield target.key, target.variable
 
@@ -290,7 +290,7 @@ def _adapted(target: Target) -> AdaptedWeight:
     return var
 
 
-def _check_name(weight: AdaptedWeight, name: str, key: str):
+def check_adapter_name(weight: AdaptedWeight, name: str, key: str):
     if not isinstance(name, str) or not name:
         raise ValueError(f"a LoRA name must be a non-empty string, got {name!r}")
     if name in weight.adapters:
@@ -320,7 +320,7 @@ def init_lora(model: nnx.Module, name: str, *, filters: Sequence[str] | None = D
     keys = jax.random.split(jax.random.key(0) if key is None else key, len(targets))
     for target, k in zip(targets, keys):
         weight = _adapted(target)
-        _check_name(weight, name, target.key)
+        check_adapter_name(weight, name, target.key)
         d0, d1 = target.torch_dims()
         down = jnp.zeros((rank, d1), dtype)  # zeros, as the official code (the reverse of the usual init)
         up = jax.random.normal(k, (d0, rank), dtype)
@@ -334,7 +334,7 @@ class LoRAMismatchError(ValueError):
 
 def check_lora_fits(model: nnx.Module, lora: LoRAWeights, source: str = "the LoRA"):
     """Raise :class:`LoRAMismatchError` unless every factor of ``lora`` fits a weight of ``model``."""
-    targets = {t.key: t for t in _walk(model, "")}
+    targets = {t.key: t for t in all_targets(model, "")}
     problems = []
     for key, factors in lora.layers.items():
         if key not in targets:
@@ -355,10 +355,10 @@ def check_lora_fits(model: nnx.Module, lora: LoRAWeights, source: str = "the LoR
 def attach_lora(model: nnx.Module, name: str, lora: LoRAWeights, strength: float = 1.0) -> int:
     """Add the layers of ``lora`` to ``model`` under ``name`` (checked first); returns how many."""
     check_lora_fits(model, lora, f"LoRA {name!r}")
-    targets = {t.key: t for t in _walk(model, "")}
+    targets = {t.key: t for t in all_targets(model, "")}
     for key, factors in lora.layers.items():
         weight = _adapted(targets[key])
-        _check_name(weight, name, key)
+        check_adapter_name(weight, name, key)
         weight.adapters[name] = LoRAFactors(factors.down, factors.up, factors.alpha, strength,
                                             axes=_factor_axes(targets[key]))
     return len(lora.layers)
@@ -382,7 +382,7 @@ def lora_names(model: nnx.Module) -> set[str]:
     return {n for _, w in adapted_weights(model) for n in w.adapters}
 
 
-def _refresh(weight: AdaptedWeight):
+def refresh_merged(weight: AdaptedWeight):
     if weight.merged is not None:
         weight.merged = MergedWeight(weight.compute(), **weight.get_metadata())
 
@@ -390,18 +390,18 @@ def _refresh(weight: AdaptedWeight):
 def set_strength(model: nnx.Module, name: str, strength: float):
     for _, weight in _with_adapter(model, name):
         weight.adapters[name].strength.set_value(jnp.asarray(strength, jnp.float32))
-        _refresh(weight)
+        refresh_merged(weight)
 
 
 def set_enabled(model: nnx.Module, name: str, enabled: bool):
     for _, weight in _with_adapter(model, name):
         weight.adapters[name].enabled = bool(enabled)
-        _refresh(weight)
+        refresh_merged(weight)
 
 
 def remove_lora(model: nnx.Module, name: str | None = None):
     """Drop LoRA ``name`` (None: all); weights left without adapters get their base Param back."""
-    for target in list(_walk(model, "")):
+    for target in list(all_targets(model, "")):
         weight = target.variable
         if not isinstance(weight, AdaptedWeight):
             continue
@@ -410,7 +410,7 @@ def remove_lora(model: nnx.Module, name: str | None = None):
         if not len(weight.adapters):
             setattr(target.parent, target.attr, weight.original)
         else:
-            _refresh(weight)
+            refresh_merged(weight)
 
 
 def merge(model: nnx.Module):
@@ -438,7 +438,7 @@ def merged_model(model: nnx.Module) -> nnx.Module:
     Arrays that no LoRA touches are shared with ``model``; ``model`` itself is unchanged.
     """
     copy = shallow_copy(model)
-    for target in list(_walk(copy, "")):
+    for target in list(all_targets(copy, "")):
         weight = target.variable
         if isinstance(weight, AdaptedWeight):
             setattr(target.parent, target.attr, nnx.Param(weight.compute(), **weight.original.get_metadata()))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cascade_jax.models.lora import AdaptedWeight, TokenDeltas, TokenRows, _check_name, _refresh
+from cascade_jax.models.lora import AdaptedWeight, TokenDeltas, TokenRows, check_adapter_name, refresh_merged
 
 
 def token_embedding(text_encoder) -> nnx.Module:
@@ -81,7 +81,7 @@ def add_train_tokens(tokenizer, embedding, train_tokens) -> list[int]:
 
 def _refresh_embedding(embedding):
     if isinstance(embedding.weight, AdaptedWeight):
-        _refresh(embedding.weight)
+        refresh_merged(embedding.weight)
 
 
 def _adapted_table(embedding) -> AdaptedWeight:
@@ -110,9 +110,9 @@ def attach_token_rows(embedding, name: str, deltas: TokenDeltas, strength: float
         raise ValueError(f"embeddings.embeddings has shape {tuple(deltas.rows.shape)}, the token table needs "
                          f"({len(deltas.indices)}, {width}): the LoRA was made for another text encoder")
     weight = _adapted_table(embedding)
-    _check_name(weight, name, "token_embedding.weight")
+    check_adapter_name(weight, name, "token_embedding.weight")
     weight.adapters[name] = TokenRows(deltas.indices, deltas.rows, strength, deltas.tokens)
-    _refresh(weight)
+    refresh_merged(weight)
 
 
 def token_deltas(embedding, name: str) -> TokenDeltas | None:

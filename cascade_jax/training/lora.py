@@ -56,10 +56,12 @@ class LoRATask(StageCTask):
 
         lora = load_lora(cfg.lora_checkpoint_path, modules.generator)
         attach_lora(modules.generator, NAME, lora)
-        if lora.tokens is None or sorted(lora.tokens.indices.tolist()) != sorted(token_ids):
-            raise ValueError(f"{cfg.lora_checkpoint_path}: its token rows {None if lora.tokens is None else lora.tokens.indices.tolist()} "
-                             f"are not the rows train_tokens selects ({token_ids}); use the same train_tokens")
-        attach_token_rows(embedding, NAME, lora.tokens)
+        rows = [] if lora.tokens is None else sorted(lora.tokens.indices.tolist())
+        if rows != sorted(token_ids):
+            raise ValueError(f"{cfg.lora_checkpoint_path}: its token rows {rows} are not the rows train_tokens "
+                             f"selects ({sorted(token_ids)}); use the train_tokens it was trained with")
+        if lora.tokens is not None:
+            attach_token_rows(embedding, NAME, lora.tokens)
 
     def trainable(self, cfg: TrainConfig):
         return nnx.OfType(LoRAParam)

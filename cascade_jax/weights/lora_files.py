@@ -25,7 +25,7 @@ import re
 import numpy as np
 
 from cascade_jax.models.lora import (DEFAULT_FILTERS, LayerFactors, LoRAMismatchError, LoRAWeights, TokenDeltas,
-                                     _walk, check_lora_fits, lora_targets)
+                                     all_targets, check_lora_fits, lora_targets)
 from cascade_jax.weights.safetensors_io import SafetensorsReader, save_safetensors
 
 METADATA_KEY = "cascade_jax_lora"
@@ -103,7 +103,7 @@ def _comfy_module(key: str) -> str:
 
 def save_comfyui(path, lora: LoRAWeights, model, model_config: dict | None = None):
     """Write ``lora`` with ComfyUI's Stable Cascade Stage C keys (q/k/v split); atomic."""
-    targets = {t.key: t for t in _walk(model, "")}
+    targets = {t.key: t for t in all_targets(model, "")}
     tensors = {}
     for key, factors in lora.layers.items():
         alpha = np.asarray(factors.alpha, np.float32)
@@ -146,6 +146,10 @@ def _tokens(tensors: dict, info: dict | None) -> TokenDeltas | None:
     return TokenDeltas(indices, rows, strings) if len(indices) else None
 
 
+def _train_tokens(info: dict | None) -> list:
+    return [tuple(t) for t in (info or {}).get("train_tokens", [])]
+
+
 def _official_layers(tensors: dict, keys: list[str]) -> tuple[dict, int]:
     count = len([k for k in tensors if re.fullmatch(r"weights\.\d+\.lora_down", k)])
     expected = {f"weights.{k}.{part}" for k in range(count) for part in ("lora_down", "lora_up")}
@@ -163,7 +167,7 @@ def read_official(tensors: dict, info: dict | None, model) -> LoRAWeights:
         (None if info else DEFAULT_FILTERS)
     keys = list(info["modules"]) if info else [t.key for t in lora_targets(model, filters)]
     layers, count = _official_layers(tensors, keys)
-    lora = LoRAWeights(layers, _tokens(tensors, info), filters, [tuple(t) for t in (info or {}).get("train_tokens", [])])
+    lora = LoRAWeights(layers, _tokens(tensors, info), filters, _train_tokens(info))
     if count != len(keys):
         where = "its metadata lists" if info else f"filters {filters} select"
         try:
@@ -180,7 +184,7 @@ def read_official(tensors: dict, info: dict | None, model) -> LoRAWeights:
 def _comfy_names(model) -> dict:
     """ComfyUI LoRA module name -> (official weight key, q/k/v part index or None)."""
     names = {}
-    for target in _walk(model, ""):
+    for target in all_targets(model, ""):
         module = target.module_name
         parts = [(f"{module}.{p}", i) for i, p in enumerate(QKV)] if target.attr == "in_proj_weight" else \
             [(module, None)]
@@ -244,11 +248,10 @@ def read_comfyui(tensors: dict, info: dict | None, model) -> LoRAWeights:
     for name, group in groups.items():
         key, part = names[name]
         by_key.setdefault(key, {})[part] = _factors(name, group)
-    order = [t.key for t in _walk(model, "") if t.key in by_key]
+    order = [t.key for t in all_targets(model, "") if t.key in by_key]
     layers = {key: by_key[key][None] if None in by_key[key] else _pack_qkv(key, by_key[key]) for key in order}
     filters = tuple(info["module_filters"]) if info and info.get("module_filters") is not None else None
-    lora = LoRAWeights(layers, _tokens(tensors, info), filters,
-                       [tuple(t) for t in (info or {}).get("train_tokens", [])])
+    lora = LoRAWeights(layers, _tokens(tensors, info), filters, _train_tokens(info))
     check_lora_fits(model, lora)
     return lora
 
