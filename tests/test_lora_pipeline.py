@@ -82,3 +82,16 @@ def test_new_token_lora_in_the_pipeline(pipe, lora_file):
     pipe.load_loras([])
     assert len(pipe.text.tokenizer) == vocab and _same(_stage_c_params(pipe), base)
     assert token_embedding(pipe.text.text_encoder).weight.shape[0] == vocab
+
+
+def test_generate_script_lora_flag():
+    import importlib.util
+
+    from helpers import REPO
+    spec = importlib.util.spec_from_file_location("generate_script", REPO / "sample" / "generate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["text2img", "--random", "tiny", "--lora", "a.safetensors:0.5", "--lora", "b.safetensors"])
+    assert [parse_lora_spec(s) for s in args.lora] == [parse_lora_spec(("a.safetensors", 0.5)),
+                                                       parse_lora_spec(("b.safetensors", 1.0))]
+    assert script.metadata(args)["loras"] == ["a.safetensors:0.5", "b.safetensors"]
