@@ -196,3 +196,8 @@ def test_convert_cli_turns_an_official_canny_file_into_the_official_residuals(tm
     errors = [relative_error(nhwc_to_nchw(residuals[b]), e) for b, e in zip(blocks, expected)]
     print(f"converted canny (random official file): residuals {expected[0].shape}, max rel err {max(errors):.2e}")
     assert max(errors) <= PARITY
+    # The pipeline's loader converts an official file with the control's preset on the fly: same weights.
+    from cascade_jax.pipelines.controlnet import load_controlnet
+    loaded = load_controlnet(source, "canny", dtype="float32")
+    ours, theirs = named_variables(loaded), named_variables(model)
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k][...], theirs[k][...]) for k in ours)
