@@ -92,3 +92,14 @@ def test_remat_gradients_equal(remat="dots_with_no_batch_dims_saveable"):
         np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="not a policy"):
         model.set_remat("dots_savable")
+
+
+def test_grn_gradient_is_finite_for_an_all_zero_channel():
+    """A hidden channel that is zero everywhere (GELU underflow) must not turn training NaN (torch gives 0)."""
+    from cascade_jax.nn.layers import GlobalResponseNorm
+
+    grn = GlobalResponseNorm(4, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(grn)
+    x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4)).at[..., 1].set(0.0)
+    grads = jax.grad(lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x) ** 2), argnums=(0, 1))(params, x)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))

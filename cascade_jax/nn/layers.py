@@ -149,7 +149,11 @@ class GlobalResponseNorm(nnx.Module):
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
-        gx = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(1, 2), keepdims=True))
+        squares = jnp.sum(jnp.square(x32), axis=(1, 2), keepdims=True)
+        # A channel that is zero everywhere has norm 0, where sqrt's gradient is infinite and turns
+        # training NaN; torch.norm's backward gives 0 there, and so does this (forward unchanged).
+        nonzero = squares > 0
+        gx = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1.0)), 0.0)
         nx = gx / (jnp.mean(gx, axis=-1, keepdims=True) + 1e-6)
         return (self.gamma[...] * (x32 * nx) + self.beta[...] + x32).astype(x.dtype)
 
