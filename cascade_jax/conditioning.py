@@ -77,14 +77,6 @@ class TextConditioner:
         self.hits = self.misses = 0
         self.set_text_encoder(text_encoder)
 
-    @classmethod
-    def from_pretrained(cls, text_encoder_dir, tokenizer_dir, *, dtype=None, sharding=None, **kwargs):
-        """A converted text encoder (``cascade_jax.load_model`` directory) and a tokenizer folder."""
-        from cascade_jax import load_model
-
-        return cls(load_model(text_encoder_dir, dtype=dtype, sharding=sharding),
-                   CLIPTokenizer.from_pretrained(tokenizer_dir), **kwargs)
-
     def set_text_encoder(self, text_encoder: CLIPTextEncoder):
         """Use these weights from now on (and forget encodings made with the old ones)."""
         vocab = text_encoder.text_model.embeddings.token_embedding.weight.shape[0]

@@ -111,10 +111,13 @@ class _Listener:
                     self.error = e
 
 
-def _emit(listener_id, index, rows):
-    listener = _LISTENERS.get(int(listener_id))
+def _emit(ids, rows):
+    # The arguments arrive as jax Arrays: one np.asarray each, as few as possible (int() on a jax Array
+    # dispatches through jax, which tripled the cost of the whole callback on a CPU).
+    listener_id, index = np.asarray(ids).tolist()
+    listener = _LISTENERS.get(listener_id)
     if listener is not None:
-        listener.receive(int(index), np.asarray(rows))
+        listener.receive(index, np.asarray(rows))
 
 
 def _step_hook(listener_id, positions, with_x0: bool):
@@ -126,7 +129,8 @@ def _step_hook(listener_id, positions, with_x0: bool):
         # Without x0, one element of it still ties the report to the end of the step.
         data = flat if with_x0 else flat[:, :1]
         rows = jnp.concatenate([positions.astype(jnp.float32)[:, None], data], axis=1)
-        jax.debug.callback(_emit, listener_id, index, rows, partitioned=True)
+        ids = jnp.stack([listener_id.astype(jnp.int32), index.astype(jnp.int32)])
+        jax.debug.callback(_emit, ids, rows, partitioned=True)
     return on_step
 
 
