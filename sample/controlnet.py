@@ -4,7 +4,7 @@
   python sample/controlnet.py --control canny --weights WEIGHTS_DIR --controlnet canny.safetensors \
       --image photo.png --prompt "a watercolor of a lighthouse"
   python sample/controlnet.py --control inpainting --weights WEIGHTS_DIR --controlnet inpainting.safetensors \
-      --image photo.png --mask mask.png --prompt "a red sports car"
+      --image photo.png --mask mask.png --prompt "a red sports car"   # or --saliency saliency.safetensors [--outpaint]
   python sample/controlnet.py --control super_resolution --weights WEIGHTS_DIR \
       --controlnet super_resolution.safetensors --image small.png
   python sample/controlnet.py --control identity --weights WEIGHTS_DIR --controlnet identity_dir \
@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, check_image_size
-from cascade_jax.pipelines.controlnet import CONTROLS, ControlNetPipeline, ControlSettings
+from cascade_jax.pipelines.controlnet import CONTROLS, ControlNetPipeline, ControlSettings, saliency_function
 from cascade_jax.pipelines.outputs import check_output_dir, output_paths, save_images, timing_report
 
 
@@ -39,6 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="bfloat16 (default with --weights) or float32 (default with --random)")
     p.add_argument("--image", required=True, help="the control image (low-resolution input for super_resolution)")
     p.add_argument("--mask", help="inpainting: mask image, white = generate")
+    p.add_argument("--saliency", help="inpainting without --mask: the official saliency net (converted dir or "
+                                      "saliency_model.pt re-saved as .safetensors) makes the mask")
+    p.add_argument("--mask-threshold", type=float, default=0.2, help="with --saliency: saliency above this is masked")
+    p.add_argument("--outpaint", action="store_true", help="with --saliency: invert the mask (generate around)")
     p.add_argument("--faces", help="identity: .npz with 'boxes' (N, 4) and 'embeddings' (N, 512)")
     p.add_argument("--prompt", default="")
     p.add_argument("--negative-prompt", default=None)
@@ -66,9 +70,9 @@ def check_inputs(args):
     """Everything that can be checked before a model is built."""
     if args.weights and not args.controlnet:
         raise ValueError("--weights needs --controlnet (the ControlNet weights)")
-    if args.control == "inpainting" and not args.mask:
-        raise ValueError("inpainting needs --mask (automatic saliency masks need the official saliency net, "
-                         "which is not included)")
+    if args.control == "inpainting" and not (args.mask or args.saliency):
+        raise ValueError("inpainting needs --mask, or --saliency with the official saliency net for automatic masks "
+                         "(its weights are not included)")
     if args.control == "identity" and not args.faces:
         raise ValueError("identity needs --faces (boxes and ArcFace embeddings; face detection is not included)")
     if not 0 < args.t_start <= 1:
@@ -76,7 +80,7 @@ def check_inputs(args):
     if args.prior_steps < 1 or args.decoder_steps < 1:
         raise ValueError("--prior-steps and --decoder-steps must be at least 1")
     ControlSettings(args.strength, args.control_start, args.control_stop).check()
-    for name in ("image", "mask", "faces"):
+    for name in ("image", "mask", "faces"):  # (--saliency may also be a converted directory: checked at load)
         path = getattr(args, name)
         if path and not Path(path).is_file():
             raise ValueError(f"--{name} {path} is not a file")
@@ -110,7 +114,9 @@ def run(args, pipe):
     control = ControlSettings(args.strength, args.control_start, args.control_stop)
     mask = read_image(args.mask, "L") if args.mask else None
     faces = read_faces(args.faces) if args.faces else None
+    saliency = saliency_function(args.saliency) if args.saliency and mask is None else None
     return pipe(read_image(args.image), args.prompt, args.negative_prompt, mask=mask, faces=faces,
+                saliency_fn=saliency, mask_threshold=args.mask_threshold, outpaint=args.outpaint,
                 height=args.height, width=args.width, seed=args.seed, control=control, prior=prior, decoder=decoder,
                 t_start=args.t_start, keep_unmasked=not args.no_keep_unmasked), prior, decoder
 

@@ -1,5 +1,6 @@
 """ControlNet hint filters on a photo-like test image: shapes, value ranges, and the official code paths
-(canny against torch's interpolate + OpenCV exactly as the official CannyFilter runs them)."""
+(canny against torch's interpolate + OpenCV exactly as the official CannyFilter runs them; the saliency
+net of the inpainting masks against a PyTorch MicroResNet with the same random weights)."""
 
 from __future__ import annotations
 
@@ -136,3 +137,63 @@ def test_identity_hint_paints_embeddings_into_boxes(image):
     assert np.any(many != 0)
     with pytest.raises(RuntimeError, match="buffalo_l"):
         detect_faces(image)
+
+
+def _torch_micro_resnet():
+    """The official MicroResNet's layer sequence in PyTorch (same module names), for the parity check."""
+    nn = torch.nn
+
+    class Res(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.resblock = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c, affine=True),
+                                          nn.ReLU(), nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3),
+                                          nn.InstanceNorm2d(c, affine=True))
+
+        def forward(self, x):
+            return self.resblock(x) + x
+
+    class Up(nn.Module):
+        def forward(self, x):
+            return nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+
+    def down(ci, co, k, s, p):
+        return [nn.ReflectionPad2d(p), nn.Conv2d(ci, co, k, stride=s), nn.InstanceNorm2d(co, affine=True), nn.ReLU()]
+
+    class MicroResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.downsampler = nn.Sequential(*down(3, 8, 9, 4, 4), *down(8, 16, 3, 2, 1), *down(16, 32, 3, 2, 1))
+            self.residual = nn.Sequential(Res(32), nn.Conv2d(32, 64, 1, bias=False, groups=32), Res(64))
+            self.segmentator = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(64, 16, 3),
+                                             nn.InstanceNorm2d(16, affine=True), nn.ReLU(), Up(),
+                                             nn.ReflectionPad2d(4), nn.Conv2d(16, 1, 9), nn.Sigmoid())
+
+        def forward(self, x):
+            return self.segmentator(self.residual(self.downsampler(x)))
+
+    return MicroResNet()
+
+
+def test_saliency_net_matches_torch_and_makes_masks(image):
+    from flax import nnx
+
+    from cascade_jax.models.saliency import MicroResNet
+    from cascade_jax.weights.tree import load_torch_state_dict
+    from helpers import randomize_torch_module, relative_error
+
+    reference = randomize_torch_module(_torch_micro_resnet(), seed=0)
+    model = nnx.eval_shape(lambda: MicroResNet(rngs=nnx.Rngs(0)))
+    load_torch_state_dict(model, reference.state_dict())
+    x = (image[:, :, :240] / 255).astype(np.float32)  # 192x240: the filter's short side is 240 at 240x300
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    ours = np.asarray(nnx.jit(lambda m, v: m(v))(model, x))
+    assert ours.shape == expected.shape == (1, 24, 30, 1)
+    err = relative_error(ours, expected)
+    print(f"saliency MicroResNet vs torch: rel err {err:.2e}")
+    assert err <= 1e-4
+    forward = nnx.jit(lambda m, v: m(v))
+    mask = saliency_mask(image, lambda v: np.asarray(forward(model, v)), threshold=float(np.median(expected)),
+                         outpaint=False)
+    assert mask.shape == (1, 192, 256, 1) and mask.dtype == bool

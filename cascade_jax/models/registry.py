@@ -23,6 +23,7 @@ MODEL_CLASSES = {
     "clip_text": "cascade_jax.models.clip:CLIPTextEncoder",
     "clip_vision": "cascade_jax.models.clip:CLIPVisionEncoder",
     "controlnet": "cascade_jax.models.controlnet:ControlNet",
+    "saliency": "cascade_jax.models.saliency:MicroResNet",
 }
 
 

@@ -164,6 +164,24 @@ def load_controlnet(source, control: str, dtype: str = "bfloat16") -> ControlNet
         return load_model(out, dtype=dtype)
 
 
+def saliency_function(source, dtype: str = "float32"):
+    """``images -> saliency`` from the official saliency net (a converted directory or its weights re-saved as
+    .safetensors; see ``cascade_jax.models.saliency``), for automatic inpainting / outpainting masks."""
+    from cascade_jax.weights.checkpoint import load_model
+    from cascade_jax.weights.convert import convert_checkpoint
+
+    source = Path(source)
+    if source.is_dir():
+        model = load_model(source, dtype=dtype)
+    elif source.is_file():
+        with tempfile.TemporaryDirectory(prefix="saliency-") as tmp:
+            model = load_model(convert_checkpoint("saliency", "saliency", source, Path(tmp) / "saliency"), dtype=dtype)
+    else:
+        raise FileNotFoundError(f"saliency weights {source} not found: pass a converted directory or the official "
+                                "saliency_model.pt re-saved as .safetensors")
+    return lambda images: np.asarray(jitted_call(model, jnp.asarray(images, jnp.float32)), np.float32)
+
+
 def _resize(images: np.ndarray, size: tuple[int, int], resample=Image.BILINEAR) -> np.ndarray:
     h, w = size
     return np.stack([np.asarray(Image.fromarray(im).resize((w, h), resample)) for im in images])
@@ -220,7 +238,8 @@ class ControlNetPipeline:
         width = factor * image_ops.round_size(arrays.shape[2]) if width is None else width
         return height, width
 
-    def make_hint(self, arrays: np.ndarray, size, *, mask=None, faces=None, saliency_fn=None, rng=None):
+    def make_hint(self, arrays: np.ndarray, size, *, mask=None, faces=None, saliency_fn=None, mask_threshold=0.2,
+                  outpaint=False):
         """``(hint, control image uint8, mask or None)`` for uint8 images; canny, inpainting and identity work
         at the output ``size``, super-resolution on the (low-resolution) input as it is."""
         if self.control == "super_resolution":
@@ -232,7 +251,7 @@ class ControlNetPipeline:
             return hint, _gray(hint), None
         if self.control == "inpainting":
             if mask is None:
-                mask = hints.saliency_mask(resized, saliency_fn, rng=rng)
+                mask = hints.saliency_mask(resized, saliency_fn, threshold=mask_threshold, outpaint=outpaint)
             else:
                 mask = hints.inpainting.as_mask(_resize_mask(mask, size), resized.shape[:3])
             hint = hints.inpainting_hint(resized, mask)
@@ -246,18 +265,22 @@ class ControlNetPipeline:
         return hint, image_ops.to_uint8(jnp.asarray(preview)), None
 
     def __call__(self, images, prompt="", negative_prompt=None, *, mask=None, faces=None, saliency_fn=None,
-                 height=None, width=None, seed=0, control: ControlSettings = ControlSettings(), prior=None,
-                 decoder=DECODER_DEFAULTS, t_start: float = 1.0, keep_unmasked: bool = True) -> ControlNetOutput:
+                 mask_threshold: float = 0.2, outpaint: bool = False, height=None, width=None, seed=0,
+                 control: ControlSettings = ControlSettings(), prior=None, decoder=DECODER_DEFAULTS,
+                 t_start: float = 1.0, keep_unmasked: bool = True) -> ControlNetOutput:
         """Sample with the control made from ``images`` (one prompt for all, or one per image).
 
-        ``mask`` (inpainting; 1/True = generate there), ``faces`` (identity: per-image lists of boxes and
-        ArcFace embeddings), ``prior`` defaults to the official per-task Stage C settings.
+        ``mask`` (inpainting; 1/True = generate there), or without one an automatic mask: ``saliency_fn``
+        (e.g. :func:`saliency_function` of the official saliency net) above ``mask_threshold`` (0.2 as in
+        the official notebook), inverted with ``outpaint``. ``faces`` (identity: per-image lists of boxes
+        and ArcFace embeddings); ``prior`` defaults to the official per-task Stage C settings.
         """
         control.check()
         arrays = image_ops.as_uint8_batch(images)
         prompts = [prompt] * len(arrays) if isinstance(prompt, str) else list(prompt)
         size = self.output_size(arrays, height, width)
-        hint, control_images, hint_mask = self.make_hint(arrays, size, mask=mask, faces=faces, saliency_fn=saliency_fn)
+        hint, control_images, hint_mask = self.make_hint(arrays, size, mask=mask, faces=faces, saliency_fn=saliency_fn,
+                                                         mask_threshold=mask_threshold, outpaint=outpaint)
         pipe = copy.copy(self.pipeline)  # the same models, with the controlled Stage C runner
         pipe.prior = _ControlledPrior(self.controlled_prior, self.residuals(hint), control)
         common = dict(height=size[0], width=size[1], seed=seed, decoder=decoder)

@@ -6,9 +6,11 @@ The hint is the image with the masked pixels set to 1 (white), followed by the m
 * the user (``inpainting_hint(images, mask)``), e.g. drawn in an editor;
 * a saliency network, as the official filter does: ``saliency > threshold`` (threshold drawn
   in [0.04, 0.4] when not given), inverted for outpainting (p 0.4 when not given), nearest-
-  upsampled, Gaussian blur of kernel 141, then > 0.5. The official net (``MicroResNet``, a
-  PyTorch pickle ``modules/cnet_modules/inpainting/saliency_model.pt`` in the StableCascade
-  repository) has no JAX port here: pass your own ``saliency_fn``;
+  upsampled, Gaussian blur of kernel 141, then > 0.5. The official net is ported
+  (``cascade_jax.models.saliency``); its weights (the PyTorch pickle
+  ``modules/cnet_modules/inpainting/saliency_model.pt`` of the StableCascade repository) are not
+  included: re-save them as safetensors and pass ``pipelines.controlnet.saliency_function(path)``
+  (or any ``saliency_fn``);
 * random shapes (:func:`random_shape_masks`), for training without a saliency net, smoothed and
   inverted the same way.
 """
@@ -29,10 +31,11 @@ BLUR_KERNEL = 141
 SALIENCY_SHORT_SIDE = 240
 
 SALIENCY_MISSING = (
-    "automatic inpainting masks need a saliency network: the official one is the PyTorch MicroResNet "
-    "pickle modules/cnet_modules/inpainting/saliency_model.pt of the StableCascade repository, which "
-    "cascade-jax does not port or load. Pass a mask instead (inpainting_hint(images, mask) / --mask), "
-    "or a saliency_fn mapping (B, h, w, 3) images in [0, 1] to (B, h, w, 1) saliency in [0, 1].")
+    "automatic inpainting masks need a saliency network: the official weights are the PyTorch pickle "
+    "modules/cnet_modules/inpainting/saliency_model.pt of the StableCascade repository, not included and never "
+    "unpickled here. Re-save its state dict as .safetensors and pass saliency_function(path) (--saliency), pass a "
+    "mask instead (inpainting_hint(images, mask) / --mask), or any saliency_fn mapping (B, h, w, 3) images in "
+    "[0, 1] to (B, h', w', 1) saliency in [0, 1].")
 
 
 def as_mask(mask, shape: tuple[int, int, int]) -> np.ndarray:
