@@ -33,9 +33,23 @@ import numpy as np
 
 from cascade_jax.data import buckets as bk
 from cascade_jax.data.config import DataConfig
-from cascade_jax.data.sources import SKIP_REASONS, SkipSample, decode_rgb, make_source, open_image
+from cascade_jax.data.sources import SKIP_REASONS, FolderSource, SkipSample, decode_rgb, open_image
 
 logger = logging.getLogger(__name__)
+
+
+def make_source(cfg: DataConfig):
+    """The source object for ``cfg.source``; sources are imported lazily (TFDS is optional). Here, not in
+    sources.py, which the source modules import: picking one there would be an import cycle."""
+    if cfg.source == "folder":
+        return FolderSource(cfg)
+    if cfg.source == "webdataset":
+        from cascade_jax.data.webdataset import WebDatasetSource
+
+        return WebDatasetSource(cfg)
+    from cascade_jax.data.tfds_source import TfdsSource
+
+    return TfdsSource(cfg)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,16 +143,3 @@ class FolderSource:
             width, height = open_image(raw).size
             check_filters(self.filters, {"width": width, "height": height, **metadata}, record)
         return raw
-
-
-def make_source(cfg: DataConfig):
-    """The source object for ``cfg.source``; sources are imported lazily (TFDS is optional)."""
-    if cfg.source == "folder":
-        return FolderSource(cfg)
-    if cfg.source == "webdataset":
-        from cascade_jax.data.webdataset import WebDatasetSource
-
-        return WebDatasetSource(cfg)
-    from cascade_jax.data.tfds_source import TfdsSource
-
-    return TfdsSource(cfg)
