@@ -99,7 +99,8 @@ def _delta_in_our_layout(delta, shape: tuple, layout: str):
     ``view(out, in, 1, 1)`` does (every tap gets the same value, so a flipped kernel is unchanged)."""
     if layout == "same":
         return jnp.broadcast_to(delta.reshape(delta.shape + (1,) * (len(shape) - 2)), shape)
-    ours = delta if layout == "conv_transpose" else delta.T  # -> (in, out) or (in, out) of the transposed conv
+    # linear / conv: PyTorch (out, in) -> ours (..., in, out); conv_transpose: PyTorch (in, out) is ours already.
+    ours = delta if layout == "conv_transpose" else delta.T
     return jnp.broadcast_to(ours, shape)
 
 
