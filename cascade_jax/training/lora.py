@@ -51,6 +51,15 @@ class LoRATask(StageCTask):
         self._record_layout(modules)
         return modules
 
+    def adapt_abstract(self, modules: TrainModules, cfg: TrainConfig) -> TrainModules:
+        """The dry run's LoRA: factors of the configured rank and one (zero) row per train_tokens entry
+        (abstract tables have no values to select or average rows from)."""
+        filters = tuple(cfg.module_filters) if cfg.module_filters is not None else DEFAULT_FILTERS
+        init_lora(modules.generator, NAME, filters=filters, rank=cfg.rank)
+        if cfg.train_tokens:
+            init_token_rows(token_embedding(modules.text_encoder), NAME, list(range(len(cfg.train_tokens))))
+        return modules
+
     def _attach_file(self, cfg, modules, embedding, token_ids):
         from cascade_jax.weights.lora_files import load_lora
 

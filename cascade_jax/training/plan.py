@@ -54,7 +54,7 @@ def plan(cfg: TrainConfig, batch_specs: dict | None = None, mesh=None) -> dict:
     task = get_task(cfg.stage)
     mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     specs = task.frozen_specs(cfg)
-    modules = abstract_modules(task, cfg, specs)
+    modules = task.adapt_abstract(abstract_modules(task, cfg, specs), cfg)
     batch_specs = batch_specs or default_batch_specs(cfg.stage, cfg, clip_image=specs.get(
         "image_encoder", (None, {}))[1].get("image_size", 224))
     graphdef, params, frozen = nnx.split(modules, task.trainable(cfg), ...)
@@ -95,7 +95,7 @@ def default_batch_specs(task_stage: str, cfg: TrainConfig, text_len: int = 77, c
     b, s = cfg.batch_size, cfg.image_size
     specs = {"images": ((b, s, s, 3), jnp.uint8), "input_ids": ((b, text_len), jnp.int32),
              "attention_mask": ((b, text_len), jnp.int32)}
-    if task_stage == "c":
+    if task_stage.split("_")[0] == "c":  # c and the tasks built on it (c_lora)
         specs.update(clip_pixels=((b, clip_image, clip_image, 3), jnp.float32), use_image=((b,), jnp.float32))
     else:
         e = (s // 32) * 32

@@ -94,6 +94,10 @@ class Task:
             return {attr: components[attr] for attr in self.frozen}
         return {attr: (model, load_config(preset)[1]) for attr, (model, preset, _) in self.frozen.items()}
 
+    def adapt_abstract(self, modules: TrainModules, cfg: TrainConfig) -> TrainModules:
+        """For the dry run: add to the abstract models what ``build`` adds beyond them (LoRA adapters)."""
+        return modules
+
     def build_frozen(self, cfg: TrainConfig, work_dir: Path) -> dict:
         models = {}
         for i, (attr, (model, preset, path_key)) in enumerate(self.frozen.items()):
