@@ -69,8 +69,10 @@ register_task("toy", ToyTask)
 class ToyData:
     """Row ``i`` of the stream is a fixed function of i, so positions are easy to check."""
 
-    def __init__(self, batch: int, seed: int = 0):
+    def __init__(self, batch: int, seed: int = 0, stride: int | None = None, offset: int = 0):
+        # A host of a multi-process run reads rows [position + offset, +batch) of each global batch of `stride`.
         self.batch, self.seed, self.position = batch, seed, 0
+        self.stride, self.offset = stride or batch, offset
         self.teacher = np.random.default_rng(99).standard_normal((D_IN, D_OUT)).astype(np.float32)
 
     def __iter__(self):
@@ -83,8 +85,8 @@ class ToyData:
         return {"x": xs, "y": np.tanh(xs @ self.teacher), "logsnr": logsnr, "index": np.arange(start, start + count)}
 
     def __next__(self) -> dict:
-        out = self.rows(self.position, self.batch)
-        self.position += self.batch
+        out = self.rows(self.position + self.offset, self.batch)
+        self.position += self.stride
         return out
 
     def get_state(self) -> dict:
@@ -138,12 +140,31 @@ def host_params(state) -> dict:
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
+def distributed_main(port: int, process_id: int, out_file: str, work: str):
+    """One of two processes of a jax.distributed run on the CPU; writes its per-update losses."""
+    from pathlib import Path
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    from cascade_jax.training import train
+
+    cfg = toy_config(Path(work) / "shared", batch_size=16, updates=4, adaptive_loss_weight=True,
+                     grad_accum_steps=2)
+    run = train(cfg, data=ToyData(8, stride=16, offset=8 * process_id), progress=False)
+    with open(out_file, "w") as f:
+        json.dump({"losses": [h["loss"] for h in run.history], "devices": jax.device_count(),
+                   "processes": jax.process_count()}, f)
+
+
 if __name__ == "__main__":
     from pathlib import Path
 
     from cascade_jax.training import train
     from cascade_jax.training.hooks import Hook
 
+    if sys.argv[1] == "distributed":
+        distributed_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+        sys.exit(0)
     ckpt, updates, log_file = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     cfg = toy_config(ckpt, updates=updates, save_every=2, async_checkpointing=True, keep_checkpoints=2)
     data = ToyData(cfg.batch_size)
