@@ -12,8 +12,10 @@ ControlNet's parameters train (its BatchNorm statistics stay fixed: the official
 EfficientNet backbone in eval mode). The exported "generator" is the ControlNet.
 
 Filters per hint: ``CannyFilter`` and ``InpaintFilter`` run on the host (OpenCV, numpy);
-inpainting masks are random shapes (``random_shape_masks``) because the official saliency net
-is not available; ``SREffnetFilter`` runs inside the step (EfficientNet latents of the 2×
+inpainting masks come from the official saliency net when ``controlnet_filter_params.saliency``
+names its weights (this project's key: the official code loads a fixed path; threshold drawn in
+``thresold``, outpainting with ``p_outpaint``), else from random shapes (``random_shape_masks``);
+``SREffnetFilter`` runs inside the step (EfficientNet latents of the 2×
 nearest-downscaled image, nearest-upsampled back). ``IdentityFilter`` needs face boxes and ArcFace
 embeddings per image, which no loader here provides: it is refused with that message.
 
@@ -125,9 +127,19 @@ class ControlNetTask(StageCTask):
         if self.control == "canny":
             arrays["hint"] = hints.canny_hint(images, resize=params.get("resize", 224))
         elif self.control == "inpainting":
-            masks = random_shape_masks(rng, images, params)
-            arrays["hint"] = hints.inpainting_hint(images, masks)
+            arrays["hint"] = hints.inpainting_hint(images, self.inpainting_masks(rng, images, params))
         return arrays
+
+    def inpainting_masks(self, rng: np.random.Generator, images: np.ndarray, params: dict) -> np.ndarray:
+        if not params.get("saliency"):
+            return random_shape_masks(rng, images, params)
+        if getattr(self, "saliency_fn", None) is None:
+            from cascade_jax.pipelines.controlnet import saliency_function
+            self.saliency_fn = saliency_function(params["saliency"])
+        low, high = params.get("thresold", hints.inpainting.THRESHOLD_RANGE)  # (sic: the official key)
+        # As the official filter: one threshold and one outpainting draw per batch.
+        outpaint = bool(rng.random() < params.get("p_outpaint", hints.inpainting.P_OUTPAINT))
+        return hints.saliency_mask(images, self.saliency_fn, threshold=rng.uniform(low, high), outpaint=outpaint)
 
     def hint(self, modules, batch, cfg: TrainConfig):
         if self.control != "super_resolution":
