@@ -65,7 +65,7 @@ class _ConstantKeys:
 def abstract_model(name: str, config: dict) -> nnx.Module:
     """The model with shapes and metadata only (no memory), or a clear error when ``config`` cannot build it."""
     cls = model_class(name)
-    check_config(cls, config, f"config of model {name!r} ({cls.__name__})")
+    check_config(cls, config, f"config does not fit model {name!r} ({cls.__name__})")
     try:
         return nnx.eval_shape(lambda: cls(**config, rngs=_ConstantKeys()))
     except (TypeError, ValueError, IndexError, KeyError) as e:
