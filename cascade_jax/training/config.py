@@ -87,6 +87,7 @@ class TrainConfig:
     moment_dtype: str | None = None  # "bfloat16" stores the first AdamW moment in bf16
     remat: Any = None  # None | "full" | a jax.checkpoint_policies name
     dropout: bool = True  # train with the model's configured dropout (official 0.1 for Stage C)
+    cached_conditions: bool = False  # batches carry precomputed latents/embeddings: no frozen encoders run
     weight_decay: float = 0.01  # torch AdamW default (the official trainer leaves it)
     adam_eps: float = 1e-8
     grad_clip: float = 1.0

@@ -93,6 +93,13 @@ def report(compiled, mesh, compile_s: float, params) -> dict:
 def default_batch_specs(task_stage: str, cfg: TrainConfig, text_len: int = 77, clip_image: int = 224) -> dict:
     """Global batch shapes of one square ``image_size`` bucket (the largest EfficientNet size for Stage B)."""
     b, s = cfg.batch_size, cfg.image_size
+    if cfg.cached_conditions and task_stage == "c":
+        side = -(-s // 32)  # EfficientNet: a 32x smaller latent
+        generator = get_task("c").generator_config(cfg)
+        return {"x0": ((b, side, side, generator.get("c_in", 16)), jnp.float32),
+                "clip_text": ((b, text_len, generator.get("c_clip_text", 1280)), jnp.bfloat16),
+                "clip_text_pooled": ((b, 1, generator.get("c_clip_text_pooled", 1280)), jnp.bfloat16),
+                "clip_img": ((b, 1, generator.get("c_clip_img", 768)), jnp.bfloat16)}
     specs = {"images": ((b, s, s, 3), jnp.uint8), "input_ids": ((b, text_len), jnp.int32),
              "attention_mask": ((b, text_len), jnp.int32)}
     if task_stage.split("_")[0] == "c":  # c and the tasks built on it (c_lora)

@@ -87,6 +87,8 @@ class Task:
 
     def frozen_specs(self, cfg: TrainConfig) -> dict:
         """attribute -> (model name, constructor config) of every frozen model."""
+        if cfg.cached_conditions:
+            return {}
         if cfg.encoders is not None:
             from cascade_jax.pipelines.loading import pipeline_set
 
@@ -100,6 +102,8 @@ class Task:
 
     def build_frozen(self, cfg: TrainConfig, work_dir: Path) -> dict:
         models = {}
+        if cfg.cached_conditions:
+            return models
         for i, (attr, (model, preset, path_key)) in enumerate(self.frozen.items()):
             path = getattr(cfg, path_key)
             # Official CLIP keys name Hugging Face repositories; only local paths are read here.
