@@ -204,6 +204,30 @@ def test_interrupted_save_leaves_no_temp_directory(tmp_path, how):
         assert left == [], left
 
 
+EXPORT_AND_INTERRUPT = """
+import os, signal, sys, time
+import numpy as np
+from cascade_jax.weights.safetensors_io import write_safetensors
+
+def fetch(key):
+    if key == "t3":
+        print("writing", flush=True)
+        os.kill(os.getpid(), getattr(signal, "SIG" + sys.argv[2]))
+        time.sleep(60)
+    return np.zeros((256, 256), np.float32)
+
+write_safetensors(sys.argv[1], [(f"t{i}", np.float32, (256, 256)) for i in range(8)], fetch)
+"""
+
+
+@pytest.mark.parametrize("how", ["INT", "TERM"])
+def test_interrupted_export_leaves_no_partial_file(tmp_path, how):
+    result = subprocess.run([sys.executable, "-c", EXPORT_AND_INTERRUPT, str(tmp_path / "out.safetensors"), how],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert "writing" in result.stdout and result.returncode != 0, result.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stale_temps_of_live_processes_and_other_names_are_kept(tmp_path):
     live = atomic.temp_path(tmp_path / "out")  # this process: alive
     other = tmp_path / f".other.tmp-{atomic._host()}-999999999"
