@@ -1,25 +1,38 @@
 """The whole text-to-image pipeline with random weights: compile time, steady-state time per
-stage, and the host overhead of the sampling loop against the sum of its model calls.
+stage, the host overhead of the sampling loop against the sum of its model calls, and the per-step
+cost of the progress callback.
 
 Model-call time is a jitted single forward at the loop's shapes (the cond + uncond batch of
 classifier-free guidance) times the number of steps; overhead = loop time / that - 1.
+Callback cost: each stage's compiled loop run with and without a (no-op) per-step callback,
+interleaved; cost per step = difference of the medians / steps. It must stay under 1% of a step at
+the lite size (issue 8). Standalone, at a chosen size, without the rest of the section:
+
+    python benchmarks/bench_pipeline.py --set tiny --size 128 --reps 10
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import bridge
 import jax.numpy as jnp
 from bench_forward import draw_inputs, jax_args, jax_forward
-from common import log, other_cpu_load, skipped, summarize, timed
+from common import alternate, log, other_cpu_load, skipped, summarize, timed
 
 CANDIDATE_SIZES = (1024, 768, 512, 384, 256, 192, 128)
 # Building the lite pipeline (~15 s), compiling both sampling loops and two single forwards (XLA:CPU compile
-# time follows program size, not image size: ~2 x 50 s here), the text encoder and Stage A (~15 s).
-FIXED_S = 140
+# time follows program size, not image size: ~2 x 50 s here), the text encoder and Stage A (~15 s), and both
+# loops again with the progress callback compiled in (~2 x 50 s).
+FIXED_S = 240
+CALLBACK_REPS = 2  # timed runs of each stage with and without the callback, after one untimed pair
+CALLBACK_RUNS = 2 * (1 + CALLBACK_REPS)  # what they cost, in whole pipeline runs (both variants)
 PROMPT = "a lighthouse on a cliff at sunset"
 
 
@@ -57,7 +70,7 @@ def pick_size(flops_1024: dict, steps: dict, batch: int, gflops: float, budget_s
     for size in CANDIDATE_SIZES:
         run = estimate_run_s(flops_1024, size, steps, batch, gflops)
         per_call_timing = run * 4 / sum(steps.values()) * 2  # 1 + 3 forwards of each stage, 2 stages
-        if 2 * run + per_call_timing + FIXED_S <= budget_s:
+        if (2 + CALLBACK_RUNS) * run + per_call_timing + FIXED_S <= budget_s:
             return size, run
     return None, estimate_run_s(flops_1024, CANDIDATE_SIZES[-1], steps, batch, gflops)
 
@@ -98,7 +111,7 @@ def run_pipeline_section(budget, gflops: float, flops_1024: dict, *, set_name="l
                                     f"{min(section_budget_s, budget.remaining()):.0f}s left for this section")}
     result["size"] = chosen
     if budget.dry_run:
-        est = 2 * est_run * (1 + 4 / 15) + FIXED_S
+        est = (2 + CALLBACK_RUNS) * est_run + 2 * est_run * 4 / 15 + FIXED_S
         budget.consume(est)
         log(f"pipeline: dry run, would run at {chosen}^2, ~{est:.0f}s")
         return {**result, **skipped(f"dry run: would run at {chosen}^2, ~{est:.0f}s")}
@@ -135,8 +148,74 @@ def run_pipeline_section(budget, gflops: float, flops_1024: dict, *, set_name="l
     result["stage_s_steady"] = {k: steady[k]["sample_s"] for k in ("stage_c", "stage_b")}
     result["compile_s"] = {k: runs[0][k]["compile_s"] for k in ("stage_c", "stage_b")}
     result["images_per_s_steady"] = batch / steady["wall_s"]
+    result["callback_overhead"] = callback_overheads(pipe, out, prior, decoder, batch, reps=CALLBACK_REPS)
     result["load_after"] = other_cpu_load()
     return result
+
+
+def stage_inputs(pipe, out, prior, decoder, batch: int) -> dict:
+    """stage -> (runner, settings, x_shape, cond, uncond) as text_to_image builds them for ``PROMPT``."""
+    import jax.numpy as jnp
+    cond_text, uncond_text = pipe.text.with_unconditional([PROMPT] * batch)
+    zeros_img = jnp.zeros((batch, 1, pipe.c_clip_img), jnp.float32)
+    effnet = jnp.asarray(out.stage_c_latents)
+    return {
+        "stage_c": (pipe.prior, prior, out.stage_c_latents.shape[1:], {**cond_text.stage_c(), "clip_img": zeros_img},
+                    {**uncond_text.stage_c(), "clip_img": zeros_img}),
+        "stage_b": (pipe.decoder, decoder, out.stage_b_latents.shape[1:], {"effnet": effnet, **cond_text.stage_b()},
+                    {"effnet": jnp.zeros_like(effnet), **uncond_text.stage_b()}),
+    }
+
+
+def callback_overhead(runner, settings, x_shape, cond, uncond, batch: int, reps: int) -> dict:
+    """The stage's loop with and without a no-op per-step callback (both compiled first), interleaved."""
+    seeds, events = list(range(batch)), []
+    runs = {"plain": lambda: runner(settings, tuple(x_shape), seeds, cond, uncond),
+            "callback": lambda: runner(settings, tuple(x_shape), seeds, cond, uncond, callback=events.append)}
+    samples = alternate(runs, reps, warmup=1)
+    plain, with_cb = statistics.median(samples["plain"]), statistics.median(samples["callback"])
+    step_s, per_step_s = plain / settings.steps, (with_cb - plain) / settings.steps
+    return {"steps": settings.steps, "plain": summarize(samples["plain"]), "callback": summarize(samples["callback"]),
+            "step_s": step_s, "callback_per_step_s": per_step_s, "callback_pct_of_step": 100 * per_step_s / step_s,
+            "events": len(events)}
+
+
+def callback_overheads(pipe, out, prior, decoder, batch: int, reps: int) -> dict:
+    result = {}
+    for stage, (runner, settings, x_shape, cond, uncond) in stage_inputs(pipe, out, prior, decoder, batch).items():
+        result[stage] = r = callback_overhead(runner, settings, x_shape, cond, uncond, batch, reps)
+        log(f"callback {stage}: {1e3 * r['callback_per_step_s']:+.3f} ms/step = {r['callback_pct_of_step']:+.2f}% "
+            f"of a {1e3 * r['step_s']:.1f} ms step")
+    return result
+
+
+def main(argv=None) -> int:
+    """Only the callback cost, at one size: build the pipeline, one run for the conditions, then time."""
+    p = argparse.ArgumentParser(description="per-step progress-callback cost of the compiled stage loops")
+    p.add_argument("--set", default="tiny", choices=["tiny", "lite", "full"])
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--steps", type=int, nargs=2, default=(20, 10))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", type=Path, default=None, help="JSON file (default results/callback_<set>_<size>.json)")
+    args = p.parse_args(argv)
+    from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS
+    prior, decoder = PRIOR_DEFAULTS.replace(steps=args.steps[0]), DECODER_DEFAULTS.replace(steps=args.steps[1])
+    pipe, _ = build_pipeline(args.set)
+    out = pipe.text_to_image(PROMPT, height=args.size, width=args.size, num_images_per_prompt=args.batch,
+                             prior=prior, decoder=decoder, decode=False)
+    result = {"set": args.set, "size": args.size, "batch": args.batch, "dtype": "float32",
+              "load_before": other_cpu_load(),
+              "stages": callback_overheads(pipe, out, prior, decoder, args.batch, args.reps),
+              "load_after": other_cpu_load()}
+    path = args.out or Path(__file__).resolve().parent / "results" / f"callback_{args.set}_{args.size}.json"
+    path.write_text(json.dumps(result, indent=2))
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
 
 
 def median(values):
