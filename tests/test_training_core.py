@@ -153,3 +153,19 @@ def test_sharded_step_equals_single_device(tmp_path, mesh_shape, expected_spec):
         for key in a:
             np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7, err_msg=f"{tree} {key}")
     np.testing.assert_allclose([m["loss"] for m in m8], [m["loss"] for m in m1], rtol=1e-5)
+
+
+def test_official_init_from_scratch():
+    from cascade_jax.models.random_init import random_model
+    from cascade_jax.nn.params import named_variables
+    from cascade_jax.training.init import official_init
+
+    config = dict(load_config("tiny_c").model_config)
+    model = official_init(random_model("stage_c", config, seed=1), "stage_c", config, seed=0)
+    values = {k: np.asarray(v[...]) for k, v in named_variables(model).items()}
+    assert not values["clf.1.weight"].any() and not values["down_blocks.0.1.mapper.weight"].any()
+    assert not values["down_blocks.0.0.channelwise.2.gamma"].any()  # GRN starts at zero, as torch
+    assert abs(values["clip_txt_mapper.weight"].std() - 0.02) < 0.002
+    w = values["down_blocks.0.2.kv_mapper.1.weight"]  # xavier-uniform bound sqrt(6 / (fan_in + fan_out))
+    assert np.abs(w).max() <= np.sqrt(6 / sum(w.shape)) and np.abs(w).max() > 0.9 * np.sqrt(6 / sum(w.shape))
+    assert not values["down_blocks.0.2.kv_mapper.1.bias"].any()

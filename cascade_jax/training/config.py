@@ -78,7 +78,7 @@ class TrainConfig:
     stage: str = "c"  # c | b (and the tasks other helpers add: c_lora, c_controlnet)
     model_config: str | None = None  # generator preset/file; default from model_version
     encoders: str | None = None  # pipeline set (e.g. "tiny") for frozen models without checkpoint paths
-    init: str = "checkpoint"  # checkpoint | scratch (official init, no generator weights)
+    init: str = "checkpoint"  # checkpoint | official (from scratch, official init) | scratch (all random: tests)
     train_filter: tuple = ()  # regexes over official names of the generator; empty: all of it trains
     mesh: MeshConfig = MeshConfig()
     sharding_rules: dict | None = None
@@ -104,8 +104,9 @@ class TrainConfig:
         if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum_steps "
                              f"{self.grad_accum_steps} (>= 1)")
-        if self.init not in ("checkpoint", "scratch"):
-            raise ValueError(f"init={self.init!r}: use 'checkpoint' or 'scratch'")
+        if self.init not in ("checkpoint", "official", "scratch"):
+            raise ValueError(f"init={self.init!r}: use 'checkpoint', 'official' (from scratch as the official "
+                             "constructors initialise) or 'scratch' (every parameter random, for tests)")
         if (self.ema_start_iters is None) != (self.ema_iters is None) or \
                 (self.ema_iters is not None and self.ema_beta is None):
             raise ValueError("EMA needs all of ema_start_iters, ema_iters and ema_beta (or none of them)")

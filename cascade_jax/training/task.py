@@ -146,8 +146,12 @@ class Task:
     def build_generator(self, cfg: TrainConfig, work_dir: Path):
         config = self.generator_config(cfg)
         self.generator_config_used = config
-        if cfg.init == "scratch" or cfg.generator_checkpoint_path is None:
+        if cfg.init in ("official", "scratch") or cfg.generator_checkpoint_path is None:
             model = random_model(self.generator_model, config, seed=cfg.seed, dtype=cfg.param_dtype)
+            if cfg.init == "official":
+                from cascade_jax.training.init import official_init
+
+                official_init(model, self.generator_model, config, seed=cfg.seed)
         else:
             model = load_weights(self.generator_model, config, cfg.generator_checkpoint_path, work_dir,
                                  cfg.param_dtype)
