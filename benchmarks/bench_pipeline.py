@@ -189,6 +189,42 @@ def callback_overheads(pipe, out, prior, decoder, batch: int, reps: int) -> dict
     return result
 
 
+def bare_callback_cost(steps: int = 200, reps: int = 15) -> dict:
+    """The hook alone: a scan of ``steps`` trivial steps with and without the stage runner's step hook
+    (the same host callback and event delivery), so the per-step figure is the callback's own cost."""
+    import jax
+    from cascade_jax.pipelines import stage_runner
+
+    def program(with_hook: bool):
+        def loop(x, listener_id, positions):
+            hook = stage_runner._step_hook(listener_id, positions, False) if with_hook else None
+
+            def body(c, i):
+                c = jnp.tanh(c) * 1.001
+                if hook is not None:
+                    hook(i, c, c)
+                return c, None
+            return jax.lax.scan(body, x, jnp.arange(steps))[0]
+        return jax.jit(loop)
+
+    x, positions = jnp.ones((1, 16, 16, 4)), jnp.arange(1, dtype=jnp.int32)
+    listener_id = next(stage_runner._LISTENER_IDS)
+    listener = stage_runner._Listener("bench", steps, 1, (16, 16, 4), False, lambda event: None)
+    stage_runner._LISTENERS[listener_id] = listener
+
+    def run(fn):
+        listener.next, listener.pending = 0, {}
+        fn(x, jnp.int32(listener_id), positions).block_until_ready()
+        jax.effects_barrier()
+
+    plain, hooked = program(False), program(True)
+    samples = alternate({"plain": lambda: run(plain), "callback": lambda: run(hooked)}, reps, warmup=1)
+    stage_runner._LISTENERS.pop(listener_id)
+    per_step = (statistics.median(samples["callback"]) - statistics.median(samples["plain"])) / steps
+    return {"steps": steps, "plain": summarize(samples["plain"]), "callback": summarize(samples["callback"]),
+            "callback_per_step_s": per_step}
+
+
 def main(argv=None) -> int:
     """Only the callback cost, at one size: build the pipeline, one run for the conditions, then time."""
     p = argparse.ArgumentParser(description="per-step progress-callback cost of the compiled stage loops")
@@ -207,7 +243,9 @@ def main(argv=None) -> int:
     result = {"set": args.set, "size": args.size, "batch": args.batch, "dtype": "float32",
               "load_before": other_cpu_load(),
               "stages": callback_overheads(pipe, out, prior, decoder, args.batch, args.reps),
+              "bare_hook": bare_callback_cost(),
               "load_after": other_cpu_load()}
+    log(f"callback alone: {1e6 * result['bare_hook']['callback_per_step_s']:.0f} us/step")
     path = args.out or Path(__file__).resolve().parent / "results" / f"callback_{args.set}_{args.size}.json"
     path.write_text(json.dumps(result, indent=2))
     log(f"wrote {path}")
