@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from cascade_jax.conditioning import PromptTruncatedWarning
-from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, SamplerSettings, StableCascadePipeline
+from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline
 from cascade_jax.pipelines.images import as_uint8_batch, to_rgb_uint8
 from cascade_jax.pipelines.stage_runner import _noise, image_keys
 
