@@ -62,7 +62,7 @@ setup(
             "tqdm",
         ],
         # ControlNet hint filters: the canny hint calls cv2.Canny as the official filter does.
-        # scipy: the super-resolution hint's separable blur (cascade_jax/data/hints/resize.py).
+        # scipy: the inpainting masks' Gaussian blur (cascade_jax/data/hints/resize.py).
         "controlnet": ["opencv-python-headless", "scipy"],
     },
 )
