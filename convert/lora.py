@@ -45,7 +45,7 @@ def main(argv=None):
                                        overwrite=args.overwrite)
         else:
             convert_lora_file(args.lora, args.output, args.to, model_dir=args.model, config=args.config)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # OSError covers missing, existing and unwritable paths
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}")
