@@ -1,0 +1,73 @@
+"""A small CLIP-format tokenizer learned from a word list (the embedded demo's tokenizer).
+
+The released CLIP vocabulary has 49,408 entries; a text encoder that only ever reads a
+few dozen words would spend most of its weights on the embedding table. This learns byte-pair
+merges (most frequent adjacent pair first, ties broken by the pair itself, so the result is
+deterministic) until every given word is one token, and writes an ordinary Hugging Face
+CLIPTokenizer folder: the 256 byte symbols, the same with '</w>', the merged symbols, then
+``<|startoftext|>`` and ``<|endoftext|>``, the layout of the released vocabulary. Any other text
+still tokenizes, into byte-level pieces.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from cascade_jax.data.clip_tokenizer import END_OF_WORD, bytes_to_unicode
+
+
+def _symbols(word: str, byte_encoder) -> tuple[str, ...]:
+    mapped = [byte_encoder[b] for b in word.encode("utf-8")]
+    return tuple(mapped[:-1]) + (mapped[-1] + END_OF_WORD,)
+
+
+def _merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(symbols):
+        if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return tuple(out)
+
+
+def learn_merges(words) -> list[tuple[str, str]]:
+    """BPE merges after which each of ``words`` (lower-case, no spaces) is a single symbol."""
+    byte_encoder = bytes_to_unicode()
+    words = sorted(set(words))
+    bad = [w for w in words if not w or w != w.lower() or any(c.isspace() for c in w)]
+    if bad:
+        raise ValueError(f"words must be non-empty, lower-case and without spaces (CLIP lower-cases and splits "
+                         f"on spaces), got {bad}")
+    pieces = {w: _symbols(w, byte_encoder) for w in words}
+    merges = []
+    while True:
+        counts = Counter(pair for symbols in pieces.values() for pair in zip(symbols, symbols[1:]))
+        if not counts:
+            return merges
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(pair)
+        pieces = {w: _merge(s, pair) for w, s in pieces.items()}
+
+
+def write_word_tokenizer_folder(words, folder, *, model_max_length: int = 77) -> Path:
+    """Write vocab.json, merges.txt and tokenizer_config.json for ``words`` into ``folder``."""
+    merges = learn_merges(words)
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
+                                       encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                       encoding="utf-8")
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length,
+              "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+              "pad_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
