@@ -96,7 +96,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
     log_every: int = 10
-    sample_every: int | None = None
+    sample_every: int | None = None  # write a sample collage every N updates (None/0: never; training/samples.py)
+    sample_prompts: tuple | None = None  # Stage C collage prompts (None: samples.DEFAULT_SAMPLE_PROMPTS); their
+    # count is also the number of Stage B reconstructions
+    sample_steps: int = 10  # sampler steps per collage (official inference: Stage C 20, Stage B 10)
     loss_smoothing: float = 0.99  # the official "ema_loss" factor
     peak_flops: float | None = None  # per-device peak FLOP/s for the MFU estimate (None: guess from device kind)
 
@@ -110,6 +113,13 @@ class TrainConfig:
         if (self.ema_start_iters is None) != (self.ema_iters is None) or \
                 (self.ema_iters is not None and self.ema_beta is None):
             raise ValueError("EMA needs all of ema_start_iters, ema_iters and ema_beta (or none of them)")
+        if self.sample_every is not None and (not isinstance(self.sample_every, int) or self.sample_every < 0):
+            raise ValueError(f"sample_every={self.sample_every!r}: use a number of updates >= 0 (0 or null: no samples)")
+        if not isinstance(self.sample_steps, int) or self.sample_steps < 1:
+            raise ValueError(f"sample_steps={self.sample_steps!r}: use a positive number of sampler steps")
+        if self.sample_prompts is not None and (not self.sample_prompts or
+                                                not all(isinstance(p, str) for p in self.sample_prompts)):
+            raise ValueError(f"sample_prompts={self.sample_prompts!r}: use a non-empty list of strings (or null)")
 
     @property
     def micro_batch_size(self) -> int:
