@@ -62,6 +62,7 @@ class TrainConfig:
     stage_a_checkpoint_path: str | None = None
     clip_text_model_name: str | None = None  # a converted dir, a transformers folder or safetensors file
     clip_image_model_name: str | None = None
+    tokenizer_path: str | None = None  # CLIP tokenizer folder; default: the text model's folder, else the released BPE
     # ControlNet (official train_c_controlnet.py; see cascade_jax.training.controlnet)
     controlnet_blocks: tuple | None = None  # Stage C ResBlock indices that get a residual
     controlnet_filter: str | None = None  # CannyFilter | InpaintFilter | SREffnetFilter | IdentityFilter

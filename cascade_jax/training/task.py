@@ -115,6 +115,8 @@ class Task:
         from cascade_jax.data.clip_tokenizer import CLIPTokenizer
         from cascade_jax.pipelines.loading import default_tokenizer_dir
 
+        if cfg.tokenizer_path is not None:
+            return CLIPTokenizer.from_pretrained(cfg.tokenizer_path)
         text = cfg.clip_text_model_name
         folder = text if text is not None and (Path(text) / "vocab.json").is_file() else None
         return CLIPTokenizer.from_pretrained(folder or default_tokenizer_dir())
