@@ -76,7 +76,7 @@ class TrainConfig:
     train_tokens: tuple = ()  # [[token or regex, init regex or null], ...]; [x] / <x> adds a new token
     lora_checkpoint_path: str | None = None  # start from this LoRA file
     # --- this project's keys ---
-    stage: str = "c"  # c | b (and the tasks other helpers add: c_lora, c_controlnet)
+    stage: str = "c"  # c | b | a | previewer | c_lora | c_controlnet
     model_config: str | None = None  # generator preset/file; default from model_version
     encoders: str | None = None  # pipeline set (e.g. "tiny") for frozen models without checkpoint paths
     init: str = "checkpoint"  # checkpoint | official (from scratch, official init) | scratch (all random: tests)
@@ -103,6 +103,9 @@ class TrainConfig:
     sample_steps: int = 10  # sampler steps per collage (official inference: Stage C 20, Stage B 10)
     loss_smoothing: float = 0.99  # the official "ema_loss" factor
     peak_flops: float | None = None  # per-device peak FLOP/s for the MFU estimate (None: guess from device kind)
+    # Stage A / Previewer (reconstruction losses; cascade_jax.training.stage_a / previewer)
+    vq_beta: float = 0.25  # Stage A commitment-loss weight (VQ-VAE's beta; the official StageA uses 0.25)
+    l1_weight: float = 0.0  # weight of an extra mean-absolute reconstruction error
 
     def __post_init__(self):
         if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
