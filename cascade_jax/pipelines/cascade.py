@@ -8,6 +8,11 @@ settings are one ``SamplerSettings``, passed as it is to the stage's sampling lo
 field with ``PRIOR_DEFAULTS.replace(steps=30)``. Each stage's sampling loop is one compiled
 program (see ``stage_runner``); the batch is sharded over the local devices.
 
+Model-parallel sampling: ``mesh=`` (a ``Mesh`` or ``"fsdp=4,tensor=2"`` / ``{"data": 2, "fsdp": 4}``) and
+``rules=`` (logical axis -> mesh axis, as a training config's ``mesh`` and ``sharding_rules``) place every
+network's variables by their logical axes as the trainer does, and split the batch over data and fsdp.
+``from_pretrained`` restores the weights straight into that layout (no replicated copy on one device).
+
 One deliberate difference from the official sampler: the CFG rescale uses each image's own
 standard deviation (``cfg_std_per_sample=True``) rather than the whole batch's, so an image
 does not depend on what else is in its batch. At batch size 1 the two are identical; pass
@@ -36,6 +41,7 @@ from cascade_jax.pipelines import arguments as checks
 from cascade_jax.pipelines import images as image_ops
 from cascade_jax.pipelines.sizes import latent_shapes
 from cascade_jax.pipelines.stage_runner import StageRunner, StageTiming, StepEvent, image_keys
+from cascade_jax.sharding import make_mesh, place_model
 
 PRIOR_DEFAULTS = STAGE_C_DEFAULTS.replace(cfg_std_per_sample=True)
 DECODER_DEFAULTS = STAGE_B_DEFAULTS.replace(cfg_std_per_sample=True)
@@ -89,32 +95,42 @@ class StableCascadePipeline:
     """
 
     def __init__(self, *, stage_c, stage_b, stage_a, text_encoder, tokenizer, image_encoder=None, effnet=None,
-                 previewer=None, gdf: GDF = GDF()):
+                 previewer=None, gdf: GDF = GDF(), mesh=None, rules: dict | None = None):
+        self.mesh, self.rules = (None if mesh is None else make_mesh(mesh)), rules
+        if self.mesh is not None:  # the encoders, Stage A and the previewer by the same rules as the stages
+            for module in (stage_a, text_encoder, image_encoder, effnet, previewer):
+                if module is not None:
+                    place_model(module, self.mesh, rules)
         self.stage_a, self.effnet, self.previewer, self.image_encoder = stage_a, effnet, previewer, image_encoder
         self.text = TextConditioner(text_encoder, tokenizer)
-        self.prior = StageRunner("Stage C", stage_c)
-        self.decoder = StageRunner("Stage B", stage_b)
+        self.prior = StageRunner("Stage C", stage_c, self.mesh, rules)
+        self.decoder = StageRunner("Stage B", stage_b, self.mesh, rules)
         self.gdf = gdf
         self.c_clip_img = stage_c.clip_img_mapper.weight.shape[0]
         self.c_latent_c = stage_c.clf[1].weight.shape[-1]  # Stage C's patch size is 1
         self.c_latent_b = stage_a.c_latent
 
     @classmethod
-    def from_pretrained(cls, source, *, lite: bool = False, dtype: str = "bfloat16",
-                        configs=None) -> "StableCascadePipeline":
+    def from_pretrained(cls, source, *, lite: bool = False, dtype: str = "bfloat16", configs=None, mesh=None,
+                        rules: dict | None = None) -> "StableCascadePipeline":
         """From a folder (converted directories, official safetensors or diffusers folders) or a
         Hugging Face repository id; unconverted weights are converted once and cached. ``configs``
         names the pipeline set (configs/pipelines/) giving the architecture of official single files
-        (default ``full``, or ``lite`` with ``lite=True``; ``tiny`` for the tiny test weights)."""
+        (default ``full``, or ``lite`` with ``lite=True``; ``tiny`` for the tiny test weights).
+        ``mesh``/``rules``: see the module docstring; the weights are restored directly into that layout."""
         from cascade_jax.pipelines.loading import load_components
-        return cls(**load_components(source, lite=lite, dtype=dtype, configs=configs))
+        mesh = None if mesh is None else make_mesh(mesh)
+        components = load_components(source, lite=lite, dtype=dtype, configs=configs, mesh=mesh, rules=rules)
+        return cls(**components, mesh=mesh, rules=rules)
 
     @classmethod
-    def random(cls, set_name: str = "tiny", *, seed: int = 0, dtype: str = "float32",
-               tokenizer_dir=None) -> "StableCascadePipeline":
-        """Random weights with the structure of ``configs/pipelines/<set_name>.yaml`` (tiny, lite, full)."""
+    def random(cls, set_name: str = "tiny", *, seed: int = 0, dtype: str = "float32", tokenizer_dir=None,
+               mesh=None, rules: dict | None = None) -> "StableCascadePipeline":
+        """Random weights with the structure of ``configs/pipelines/<set_name>.yaml`` (tiny, lite, full);
+        ``mesh``/``rules``: see the module docstring."""
         from cascade_jax.pipelines.loading import random_components
-        return cls(**random_components(set_name, seed=seed, dtype=dtype, tokenizer_dir=tokenizer_dir))
+        return cls(**random_components(set_name, seed=seed, dtype=dtype, tokenizer_dir=tokenizer_dir),
+                   mesh=mesh, rules=rules)
 
     def load_loras(self, loras) -> "StableCascadePipeline":
         """Sample with these Stage C LoRAs (``"FILE[:STRENGTH]"`` strings or (path, strength) pairs),

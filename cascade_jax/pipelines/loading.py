@@ -21,6 +21,7 @@ from cascade_jax.models.random_init import random_model
 from cascade_jax.models.registry import configs_root, load_config, read_config_file
 from cascade_jax.pipelines.sources import (DIFFUSERS_FOLDERS, OFFICIAL_FILES, find_source,  # noqa: F401
                                          folder_weights, missing_message, official_candidates, resolve_source)
+from cascade_jax.sharding import make_mesh
 from cascade_jax.weights import atomic
 from cascade_jax.weights.cache import cache_root, cached_model  # noqa: F401  (cache_root: public here before)
 from cascade_jax.weights.checkpoint import load_model
@@ -99,7 +100,9 @@ def random_components(set_name: str = "tiny", seed: int = 0, dtype: str = "float
 
 
 def load_component(root: Path, component: str, model: str, preset_config: dict, *, lite: bool, dtype: str,
-                   required: bool, config_source: str = "full"):
+                   required: bool, config_source: str = "full", sharding=None, rules: dict | None = None):
+    """One component, restored into ``sharding`` (None, a Sharding, or a Mesh placed by ``rules``; see
+    ``load_model``), or None when it is absent and not ``required``."""
     found = find_source(root, component, lite, dtype)
     if found is None:
         if required:
@@ -107,7 +110,7 @@ def load_component(root: Path, component: str, model: str, preset_config: dict, 
         return None
     src, converted = found
     if converted:
-        return load_model(src, dtype=dtype)
+        return load_model(src, dtype=dtype, sharding=sharding, rules=rules)
     config = resolve_config(model, None, src) if src.is_dir() else preset_config  # config.json
     weights = folder_weights(src) if src.is_dir() else src
 
@@ -121,13 +124,17 @@ def load_component(root: Path, component: str, model: str, preset_config: dict, 
                                   f"if these weights have another architecture pass configs=... (a set in "
                                   f"configs/pipelines/, e.g. configs='tiny', or a YAML file)") from e
 
-    return cached_model(weights, component, dtype, config, convert)
+    return cached_model(weights, component, dtype, config, convert, sharding=sharding, rules=rules)
 
 
-def load_components(source, *, lite: bool = False, dtype: str = "bfloat16", configs=None) -> dict:
+def load_components(source, *, lite: bool = False, dtype: str = "bfloat16", configs=None, mesh=None,
+                    rules: dict | None = None) -> dict:
     """Every component found in ``source``. ``configs``: the pipeline set (name or YAML file) that gives
-    the architecture of official single files; default ``lite`` with ``lite=True``, else ``full``."""
+    the architecture of official single files; default ``lite`` with ``lite=True``, else ``full``.
+    ``mesh`` (a Mesh or a ``make_mesh`` spec such as ``"fsdp=4,tensor=2"``): every component is restored
+    straight into its layout on it by ``rules``."""
     parse_dtype(dtype)  # refuse float16 before touching any file
+    mesh = None if mesh is None else make_mesh(mesh)  # a bad mesh spec fails before any file is read
     config_source = configs or ("lite" if lite else "full")
     presets = pipeline_set(config_source)
     root = resolve_source(source, presets, lite=lite, dtype=dtype)
@@ -141,6 +148,7 @@ def load_components(source, *, lite: bool = False, dtype: str = "bfloat16", conf
     models = {}
     for component, (model, config) in presets.items():
         models[component] = load_component(root, component, model, config, lite=lite, dtype=dtype,
-                                            required=component in REQUIRED, config_source=str(config_source))
+                                            required=component in REQUIRED, config_source=str(config_source),
+                                            sharding=mesh, rules=rules)
     models["tokenizer"] = CLIPTokenizer.from_pretrained(root / "tokenizer")
     return models

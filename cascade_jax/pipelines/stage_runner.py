@@ -6,6 +6,13 @@ from one key per image (initial noise and every step's noise), so image i of a b
 exactly the pixels it gets when generated alone with the same seed. Compilation happens
 ahead of time (``lower().compile()``) so its time is reported apart from sampling time.
 
+Layout: with a ``mesh`` (and logical-axis ``rules``, the trainer's), every variable of the network is
+placed by its logical axes as in training (parameters sharded over fsdp/tensor: model-parallel
+sampling of a network that does not fit one chip), and the batch is split over data and fsdp when
+they divide it, else over data, else replicated. Without one, the batch is split over the local
+devices and the network replicated. The program is compiled with these shardings as its explicit
+input and output shardings.
+
 Conditions are a dict of arrays (or pytrees of arrays, e.g. a list of ControlNet residuals)
 passed to the network as keyword arguments; the unconditional dict has the same keys.
 
@@ -27,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cascade_jax.diffusion import SamplerSettings, sample_with_settings
-from cascade_jax.sharding import batch_sharding, make_mesh
+from cascade_jax.sharding import batch_axes, make_mesh, variable_shardings
 
 SEED_LIMIT = 1 << 32  # seeds are uint32: 0 <= seed < 2**32
 
@@ -157,41 +164,67 @@ _run_jit = jax.jit(_run, static_argnums=(0, 1, 2, 3))
 
 
 class StageRunner:
-    """Samples one stage with a given network; keeps compiled programs per input shapes."""
+    """Samples one stage with a given network; keeps compiled programs per input shapes.
 
-    def __init__(self, name: str, model: nnx.Module):
-        self.name = name
+    ``mesh``: a ``Mesh`` or a spec for ``make_mesh`` (``"fsdp=4,tensor=2"``, ``{"data": 2, "fsdp": 4}``);
+    default: the local devices on the data axis. ``rules``: logical axis -> mesh axis (default
+    ``cascade_jax.sharding.DEFAULT_RULES``), as a training config's ``sharding_rules``.
+    """
+
+    def __init__(self, name: str, model: nnx.Module, mesh: Mesh | str | dict | None = None, rules: dict | None = None):
+        self.name, self.rules = name, rules
         self.graphdef, self.state = nnx.split(model)
         self._compiled = {}
-        devices = jax.local_devices()
-        self._mesh = make_mesh(devices=devices) if len(devices) > 1 else None  # all devices on the data axis
-        if self._mesh is not None:
-            self.state = jax.device_put(self.state, NamedSharding(self._mesh, PartitionSpec()))
+        if mesh is None:
+            devices = jax.local_devices()
+            mesh = make_mesh(devices=devices) if len(devices) > 1 else None  # all devices on the data axis
+        self.mesh = None if mesh is None else make_mesh(mesh)
+        self.state_shardings = None
+        if self.mesh is not None:
+            self.state_shardings = variable_shardings(self.state, self.mesh, rules)
+            self.state = jax.device_put(self.state, self.state_shardings)  # no copy where already laid out so
+
+    def with_model(self, model: nnx.Module) -> "StageRunner":
+        """A runner for another network of this stage (e.g. with LoRAs merged) on the same mesh and rules."""
+        return StageRunner(self.name, model, self.mesh, self.rules)
+
+    def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(batch_axes(self.mesh, batch), *([None] * (ndim - 1))))
 
     def _place(self, tree, batch: int):
-        """Device arrays laid out by their shapes alone: the batch axis sharded over the local devices
-        when it divides evenly, else replicated. Compiled programs are keyed by the inputs' shardings,
-        so an input that arrives laid out differently (a host array, an eager encoder's output, the
-        replicated output of the previous stage) must not cost a recompilation."""
+        """Device arrays laid out by their shapes alone: the batch axis split over the mesh's data (and fsdp)
+        axes when it divides evenly (``batch_axes``), else replicated. Compiled programs are keyed by the
+        inputs' shardings, so an input that arrives laid out differently (a host array, an eager encoder's
+        output, the output of the previous stage) must not cost a recompilation."""
         tree = jax.tree.map(jnp.asarray, tree)
-        if self._mesh is None:
+        if self.mesh is None:
             return tree
-        split = batch % self._mesh.size == 0
 
         def put(x):
-            batched = split and x.ndim and x.shape[0] == batch
-            sharding = batch_sharding(self._mesh, x.ndim) if batched else NamedSharding(self._mesh, PartitionSpec())
+            batched = x.ndim and x.shape[0] == batch
+            sharding = self._batch_sharding(batch, x.ndim) if batched else NamedSharding(self.mesh, PartitionSpec())
             return jax.device_put(x, sharding)
         return jax.tree.map(put, tree)
 
-    def _program(self, settings, x_shape, progress, args, timing: StageTiming):
+    def _jitted(self, args, batch: int, x_shape: tuple):
+        """``_run`` with explicit shardings: the state as placed, the arguments as ``_place`` laid them out,
+        x0 split like the batch and the finiteness flag replicated."""
+        if self.mesh is None:
+            return _run_jit
+        arg_shardings = jax.tree.map(lambda a: a.sharding, args)
+        out = (self._batch_sharding(batch, 1 + len(x_shape)), NamedSharding(self.mesh, PartitionSpec()))
+        return jax.jit(_run, static_argnums=(0, 1, 2, 3), in_shardings=(self.state_shardings, *arg_shardings),
+                       out_shardings=out)
+
+    def _program(self, settings, x_shape, progress, args, timing: StageTiming, batch: int):
         leaves, treedef = jax.tree.flatten(args)
         signature = (settings, x_shape, progress, treedef, tuple((a.shape, a.dtype, a.sharding) for a in leaves))
         compiled = self._compiled.get(signature)
         timing.cached = compiled is not None
         if compiled is None:
             start = time.perf_counter()
-            compiled = _run_jit.lower(self.graphdef, settings, x_shape, progress, self.state, *args).compile()
+            jitted = self._jitted(args, batch, x_shape)
+            compiled = jitted.lower(self.graphdef, settings, x_shape, progress, self.state, *args).compile()
             timing.compile_s = time.perf_counter() - start
             self._compiled[signature] = compiled
         return compiled
@@ -213,7 +246,7 @@ class StageRunner:
                             np.arange(batch, dtype=np.int32)), batch)
         timing = timing if timing is not None else StageTiming()
         timing.steps = settings.steps
-        compiled = self._program(settings, x_shape, progress, args, timing)
+        compiled = self._program(settings, x_shape, progress, args, timing, batch)
         if callback is not None:
             _LISTENERS[listener_id] = _Listener(self.name, settings.steps, batch, x_shape, callback_x0, callback)
         start = time.perf_counter()

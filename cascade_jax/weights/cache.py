@@ -59,12 +59,14 @@ def source_key(src: Path, dtype: str, config: dict) -> str:
     return digest.hexdigest()[:20]
 
 
-def cached_model(src: Path, component: str, dtype: str, config: dict, convert: Callable[[Path], object]):
-    """The model converted from ``src``: loaded from the cache, or converted by ``convert(entry_dir)`` first."""
+def cached_model(src: Path, component: str, dtype: str, config: dict, convert: Callable[[Path], object], *,
+                 sharding=None, rules: dict | None = None):
+    """The model converted from ``src``: loaded from the cache, or converted by ``convert(entry_dir)`` first.
+    ``sharding``/``rules``: the layout to restore into (see ``load_model``)."""
     entry = cache_root() / f"{component}-{source_key(src, dtype, config)}"
     if (entry / META_FILE).is_file():
         try:
-            return load_model(entry, dtype=dtype)
+            return load_model(entry, dtype=dtype, sharding=sharding, rules=rules)
         except CheckpointError:
             pass  # damaged, or being replaced right now: decide under the lock
     (entry.parent / ".locks").mkdir(parents=True, exist_ok=True)
@@ -78,7 +80,7 @@ def cached_model(src: Path, component: str, dtype: str, config: dict, convert: C
         atomic.remove_stale_temps(entry.parent)
         if (entry / META_FILE).is_file():
             try:
-                return load_model(entry, dtype=dtype)
+                return load_model(entry, dtype=dtype, sharding=sharding, rules=rules)
             except CheckpointError as e:
                 print(f"the cache entry {entry} is damaged ({e}); rebuilding it from {src}", file=sys.stderr)
         if os.path.lexists(entry) and not (entry / META_FILE).is_file():
@@ -87,4 +89,4 @@ def cached_model(src: Path, component: str, dtype: str, config: dict, convert: C
         convert(entry)
     finally:
         lock.release()
-    return load_model(entry, dtype=dtype)
+    return load_model(entry, dtype=dtype, sharding=sharding, rules=rules)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from cascade_jax.models.registry import abstract_model
 from cascade_jax.nn.params import named_variables
-from cascade_jax.sharding import logical_sharding
+from cascade_jax.sharding import logical_sharding, make_mesh
 from cascade_jax.weights import atomic
 from cascade_jax.weights.dtypes import parse_dtype
 
@@ -151,11 +151,11 @@ def read_meta(model_dir) -> dict:
     return meta
 
 
-def _sharding_for(sharding, key, var):
+def _sharding_for(sharding, key, var, rules=None):
     if sharding is None:
         return None
     if isinstance(sharding, jax.sharding.Mesh):
-        return logical_sharding(var, sharding)
+        return logical_sharding(var, sharding, rules)
     if isinstance(sharding, jax.sharding.Sharding):
         return sharding
     return sharding(key, var)
@@ -168,18 +168,25 @@ def _check_sharding(sharding):
                     "callable (key, variable) -> Sharding")
 
 
-def load_model(model_dir, dtype=None, sharding=None, *, verify: bool = True) -> nnx.Module:
+def load_model(model_dir, dtype=None, sharding=None, *, rules: dict | None = None,
+               verify: bool = True) -> nnx.Module:
     """Build the model saved in ``model_dir`` and restore its weights.
 
     ``dtype`` ('float32' / 'bfloat16') casts the parameters (BatchNorm statistics stay float32).
-    ``sharding``: None (default device), one ``jax.sharding.Sharding`` for every array, a ``Mesh``
-    (parameters placed by their logical axes, see ``cascade_jax.sharding``), or a callable
-    ``(key, variable) -> Sharding``. Arrays are restored directly into that layout.
+    ``sharding``: None (default device), one ``jax.sharding.Sharding`` for every array, a ``Mesh`` or a
+    ``make_mesh`` spec such as ``"fsdp=4,tensor=2"`` (every variable placed by its logical axes and ``rules``,
+    default ``cascade_jax.sharding.DEFAULT_RULES``, as in training), or a callable ``(key, variable) -> Sharding``. Arrays are restored directly into that
+    layout: each device reads only its shards, nothing is materialised whole on one device.
     ``verify`` checks every tensor restored in its stored dtype (all of them unless ``dtype`` casts) against
     the checksum written at conversion (CRC32, ~4 GB/s; arrays spread over several hosts are not checked)
     and raises :class:`CheckpointError` on a mismatch.
     """
+    if isinstance(sharding, (str, dict)):
+        sharding = make_mesh(sharding)  # "fsdp=4,tensor=2" or {"fsdp": 4, "tensor": 2}: over all devices
     _check_sharding(sharding)
+    if rules is not None and not isinstance(sharding, jax.sharding.Mesh):
+        raise TypeError(f"rules={rules!r} need sharding= a Mesh (they map logical axes to its axes), "
+                        f"got {sharding!r}")
     meta = read_meta(model_dir)
     model = abstract_model(meta["model"], meta["config"])
     variables = named_variables(model)
@@ -193,7 +200,7 @@ def load_model(model_dir, dtype=None, sharding=None, *, verify: bool = True) -> 
         var_dtype = stored[key].dtype
         if isinstance(var, nnx.Param) and jnp.issubdtype(var_dtype, jnp.floating):
             var_dtype = param_dtype  # Orbax casts while reading: no second copy in the stored dtype
-        target[key] = jax.ShapeDtypeStruct(var.shape, var_dtype, sharding=_sharding_for(sharding, key, var))
+        target[key] = jax.ShapeDtypeStruct(var.shape, var_dtype, sharding=_sharding_for(sharding, key, var, rules))
     restored = _read(path, target)
     checksums = meta.get("checksums") if verify else None
     for key, var in variables.items():
