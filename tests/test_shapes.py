@@ -5,6 +5,8 @@ blur, noise and colour shifts, and to shapes drawn by a different renderer)."""
 import hashlib
 import itertools
 import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +22,8 @@ def test_caption_grammar_round_trip_over_all_combos():
         text = S.caption(combo)
         assert text.startswith("a ") and text.endswith(" background")
         assert S.parse_caption(text) == combo
-    assert S.caption(S.Combo("red", "circle", "top left", "blue")) == "a red circle in the top left on a blue background"
+    red_circle = S.Combo("red", "circle", "top left", "blue")
+    assert S.caption(red_circle) == "a red circle in the top left on a blue background"
 
 
 @pytest.mark.parametrize("text", ["a red circle in the middle on a blue background",
@@ -172,3 +175,48 @@ def test_images_without_an_object_get_wrong_predictions_not_errors():
         S.score_image(np.zeros((64, 64)))
     with pytest.raises(ValueError, match="2 images but 1"):
         S.accuracy(uniform, combos[:1])
+
+
+def load_demo_accuracy():
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_accuracy.py"
+    spec = importlib.util.spec_from_file_location("demo_accuracy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class RenderingPipeline:
+    """Stands in for StableCascadePipeline.text_to_image: renders each prompt (seeded by its seed), and
+    only the background for the prompts listed in ``blank``."""
+
+    def __init__(self, blank=()):
+        self.calls, self.blank = [], set(blank)
+
+    def text_to_image(self, prompts, *, height, width, seed):
+        assert height == width and len(seed) == len(prompts)
+        self.calls.append((list(prompts), list(seed)))
+        images = [np.full((height, width, 3), S.COLOURS[S.parse_caption(p).background], np.uint8) if p in self.blank
+                  else S.render(S.parse_caption(p), height, np.random.default_rng(s)) for p, s in zip(prompts, seed)]
+        return SimpleNamespace(images=np.stack(images))
+
+
+def test_evaluate_pipeline_batches_seeds_and_scores():
+    demo = load_demo_accuracy()
+    combos = demo.sample_split_combos("heldout", 5, seed=0)
+    assert combos == demo.sample_split_combos("heldout", 5, seed=0) and all(c in S.HELD_OUT for c in combos)
+    assert len(demo.sample_split_combos("heldout", 500, seed=0)) == 126
+    pipe = RenderingPipeline(blank={S.caption(combos[0])})
+    result = demo.evaluate_pipeline(pipe, combos, per_combo=2, seed=10, size=64, batch_size=4)
+    assert [len(p) for p, _ in pipe.calls] == [4, 4, 4]  # 10 images, the last batch padded to the same size
+    assert [s for _, seeds in pipe.calls for s in seeds][:10] == list(range(10, 20))
+    assert result["n_images"] == 10 and [r["seed"] for r in result["records"]] == list(range(10, 20))
+    # The two blank images of combination 0 miss colour, shape and position; everything else is right.
+    assert result["accuracy"]["exact"] == 0.8 and result["accuracy"]["background"] == 1.0
+    assert result["records"][0]["prediction"]["shape"] is None
+    splits = demo.evaluate_splits(RenderingPipeline(), 3, 1, seed=0, size=64, batch_size=2)
+    assert list(splits) == ["seen", "held-out"] and all(s["accuracy"]["exact"] == 1.0 for s in splits.values())
+    assert [r["seed"] for s in splits.values() for r in s["records"]] == list(range(6))
+    table = demo.markdown({"weights": "fake", "date": "now", "size": 64, "per_combo": 1, "seed": 0, "batch_size": 2,
+                           "backend": "cpu", "prior": {"steps": 1}, "decoder": {"steps": 1}, "splits": splits})
+    assert "| held-out | 3 | 3 | 1.000 |" in table
