@@ -60,6 +60,8 @@ def build_parser():
     p.add_argument("--queue-size", type=int, default=16, help="most requests waiting at once; more are refused")
     p.add_argument("--size", type=int, default=None, help="the page's default image side (default 1024; 128 for "
                                                           "the demo and --random tiny)")
+    p.add_argument("--prior-steps", type=int, default=PRIOR_DEFAULTS.steps, help="the page's default Stage C steps")
+    p.add_argument("--decoder-steps", type=int, default=DECODER_DEFAULTS.steps, help="the page's default Stage B steps")
     return p
 
 
@@ -157,7 +159,7 @@ def endpoint(names: list[str], run):
     return handler
 
 
-def shared_controls(service: Service, size: int) -> dict:
+def shared_controls(service: Service, size: int, steps: tuple[int, int]) -> dict:
     c = {}
     with gr.Accordion("Size, seed and sampling", open=True):
         with gr.Row():
@@ -169,9 +171,10 @@ def shared_controls(service: Service, size: int) -> dict:
             c["num_images"] = gr.Slider(1, service.max_images, 1, step=1, label="Number of images")
             c["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0)
             c["random_seed"] = gr.Checkbox(False, label="Random seed")
-        for stage, title, defaults in (("prior", "Stage C", PRIOR_DEFAULTS), ("decoder", "Stage B", DECODER_DEFAULTS)):
+        for stage, title, defaults, n in (("prior", "Stage C", PRIOR_DEFAULTS, steps[0]),
+                                          ("decoder", "Stage B", DECODER_DEFAULTS, steps[1])):
             with gr.Row():
-                c[f"{stage}_steps"] = gr.Number(defaults.steps, label=f"{title} steps", precision=0, minimum=1)
+                c[f"{stage}_steps"] = gr.Number(n, label=f"{title} steps", precision=0, minimum=1)
                 c[f"{stage}_cfg"] = gr.Number(defaults.cfg, label=f"{title} guidance")
                 c[f"{stage}_sampler"] = gr.Dropdown(list(SAMPLERS), value=defaults.sampler, label=f"{title} sampler")
     with gr.Accordion("LoRA (Stage C)", open=False, visible=bool(service.loras)):
@@ -184,32 +187,36 @@ def shared_controls(service: Service, size: int) -> dict:
     return c
 
 
-def build_page(service: Service, size: int) -> gr.Blocks:
+def build_page(service: Service, size: int, steps: tuple[int, int]) -> gr.Blocks:
     with gr.Blocks(title="Stable Cascade (JAX)") as page:
         gr.Markdown(f"## Stable Cascade in JAX\nWeights: `{service.weights_label}`. One request runs at a time; "
                     f"at most {service.max_images} images per request.")
         outputs = [gr.Image(label="Stage C preview", interactive=False, format="png", height=192, render=False),
-                   gr.Markdown("Ready.", elem_id="status", render=False),
+                   gr.Markdown("Ready.", label="status", elem_id="status", render=False),
                    gr.Gallery(label="Results", format="png", columns=2, interactive=False, elem_id="gallery",
                               render=False),
                    gr.File(label="Downloads (PNG with prompt, seed and settings)", file_count="multiple",
                            interactive=False, render=False)]
         with gr.Row():
             with gr.Column():
-                mode_tabs(service, shared_controls(service, size), outputs)
+                buttons = mode_tabs(service)
+                controls = shared_controls(service, size, steps)
+                for button, (api_name, names, inputs, run) in buttons:
+                    button.click(endpoint(names + SHARED, run), inputs + [controls[n] for n in SHARED], outputs,
+                                 api_name=api_name, concurrency_id="device", concurrency_limit=1)
             with gr.Column():
                 for component in outputs:
                     component.render()
     return page
 
 
-def mode_tabs(service: Service, controls: dict, outputs: list):
-    """One tab per mode; each Generate button sends its tab's inputs plus the shared controls."""
-    shared = [controls[n] for n in SHARED]
+def mode_tabs(service: Service) -> list:
+    """One tab per mode: [(its Generate button, (api name, parameter names, inputs, run))]; each button
+    also sends the shared controls."""
+    buttons = []
 
     def button(label, api_name, names, inputs, run):
-        gr.Button(label, variant="primary").click(endpoint(names + SHARED, run), inputs + shared, outputs,
-                                                  api_name=api_name, concurrency_id="device", concurrency_limit=1)
+        buttons.append((gr.Button(label, variant="primary", elem_id=api_name), (api_name, names, inputs, run)))
 
     with gr.Tab("Text to image"):
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
@@ -248,6 +255,7 @@ def mode_tabs(service: Service, controls: dict, outputs: list):
 
         button("Generate", "controlnet", ["control", "editor", "prompt", "negative_prompt", "control_strength"],
                [control, editor, prompt, negative, strength], run_controlnet)
+    return buttons
 
 
 def main(argv=None):
@@ -263,7 +271,7 @@ def main(argv=None):
                       loras=find_loras(args.lora), controlnets=build_controlnets(args.controlnet, pipe, args),
                       weights_label=label)
     small = args.random == "tiny" or label == "demo"
-    page = build_page(service, args.size or (128 if small else 1024))
+    page = build_page(service, args.size or (128 if small else 1024), (args.prior_steps, args.decoder_steps))
     page.queue(max_size=args.queue_size, default_concurrency_limit=1)
     print(f"models ready in {time.perf_counter() - start:.1f}s; results go to {out}", flush=True)
     page.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(out)], ssr_mode=False,

@@ -1,0 +1,136 @@
+"""The web app (sample/app.py) driven through its API with gradio_client: a subprocess serving tiny
+random weights at 128x128 with 2 + 2 steps (tests/app_testing.py), plus its request checks alone."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from cascade_jax.pipelines.outputs import read_png_metadata
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample"))
+import app_parts  # noqa: E402
+import app_testing  # noqa: E402
+
+REQUEST_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory):
+    yield app_testing.session_app(tmp_path_factory)
+    app_testing.stop_session_app()
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app.url, verbose=False)
+
+
+def text_to_image(client, **fields):
+    # The page's defaults (128x128, 2 + 2 steps, seed 0, one image) except what is given.
+    return client.submit(**{"prompt": "a red circle", "negative_prompt": "", **fields}, api_name="/text_to_image")
+
+
+def test_text_to_image_returns_the_png_with_metadata_and_reports_progress(app, client):
+    start = time.perf_counter()
+    job = text_to_image(client, prompt="a lighthouse on a cliff", seed=11)
+    preview, status, gallery, files = job.result(timeout=REQUEST_TIMEOUT_S)
+    first_s = time.perf_counter() - start
+
+    assert len(gallery) == 1 and len(files) == 1
+    with Image.open(files[0]) as image:
+        assert image.format == "PNG" and image.size == (128, 128)
+    meta = read_png_metadata(files[0])
+    assert meta["prompt"] == "a lighthouse on a cliff" and meta["seed"] == "11" and meta["mode"] == "text2img"
+    assert json.loads(meta["prior"])["steps"] == 2 and json.loads(meta["decoder"])["steps"] == 2
+    assert meta["weights"] == "random:tiny" and (meta["height"], meta["width"]) == ("128", "128")
+    # The download is the file the app wrote, byte for byte (as sample/generate.py writes it).
+    written = sorted(app.out.glob("*/text2img_00_seed11.png"))
+    assert len(written) == 1 and written[0].read_bytes() == Path(files[0]).read_bytes()
+    assert Path(gallery[0]["image"]).read_bytes() == written[0].read_bytes()
+
+    statuses = [out[1] for out in job.outputs()]
+    assert any("Stage C: compiling for 128x128" in s for s in statuses), statuses  # the first request compiles
+    for expected in ("Stage C: step 1/2", "Stage C: step 2/2", "Stage B: step 2/2"):
+        assert expected in statuses, statuses
+    assert "stage_c: compile" in status and "stage_b: compile" in status, status
+    previews = [out[0] for out in job.outputs() if isinstance(out[0], str)]  # Stage C previews, as images
+    assert previews, "no Stage C preview was shown"
+    with Image.open(previews[-1]) as image:
+        assert image.size[0] >= 24
+
+    start = time.perf_counter()
+    _, status, _, files = text_to_image(client, seed=12).result(timeout=REQUEST_TIMEOUT_S)
+    later_s = time.perf_counter() - start
+    assert "stage_c: compiled earlier" in status and "stage_b: compiled earlier" in status, status
+    assert read_png_metadata(files[0])["seed"] == "12"
+    print(f"\nlatency at 128x128, 2 + 2 steps, tiny random weights: first request {first_s:.1f}s "
+          f"(compiling), next {later_s:.2f}s")
+
+
+def test_bad_size_shows_the_pipeline_message_and_the_app_keeps_serving(client):
+    with pytest.raises(AppError, match="height=130 is not supported.*nearest valid size is 128x128"):
+        text_to_image(client, height=130).result(timeout=REQUEST_TIMEOUT_S)
+    with pytest.raises(AppError, match="greater than maximum value 4"):  # the page's bound holds for the API too
+        text_to_image(client, num_images=5).result(timeout=REQUEST_TIMEOUT_S)
+    _, status, _, files = text_to_image(client, seed=3).result(timeout=REQUEST_TIMEOUT_S)
+    assert status.startswith("Done") and len(files) == 1
+
+
+def test_two_concurrent_requests_both_succeed(client):
+    jobs = [text_to_image(client, prompt=f"request {seed}", seed=seed) for seed in (21, 22)]
+    results = [job.result(timeout=REQUEST_TIMEOUT_S) for job in jobs]
+    metas = [read_png_metadata(files[0]) for _, _, _, files in results]
+    assert [(m["prompt"], m["seed"]) for m in metas] == [("request 21", "21"), ("request 22", "22")]
+    pixels = [np.asarray(Image.open(files[0])) for _, _, _, files in results]
+    assert not np.array_equal(pixels[0], pixels[1])  # each request got its own result, not the other's
+
+
+# ---- the request checks, without a server ---------------------------------------------------------
+def service(tmp_path):
+    return app_parts.Service(None, source_argv=["--random", "tiny"], out_dir=tmp_path, max_images=2,
+                             loras={"style.safetensors": "/loras/style.safetensors"})
+
+
+def test_requests_are_checked_as_the_command_line_checks_them(tmp_path):
+    fields = {"prompt": "--looks like a flag", "height": 128, "width": 136.0, "num_images": 2, "seed": 4,
+              "prior_steps": 3, "prior_sampler": "ddim", "lora_1": "style.safetensors", "lora_1_strength": 0.5}
+    app = service(tmp_path)
+    args = app.generate_args("text2img", fields)
+    assert args.prompt == "--looks like a flag" and (args.height, args.width) == (128, 136)
+    assert args.seeds == [4, 5] and args.prior.steps == 3 and args.prior.sampler == "ddim"
+    assert args.lora == ["/loras/style.safetensors:0.5"]
+    other = app.generate_args("text2img", fields)
+    assert other.paths[0].parent != args.paths[0].parent  # a folder per request: no shared file names
+
+    for bad, message in (({"height": 100}, "nearest valid size is 96x136"), ({"num_images": 3}, "at most 2 images"),
+                         ({"width": 128.5}, "width must be a whole number"), ({"lora_1": "x"}, "unknown LoRA 'x'"),
+                         ({"prior_steps": 0}, "--prior-steps")):
+        with pytest.raises(ValueError, match=message):
+            service(tmp_path).generate_args("text2img", {**fields, **bad})
+    with pytest.raises(ValueError, match="img2img needs an input image"):
+        service(tmp_path).generate_args("img2img", {"prompt": "x", "seed": 0})
+
+
+def test_random_seed_size_hint_and_drawn_mask():
+    seeds = {app_parts.pick_seed(0, True, 4) for _ in range(20)}
+    assert len(seeds) > 1 and all(0 <= s <= 2**32 - 4 for s in seeds)
+    assert app_parts.pick_seed(7.0, False, 1) == 7
+    assert "Stage C latent 3x3, Stage B latent 32x32" in app_parts.size_hint(128, 128)
+    assert "nearest valid size is 720x1280" in app_parts.size_hint(721, 1281)
+
+    layer = np.zeros((8, 8, 4), np.uint8)
+    layer[2:4, 5:7, 3] = 255
+    background = np.full((8, 8, 4), 200, np.uint8)
+    mask = app_parts.mask_from_editor({"background": background, "layers": [layer], "composite": background})
+    assert mask.dtype == np.uint8 and mask.sum() == 4 * 255 and mask[2, 5] == 255
+    assert app_parts.mask_from_editor({"background": background, "layers": [np.zeros_like(layer)]}) is None
+    assert app_parts.image_from_editor({"background": background}).shape == (8, 8, 3)
