@@ -95,7 +95,7 @@ def test_write_folder_is_read_by_the_folder_loader(tmp_path):
     assert sorted(seen) == sorted(captions)
 
 
-def test_write_folder_replaces_its_own_folder_and_refuses_a_foreign_one(tmp_path):
+def test_write_folder_replaces_its_own_folder_and_refuses_a_foreign_one(tmp_path, monkeypatch):
     folder = S.write_folder(tmp_path / "d", 4, seed=0, size=32)
     S.write_folder(folder, 2, seed=1, size=32)  # a dataset this function wrote: replaced whole
     assert sorted(os.listdir(folder)) == ["000000.png", "000000.txt", "000001.png", "000001.txt", S.MANIFEST]
@@ -107,6 +107,23 @@ def test_write_folder_replaces_its_own_folder_and_refuses_a_foreign_one(tmp_path
     with pytest.raises(FileExistsError, match="photos.*not a shapes dataset"):
         S.write_folder(foreign, 2, seed=0, size=32)
     assert os.listdir(foreign) == ["holiday.jpg"]
+    real_render, calls = S.render, []
+
+    def failing_render(*args):
+        calls.append(1)
+        if len(calls) % 3 == 0:
+            raise KeyboardInterrupt  # as Ctrl-C in the middle of writing
+        return real_render(*args)
+
+    monkeypatch.setattr(S, "render", failing_render)
+    with pytest.raises(KeyboardInterrupt):
+        S.write_folder(folder, 5, seed=9, size=32)
+    with pytest.raises(KeyboardInterrupt):
+        S.write_folder(tmp_path / "new", 5, seed=9, size=32)
+    monkeypatch.undo()
+    # The old dataset is untouched, the new one never appears, and no temp folder is left.
+    assert sorted(os.listdir(folder)) == ["000000.png", "000000.txt", "000001.png", "000001.txt", S.MANIFEST]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "empty", "photos"]
     (folder / "notes.md").write_text("added by hand")
     with pytest.raises(FileExistsError, match="notes.md"):
         S.write_folder(folder, 2, seed=0, size=32)

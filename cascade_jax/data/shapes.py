@@ -20,13 +20,13 @@ import itertools
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from cascade_jax.weights import atomic
 
 # Well separated in RGB: the closest pairs (red/orange, orange/yellow) are ~105 apart.
 COLOURS = {
@@ -181,23 +181,24 @@ def write_folder(folder, n: int, seed: int, size: int = 128, split: str = "train
         raise ValueError(f"n must be >= 1 to write a dataset, got {n}")
     _check_replaceable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale_temps(folder.parent, folder.name)
-    tmp, old = atomic.temp_path(folder), atomic.temp_path(folder, "old")
+    # Not weights.atomic: data importing weights would close an import cycle (weights -> models -> data).
+    # A failure or Ctrl-C removes the partial output; only a killed process leaves a .NAME.tmp-* sibling.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
     try:
-        with atomic.sigterm_as_exception():
-            tmp.mkdir()
-            for i, (combo, image) in enumerate(iter_samples(n, seed, size, split)):
-                Image.fromarray(image).save(tmp / f"{i:06d}.png")
-                (tmp / f"{i:06d}.txt").write_text(caption(combo))
-            manifest = {"generator": "cascade_jax.data.shapes", "n": n, "seed": seed, "size": size, "split": split}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            if os.path.lexists(folder):
-                os.replace(folder, old)
-            os.replace(tmp, folder)
+        for i, (combo, image) in enumerate(iter_samples(n, seed, size, split)):
+            Image.fromarray(image).save(tmp / f"{i:06d}.png")
+            (tmp / f"{i:06d}.txt").write_text(caption(combo))
+        manifest = {"generator": "cascade_jax.data.shapes", "n": n, "seed": seed, "size": size, "split": split}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        if os.path.lexists(folder):
+            os.replace(folder, old)
+        os.replace(tmp, folder)
     finally:
         for leftover in (tmp, old):
             if os.path.lexists(leftover):
-                atomic.remove(leftover)
+                shutil.rmtree(leftover)
     return folder
 
 
