@@ -46,7 +46,11 @@ setup(
             "tensorflow-datasets>=4.9.10",
             "tensorboardX>=2.6",
             "tqdm",
+            # The app tests (same as the `app` extra); playwright drives Debian's chromium, no browser download.
+            "gradio>=6.31,<7", "gradio_client>=2.7,<3", "playwright>=1.65,<2",
         ],
+        # sample/app.py, the web app (the library itself never imports gradio).
+        "app": ["gradio>=6.31,<7", "gradio_client>=2.7,<3"],
         # convert/verify.py: the PyTorch reference side of a parity check.
         "convert": [
             "torch==2.14.1",
