@@ -178,8 +178,9 @@ def main(argv=None) -> int:
 
     weights = args.weights or "demo"
     try:
-        if args.per_combo < 1 or args.batch_size < 1:
-            raise ValueError(f"--per-combo ({args.per_combo}) and --batch-size ({args.batch_size}) must be >= 1")
+        if min(args.per_combo, args.batch_size, args.combos) < 1:
+            raise ValueError(f"--combos ({args.combos}), --per-combo ({args.per_combo}) and --batch-size "
+                             f"({args.batch_size}) must be >= 1")
         stages = stage_settings(args)
         start = time.perf_counter()
         if args.random:
