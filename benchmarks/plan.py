@@ -8,7 +8,7 @@ from __future__ import annotations
 from bench_convert import run_convert_section
 from bench_forward import STAGE_SHAPES, abstract_flops, run_forward_section
 from bench_pipeline import run_pipeline_section
-from bench_train import SMALL_STAGE_C, run_train_section
+from bench_train import run_train_section
 
 PRESETS = {"stage_c_lite": "Stage C lite (1B)", "stage_b_lite": "Stage B lite (700M)",
            "stage_c": "Stage C (3.6B)", "stage_b": "Stage B (1.5B)"}
@@ -78,32 +78,54 @@ def convert(budget, mode: str, scratch: str | None) -> list[dict]:
     return run_convert_section(budget, targets, scratch_dir=scratch)
 
 
-def train(budget, mode: str, gflops: float, peak: dict, train_lite: bool) -> list[dict]:
-    import bridge
-    from cascade_jax.models.registry import abstract_model
+# Training variants: (label, config, batch, image size, remat, cached conditions), in priority order.
+TRAIN_TINY = [("tiny C", "tiny_c", 4, 256, "none", False), ("tiny C", "tiny_c", 4, 256, "none", True),
+              ("tiny B", "tiny_b", 4, 256, "none", False)]
+TRAIN_DEFAULT = TRAIN_TINY + [
+    ("lite C (1B)", "finetune_c_1b", 2, 256, "full", True), ("lite B (700M)", "finetune_b_700m", 1, 256, "full", False),
+    ("tiny C", "tiny_c", 4, 256, "full", False), ("tiny C", "tiny_c", 4, 256, "full", True),
+    ("tiny B", "tiny_b", 4, 256, "full", False),
+    ("lite C (1B)", "finetune_c_1b", 2, 256, "none", True), ("lite B (700M)", "finetune_b_700m", 1, 256, "none", False)]
 
-    shape = [24, 24, 16]
-    configs = {"tiny": _tiny("stage_c")[1], "small (~50M)": SMALL_STAGE_C, "lite (1B)": _preset("stage_c_lite")[1]}
-    batches = {"tiny": 4, "small (~50M)": 2, "lite (1B)": 1}
+
+def train(budget, mode: str, gflops: float, peak: dict, train_lite: bool) -> list[dict]:
+    """The library's train step (bench_train.py): tiny and lite Stage C / Stage B, remat none / full,
+    Stage C with and without cached conditions; lite at 256^2 in float32 compute (bf16 is slow on CPUs)."""
     if mode == "tiny":
-        plan = [("tiny", "none"), ("tiny", "blocks")]
+        plan = [("tiny C", "tiny_c", 2, 64, "none", False), ("tiny C", "tiny_c", 2, 64, "full", True),
+                ("tiny B", "tiny_b", 2, 64, "none", False)]
     elif mode == "quick":
-        plan = [("tiny", "none"), ("small (~50M)", "none")]
-    elif mode == "full":
-        plan = [(c, r) for c in configs for r in ("none", "whole", "blocks")]
+        plan = TRAIN_TINY + ([v for v in TRAIN_DEFAULT if v[0].startswith("lite")] if train_lite else [])
     else:
-        plan = [("tiny", "none"), ("small (~50M)", "none"), ("small (~50M)", "blocks"), ("small (~50M)", "whole"),
-                ("lite (1B)", "blocks")]
-    variants = []
-    for label, remat in plan:
-        config, batch = configs[label], batches[label]
-        n_params = bridge.param_count(abstract_model("stage_c", config))
-        flops = abstract_flops("stage_c", config, batch, tuple(shape))
-        spec = dict(label=label, config=config, batch=batch, shape=shape, remat=remat, n_params=n_params,
-                    steps=2 if mode == "tiny" else 3, est_step_s=3 * (flops or 0) / (gflops * 1e9))
-        if label.startswith("lite") and not (train_lite or mode == "full"):
-            spec["skip_reason"] = (f"lite Stage C ({n_params / 1e9:.2f}B params) in float32 with AdamW needs "
-                                   f"{16 * n_params / 2**30:.1f} GiB for params, grads and optimizer state before "
-                                   "activations: too much for a shared 24 GiB machine; --train-lite tries it")
-        variants.append(spec)
-    return run_train_section(budget, variants, peak, gflops)
+        plan = TRAIN_DEFAULT
+    return run_train_section(budget, [train_variant(*v, mode=mode, gflops=gflops) for v in plan], peak, gflops)
+
+
+def train_variant(label, config_name, batch, image_size, remat, cached, *, mode: str, gflops: float) -> dict:
+    """A child spec with its parameter counts and time estimates (abstract models only: no weights)."""
+    import bridge
+    from bench_train import variant_config
+    from cascade_jax.models.registry import abstract_model
+    from cascade_jax.training import get_task
+
+    lite = label.startswith("lite")
+    # Lite: float32 compute, and the real-size encoders (there is no tiny encoder of their widths).
+    extra = ["compute_dtype=float32", "encoders=lite"] if lite else []
+    cfg = variant_config(config_name, batch=batch, image_size=image_size, remat=remat, cached=cached, extra=extra)
+    task = get_task(cfg.stage)
+    generator = task.generator_config(cfg)
+    frozen = task.frozen_specs(cfg)
+    latent = ([-(-image_size // 32)] * 2 + [16]) if cfg.stage == "c" else [image_size // 4, image_size // 4, 4]
+    flops = abstract_flops(task.generator_model, generator, batch, tuple(latent)) or 0.0
+    step_s = 3 * flops / (gflops * 1e9) * (4 / 3 if remat != "none" else 1.0)
+    frozen_params = sum(bridge.param_count(abstract_model(*spec)) for spec in frozen.values())
+    if not cached and frozen:  # the encoders' forward runs in the step: ~7.5 GFLOP per 256^2 image measured at
+        # tiny size (EfficientNet), plus the text encoder's 77 tokens
+        step_s += (7.5e9 * (image_size / 256) ** 2 + 2 * 77 * frozen_params) * batch / (gflops * 1e9)
+    return dict(label=label, stage=cfg.stage, config=config_name, batch=batch, image_size=image_size, latent=latent,
+                remat=remat, cached=cached, steps=2 if mode == "tiny" or lite else 3, overrides=extra,
+                random_cache=lite and cached,
+                trainable_params=bridge.param_count(abstract_model(task.generator_model, generator)),
+                frozen_params=frozen_params,
+                est_step_s=step_s, est_build_s=60 if lite else 15,
+                est_compile_s=150 if lite else 20 if cached else 60)
