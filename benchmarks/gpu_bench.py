@@ -1,6 +1,6 @@
 """One prepared GPU call: the released cascade (Stage C 3.6B + Stage B 1.5B + Stage A) with random
 weights in bfloat16, batch 4 at 1024^2, 20 + 10 steps, JAX against diffusers' UNets on the same
-card in the same process, then a Stage C training step and its MFU. Run it through gpu.sh.
+card in the same process, then the library's Stage C training step (largest batch that fits) and its MFU. Run it through gpu.sh.
 
 Each part is timed twice (the first run includes compilation or PyTorch's warm-up) and writes
 into ``gpu_results.json`` as soon as it finishes, so a run cut short keeps what it measured; a
@@ -26,7 +26,6 @@ import common  # also puts the repository root on sys.path
 
 PUBLISHED = {"batch": 4, "stage_c_s": 6.08, "stage_a_b_s": 4.07, "total_s": 10.15,
              "source": "figure quoted in issue 5 (diffusers, batch 4, 1024^2, 20+10 steps)"}
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 
 
 class Run:
@@ -87,9 +86,13 @@ def settings(tiny: bool) -> dict:
     if tiny:
         sets = pipeline_set("tiny")
         return {"configs": {k: sets[k] for k in ("stage_c", "stage_b", "stage_a")}, "batch": 1, "size": 256,
-                "steps": (3, 2), "train_batch": 2, "train_steps": 2}
+                "steps": (3, 2), "train_steps": 2,
+                "train": {"config": "tiny_c", "image_size": 64, "batches": [2, 1], "compute_dtype": "float32"}}
+    # Training: the released Stage C finetune config at 768^2 (24x24x16 EfficientNet latents), batch 8 first.
     return {"configs": {k: load_config(k) for k in ("stage_c", "stage_b", "stage_a")}, "batch": 4, "size": 1024,
-            "steps": (20, 10), "train_batch": 4, "train_steps": 5}
+            "steps": (20, 10), "train_steps": 5,
+            "train": {"config": "finetune_c_3b", "image_size": 768, "batches": [8, 6, 4, 2, 1],
+                      "compute_dtype": "bfloat16"}}
 
 
 def sync_time(fn, device) -> tuple[object, float]:
@@ -115,7 +118,7 @@ def main(argv=None):
     run.data["environment"] = run.part("environment", environment)
     cfg = settings(args.tiny)
     run.data["settings"] = {"batch": cfg["batch"], "size": cfg["size"], "steps": cfg["steps"], "dtype": "bfloat16",
-                            "train_batch": cfg["train_batch"]}
+                            "train": cfg["train"]}
     state = parts.State(cfg)
     run.part("build_jax_models", state.build_jax, min_left_s=60)
     run.part("jax_stage_c", state.jax_stage_c, min_left_s=60)

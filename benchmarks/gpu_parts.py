@@ -12,7 +12,7 @@ import bridge
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from gpu_bench import PEAK_BF16_TFLOPS, PUBLISHED, sync_time
+from gpu_bench import PUBLISHED, sync_time
 
 
 
@@ -197,69 +197,104 @@ class State:
 
     # ---- training --------------------------------------------------------------------------
     def train(self, seconds_left: float) -> dict:
-        from bench_forward import compiled_flops
-        from bench_train import init_state, make_step
-        from flax import nnx
+        """The library's Stage C step (``build_run`` + ``jit_train_step``, as ``bench_train.py`` on the CPU):
+        float32 master weights and AdamW moments, bfloat16 compute, per-block remat, cached conditions
+        (random arrays of the cache's shapes: the generator's step alone), at the largest batch of
+        ``train_batches`` that runs; then, time permitting, the same batch without remat."""
+        import bench_train as bt
+        from cascade_jax.training import build_run
+        from cascade_jax.training.hooks import peak_flops_per_device
 
-        _, config = self.cfg["configs"]["stage_c"]
-        batch, shape = self.cfg["train_batch"], (self.hc, self.hc, 16)
-        model = self.models.pop("stage_c")
-        graphdef, params, opt_state, data = init_state(model, batch, shape, config)
-        model.set_remat("full")  # the model's own per-block remat: part of the graph definition
-        graphdefs = {"none": graphdef, "blocks": nnx.split(model)[0]}
-        del model
-        # Model flops: the step without remat, from the lowered (unoptimised) program; no compile needed.
-        model_flops = compiled_flops(make_step(graphdef, "none").lower(params, opt_state, data, jax.random.key(1)))
-        device_kind = jax.devices()[0].device_kind
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_kind), None)
-        out = {"batch": batch, "latent": list(shape), "model_flops_per_step": model_flops, "peak_tflops": peak,
-               "precision": "bfloat16 params, grads and AdamW moments (no fp32 master weights)"}
+        self.models.pop("stage_c", None)  # the inference copy; the cuDNN part rebuilds it
+        gc.collect()
         deadline = time.perf_counter() + seconds_left - 20
-        for remat in ("blocks", "none"):
+        tc = self.cfg["train"]
+        peak = peak_flops_per_device()
+        out = {"config": tc["config"], "image_size": tc["image_size"], "param_dtype": "float32",
+               "compute_dtype": tc["compute_dtype"], "remat": "full", "cached_conditions": True,
+               "peak_tflops": peak / 1e12 if peak else None, "attempts": []}
+        run = None
+        for batch in tc["batches"]:
             if time.perf_counter() > deadline - 60:
-                out[f"remat_{remat}"] = {"skipped": "not enough time left before the deadline"}
-                continue
+                out["attempts"].append({"batch": batch, "skipped": "not enough time left before the deadline"})
+                break
+            cfg = bt.variant_config(tc["config"], batch=batch, image_size=tc["image_size"], remat="full", cached=True,
+                                    extra=[f"compute_dtype={tc['compute_dtype']}"])
             try:
-                step = make_step(graphdefs[remat], remat)
-                result, params, opt_state = self._train_variant(step, params, opt_state, data, batch, model_flops,
-                                                                peak, deadline)
-                out[f"remat_{remat}"] = result
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory without remat; recorded
-                out[f"remat_{remat}"] = {"error": f"{type(e).__name__}: {str(e)[:800]}"}
-            if params is None or any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(params)):
-                break  # a failed step may have consumed the donated buffers
+                if run is None or _deleted(run.state):  # a failed step may have consumed the donated state
+                    start = time.perf_counter()
+                    run = None
+                    gc.collect()
+                    run = build_run(cfg, task=bt.bench_task("c"))
+                    out.update(build_s=time.perf_counter() - start, **bt.param_counts(run))
+                result = self._train_attempt(bt, run, cfg, deadline, peak)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: recorded, the next batch is smaller
+                result = {"batch": batch, "error": f"{type(e).__name__}: {str(e)[:600]}"}
+            out["attempts"].append({"batch": batch, "ran": True} if "median_step_s" in result else result)
+            if "median_step_s" in result:
+                out["remat_full"] = result
+                break
+        if "remat_full" in out and time.perf_counter() < deadline - 90:
+            try:
+                out["remat_none"] = self._train_attempt(bt, run, run.cfg, deadline, peak, remat_off=True,
+                                                        flops=out["remat_full"].get("model_flops_per_step"))
+            except Exception as e:  # noqa: BLE001 - without remat the batch may not fit
+                out["remat_none"] = {"error": f"{type(e).__name__}: {str(e)[:600]}"}
+        elif "remat_full" in out:
+            out["remat_none"] = {"skipped": "not enough time left before the deadline"}
         return out
 
-    def _train_variant(self, step, params, opt_state, data, batch, model_flops, peak, deadline):
-        from bench_forward import compiled_flops
+    def _train_attempt(self, bt, run, cfg, deadline, peak, remat_off=False, flops=None) -> dict:
+        import tempfile
 
+        from cascade_jax.data import global_batch
+        from cascade_jax.training.latent_cache import CachedBatches
+        from cascade_jax.training.loop import host_rng
+
+        with tempfile.TemporaryDirectory(prefix="gpu_train_") as tmp:
+            raw = next(CachedBatches(bt.write_random_cache(cfg, tmp)))
+        batch = global_batch(run.task.host_batch(cfg, raw, host_rng(cfg, 0)), run.mesh)
+        graphdef = None
+        if remat_off:
+            modules = nnx.merge(run.graphdef, run.state.params, run.frozen)
+            modules.generator.set_remat(None)
+            graphdef = nnx.split(modules, run.task.trainable(cfg), ...)[0]
         start = time.perf_counter()
-        compiled = step.lower(params, opt_state, data, jax.random.key(2)).compile()
-        compile_s = time.perf_counter() - start
-        times, loss = [], None
-        for i in range(self.cfg["train_steps"] + 1):
+        lowered = bt.lower_step(run, batch, graphdef)
+        compiled = lowered.compile()
+        result = {"batch": cfg.batch_size, "latent": list(batch["x0"].shape[1:]), "remat": "none" if remat_off else "full",
+                  "compile_s": time.perf_counter() - start, "xla_memory_gb": bt.xla_memory_gb(compiled),
+                  "hardware_flops_per_step": bt.flops_of(compiled)}
+        if isinstance(result["xla_memory_gb"], dict):
+            m = result["xla_memory_gb"]
+            result["xla_step_memory_gb"] = m.get("argument", 0) + m.get("output", 0) - m.get("alias", 0) + m.get("temp", 0)
+        result["step_s"], result["losses"] = bt.time_steps(run, compiled, batch, self.cfg["train_steps"], deadline)
+        step_s = statistics.median(result["step_s"]) if result["step_s"] else None
+        result.update(median_step_s=step_s, images_per_s=cfg.batch_size / step_s if step_s else None)
+        result["peak_device_memory_gb"] = _peak_memory_gb()
+        if flops is None and time.perf_counter() < deadline - 30:
             start = time.perf_counter()
-            params, opt_state, loss = compiled(params, opt_state, data, jax.random.key(3 + i))
-            loss = float(loss)
-            if i:
-                times.append(time.perf_counter() - start)
-            if time.perf_counter() > deadline:
-                break
-        step_s = statistics.median(times) if times else None
-        result = {"compile_s": compile_s, "step_s": times, "median_step_s": step_s, "loss": loss,
-                  "hardware_flops_per_step": compiled_flops(compiled)}
-        if step_s:
-            result["images_per_s"] = batch / step_s
-            if model_flops:
-                result["model_tflops_per_s"] = model_flops / step_s / 1e12
-                if peak:
-                    result["mfu"] = result["model_tflops_per_s"] / peak
-        try:
-            stats = jax.devices()[0].memory_stats() or {}
-            result["peak_device_memory_gb"] = stats.get("peak_bytes_in_use", 0) / 2**30
-        except Exception as e:  # noqa: BLE001 - not every backend reports memory
-            result["peak_device_memory_gb"] = f"unavailable: {type(e).__name__}"
-        return result, params, opt_state
+            flops = bt.flops_of(lowered) if remat_off else bt.model_flops(run, batch, lowered)
+            result["model_flops_lowering_s"] = time.perf_counter() - start
+        result["model_flops_per_step"] = flops
+        if step_s and flops:
+            result["model_tflops_per_s"] = flops / step_s / 1e12
+            if peak:
+                result["mfu"] = flops / step_s / peak
+        return result
+
+
+def _deleted(tree) -> bool:
+    return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
+
+
+def _peak_memory_gb():
+    """The device's peak bytes in use so far (process-wide: the inference parts ran first, with less)."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception as e:  # noqa: BLE001 - not every backend reports memory
+        return f"unavailable: {type(e).__name__}"
+    return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else "unavailable on this backend"
 
 
 def summarize(parts: dict, batch: int) -> dict:
@@ -298,15 +333,24 @@ def markdown(data: dict) -> str:
              "", f"bfloat16, batch {settings.get('batch')}, {settings.get('size')}², steps {settings.get('steps')}, "
                  "steady-state seconds (second run; the first includes compilation / warm-up).", "", *rows, ""]
     train = parts.get("train_stage_c") or {}
-    for key in ("remat_blocks", "remat_none"):
+    for key in ("remat_full", "remat_none"):
         r = train.get(key) or {}
-        if "median_step_s" in r:
-            lines.append(f"- Stage C train step ({key}, batch {train.get('batch')}): {f(r['median_step_s'], 3)} s, "
-                         f"{f(r.get('images_per_s'))} img/s, {f(r.get('model_tflops_per_s'), 1)} TFLOP/s model, "
+        if r.get("median_step_s"):
+            mem = r.get("peak_device_memory_gb")
+            lines.append(f"- Stage C train step ({train.get('config')}, {key}, batch {r.get('batch')}, latent "
+                         f"{r.get('latent')}, fp32 weights / {train.get('compute_dtype')} compute): "
+                         f"{f(r['median_step_s'], 3)} s, {f(r.get('images_per_s'))} img/s, "
+                         f"{f(r.get('model_tflops_per_s'), 1)} TFLOP/s model, "
                          f"MFU {f(100 * r['mfu'], 1) + '%' if r.get('mfu') else '–'} (peak {train.get('peak_tflops')} "
-                         f"TFLOP/s), peak memory {r.get('peak_device_memory_gb')}")
+                         f"TFLOP/s), compile {f(r.get('compile_s'), 0)} s, XLA step memory "
+                         f"{f(r.get('xla_step_memory_gb'), 1)} GiB, device peak "
+                         f"{f(mem, 1) + ' GiB' if isinstance(mem, float) else mem}")
         elif r:
             lines.append(f"- Stage C train step ({key}): {r.get('skipped') or r.get('error')}")
+    for attempt in train.get("attempts", []):
+        if "error" in attempt or "skipped" in attempt:
+            lines.append(f"- Stage C train step at batch {attempt.get('batch')}: "
+                         f"{attempt.get('error') or attempt.get('skipped')}")
     cudnn, xla = parts.get("jax_stage_c_cudnn_attention") or {}, parts.get("jax_stage_c") or {}
     if cudnn.get("steady_s") and xla.get("steady_s"):
         lines.append(f"- Stage C with cuDNN attention: {f(cudnn['steady_s'])} s vs {f(xla['steady_s'])} s with XLA's "
