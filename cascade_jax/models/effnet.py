@@ -6,6 +6,11 @@ features are roughly N(0, 1)). This is an NHWC port of that network in inference
 the module tree reproduces torchvision's names (``backbone.N.M.block.K.L...``) so the
 official checkpoint loads key for key. Stochastic depth and dropout are training-only and
 absent; input is an ImageNet-normalised image, output is (B, ceil(H/32), ceil(W/32), c_latent).
+
+``stages`` (rows ``[fused, expand_ratio, kernel, stride, c_in, c_out, num_layers]``) and
+``last_channels`` give smaller encoders of the same family, e.g. for a frozen random encoder
+whose BatchNorm statistics ``cascade_jax.training.calibrate`` sets from data; the default is
+V2-S, the official network. The stem halves the resolution and so does every stride-2 stage.
 """
 
 from __future__ import annotations
@@ -42,6 +47,34 @@ V2_S_STAGES = (
     _StageConfig(False, 6, 3, 2, 160, 256, 15),
 )
 V2_S_LAST_CHANNELS = 1280
+STAGE_FIELDS = _StageConfig._fields
+
+
+def stage_configs(stages) -> tuple[_StageConfig, ...]:
+    """``stages`` rows as stage configs, each checked (a wrong row names its index and field)."""
+    if stages is None:
+        return V2_S_STAGES
+    if not isinstance(stages, (list, tuple)) or not stages:
+        raise ValueError(f"effnet stages must be a non-empty list of rows {list(STAGE_FIELDS)}, got {stages!r}")
+    rows = []
+    for i, row in enumerate(stages):
+        if not isinstance(row, (list, tuple)) or len(row) != len(STAGE_FIELDS):
+            raise ValueError(f"effnet stages[{i}] = {row!r}: expected {len(STAGE_FIELDS)} entries "
+                             f"{list(STAGE_FIELDS)}")
+        fused, *numbers = row
+        if not isinstance(fused, (bool, int)) or fused not in (0, 1):
+            raise ValueError(f"effnet stages[{i}]: fused must be true or false, got {fused!r}")
+        for name, value in zip(STAGE_FIELDS[1:], numbers):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"effnet stages[{i}]: {name} must be a positive integer, got {value!r}")
+        cfg = _StageConfig(bool(fused), *numbers)
+        if cfg.stride not in (1, 2):
+            raise ValueError(f"effnet stages[{i}]: stride must be 1 or 2, got {cfg.stride}")
+        if rows and cfg.c_in != rows[-1].c_out:
+            raise ValueError(f"effnet stages[{i}]: c_in {cfg.c_in} must equal the c_out {rows[-1].c_out} of "
+                             f"stages[{i - 1}]")
+        rows.append(cfg)
+    return tuple(rows)
 
 
 def conv_norm_act(c_in, c_out, kernel, stride=1, groups=1, activation=True, *, rngs):
@@ -125,11 +158,11 @@ def efficientnet_features(stages=V2_S_STAGES, last_channels=V2_S_LAST_CHANNELS, 
 
 
 class EfficientNetEncoder(nnx.Module):
-    """``EfficientNetEncoder(x)``: (B, H, W, 3) normalised image → (B, ⌈H/32⌉, ⌈W/32⌉, c_latent)."""
+    """``EfficientNetEncoder(x)``: (B, H, W, 3) normalised image → (B, ⌈H/32⌉, ⌈W/32⌉, c_latent) for V2-S."""
 
-    def __init__(self, c_latent=16, *, rngs):
-        self.backbone = efficientnet_features(rngs=rngs)
-        self.mapper = Sequential(Conv2d(V2_S_LAST_CHANNELS, c_latent, 1, bias=False, rngs=rngs),
+    def __init__(self, c_latent=16, stages=None, last_channels=V2_S_LAST_CHANNELS, *, rngs):
+        self.backbone = efficientnet_features(stage_configs(stages), last_channels, rngs=rngs)
+        self.mapper = Sequential(Conv2d(last_channels, c_latent, 1, bias=False, rngs=rngs),
                                  BatchNorm2d(c_latent, eps=1e-5, affine=False, rngs=rngs))
 
     def __call__(self, x):
