@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cascade_jax.diffusion import adaptive_loss_weight_init
 from cascade_jax.models.registry import abstract_model
 from cascade_jax.sharding import make_mesh
 from cascade_jax.training import placement
@@ -61,7 +60,7 @@ def plan(cfg: TrainConfig, batch_specs: dict | None = None, mesh=None) -> dict:
     params = _with_dtype(params, cfg.param_dtype, only_params=False)
     frozen = _with_dtype(frozen, cfg.compute_dtype, only_params=True)
     tx = make_optimizer(cfg)
-    loss_state = adaptive_loss_weight_init() if cfg.adaptive_loss_weight else None
+    loss_state = task.initial_loss_state(cfg)
     state = jax.eval_shape(lambda p: init_state(cfg, p, tx, loss_state), params)
     state_sh = placement.state_shardings(state, tx, mesh, cfg.sharding_rules)
     frozen_sh = placement.variable_shardings(frozen, mesh, cfg.sharding_rules)

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cascade_jax.diffusion import adaptive_loss_weight_init
 from cascade_jax.models.random_init import random_model
 from cascade_jax.models.registry import load_config
 from cascade_jax.nn.params import official_key
@@ -50,8 +51,8 @@ def get_task(stage: str) -> "Task":
 
 
 class LossAux(NamedTuple):
-    per_sample_loss: jax.Array  # (b,) unweighted MSE, what the adaptive buckets track
-    logsnr: jax.Array  # (b,)
+    per_sample_loss: jax.Array  # (b,) unweighted MSE, what the adaptive buckets track (logged as "loss")
+    logsnr: jax.Array | None = None  # (b,); None for a task without noise levels (Task.adaptive_loss_weight False)
 
 
 class TrainModules(nnx.Module):
@@ -84,6 +85,18 @@ class Task:
     # attribute -> (registry model, preset, config key of its weights); the attribute is also the
     # component name in a pipeline set (``encoders: tiny``)
     frozen: dict = {}
+    # Whether the loss has per-sample noise levels the adaptive loss weight can bucket (diffusion
+    # tasks); a reconstruction task (Stage A, Previewer) sets False and refuses adaptive_loss_weight.
+    adaptive_loss_weight: bool = True
+
+    def initial_loss_state(self, cfg: TrainConfig):
+        """The adaptive loss-weight buckets when ``cfg.adaptive_loss_weight`` is set, else None."""
+        if not cfg.adaptive_loss_weight:
+            return None
+        if not self.adaptive_loss_weight:
+            raise ValueError(f"adaptive_loss_weight: true does not apply to stage {cfg.stage!r} "
+                             f"({type(self).__name__} has no noise levels to weight); set it to false")
+        return adaptive_loss_weight_init()
 
     def frozen_specs(self, cfg: TrainConfig) -> dict:
         """attribute -> (model name, constructor config) of every frozen model."""
