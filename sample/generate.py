@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Generate images with Stable Cascade in JAX.
 
+  python sample/generate.py text2img --prompt "a red circle in the top left on a blue background"
   python sample/generate.py text2img --weights WEIGHTS_DIR --prompt "an astronaut riding a horse"
   python sample/generate.py variation --weights WEIGHTS_DIR --image photo.png
   python sample/generate.py img2img --weights WEIGHTS_DIR --image photo.png --prompt "oil painting" --strength 0.7
   python sample/generate.py reconstruct --weights WEIGHTS_DIR --image photo.png
 
 WEIGHTS_DIR holds converted directories, the official safetensors (stage_c_bf16.safetensors, ...,
-text_encoder/, tokenizer/) or the diffusers folders; --random tiny|lite uses random weights instead.
+text_encoder/, tokenizer/) or the diffusers folders; without --weights the embedded demo cascade
+(128x128 coloured shapes, see cascade_jax/demo) is used; --random tiny|lite uses random weights instead.
 Every argument and the input image are checked before any model loads. Earlier results in --out are
 kept (new names get a -N suffix) unless --overwrite is given.
 """
@@ -19,6 +21,7 @@ import time
 
 from tqdm import tqdm
 
+from cascade_jax import demo
 from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline, check_image_size
 from cascade_jax.pipelines import arguments as checks
 from cascade_jax.pipelines.images import load_image, round_size
@@ -44,12 +47,13 @@ def rgb(text):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["text2img", *IMAGE_MODES])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="weights folder or Hugging Face repository id")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--weights", help="weights folder, Hugging Face repository id, or \"demo\" (the embedded "
+                     "128x128 shapes cascade; the default)")
     src.add_argument("--random", choices=["tiny", "lite", "full"], help="random weights of this size (no download)")
     p.add_argument("--lite", action="store_true", help="use the lite Stage C/B weights from --weights")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
-                   help="bfloat16 (default with --weights) or float32 (default with --random)")
+                   help="bfloat16 (default with --weights) or float32 (default with --random and the demo)")
     p.add_argument("--prompt", default="")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--long-prompts", action="store_true",
@@ -58,8 +62,8 @@ def build_parser():
     p.add_argument("--background", type=rgb, default=(255, 255, 255),
                    help="R,G,B that transparent pixels of --image become (default white)")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how far to noise the image (0-1]")
-    p.add_argument("--height", type=int, default=None, help="default 1024; img2img/reconstruct: the image's")
-    p.add_argument("--width", type=int, default=None, help="default 1024; img2img/reconstruct: the image's")
+    p.add_argument("--height", type=int, default=None, help="default 1024 (128 for the demo); img2img/reconstruct: the image's")
+    p.add_argument("--width", type=int, default=None, help="default 1024 (128 for the demo); img2img/reconstruct: the image's")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="0 .. 2**32 - 1; image i gets seed + i")
     stage_args(p, "prior", PRIOR_DEFAULTS)
@@ -101,8 +105,10 @@ def validate(args):
         raise ValueError(f"--{e}") from None
     args.prior, args.decoder = settings(args, "prior"), settings(args, "decoder")
     args.image_array = load_image(args.image, args.background) if args.mode in IMAGE_MODES else None
+    if args.weights is None and args.random is None:
+        args.weights = demo.NAME
     if args.mode in ("text2img", "variation"):
-        default_h = default_w = 1024
+        default_h = default_w = demo.IMAGE_SIZE if args.weights == demo.NAME else 1024
     else:  # the image's size unless given
         default_h, default_w = (round_size(side) for side in args.image_array.shape[:2])
     args.height = default_h if args.height is None else args.height
@@ -172,7 +178,9 @@ def main(argv=None):
                   "not pictures. Pass --weights to use real Stable Cascade weights.")
             pipe = StableCascadePipeline.random(args.random, dtype=args.dtype or "float32")
         else:
-            pipe = StableCascadePipeline.from_pretrained(args.weights, lite=args.lite, dtype=args.dtype or "bfloat16")
+            default_dtype = "float32" if args.weights == demo.NAME else "bfloat16"
+            pipe = StableCascadePipeline.from_pretrained(args.weights, lite=args.lite,
+                                                         dtype=args.dtype or default_dtype)
         if args.lora:
             pipe.load_loras(args.lora)
         print(f"models ready in {time.perf_counter() - start:.1f}s; running {args.mode}")
