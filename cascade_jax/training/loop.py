@@ -21,7 +21,7 @@ from cascade_jax.sharding import make_mesh
 from cascade_jax.training import placement
 from cascade_jax.training.checkpointing import TrainCheckpointer
 from cascade_jax.training.config import TrainConfig
-from cascade_jax.training.hooks import MetricsLogger, peak_flops_per_device
+from cascade_jax.training.hooks import Hook, MetricsLogger, peak_flops_per_device
 from cascade_jax.training.optimizer import make_optimizer
 from cascade_jax.training.state import TrainState, init_state
 from cascade_jax.training.step import cast_floats, jit_train_step
@@ -117,10 +117,15 @@ def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, h
 
     ``data``: an iterator of per-host loader batches with ``get_state``/``set_state`` (default: the
     Grain loader of ``cfg.data``). ``stop_after``: leave after this many updates in total (tests).
+    ``hooks`` run after each update's checkpoint; with ``sample_every`` set, the sample-collage hook
+    (``training/samples.py``) runs after them.
     """
     from cascade_jax.data import global_batch
+    from cascade_jax.training.samples import make_sample_collage
 
     run = build_run(cfg, task, mesh)
+    collage = make_sample_collage(run, cfg)
+    hooks = (*hooks, Hook(cfg.sample_every, collage)) if collage is not None else tuple(hooks)
     data = data if data is not None else make_data_iterator(cfg)
     checkpointer = checkpointer_for(cfg)
     start = resume(run, checkpointer, data)
@@ -131,7 +136,10 @@ def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, h
     step = start
     try:
         for step in range(start + 1, cfg.updates + 1):
-            arrays = run.task.host_batch(cfg, next(data), host_rng(cfg, step - 1))
+            loader_batch = next(data)
+            if collage is not None:
+                collage.remember(loader_batch)  # Stage B reconstructs images of the first batch
+            arrays = run.task.host_batch(cfg, loader_batch, host_rng(cfg, step - 1))
             metrics = run.step(global_batch(arrays, run.mesh))
             if logger.step_flops is None:
                 logger.step_flops = run.step_flops()

@@ -2,8 +2,10 @@
 
 x0 = EfficientNet latents of the image; conditions: CLIP-bigG text hidden states (last layer,
 before the final norm) and pooled embedding with 5% of captions replaced by "", and CLIP-L image
-embeddings for 10% of the samples, zeros otherwise. Frozen: EfficientNet, both CLIP encoders
-(and the Previewer, only used for sample collages).
+embeddings for 10% of the samples, zeros otherwise. Frozen: EfficientNet, both CLIP encoders,
+and the Previewer when sample collages are on (``sample_every``) and ``previewer_checkpoint_path``
+or the ``encoders`` set provides it (``training/samples.py`` shows the latents in false colour
+without one).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from cascade_jax.data.clip_preprocess import preprocess_images
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
-from cascade_jax.training.task import Task, TrainModules, param_dtype, register_task
+from cascade_jax.training.task import Task, TrainModules, frozen_model, param_dtype, register_task
 
 CAPTION_DROP = 0.05  # official: rand > 0.05 keeps the caption
 IMAGE_EMBED_SHARE = 0.1  # official: rand > 0.9 gets a CLIP image embedding
@@ -41,7 +43,46 @@ class StageCTask(Task):
               "text_encoder": ("clip_text", "clip_text_bigg14", "clip_text_model_name"),
               "image_encoder": ("clip_vision", "clip_vision_l14", "clip_image_model_name")}
 
+    # Frozen only for the sample collages: loaded when wanted_previewer(cfg) says so.
+    optional_frozen = {"previewer": ("previewer", "previewer", "previewer_checkpoint_path")}
+
     cached_keys = ("x0", "clip_text", "clip_text_pooled", "clip_img")
+
+    def wanted_previewer(self, cfg: TrainConfig) -> bool:
+        """Sampling is on and weights are named: a previewer_checkpoint_path, or a previewer in the encoders set."""
+        if not cfg.sample_every or cfg.cached_conditions:
+            return False
+        if cfg.previewer_checkpoint_path is not None:
+            return True
+        if cfg.encoders is None:
+            return False
+        from cascade_jax.pipelines.loading import pipeline_set
+
+        return "previewer" in pipeline_set(cfg.encoders)
+
+    def frozen_specs(self, cfg: TrainConfig) -> dict:
+        specs = super().frozen_specs(cfg)
+        if self.wanted_previewer(cfg):
+            from cascade_jax.models.registry import load_config
+            from cascade_jax.pipelines.loading import pipeline_set
+
+            model, preset, _ = self.optional_frozen["previewer"]
+            from_set = cfg.previewer_checkpoint_path is None
+            specs["previewer"] = pipeline_set(cfg.encoders)["previewer"] if from_set else (model, load_config(preset)[1])
+        return specs
+
+    def build_frozen(self, cfg: TrainConfig, work_dir: Path) -> dict:
+        models = super().build_frozen(cfg, work_dir)
+        if self.wanted_previewer(cfg):
+            model, preset, path_key = self.optional_frozen["previewer"]
+            path = getattr(cfg, path_key)
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"{path_key}={path}: no such file or folder; name the previewer weights, or "
+                                        f"set {path_key}: null to show sample latents in false colour")
+            # Seeded after the other frozen models, so their random test weights do not depend on sampling.
+            models["previewer"] = frozen_model(model, cfg, path, "previewer", work_dir, preset=preset,
+                                               seed_offset=len(self.frozen) + 1)
+        return models
 
     def build(self, cfg: TrainConfig) -> TrainModules:
         work = Path(cfg.output_path)

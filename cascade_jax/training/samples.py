@@ -1,0 +1,289 @@
+"""Sample collages during training: every ``sample_every`` updates, a PNG of what the current
+weights make, at ``{output_path}/{experiment_id}/samples/step_{N:08d}.png``.
+
+* Stage C (and LoRA on Stage C): text-to-image latents of the fixed ``sample_prompts`` with the
+  official Stage C sampler (``PRIOR_DEFAULTS``, ``sample_steps`` steps), shown through the
+  frozen Previewer when one is loaded (``previewer_checkpoint_path``, or a previewer in the
+  ``encoders`` set), else as a false-colour image of the latent channels (their first three
+  principal components; the log says so once).
+* Stage B: reconstructions (``DECODER_DEFAULTS``) of the first images of the first training
+  batch this process sees, from their EfficientNet latents and captions, decoded by the frozen
+  Stage A; the collage shows the originals above the reconstructions. A resumed run takes the
+  first batch after the resume point.
+
+The weights are the EMA when the run keeps one, else the trained parameters, in the compute
+dtype, with dropout off. Sampling draws its noise from its own key (the same for every
+collage, so collages of a run compare step by step) and only reads the state: the training RNG,
+the data order and resume are untouched. The sampling program is compiled once per run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+from cascade_jax.diffusion import sample_with_settings
+from cascade_jax.pipelines.cascade import DECODER_DEFAULTS, PRIOR_DEFAULTS
+from cascade_jax.pipelines.images import effnet_pixels
+from cascade_jax.pipelines.sizes import stage_b_latent_hw, stage_c_latent_hw
+from cascade_jax.training import placement
+from cascade_jax.training.config import TrainConfig
+from cascade_jax.training.stage_c import encode_text
+from cascade_jax.training.step import cast_floats
+from cascade_jax.training.task import param_dtype
+from cascade_jax.weights import atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAMPLE_PROMPTS = ("a red square on a grey background", "a photograph of a cat sitting on a sofa",
+                          "a lighthouse on a cliff at sunset", "a bowl of fruit, oil painting")
+TILE_MIN = 128  # tiles are upscaled (nearest, by an integer factor) to at least this many pixels a side
+PAD = 2  # pixels between tiles
+CAPTION_HEIGHT = 14  # the caption strip under the last row
+BACKGROUND = 32
+PREVIEW_SCALE = 8  # the Previewer's upsampling; false-colour latents are enlarged as much
+
+
+# ---- the collage image ---------------------------------------------------------------------
+def to_uint8(images01) -> np.ndarray:
+    return np.round(np.clip(np.asarray(images01, np.float32), 0, 1) * 255).astype(np.uint8)
+
+
+def false_colour(latents: np.ndarray, scale: int = PREVIEW_SCALE) -> np.ndarray:
+    """(n, h, w, c) latents -> (n, h·scale, w·scale, 3) uint8: each pixel's first three principal
+    components over the batch as RGB (2nd-98th percentile stretched; signs fixed so colours are stable)."""
+    n, h, w, c = latents.shape
+    flat = latents.reshape(-1, c).astype(np.float64)
+    flat = flat - flat.mean(axis=0)
+    _, _, vt = np.linalg.svd(flat, full_matrices=False)
+    basis = vt[:3]
+    basis = basis * np.sign(basis[np.arange(len(basis)), np.abs(basis).argmax(axis=1)])[:, None]
+    comps = flat @ basis.T
+    comps = np.concatenate([comps, np.zeros((len(comps), 3 - comps.shape[1]))], axis=1)  # c < 3
+    low, high = np.percentile(comps, 2, axis=0), np.percentile(comps, 98, axis=0)
+    rgb = to_uint8((comps - low) / np.maximum(high - low, 1e-8)).reshape(n, h, w, 3)
+    return rgb.repeat(scale, axis=1).repeat(scale, axis=2)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def collage(rows: list[np.ndarray], captions=None) -> np.ndarray:
+    """Rows of (n, h, w, 3) uint8 images -> one grid image, tiles upscaled to >= TILE_MIN pixels, with
+    the captions (one per column) in a strip under the last row.
+
+    Size: width n·(k·w) + (n+1)·PAD, height r·(k·h) + (r+1)·PAD (+ CAPTION_HEIGHT with captions),
+    k = ceil(TILE_MIN / min(h, w)) (at least 1).
+    """
+    n, h, w, _ = rows[0].shape
+    k = max(1, math.ceil(TILE_MIN / min(h, w)))
+    th, tw = h * k, w * k
+    height = len(rows) * th + (len(rows) + 1) * PAD + (CAPTION_HEIGHT if captions else 0)
+    canvas = np.full((height, n * tw + (n + 1) * PAD, 3), BACKGROUND, np.uint8)
+    for r, images in enumerate(rows):
+        if images.shape != rows[0].shape:
+            raise ValueError(f"collage row {r} has shape {images.shape}, row 0 {rows[0].shape}")
+        top = PAD + r * (th + PAD)
+        for i, image in enumerate(images):
+            left = PAD + i * (tw + PAD)
+            canvas[top:top + th, left:left + tw] = image.repeat(k, axis=0).repeat(k, axis=1)
+    if not captions:
+        return canvas
+    picture = Image.fromarray(canvas)
+    draw, font = ImageDraw.Draw(picture), ImageFont.load_default()
+    top = len(rows) * (th + PAD) + PAD
+    for i, caption in enumerate(captions):
+        draw.text((PAD + i * (tw + PAD), top), _fit(draw, str(caption), font, tw), fill=(230, 230, 230), font=font)
+    return np.asarray(picture)
+
+
+def write_png(path: Path, image: np.ndarray, metadata: dict) -> Path:
+    """Write ``image`` with ``metadata`` (PNG text chunks) atomically: a temp sibling renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(path.parent, path.name)
+    info = PngImagePlugin.PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    tmp = atomic.temp_path(path)
+    try:
+        with atomic.sigterm_as_exception():
+            Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+            os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            tmp.unlink()
+    return path
+
+
+# ---- the sampling programs (traced once per run) -----------------------------------------------
+def _eval_modules(graphdef, params, frozen, dtype):
+    modules = nnx.merge(graphdef, cast_floats(params, dtype), frozen)
+    modules.eval()  # the generator trains with dropout; sampling must not
+    return modules
+
+
+def _conditioned(model):
+    dtype = param_dtype(model)
+    return lambda x, r, **c: model(x.astype(dtype), r, **{k: v.astype(dtype) for k, v in c.items()})
+
+
+def stage_c_program(graphdef, dtype: str, settings, shape: tuple, with_previewer: bool):
+    """(params, frozen, tokens of prompts + "" each, key) -> (latents, previews in [0, 1] or None)."""
+
+    def program(params, frozen, inputs, key_data):
+        modules, key = _eval_modules(graphdef, params, frozen, dtype), jax.random.wrap_key_data(key_data)
+        clip_text, pooled = encode_text(modules.text_encoder, inputs["input_ids"], inputs["attention_mask"])
+        n, generator = shape[0], modules.generator
+        clip_img = jnp.zeros((n, 1, generator.clip_img_mapper.weight.shape[0]), jnp.float32)
+        cond = {"clip_text": clip_text[:n], "clip_text_pooled": pooled[:n], "clip_img": clip_img}
+        uncond = {"clip_text": clip_text[n:], "clip_text_pooled": pooled[n:], "clip_img": clip_img}
+        latents = sample_with_settings(_conditioned(generator), settings, cond, uncond, shape=shape, key=key).x0
+        if not with_previewer:
+            return latents, None
+        previewer = modules.previewer
+        return latents, previewer(latents.astype(param_dtype(previewer))).astype(jnp.float32)
+
+    return program
+
+
+def stage_b_program(graphdef, dtype: str, settings, shape: tuple):
+    """(params, frozen, tokens of captions + "" each and EfficientNet pixels, key) -> (latents, images)."""
+
+    def program(params, frozen, inputs, key_data):
+        modules, key = _eval_modules(graphdef, params, frozen, dtype), jax.random.wrap_key_data(key_data)
+        _, pooled = encode_text(modules.text_encoder, inputs["input_ids"], inputs["attention_mask"])
+        effnet = modules.effnet(inputs["effnet_pixels"].astype(param_dtype(modules.effnet))).astype(jnp.float32)
+        n = shape[0]
+        cond, uncond = {"effnet": effnet, "clip": pooled[:n]}, {"effnet": jnp.zeros_like(effnet), "clip": pooled[n:]}
+        latents = sample_with_settings(_conditioned(modules.generator), settings, cond, uncond, shape=shape,
+                                       key=key).x0
+        stage_a = modules.stage_a
+        return latents, stage_a.decode(latents.astype(param_dtype(stage_a))).astype(jnp.float32)
+
+    return program
+
+
+# ---- the hook ------------------------------------------------------------------------------------
+def collage_kind(run, cfg: TrainConfig) -> str:
+    model = run.task.generator_model
+    if model not in ("stage_c", "stage_b"):
+        raise ValueError(f"sample_every={cfg.sample_every}: sample collages show Stage C or Stage B generators; "
+                         f"the {type(run.task).__name__} task trains a {model!r}: set sample_every=0")
+    if cfg.cached_conditions:
+        raise ValueError(f"sample_every={cfg.sample_every}: cached_conditions runs load no text encoder to "
+                         "sample with; set sample_every=0 (and sample the exported weights with sample/generate.py)")
+    return "c" if model == "stage_c" else "b"
+
+
+class SampleCollage:
+    """The collage hook's ``fn(step, state, metrics)``; ``train`` passes it each loader batch through
+    ``remember`` first (Stage B keeps the first one)."""
+
+    def __init__(self, run, cfg: TrainConfig):
+        self.run, self.cfg, self.kind = run, cfg, collage_kind(run, cfg)
+        self.folder = Path(cfg.output_path) / cfg.experiment_id / "samples"
+        self.prompts = list(cfg.sample_prompts or DEFAULT_SAMPLE_PROMPTS)
+        # Training keys are fold_in(key(seed), step): this split is never one of them.
+        key = jax.random.key_data(jax.random.split(jax.random.key(cfg.seed))[1])
+        self.key = placement.place(key, placement.replicated(run.mesh))
+        self.inputs = self.program = self.captions = self.originals = None
+        self.decoder = "stage_a"
+        if self.kind == "c":
+            self._prepare_stage_c()
+
+    def _tokens(self, texts: list[str]) -> dict:
+        tokens = self.run.task.tokenizer(list(texts) + [""] * len(texts))
+        return {k: np.asarray(v) for k, v in tokens.items()}
+
+    def _place(self, inputs: dict) -> dict:
+        if jax.process_count() > 1:  # every process samples the same inputs: process 0's
+            from jax.experimental import multihost_utils
+
+            inputs = multihost_utils.broadcast_one_to_all(inputs)
+        rep = placement.replicated(self.run.mesh)
+        return placement.place(inputs, {k: rep for k in inputs})
+
+    def _jit(self, program):
+        return jax.jit(program, out_shardings=placement.replicated(self.run.mesh))
+
+    def _prepare_stage_c(self):
+        run, cfg = self.run, self.cfg
+        with_previewer = "previewer" in run.task.frozen_specs(cfg)
+        self.decoder = "previewer" if with_previewer else "false colour (no previewer)"
+        if not with_previewer:
+            log.warning("sample collages: no previewer (set previewer_checkpoint_path); Stage C samples are shown "
+                        "as false-colour images of their latent channels (first three principal components)")
+        side = math.ceil(cfg.image_size / 32)  # the EfficientNet latents the generator trains on
+        shape = (len(self.prompts), side, side, run.task.generator_config_used["c_in"])
+        self.captions, self.inputs = self.prompts, self._place(self._tokens(self.prompts))
+        settings = PRIOR_DEFAULTS.replace(steps=cfg.sample_steps)
+        self.program = self._jit(stage_c_program(run.graphdef, cfg.compute_dtype, settings, shape, with_previewer))
+
+    def remember(self, loader_batch: dict):
+        """Stage B: keep the first images of the first batch (and their captions) to reconstruct."""
+        if self.kind != "b" or self.inputs is not None:
+            return
+        images = np.array(np.asarray(loader_batch["images"])[:len(self.prompts)])  # a copy: buffers may be reused
+        self.captions = [str(c) for c in list(loader_batch["captions"])[:len(images)]]
+        height, width = images.shape[1:3]
+        hc, wc = stage_c_latent_hw(height, width)
+        hb, wb = stage_b_latent_hw(height, width)
+        self.originals = images
+        self.inputs = self._place({**self._tokens(self.captions),
+                                   "effnet_pixels": effnet_pixels(images, (hc * 32, wc * 32))})
+        c_latent = self.run.task.generator_config_used["c_out"]
+        settings = DECODER_DEFAULTS.replace(steps=self.cfg.sample_steps)
+        self.program = self._jit(stage_b_program(self.run.graphdef, self.cfg.compute_dtype, settings,
+                                                 (len(images), hb, wb, c_latent)))
+
+    def images(self, state) -> tuple[list[np.ndarray], np.ndarray]:
+        """(collage rows, latents) sampled with the state's EMA (or parameters)."""
+        if self.program is None:
+            raise RuntimeError("Stage B sample collage before any batch: call remember(batch) first")
+        params = state.ema if state.ema is not None else state.params
+        latents, decoded = self.program(params, self.run.frozen, self.inputs, self.key)
+        latents = _host(latents)
+        if self.kind == "c":
+            return [false_colour(latents) if decoded is None else to_uint8(_host(decoded))], latents
+        decoded = to_uint8(_host(decoded))
+        originals = self.originals
+        if originals.shape != decoded.shape:  # Stage A decodes 4x its latent; keep the rows aligned
+            from cascade_jax.training.losses import resize_nearest
+
+            originals = resize_nearest(originals, decoded.shape[1:3])
+        return [originals, decoded], latents
+
+    def __call__(self, step: int, state, metrics: dict) -> Path | None:
+        rows, _ = self.images(state)
+        if jax.process_index() != 0:
+            return None
+        meta = {"step": step, "stage": self.kind, "captions": self.captions, "decoder": self.decoder,
+                "weights": "ema" if state.ema is not None else "params", "sampler_steps": self.cfg.sample_steps,
+                "layout": "generated" if self.kind == "c" else "originals above reconstructions"}
+        path = write_png(self.folder / f"step_{step:08d}.png", collage(rows, self.captions), meta)
+        log.info("sample collage of update %d: %s", step, path)
+        return path
+
+
+def _host(array) -> np.ndarray:
+    """A replicated global array as numpy on any process (its local copy is the whole array)."""
+    return np.asarray(jax.device_get(array.addressable_data(0)))
+
+
+def make_sample_collage(run, cfg: TrainConfig) -> SampleCollage | None:
+    """The collage hook's function when ``sample_every`` is set, else None."""
+    return SampleCollage(run, cfg) if cfg.sample_every else None
