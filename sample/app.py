@@ -23,15 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the app itself
+import numpy as np
 
-import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-
-from app_parts import (ControlNetEntry, Done, Service, Update, image_from_editor, mask_from_editor,  # noqa: E402
-                       size_hint)
-from cascade_jax.diffusion.samplers import SAMPLERS  # noqa: E402
-from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline  # noqa: E402
+from app_parts import ControlNetEntry, Done, Service, Update, image_from_editor, mask_from_editor, size_hint
+from cascade_jax.diffusion.samplers import SAMPLERS
+from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline
 
 APP_CONTROLS = ("canny", "inpainting", "super_resolution")  # identity needs face detection (not included)
 LORA_SLOTS = 3
@@ -125,6 +121,16 @@ def build_controlnets(specs, pipe, args) -> dict:
 
 
 # ---- the page --------------------------------------------------------------------------------------
+def gradio():
+    """gradio, imported where the page is built: only the app needs the `app` extra, not the other scripts."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the app itself
+    try:
+        import gradio as gr
+    except ModuleNotFoundError:
+        raise SystemExit("error: the app needs gradio: pip install -e '.[app]'") from None
+    return gr
+
+
 def _preview_for_page(image: np.ndarray) -> np.ndarray:
     scale = max(1, 192 // image.shape[0])  # a 3x3 demo latent previews as 24x24 pixels: show it larger
     return np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
@@ -132,6 +138,7 @@ def _preview_for_page(image: np.ndarray) -> np.ndarray:
 
 def page_updates(events, progress):
     """Service events -> (preview, status, gallery, files) updates; a bad request becomes gr.Error."""
+    gr = gradio()
     try:
         yield None, "Checking the request...", None, None
         for event in events:
@@ -150,6 +157,7 @@ def page_updates(events, progress):
 def endpoint(names: list[str], run):
     """A gradio handler with named parameters (the API's parameter names) that reports progress: gradio
     finds the gr.Progress default of the last parameter and passes the tracker there."""
+    gr = gradio()
     def handler(*values):
         *values, progress = values
         yield from page_updates(run(dict(zip(names, values))), progress)
@@ -160,6 +168,7 @@ def endpoint(names: list[str], run):
 
 
 def shared_controls(service: Service, size: int, steps: tuple[int, int]) -> dict:
+    gr = gradio()
     c = {}
     with gr.Accordion("Size, seed and sampling", open=True):
         with gr.Row():
@@ -187,7 +196,8 @@ def shared_controls(service: Service, size: int, steps: tuple[int, int]) -> dict
     return c
 
 
-def build_page(service: Service, size: int, steps: tuple[int, int]) -> gr.Blocks:
+def build_page(service: Service, size: int, steps: tuple[int, int]):
+    gr = gradio()
     with gr.Blocks(title="Stable Cascade (JAX)") as page:
         gr.Markdown(f"## Stable Cascade in JAX\nWeights: `{service.weights_label}`. One request runs at a time; "
                     f"at most {service.max_images} images per request.")
@@ -213,6 +223,7 @@ def build_page(service: Service, size: int, steps: tuple[int, int]) -> gr.Blocks
 def mode_tabs(service: Service) -> list:
     """One tab per mode: [(its Generate button, (api name, parameter names, inputs, run))]; each button
     also sends the shared controls."""
+    gr = gradio()
     buttons = []
 
     def button(label, api_name, names, inputs, run):
@@ -260,9 +271,10 @@ def mode_tabs(service: Service) -> list:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for name in ("max_images", "queue_size"):
+    for name in ("max_images", "queue_size", "prior_steps", "decoder_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    gradio()  # a missing extra fails now, not after the models load
     start = time.perf_counter()
     pipe, source_argv, label = load_pipeline(args)
     out = Path(args.out or tempfile.mkdtemp(prefix="cascade-app-"))

@@ -194,7 +194,8 @@ class Service:
         return f"{stage}: compiling for {size} (first request of this size and settings; later ones reuse it)..."
 
     def _stream(self, work, stages, keys, size: str):
-        """Run ``work(callback)`` on a worker thread under the device lock, yielding its progress."""
+        """Run ``work(callback)`` on a worker thread under the device lock, yielding its progress (``size``
+        names the shape in the status lines; without ``stages`` it is the whole start message)."""
         events: queue.Queue = queue.Queue()
         outcome: dict = {}
 
@@ -223,7 +224,7 @@ class Service:
         last_preview = 0.0
         while (item := events.get()) != "finished":
             if item == "started":
-                yield Update(self._start_text(stages[0], keys, size), stage=stages[0])
+                yield Update(self._start_text(stages[0], keys, size), stage=stages[0]) if stages else Update(size)
                 continue
             status = f"{item.stage}: step {item.step}/{item.steps}"
             preview = None
@@ -269,14 +270,15 @@ class Service:
         args = self.controlnet_args(fields, image, mask)
         entry = self.controlnets[args.control]
         key = ("controlnet", args.control, args.height, args.width, args.prior_steps, args.decoder_steps)
-        if key not in self.seen:
-            yield Update(f"ControlNet {args.control}: compiling (first request of this size and settings)...")
+        first = "compiling (first request of this size and settings; later ones reuse it), then sampling" \
+            if key not in self.seen else "sampling"
 
         def work(callback):
             del callback  # ControlNetPipeline takes no progress callback
             return controlnet_script.run(args, entry.pipeline)
 
-        result, prior, decoder = yield from self._stream(work, [], {}, "")
+        start = f"ControlNet {args.control}: {first} (this mode reports no per-step progress)..."
+        result, prior, decoder = yield from self._stream(work, [], {}, start)
         meta = {"mode": f"controlnet:{args.control}", "prompt": args.prompt,
                 "negative_prompt": args.negative_prompt or "", "control": {"strength": args.strength},
                 "prior": {"steps": prior.steps, "cfg": prior.cfg, "shift": prior.shift},
