@@ -14,7 +14,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["cascade_jax", "cascade_jax.*"]) + CONFIG_PACKAGES,
     package_dir={"cascade_jax.configs": "configs"},
-    package_data={name: ["*.yaml", "*.yml", "*.json"] for name in CONFIG_PACKAGES},
+    # The embedded demo cascade (cascade_jax/demo/weights: converted directories and the tokenizer, ~16 MB)
+    # ships in the wheel, so `--weights demo` works from any installation.
+    package_data={**{name: ["*.yaml", "*.yml", "*.json"] for name in CONFIG_PACKAGES},
+                  "cascade_jax.demo": ["weights/**/*"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",

@@ -1,0 +1,174 @@
+"""The recipe of the embedded demo cascade (``train/demo.py``, ``make demo-weights``).
+
+From nothing to a cascade that draws what its prompt says, with this project's own trainers:
+
+1. ``data``: generated 128x128 images of coloured shapes with captions (``cascade_jax.data.shapes``),
+   training split only; the held-out combinations are never drawn.
+2. ``encoders``: the demo tokenizer (the grammar's words, ``data.word_tokenizer``) and frozen random
+   CLIP text / CLIP image encoders and EfficientNet, the EfficientNet's BatchNorm statistics
+   calibrated on the data so its latents are informative and unit-variance. Frozen random encoders
+   suffice here: the text encoder only has to tell the grammar's words and their places apart, and
+   Stage B and the Previewer learn to read whatever the EfficientNet writes. Training them would
+   cost time the 60-minute budget gives to Stages B and C.
+3. ``stage_a`` (VQGAN, reconstruction), ``stage_b`` (on Stage A's latents), ``stage_c`` and the
+   ``previewer``: each one run of ``cascade_jax.training.train`` from ``configs/training/demo_*.yaml``.
+4. ``assemble``: the EMA weights (where the config keeps an EMA) and the encoders into one folder in the
+   layout ``StableCascadePipeline.from_pretrained`` reads, published with one rename.
+
+Every step is skipped when its output exists, and the trainers resume from their checkpoints, so a
+killed build continues where it stopped. ``scale`` multiplies every stage's updates (tests run the
+whole recipe with a few updates).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cascade_jax import demo
+from cascade_jax.data import shapes
+from cascade_jax.data.word_tokenizer import write_word_tokenizer_folder
+from cascade_jax.models.random_init import random_model
+from cascade_jax.nn.params import named_variables
+from cascade_jax.pipelines.loading import pipeline_set
+from cascade_jax.weights import atomic, checkpoint
+from cascade_jax.weights.checkpoint import META_FILE
+
+ENCODERS = ("text_encoder", "image_encoder", "effnet")
+# stage -> (training config, the pipeline component it becomes)
+TRAINED = {"stage_a": "demo_a", "stage_b": "demo_b", "stage_c": "demo_c", "previewer": "demo_previewer"}
+CALIBRATION_IMAGES = 256
+TOKENIZER_MAX_LENGTH = 24  # the longest caption is 13 tokens with <|startoftext|> and <|endoftext|>
+
+
+def vocabulary() -> list[str]:
+    """Every word of the shapes grammar."""
+    return sorted({word for combo in shapes.ALL_COMBOS for word in shapes.caption(combo).split()})
+
+
+def save_module(model, model_name: str, config: dict, out_dir: Path, source: str):
+    arrays = {k: np.asarray(v[...]) for k, v in named_variables(model).items()}
+    meta = {"model": model_name, "config": config, "dtype": "float32", "source": {"path": source}}
+    checkpoint.save(out_dir, meta, arrays, overwrite=True)
+
+
+def build_encoders(work: Path, data_dir: Path, seed: int):
+    """The tokenizer folder and the frozen random encoders (EfficientNet calibrated on ``data_dir``)."""
+    from PIL import Image
+
+    from cascade_jax.training.calibrate import calibrated_effnet
+
+    out = work / "encoders"
+    components = pipeline_set("demo")
+    tokenizer = out / "tokenizer"
+    if not (tokenizer / "vocab.json").is_file():
+        tmp = atomic.temp_path(tokenizer)
+        write_word_tokenizer_folder(vocabulary(), tmp, model_max_length=TOKENIZER_MAX_LENGTH)
+        os.replace(tmp, tokenizer)
+    for i, name in enumerate(ENCODERS):
+        if (out / name / META_FILE).is_file():
+            continue
+        model_name, config = components[name]
+        if name == "effnet":  # BatchNorm statistics of the data at 96x96 (what Stage C trains on)
+            files = sorted(data_dir.glob("*.png"))[:CALIBRATION_IMAGES]
+            images = np.stack([np.asarray(Image.open(f).convert("RGB").resize((96, 96), Image.BICUBIC))
+                               for f in files])
+            calibrated_effnet(config, images, seed=seed + 1 + i, out_dir=out / name)
+            continue
+        model = random_model(model_name, config, seed=seed + 1 + i)
+        save_module(model, model_name, config, out / name, f"cascade_jax demo recipe: random (seed {seed + 1 + i})")
+
+
+def stage_overrides(work: Path, stage: str, scale: float, updates: dict) -> list[str]:
+    paths = {"checkpoint_path": work / "checkpoints", "output_path": work / "output",
+             "effnet_checkpoint_path": work / "encoders" / "effnet",
+             "clip_text_model_name": work / "encoders" / "text_encoder",
+             "clip_image_model_name": work / "encoders" / "image_encoder",
+             "tokenizer_path": work / "encoders" / "tokenizer",
+             "stage_a_checkpoint_path": work / "trained" / "stage_a"}
+    overrides = [f"{k}={v}" for k, v in paths.items()]
+    overrides.append(f"data={{source: folder, paths: [{work / 'data'}]}}")
+    if scale != 1.0:
+        overrides.append(f"updates={max(2, round(updates[stage] * scale))}")
+    return overrides
+
+
+def train_stage(work: Path, stage: str, scale: float, log) -> dict:
+    """Train one stage from its demo config; returns its losses and time. The model lands in trained/."""
+    from cascade_jax.training import export_run, load_config, train
+
+    base = load_config(TRAINED[stage])
+    cfg = load_config(TRAINED[stage], stage_overrides(work, stage, scale, {stage: base.updates}))
+    start = time.perf_counter()
+    run = train(cfg)
+    seconds = time.perf_counter() - start
+    exported = export_run(run, work / "output" / cfg.experiment_id / "export")
+    chosen = exported.get("generator_ema", exported["generator"])[0]
+    target = work / "trained" / stage
+    if target.exists():
+        atomic.remove(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(chosen, atomic.temp_path(target))
+    os.replace(atomic.temp_path(target), target)
+    losses = [h["loss"] for h in run.history if "loss" in h]
+    k = max(1, len(losses) // 10)
+    report = {"seconds": round(seconds, 1), "updates": cfg.updates, "batch_size": cfg.batch_size,
+              "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
+              "weights": "ema" if "generator_ema" in exported else "final"}
+    log(f"{stage}: {json.dumps(report)}")
+    return report
+
+
+def assemble(work: Path, out: Path):
+    """Copy the trained stages, encoders and tokenizer into ``out`` in one rename."""
+    tmp = atomic.temp_path(out)
+    tmp.mkdir(parents=True)
+    for name in TRAINED:
+        shutil.copytree(work / "trained" / name, tmp / name)
+    for name in (*ENCODERS, "tokenizer"):
+        shutil.copytree(work / "encoders" / name, tmp / name)
+    old = atomic.temp_path(out, "old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        atomic.remove(old)
+
+
+def build_demo(work=Path("demo_build"), out=demo.WEIGHTS_DIR, *, images: int = 6000, scale: float = 1.0,
+               seed: int = 0, log=print) -> dict:
+    """Run the whole recipe (see the module docstring); returns a report with the time of every step."""
+    work, out = Path(work), Path(out)
+    work.mkdir(parents=True, exist_ok=True)
+    report_file = work / "demo_report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    total = time.perf_counter()
+    steps = [("data", lambda: shapes.write_folder(work / "data", images, seed, size=demo.IMAGE_SIZE)),
+             ("encoders", lambda: build_encoders(work, work / "data", seed)),
+             *[(stage, lambda stage=stage: train_stage(work, stage, scale, log)) for stage in TRAINED],
+             ("assemble", lambda: assemble(work, out))]
+    for name, step in steps:
+        if name in report and name != "assemble":
+            log(f"{name}: done before, skipped")
+            continue
+        log(f"{name}: running")
+        start = time.perf_counter()
+        result = step()
+        entry = result if isinstance(result, dict) else {}
+        entry.setdefault("seconds", round(time.perf_counter() - start, 1))
+        report[name] = entry
+        _write_json(report_file, report)
+    report["this_run_seconds"] = round(time.perf_counter() - total, 1)
+    _write_json(report_file, report)
+    return report
+
+
+def _write_json(path: Path, value):
+    tmp = atomic.temp_path(path)
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
