@@ -1,8 +1,8 @@
 """The web app (sample/app.py) running in a subprocess for the app tests: tiny random weights at
 128x128 with 2 + 2 steps, on a free localhost port.
 
-One app serves the whole test session (test_app.py and test_app_browser.py): starting it and
-compiling its first request is most of these tests' time, and a second app would pay it again.
+One app serves both test modules (test_app.py and test_app_browser.py): starting it and compiling
+its first request is most of these tests' time, and a second app would pay it again.
 """
 
 from __future__ import annotations
@@ -70,17 +70,17 @@ def start_app(folder: Path, *extra: str) -> RunningApp:
     raise RuntimeError(f"the app did not answer within {START_TIMEOUT_S}s:\n{app.log_text()}")
 
 
-_SESSION_APP: RunningApp | None = None
+_SHARED_APP: RunningApp | None = None
 
 
-def session_app(tmp_path_factory) -> RunningApp:
-    """The session's app, started on first use (stop it with ``stop_session_app`` at the session's end)."""
-    global _SESSION_APP
-    if _SESSION_APP is None or _SESSION_APP.process.poll() is not None:
-        _SESSION_APP = start_app(tmp_path_factory.mktemp("app"))
-    return _SESSION_APP
-
-
-def stop_session_app():
-    if _SESSION_APP is not None:
-        _SESSION_APP.stop()
+def shared_app(request, tmp_path_factory):
+    """A module fixture's body: the app shared by consecutive test modules (started on first use), stopped
+    after the last module of the run that uses it, so it does not sit in memory for the rest of the suite."""
+    global _SHARED_APP
+    if _SHARED_APP is None or _SHARED_APP.process.poll() is not None:
+        _SHARED_APP = start_app(tmp_path_factory.mktemp("app"))
+    yield _SHARED_APP
+    items = request.session.items
+    last = max((i for i, item in enumerate(items) if item.module is request.module), default=len(items))
+    if not any("app" in item.fixturenames for item in items[last + 1:]):
+        _SHARED_APP.stop()

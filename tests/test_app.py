@@ -23,10 +23,9 @@ import app_testing  # noqa: E402
 REQUEST_TIMEOUT_S = 300
 
 
-@pytest.fixture(scope="session")
-def app(tmp_path_factory):
-    yield app_testing.session_app(tmp_path_factory)
-    app_testing.stop_session_app()
+@pytest.fixture(scope="module")
+def app(request, tmp_path_factory):
+    yield from app_testing.shared_app(request, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

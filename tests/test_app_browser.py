@@ -23,10 +23,9 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(),
                                 reason="chromium is not installed here (apt-get install chromium; CI installs it)")
 
 
-@pytest.fixture(scope="session")
-def app(tmp_path_factory):
-    yield app_testing.session_app(tmp_path_factory)
-    app_testing.stop_session_app()
+@pytest.fixture(scope="module")
+def app(request, tmp_path_factory):
+    yield from app_testing.shared_app(request, tmp_path_factory)
 
 
 def test_type_a_prompt_press_generate_and_see_the_image(app, tmp_path):
