@@ -250,6 +250,8 @@ def mode_tabs(service: Service) -> list:
         image = gr.Image(label="Image", type="filepath")
         button("Reconstruct", "reconstruct", ["image"], [image], lambda f: service.run("reconstruct", f))
     with gr.Tab("ControlNet", visible=bool(service.controlnets)):
+        gr.Markdown("One image per request, at the image's size (or the size set below), with the Stage C / B "
+                    "steps and the seed set below; guidance is the official one of each control.")
         control = gr.Dropdown(sorted(service.controlnets), value=min(service.controlnets, default=None),
                               label="Control")
         editor = gr.ImageMask(label="Control image (inpainting: paint the area to regenerate)", type="numpy")

@@ -168,13 +168,13 @@ class Service:
         """Yield ``Update``s while the request runs, then one ``Done``; errors raise with the pipeline's message."""
         args = self.generate_args(mode, fields)
         stages = ["Stage B"] if mode == "reconstruct" else ["Stage C", "Stage B"]
-        keys = {"Stage C": (mode, args.height, args.width, len(args.seeds), args.prior, args.strength,
-                            tuple(args.lora)),
+        keys = {"Stage C": (mode, args.height, args.width, len(args.seeds), args.prior, args.strength),
                 "Stage B": (args.height, args.width, len(args.seeds), args.decoder)}
 
         def work(callback):
             if args.lora != self.active_loras:
-                self.pipe.load_loras(args.lora)  # merged into Stage C; a new set recompiles Stage C
+                # Merged into Stage C's weights: the shapes stay, so its compiled programs are reused.
+                self.pipe.load_loras(args.lora)
                 self.active_loras = list(args.lora)
             return generate.run(args, _ProgressPipe(self.pipe, callback, self.pipe.previewer is not None))
 
@@ -188,14 +188,14 @@ class Service:
         return f"Done: {len(result.seeds)} image(s), seed(s) {seeds}.\n\n" + timing_report(result.timings).replace(
             "\n", "  \n")
 
-    def _start_text(self, stage: str, keys: dict, size: str) -> str:
+    def _start_text(self, stage: str, keys: dict, label: str) -> str:
         if keys.get(stage) in self.seen:
             return f"{stage}: starting..."
-        return f"{stage}: compiling for {size} (first request of this size and settings; later ones reuse it)..."
+        return f"{stage}: compiling for {label} (first request of this size and settings; later ones reuse it)..."
 
-    def _stream(self, work, stages, keys, size: str):
-        """Run ``work(callback)`` on a worker thread under the device lock, yielding its progress (``size``
-        names the shape in the status lines; without ``stages`` it is the whole start message)."""
+    def _stream(self, work, stages, keys, label: str):
+        """Run ``work(callback)`` on a worker thread under the device lock, yielding its progress. ``label``
+        names the size in the stages' status lines; without ``stages`` it is the whole start message."""
         events: queue.Queue = queue.Queue()
         outcome: dict = {}
 
@@ -213,18 +213,18 @@ class Service:
         worker = threading.Thread(target=target, name="cascade-request", daemon=True)
         worker.start()
         try:
-            yield from self._progress(events, stages, keys, size)
+            yield from self._progress(events, stages, keys, label)
         finally:
             worker.join()  # the device lock is held until the work ends, even if the page went away
         if "error" in outcome:
             raise outcome["error"]
         return outcome["value"]
 
-    def _progress(self, events: queue.Queue, stages, keys, size: str):
+    def _progress(self, events: queue.Queue, stages, keys, label: str):
         last_preview = 0.0
         while (item := events.get()) != "finished":
             if item == "started":
-                yield Update(self._start_text(stages[0], keys, size), stage=stages[0]) if stages else Update(size)
+                yield Update(self._start_text(stages[0], keys, label), stage=stages[0]) if stages else Update(label)
                 continue
             status = f"{item.stage}: step {item.step}/{item.steps}"
             preview = None
@@ -235,7 +235,7 @@ class Service:
             yield Update(status, (item.step, item.steps), item.stage, preview)
             index = stages.index(item.stage)
             if item.step == item.steps and index + 1 < len(stages):
-                yield Update(self._start_text(stages[index + 1], keys, size), stage=stages[index + 1])
+                yield Update(self._start_text(stages[index + 1], keys, label), stage=stages[index + 1])
 
     # ---- ControlNet ----------------------------------------------------------------------------
     def controlnet_args(self, fields: dict, image: np.ndarray, mask: np.ndarray | None) -> argparse.Namespace:
