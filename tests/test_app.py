@@ -133,3 +133,21 @@ def test_random_seed_size_hint_and_drawn_mask():
     assert mask.dtype == np.uint8 and mask.sum() == 4 * 255 and mask[2, 5] == 255
     assert app_parts.mask_from_editor({"background": background, "layers": [np.zeros_like(layer)]}) is None
     assert app_parts.image_from_editor({"background": background}).shape == (8, 8, 3)
+
+
+def test_without_weights_the_app_uses_the_demo_or_says_what_to_pass(monkeypatch):
+    import app as app_script  # sample/app.py (gradio is imported only when the page is built)
+
+    asked = []
+
+    def missing(source, **kwargs):
+        asked.append((source, kwargs))
+        raise FileNotFoundError(f"{source}: no such folder")
+
+    monkeypatch.setattr(app_script.StableCascadePipeline, "from_pretrained", missing)
+    with pytest.raises(SystemExit, match=r"(?s)demo weights cannot be loaded.*Pass --weights DIR.*or --random tiny"):
+        app_script.load_pipeline(app_script.build_parser().parse_args([]))
+    assert asked == [("demo", {"lite": False, "dtype": "float32"})]
+    with pytest.raises(SystemExit, match="^error: /w: no such folder$"):
+        app_script.load_pipeline(app_script.build_parser().parse_args(["--weights", "/w"]))
+    assert asked[-1] == ("/w", {"lite": False, "dtype": "bfloat16"})
