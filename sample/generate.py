@@ -26,6 +26,7 @@ from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascad
 from cascade_jax.pipelines import arguments as checks
 from cascade_jax.pipelines.images import load_image, round_size
 from cascade_jax.pipelines.outputs import check_output_dir, output_paths, save_images, timing_report
+from cascade_jax.weights.cache import enable_compilation_cache
 
 IMAGE_MODES = ("variation", "img2img", "reconstruct")
 
@@ -171,6 +172,7 @@ def metadata(args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    enable_compilation_cache()
     start = time.perf_counter()
     try:
         if args.random:

@@ -5,6 +5,8 @@ import pytest
 
 # Keep the CPU suite deterministic and able to test sharding on 8 virtual devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Scripts run by tests (generate.py, the app) compile afresh rather than share ~/.cache/cascade_jax/xla.
+os.environ.setdefault("CASCADE_JAX_COMPILATION_CACHE", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

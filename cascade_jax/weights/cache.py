@@ -90,3 +90,23 @@ def cached_model(src: Path, component: str, dtype: str, config: dict, convert: C
     finally:
         lock.release()
     return load_model(entry, dtype=dtype, sharding=sharding, rules=rules)
+
+
+def enable_compilation_cache(folder=None) -> Path | None:
+    """Keep XLA's compiled programs in ``folder`` (default ``$CASCADE_JAX_CACHE/xla``) across processes,
+    so a second ``generate.py`` run of the same shapes loads its programs instead of compiling them
+    again (the demo's 50 s of compilation become ~2 s). Sampling scripts call this; the library never
+    changes JAX's configuration by itself. ``CASCADE_JAX_COMPILATION_CACHE=0`` turns it off."""
+    import jax
+
+    if os.environ.get("CASCADE_JAX_COMPILATION_CACHE", "1") == "0":
+        return None
+    folder = Path(folder) if folder is not None else cache_root() / "xla"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only home: compile every time rather than fail
+        print(f"note: no compilation cache ({folder}: {e.strerror})", file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return folder
