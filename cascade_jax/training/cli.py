@@ -12,7 +12,8 @@ import jax
 def parse_args(argv, stage: str):
     parser = argparse.ArgumentParser(description=f"Train Stage {stage.upper()} (cascade-jax).")
     parser.add_argument("config", help="a YAML file or a name in configs/training (e.g. finetune_c_3b, tiny_c)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted for sections: mesh.fsdp=8)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted for sections: mesh.fsdp=8; "
+                                                    "sample_every=500 writes sample collages)")
     parser.add_argument("--dry-run", "--plan", action="store_true", dest="dry_run",
                         help="compile the step for the configured mesh from shapes only; print memory and FLOPs")
     parser.add_argument("--distributed", action="store_true",
@@ -37,5 +38,8 @@ def main(argv, stage: str) -> int:
     out = args.export or os.path.join(cfg.output_path, cfg.experiment_id, "export")
     if jax.process_index() == 0:
         exported = export_run(run, out)
-        print(json.dumps({k: [str(p) for p in v] for k, v in exported.items()}, indent=1))
+        report = {k: [str(p) for p in v] for k, v in exported.items()}
+        if cfg.sample_every:  # the collages of training/samples.py
+            report["samples"] = [os.path.join(cfg.output_path, cfg.experiment_id, "samples")]
+        print(json.dumps(report, indent=1))
     return 0
