@@ -129,9 +129,23 @@ def variable_shardings(tree, mesh: Mesh, rules=None):
     return jax.tree.map(lambda v: v.replace(logical_sharding(v, mesh, rules)), tree, is_leaf=_is_variable)
 
 
+def put(x, sharding):
+    """``x`` laid out as ``sharding``: kept when it already is; an array on one device goes through the host
+    (a slice per device). ``jax.device_put`` would compile a resharding program per shape and sharding
+    instead: ~3 s of CPU for the tiny Stage C alone, minutes for a full one."""
+    if isinstance(x, jax.Array):
+        if x.sharding == sharding:
+            return x
+        # An equivalent layout is relabelled without moving data; a single-device array is split on the host.
+        if not x.sharding.is_equivalent_to(sharding, x.ndim) and len(x.sharding.device_set) == 1 \
+                and x.is_fully_addressable and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
+            x = np.asarray(x)
+    return jax.device_put(x, sharding)
+
+
 def place_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
     """Move ``model``'s variables (in place) to their layout on ``mesh`` by their logical axes and ``rules``;
     an array already laid out so is not copied. Returns the model."""
     state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, variable_shardings(state, mesh, rules)))
+    nnx.update(model, jax.tree.map(put, state, variable_shardings(state, mesh, rules)))
     return model

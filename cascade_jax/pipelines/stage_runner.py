@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cascade_jax.diffusion import SamplerSettings, sample_with_settings
-from cascade_jax.sharding import batch_axes, make_mesh, variable_shardings
+from cascade_jax.sharding import batch_axes, make_mesh, put, variable_shardings
 
 SEED_LIMIT = 1 << 32  # seeds are uint32: 0 <= seed < 2**32
 
@@ -182,7 +182,7 @@ class StageRunner:
         self.state_shardings = None
         if self.mesh is not None:
             self.state_shardings = variable_shardings(self.state, self.mesh, rules)
-            self.state = jax.device_put(self.state, self.state_shardings)  # no copy where already laid out so
+            self.state = jax.tree.map(put, self.state, self.state_shardings)  # kept where already laid out so
 
     def with_model(self, model: nnx.Module) -> "StageRunner":
         """A runner for another network of this stage (e.g. with LoRAs merged) on the same mesh and rules."""
@@ -200,11 +200,11 @@ class StageRunner:
         if self.mesh is None:
             return tree
 
-        def put(x):
+        def place(x):
             batched = x.ndim and x.shape[0] == batch
             sharding = self._batch_sharding(batch, x.ndim) if batched else NamedSharding(self.mesh, PartitionSpec())
-            return jax.device_put(x, sharding)
-        return jax.tree.map(put, tree)
+            return put(x, sharding)
+        return jax.tree.map(place, tree)
 
     def _jitted(self, args, batch: int, x_shape: tuple):
         """``_run`` with explicit shardings: the state as placed, the arguments as ``_place`` laid them out,
