@@ -136,6 +136,9 @@ def train_table(data, machine) -> list[str]:
                      f"{_f(r.get('steps_per_s'), 2)} | {_f(r['images_per_s'], 2)} | "
                      f"{_f(100 * r.get('mfu_vs_nominal_peak', 0), 1)}% | {_f(100 * r.get('mfu_vs_measured_matmul', 0), 1)}% "
                      f"| {_f(r['peak_rss_gb'])} | {_f(temp, 2)} | {_load_note(r)} |")
+        if r.get("cache_write_s"):
+            notes.append(f"- {r['label']} remat={r['remat']} cached: {r.get('cache')}, {_f(r['cache_write_s'], 1)} s "
+                         "for the batch (compile included)")
     return lines + [""] + notes
 
 
