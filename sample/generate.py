@@ -26,6 +26,7 @@ from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascad
 from cascade_jax.pipelines import arguments as checks
 from cascade_jax.pipelines.images import load_image, round_size
 from cascade_jax.pipelines.outputs import check_output_dir, output_paths, save_images, timing_report
+from cascade_jax.sharding import parse_mesh_spec
 from cascade_jax.weights.cache import enable_compilation_cache
 
 IMAGE_MODES = ("variation", "img2img", "reconstruct")
@@ -73,6 +74,9 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace earlier PNGs of the same names")
     p.add_argument("--preview", action="store_true", help="also save previewer images of the Stage C latents")
     p.add_argument("--no-progress", action="store_true", help="no per-step progress bars")
+    p.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
+                   help="sample model-parallel on a device mesh, e.g. data=2,fsdp=4 or fsdp=4,tensor=2 (parameters "
+                        "sharded over fsdp/tensor as in training; default: the batch split over all local devices)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="Stage C LoRA file (official or ComfyUI format), strength default 1; repeatable")
     return p
@@ -105,6 +109,11 @@ def validate(args):
     except ValueError as e:
         raise ValueError(f"--{e}") from None
     args.prior, args.decoder = settings(args, "prior"), settings(args, "decoder")
+    if args.mesh is not None:
+        try:
+            parse_mesh_spec(args.mesh)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
     args.image_array = load_image(args.image, args.background) if args.mode in IMAGE_MODES else None
     if args.weights is None and args.random is None:
         args.weights = demo.NAME
@@ -178,11 +187,11 @@ def main(argv=None):
         if args.random:
             print(f"Using RANDOM weights ({args.random} configuration): the images will be noise-like patterns, "
                   "not pictures. Pass --weights to use real Stable Cascade weights.")
-            pipe = StableCascadePipeline.random(args.random, dtype=args.dtype or "float32")
+            pipe = StableCascadePipeline.random(args.random, dtype=args.dtype or "float32", mesh=args.mesh)
         else:
             default_dtype = "float32" if args.weights == demo.NAME else "bfloat16"
             pipe = StableCascadePipeline.from_pretrained(args.weights, lite=args.lite,
-                                                         dtype=args.dtype or default_dtype)
+                                                         dtype=args.dtype or default_dtype, mesh=args.mesh)
         if args.lora:
             pipe.load_loras(args.lora)
         print(f"models ready in {time.perf_counter() - start:.1f}s; running {args.mode}")
