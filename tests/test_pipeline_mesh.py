@@ -128,6 +128,9 @@ def test_rules_decide_the_layout_and_a_rule_naming_no_mesh_axis_is_refused():
     arrays = variables(stage_c_of(pipe))
     assert arrays["clip_txt_mapper.weight"].sharding.spec == P(None, "fsdp")
     assert arrays["clip_txt_mapper.bias"].sharding.spec == P("fsdp")
+    pipe.load_loras([])  # a new Stage C runner (LoRAs merged) keeps the mesh and the rules
+    assert pipe.prior.mesh is pipe.mesh and pipe.prior.rules == {"in": None, "out": "fsdp"}
+    assert variables(stage_c_of(pipe))["clip_txt_mapper.weight"].sharding.spec == P(None, "fsdp")
     with pytest.raises(ValueError, match="sharding rule 'in' -> 'model': the mesh has no axis 'model'"):
         StableCascadePipeline.random("tiny", mesh="fsdp=8", rules={"in": "model"})
 

@@ -198,7 +198,7 @@ class ControlNetPipeline:
         stage_c = nnx.merge(pipeline.prior.graphdef, pipeline.prior.state)
         check_fits(controlnet, stage_c, control)
         self.pipeline, self.controlnet, self.control = pipeline, controlnet, control
-        self.controlled_prior = StageRunner("Stage C", ControlledStageC(stage_c))
+        self.controlled_prior = pipeline.prior.with_model(ControlledStageC(stage_c))  # the same mesh and rules
 
     @classmethod
     def random(cls, control: str, set_name: str = "tiny", *, seed: int = 0, dtype: str = "float32"):

@@ -65,8 +65,6 @@ def apply_lora_file(stage_c, spec, name: str, *, text_encoder=None, tokenizer=No
 
 def apply_loras(pipe, specs):
     """Give ``pipe`` (a StableCascadePipeline) these LoRAs, merged; an empty list restores the base."""
-    from cascade_jax.pipelines.stage_runner import StageRunner
-
     specs = [parse_lora_spec(s) for s in specs]
     if getattr(pipe, "_lora_base", None) is None:
         pipe._lora_base = (shallow_copy(nnx.merge(pipe.prior.graphdef, pipe.prior.state)), pipe.text.text_encoder,
@@ -75,7 +73,7 @@ def apply_loras(pipe, specs):
     stage_c, text_encoder, tokenizer = shallow_copy(base_c), shallow_copy(base_text), copy.deepcopy(base_tokenizer)
     for i, spec in enumerate(specs):
         apply_lora_file(stage_c, spec, f"lora_{i}", text_encoder=text_encoder, tokenizer=tokenizer)
-    pipe.prior = StageRunner("Stage C", merged_model(stage_c))
+    pipe.prior = pipe.prior.with_model(merged_model(stage_c))  # the same mesh and rules
     pipe.text.tokenizer = tokenizer
     pipe.text.set_text_encoder(merged_model(text_encoder))
     pipe.loras = specs
