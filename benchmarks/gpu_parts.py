@@ -225,7 +225,7 @@ class State:
                     start = time.perf_counter()
                     run = None
                     gc.collect()
-                    run = build_run(cfg, task=bt.bench_task("c"))
+                    run = build_run(cfg, task=bt.bench_task("c"), mesh=bt.one_device_mesh())
                     out.update(build_s=time.perf_counter() - start, **bt.param_counts(run))
                 result = self._train_attempt(bt, run, cfg, deadline, peak)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory: recorded, the next batch is smaller
