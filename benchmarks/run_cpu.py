@@ -4,7 +4,7 @@ Sections, in order of priority, each writing ``benchmarks/results/<section>.json
   forward   per-stage forward at 1024^2 shapes, lite and full configs, batch 1 and 2
   pipeline  lite text-to-image, 20+10 steps: compile, steady state, sampling-loop overhead
   convert   full-size official-format checkpoints -> converted directories: time, peak memory
-  train     a minimal jitted Stage C training step: step time, images/s, MFU, peak memory
+  train     the library's train step, tiny/lite Stage C and B, remat, cached conditions: steps/s, MFU, memory
 then ``results/summary.md`` (and the marked section of README.md, if it has the markers
 ``<!-- bench:start -->`` / ``<!-- bench:end -->``).
 
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--pipeline-size", type=int, default=None, help="force the pipeline's image size")
     p.add_argument("--scratch", default=None, help="folder for the generated checkpoints (default: system temp)")
     p.add_argument("--results", default=None, help="results folder (default benchmarks/results[/tiny])")
-    p.add_argument("--train-lite", action="store_true", help="also try the lite Stage C training step (~17 GiB)")
+    p.add_argument("--train-lite", action="store_true", help="--quick: also try the lite training steps (~15-18 GiB each)")
     p.add_argument("--dry-run", action="store_true",
                    help="run nothing heavy: print each case's estimated seconds and what the budget would skip")
     return p.parse_args(argv)
