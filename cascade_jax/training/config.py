@@ -62,6 +62,12 @@ class TrainConfig:
     stage_a_checkpoint_path: str | None = None
     clip_text_model_name: str | None = None  # a converted dir, a transformers folder or safetensors file
     clip_image_model_name: str | None = None
+    # Stage B: latent sides that get pyramid-noise octaves (official [1, 16] for 256x256 latents, where the
+    # white noise keeps ~82% of the variance; a 32x32 latent needs ~[1, 2] for the same); null: plain Gaussian
+    pyramid_noise_sizes: tuple | None = (1, 16)
+    # Previewer: also train the EfficientNet encoder (an autoencoder whose decoder is the Previewer),
+    # for a new domain where no pretrained encoder exists (the demo cascade)
+    train_effnet: bool = False
     tokenizer_path: str | None = None  # CLIP tokenizer folder; default: the text model's folder, else the released BPE
     # ControlNet (official train_c_controlnet.py; see cascade_jax.training.controlnet)
     controlnet_blocks: tuple | None = None  # Stage C ResBlock indices that get a residual

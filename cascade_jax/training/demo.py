@@ -5,13 +5,14 @@ From nothing to a cascade that draws what its prompt says, with this project's o
 1. ``data``: generated 128x128 images of coloured shapes with captions (``cascade_jax.data.shapes``),
    training split only; the held-out combinations are never drawn.
 2. ``encoders``: the demo tokenizer (the grammar's words, ``data.word_tokenizer``) and frozen random
-   CLIP text / CLIP image encoders and EfficientNet, the EfficientNet's BatchNorm statistics
-   calibrated on the data so its latents are informative and unit-variance. Frozen random encoders
-   suffice here: the text encoder only has to tell the grammar's words and their places apart, and
-   Stage B and the Previewer learn to read whatever the EfficientNet writes. Training them would
-   cost time the 60-minute budget gives to Stages B and C.
+   CLIP text / CLIP image encoders: the text encoder only has to tell the grammar's words and their
+   places apart, which a random transformer with position embeddings does.
+   ``effnet``: the EfficientNet starts random with BatchNorm statistics calibrated on the data, then
+   trains as the encoder of an autoencoder whose decoder is a Previewer (``demo_effnet``): a random
+   encoder keeps the background and position but loses the shape's colour, which Stage C would
+   then never see. Its latent normaliser is refitted afterwards (unit-variance Stage C latents).
 3. ``stage_a`` (VQGAN, reconstruction), ``stage_b`` (on Stage A's latents), ``stage_c`` and the
-   ``previewer``: each one run of ``cascade_jax.training.train`` from ``configs/training/demo_*.yaml``.
+   ``previewer`` (fine-tuned from the encoder's decoder): each one run of ``cascade_jax.training.train`` from ``configs/training/demo_*.yaml``.
 4. ``assemble``: the EMA weights (where the config keeps an EMA) and the encoders into one folder in the
    layout ``StableCascadePipeline.from_pretrained`` reads, published with one rename.
 
@@ -71,14 +72,14 @@ def build_encoders(work: Path, data_dir: Path, seed: int):
         write_word_tokenizer_folder(vocabulary(), tmp, model_max_length=TOKENIZER_MAX_LENGTH)
         os.replace(tmp, tokenizer)
     for i, name in enumerate(ENCODERS):
-        if (out / name / META_FILE).is_file():
+        if (out / (name + "_random" if name == "effnet" else name) / META_FILE).is_file():
             continue
         model_name, config = components[name]
         if name == "effnet":  # BatchNorm statistics of the data at 96x96 (what Stage C trains on)
             files = sorted(data_dir.glob("*.png"))[:CALIBRATION_IMAGES]
             images = np.stack([np.asarray(Image.open(f).convert("RGB").resize((96, 96), Image.BICUBIC))
                                for f in files])
-            calibrated_effnet(config, images, seed=seed + 1 + i, out_dir=out / name)
+            calibrated_effnet(config, images, seed=seed + 1 + i, out_dir=out / "effnet_random")
             continue
         model = random_model(model_name, config, seed=seed + 1 + i)
         save_module(model, model_name, config, out / name, f"cascade_jax demo recipe: random (seed {seed + 1 + i})")
@@ -91,6 +92,10 @@ def stage_overrides(work: Path, stage: str, scale: float, updates: dict) -> list
              "clip_image_model_name": work / "encoders" / "image_encoder",
              "tokenizer_path": work / "encoders" / "tokenizer",
              "stage_a_checkpoint_path": work / "trained" / "stage_a"}
+    if stage == "effnet":  # it starts from the random, calibrated encoder and makes encoders/effnet
+        paths["effnet_checkpoint_path"] = work / "encoders" / "effnet_random"
+    if stage == "previewer":  # fine-tuned from the decoder that trained the encoder
+        paths["generator_checkpoint_path"] = work / "trained" / "effnet_decoder"
     overrides = [f"{k}={v}" for k, v in paths.items()]
     overrides.append(f"data={{source: folder, paths: [{work / 'data'}]}}")
     if scale != 1.0:
@@ -102,14 +107,17 @@ def train_stage(work: Path, stage: str, scale: float, log) -> dict:
     """Train one stage from its demo config; returns its losses and time. The model lands in trained/."""
     from cascade_jax.training import export_run, load_config, train
 
-    base = load_config(TRAINED[stage])
-    cfg = load_config(TRAINED[stage], stage_overrides(work, stage, scale, {stage: base.updates}))
+    config_name = TRAINED.get(stage, f"demo_{stage}")
+    base = load_config(config_name)
+    cfg = load_config(config_name, stage_overrides(work, stage, scale, {stage: base.updates}))
     start = time.perf_counter()
     run = train(cfg)
     seconds = time.perf_counter() - start
     exported = export_run(run, work / "output" / cfg.experiment_id / "export")
     chosen = exported.get("generator_ema", exported["generator"])[0]
-    target = work / "trained" / stage
+    if stage == "effnet":
+        save_trained_effnet(run, work)
+    target = work / "trained" / ("effnet_decoder" if stage == "effnet" else stage)
     if target.exists():
         atomic.remove(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +132,27 @@ def train_stage(work: Path, stage: str, scale: float, log) -> dict:
               "weights": "ema" if "generator_ema" in exported else "final"}
     log(f"{stage}: {json.dumps(report)}")
     return report
+
+
+def save_trained_effnet(run, work: Path):
+    """The encoder trained in the ``effnet`` step, its final BatchNorm (the latent normaliser) refitted to
+    the data so Stage C's latents are unit-variance again, as encoders/effnet."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from PIL import Image
+
+    from cascade_jax.training.calibrate import effnet_inputs
+
+    effnet = nnx.merge(run.graphdef, run.state.params, run.frozen).effnet
+    files = sorted((work / "data").glob("*.png"))[:CALIBRATION_IMAGES]
+    images = np.stack([np.asarray(Image.open(f).convert("RGB").resize((96, 96), Image.BICUBIC)) for f in files])
+    features = effnet.mapper[0](effnet.backbone(jnp.asarray(effnet_inputs(images), jnp.float32)))
+    norm = effnet.mapper[1]
+    norm.running_mean.value = jnp.mean(features, axis=(0, 1, 2)).astype(norm.running_mean.value.dtype)
+    norm.running_var.value = jnp.var(features, axis=(0, 1, 2)).astype(norm.running_var.value.dtype)
+    model_name, config = pipeline_set("demo")["effnet"]
+    save_module(effnet, model_name, config, work / "encoders" / "effnet", "cascade_jax demo recipe: trained "
+                "(demo_effnet, as the Previewer's encoder)")
 
 
 def assemble(work: Path, out: Path):
@@ -180,6 +209,7 @@ def build_demo(work=Path("demo_build"), out=demo.WEIGHTS_DIR, *, images: int = 6
     _run_step(work, "data", lambda: shapes.write_folder(work / "data", images, seed, size=demo.IMAGE_SIZE) and None,
               log)
     _run_step(work, "encoders", lambda: build_encoders(work, work / "data", seed), log)
+    _run_step(work, "effnet", lambda: train_stage(work, "effnet", scale, log), log)
     if parallel:
         # spawn, not fork: the parent has initialised JAX, whose threads a fork does not carry over.
         context = multiprocessing.get_context("spawn")

@@ -5,13 +5,16 @@ to an image 8x its size, in [0, 1]. Here the frozen EfficientNet encodes the Ima
 image (as the Stage C task does: ``effnet`` from ``effnet_checkpoint_path``, or random weights
 from an ``encoders`` pipeline set), and the loss is the per-sample MSE between the Previewer
 output and the image resized to that output size (area averaging when the sizes divide,
-antialiased bilinear otherwise). Only the Previewer trains; no adaptive loss weight.
+antialiased bilinear otherwise). Only the Previewer trains (no adaptive loss weight), unless
+``train_effnet`` is set: then the EfficientNet trains with it, an autoencoder whose code is the
+Stage C latent (how the demo cascade gets an encoder for a domain with no pretrained one).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
@@ -35,15 +38,22 @@ class PreviewerTask(ReconstructionTask):
     default_preset = "previewer"
     frozen = {"effnet": ("effnet", "effnet_encoder", "effnet_checkpoint_path")}
 
-    def latents(self, modules, images01):
+    def trainable(self, cfg: TrainConfig):
+        if not cfg.train_effnet:
+            return super().trainable(cfg)
+        return lambda path, variable: bool(path) and path[0] in ("generator", "effnet") and isinstance(
+            variable, nnx.Param)
+
+    def latents(self, modules, images01, train_effnet: bool = False):
         effnet = modules.effnet
         x = losses.effnet_normalize(images01).astype(param_dtype(effnet))
-        return jax.lax.stop_gradient(effnet(x).astype(jnp.float32))
+        z = effnet(x).astype(jnp.float32)
+        return z if train_effnet else jax.lax.stop_gradient(z)
 
     def loss(self, modules, batch, key, loss_state, cfg: TrainConfig):
         images = losses.images_to_unit(batch["images"])
         generator = modules.generator
-        preview = generator(self.latents(modules, images).astype(param_dtype(generator)))
+        preview = generator(self.latents(modules, images, cfg.train_effnet).astype(param_dtype(generator)))
         mse, total = reconstruction_loss(preview, resize_to(images, preview.shape[1:3]), cfg.l1_weight)
         return jnp.mean(total), LossAux(mse)
 

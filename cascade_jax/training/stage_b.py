@@ -65,7 +65,9 @@ class StageBTask(Task):
         x0, effnet, pooled = self.conditions(modules, batch)
         key_t, key_eps, key_pyramid, key_dropout = jax.random.split(key, 4)
         t = losses.sample_train_t(key_t, x0.shape[0])
-        epsilon = losses.pyramid_noise(key_pyramid, jax.random.normal(key_eps, x0.shape, jnp.float32))
+        epsilon = jax.random.normal(key_eps, x0.shape, jnp.float32)
+        if cfg.pyramid_noise_sizes is not None:
+            epsilon = losses.pyramid_noise(key_pyramid, epsilon, size_range=tuple(cfg.pyramid_noise_sizes))
         generator = modules.generator
         dtype = param_dtype(generator)
 
