@@ -1,4 +1,4 @@
-"""The web app (sample/app.py) running in a subprocess for the app tests: tiny random weights at
+"""The web app (sample/app.py) running in a subprocess for the app tests: the embedded demo weights at
 128x128 with 2 + 2 steps, on a free localhost port.
 
 One app serves both test modules (test_app.py and test_app_browser.py): starting it and compiling
@@ -50,7 +50,7 @@ def start_app(folder: Path, *extra: str) -> RunningApp:
     port, out, log = free_port(), folder / "results", folder / "app.log"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
     env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(SCRIPT), "--random", "tiny", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, str(SCRIPT), "--host", "127.0.0.1", "--port", str(port),  # the demo weights
            "--out", str(out), "--size", "128", "--prior-steps", str(STEPS), "--decoder-steps", str(STEPS), *extra]
     with open(log, "wb") as sink:
         process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)

@@ -1,5 +1,5 @@
-"""The web app (sample/app.py) driven through its API with gradio_client: a subprocess serving tiny
-random weights at 128x128 with 2 + 2 steps (tests/app_testing.py), plus its request checks alone."""
+"""The web app (sample/app.py) driven through its API with gradio_client: a subprocess serving the demo
+weights at 128x128 with 2 + 2 steps (tests/app_testing.py), plus its request checks alone."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_text_to_image_returns_the_png_with_metadata_and_reports_progress(app, c
     meta = read_png_metadata(files[0])
     assert meta["prompt"] == "a lighthouse on a cliff" and meta["seed"] == "11" and meta["mode"] == "text2img"
     assert json.loads(meta["prior"])["steps"] == 2 and json.loads(meta["decoder"])["steps"] == 2
-    assert meta["weights"] == "random:tiny" and (meta["height"], meta["width"]) == ("128", "128")
+    assert meta["weights"] == "demo" and (meta["height"], meta["width"]) == ("128", "128")
     # The download is the file the app wrote, byte for byte (as sample/generate.py writes it).
     written = sorted(app.out.glob("*/text2img_00_seed11.png"))
     assert len(written) == 1 and written[0].read_bytes() == Path(files[0]).read_bytes()
@@ -71,7 +71,7 @@ def test_text_to_image_returns_the_png_with_metadata_and_reports_progress(app, c
     later_s = time.perf_counter() - start
     assert "stage_c: compiled earlier" in status and "stage_b: compiled earlier" in status, status
     assert read_png_metadata(files[0])["seed"] == "12"
-    print(f"\nlatency at 128x128, 2 + 2 steps, tiny random weights: first request {first_s:.1f}s "
+    print(f"\nlatency at 128x128, 2 + 2 steps, demo weights: first request {first_s:.1f}s "
           f"(compiling), next {later_s:.2f}s")
 
 
