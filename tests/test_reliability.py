@@ -354,8 +354,11 @@ def test_a_truncated_file_is_one_message_not_a_burst_of_event_loop_tracebacks(tm
 
 def test_unknown_sharding_value_is_named(tmp_path):
     save_random(tmp_path / "m")
-    with pytest.raises(TypeError, match="sharding='nonsense' is not understood"):
+    # A string is a mesh spec ("data=2,fsdp=4"); a bad one names itself and the expected form.
+    with pytest.raises(ValueError, match="mesh 'nonsense': expected comma-separated AXIS=SIZE"):
         load_model(tmp_path / "m", sharding="nonsense")
+    with pytest.raises(TypeError, match="sharding=42 is not understood"):
+        load_model(tmp_path / "m", sharding=42)
 
 
 @pytest.mark.parametrize("change, message", [
