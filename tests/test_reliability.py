@@ -162,8 +162,11 @@ def test_pytorch_pickles_are_recognised_and_never_loaded(tmp_path):
 
 # ---- 3. interrupted saves leave nothing behind -----------------------------------------------------------
 
+# Each child restores Python's Ctrl-C handler first: a child of a background job (a CI runner, `cmd &`)
+# inherits SIGINT ignored, and would then never see the interrupt these tests send.
 SAVE_AND_INTERRUPT = """
 import os, signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 from cascade_jax.weights import checkpoint
 
@@ -206,6 +209,7 @@ def test_interrupted_save_leaves_no_temp_directory(tmp_path, how):
 
 EXPORT_AND_INTERRUPT = """
 import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 from cascade_jax.weights.safetensors_io import write_safetensors
 
