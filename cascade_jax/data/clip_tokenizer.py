@@ -364,6 +364,12 @@ def write_tokenizer_folder_from_openai_bpe(bpe_path, folder, *, pad_token="<|end
 
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    return write_bpe_folder(merges, folder, pad_token=pad_token, model_max_length=model_max_length)
+
+
+def write_bpe_folder(merges, folder, *, pad_token="<|endoftext|>", model_max_length=77) -> Path:
+    """A CLIPTokenizer folder for ``merges`` in CLIP's vocabulary layout: the 256 byte characters, the
+    same with '</w>', one symbol per merge, then ``<|startoftext|>`` and ``<|endoftext|>``."""
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

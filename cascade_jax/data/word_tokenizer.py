@@ -11,11 +11,10 @@ still tokenizes, into byte-level pieces.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
-from cascade_jax.data.clip_tokenizer import END_OF_WORD, bytes_to_unicode
+from cascade_jax.data.clip_tokenizer import END_OF_WORD, bytes_to_unicode, write_bpe_folder
 
 
 def _symbols(word: str, byte_encoder) -> tuple[str, ...]:
@@ -56,18 +55,4 @@ def learn_merges(words) -> list[tuple[str, str]]:
 
 def write_word_tokenizer_folder(words, folder, *, model_max_length: int = 77) -> Path:
     """Write vocab.json, merges.txt and tokenizer_config.json for ``words`` into ``folder``."""
-    merges = learn_merges(words)
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
-                                       encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-                                       encoding="utf-8")
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length,
-              "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-              "pad_token": "<|endoftext|>"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return folder
+    return write_bpe_folder(learn_merges(words), folder, model_max_length=model_max_length)
