@@ -1,0 +1,108 @@
+"""Where the demo cascade loses a prompt's attributes: each stage scored on its own (issue 13).
+
+demo_accuracy.py scores the whole text -> image chain; this script scores the links, on rendered
+images of held-out combinations (the data the links should pass through unchanged):
+
+- ``data``: the rendered images themselves (the scorer's ceiling, 1.0);
+- ``stage_a``: Stage A's encode -> decode round trip;
+- ``effnet_previewer``: the Previewer's decoding of the images' EfficientNet latents (what Stage C
+  learns to generate: what the latent keeps of the image);
+- ``reconstruct``: EfficientNet latents -> Stage B (empty prompt) -> Stage A (``pipe.reconstruct``);
+- ``stage_c_previewer``: text -> Stage C -> Previewer (what Stage C draws, read without Stage B).
+
+Previews (8x the latent side) are enlarged to the image size (nearest) before scoring.
+
+    python benchmarks/demo_stages.py                 # the shipped demo weights, 128 held-out images
+    python benchmarks/demo_stages.py --weights DIR --images 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR.parent) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR.parent))
+
+from benchmarks.demo_accuracy import COLUMNS, write_atomic  # noqa: E402
+from cascade_jax.data import shapes  # noqa: E402
+
+DEFAULT_OUT = BENCH_DIR / "results" / "demo_stages.json"
+
+
+def enlarge(images: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(i).resize((size, size), Image.NEAREST)) for i in images])
+
+
+def stage_images(pipe, images: np.ndarray, captions: list[str], size: int, seed: int) -> dict:
+    """name -> images (uint8, size x size) of each link of the chain, in the module docstring's order."""
+    import jax.numpy as jnp
+
+    from cascade_jax.pipelines.cascade import jitted_call
+
+    latents = jitted_call(pipe.stage_a, jnp.asarray(images, jnp.float32) / 255.0, method="encode")
+    prior = pipe.text_to_image(captions, height=size, width=size, seed=seed, decode=False)
+    return {
+        "data": images,
+        "stage_a": pipe.decode(latents),
+        "effnet_previewer": enlarge(pipe.preview(pipe.encode_effnet(images, size, size)), size),
+        "reconstruct": pipe.reconstruct(list(images), seed=seed).images,
+        "stage_c_previewer": enlarge(pipe.preview(prior.stage_c_latents), size),
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Demo cascade, stage by stage: {report['weights']}", "",
+             f"{report['date']}; {report['images']} rendered held-out images, {report['size']}x{report['size']}, "
+             f"seed {report['seed']}. Scores by image analysis (shapes.score_image); chance is 1/8 colour and "
+             "background, 1/3 shape, 1/5 position.", "",
+             "| link | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, acc in report["stages"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{acc[c]:.3f}" for c in COLUMNS) + " |")
+    return "\n".join(lines + [""])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", default="demo", help="'demo' (default) or a weights folder")
+    p.add_argument("--images", type=int, default=128, help="held-out images to score (default 128)")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result (default {DEFAULT_OUT}); .md beside it")
+    args = p.parse_args(argv)
+    if args.images < 1:
+        print(f"error: --images must be >= 1, got {args.images}", file=sys.stderr)
+        return 2
+    from cascade_jax.pipelines.cascade import StableCascadePipeline
+
+    try:
+        pipe = StableCascadePipeline.from_pretrained(args.weights, dtype="float32")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    combos = shapes.sample_combos(args.images, seed=args.seed, split="heldout")
+    rng = np.random.default_rng(args.seed)
+    images = np.stack([shapes.render(c, args.size, rng) for c in combos])
+    start = time.perf_counter()
+    outputs = stage_images(pipe, images, [shapes.caption(c) for c in combos], args.size, args.seed)
+    report = {"weights": args.weights, "images": args.images, "size": args.size, "seed": args.seed,
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "wall_s": round(time.perf_counter() - start, 1),
+              "stages": {name: shapes.accuracy(out, combos) for name, out in outputs.items()}}
+    write_atomic(args.out, json.dumps(report, indent=1))
+    write_atomic(args.out.with_suffix(".md"), markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
