@@ -2,8 +2,8 @@
 the latent cache) on configs of ``configs/training/`` with random weights.
 
 A variant is a training config (``tiny_c``, ``tiny_b``, ``finetune_c_1b``, ``finetune_b_700m``) with
-overrides: batch, image size, ``remat`` none or full, and for Stage C ``cached_conditions`` (the
-frozen encoders ran once, the step trains from their outputs). Each variant runs in its own
+overrides: batch, image size, ``remat`` none or full, and ``cached_conditions`` (the frozen
+encoders ran once, the step trains from their outputs). Each variant runs in its own
 process so its peak memory (VmHWM) is its own; the parent watches the child's RSS and stops it
 before the shared machine runs out of memory, recording where it stopped.
 
@@ -98,12 +98,12 @@ def loader_batch(cfg, seed: int = 0) -> dict:
 
 
 def write_random_cache(cfg, out_dir) -> Path:
-    """One cached Stage C batch of the shapes ``write_cache`` writes, random values (no encoders run)."""
+    """One cached batch of the shapes ``write_cache`` writes, random values (no encoders run)."""
     import numpy as np
 
     from cascade_jax.training.plan import default_batch_specs
 
-    specs = default_batch_specs("c", cfg)
+    specs = default_batch_specs(cfg.stage, cfg)
     rng = np.random.default_rng(cfg.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,12 @@
 ``write_cache`` runs the task's host preprocessing and frozen encoders (EfficientNet, CLIP) on
 the loader's batches and writes one ``.npz`` per batch; ``CachedBatches`` reads them back in
 order with a checkpointable position, for a config with ``cached_conditions: true``. The random
-per-sample choices (caption -> "", which samples get a CLIP image embedding) are made when the
+choices (caption -> "", which samples get a CLIP image embedding for Stage C; the batch's
+EfficientNet size and which samples get zeroed EfficientNet latents for Stage B) are made when the
 cache is written with the same per-step seeds, so a cached run sees what the uncached run sees
-for those steps; reusing a cache for further epochs repeats them (the trade for the speed).
-Stage C only for now (Stage B's per-batch EfficientNet resize would need one cache per size).
+for those steps; reusing a cache for further epochs repeats them (the trade for the speed). A
+Stage B file holds its batch's EfficientNet latents at the size that step drew, so the cached run
+compiles the same shapes as the uncached one.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from cascade_jax.training.task import get_task
 
 def write_cache(cfg: TrainConfig, data, out_dir, batches: int) -> Path:
     """Encode ``batches`` loader batches of the (uncached) ``cfg`` into ``out_dir/00000000.npz``..."""
-    if cfg.stage != "c":
-        raise ValueError(f"latent caching supports stage c, not {cfg.stage!r}")
+    if cfg.stage not in ("b", "c"):
+        raise ValueError(f"latent caching supports stages b and c, not {cfg.stage!r}")
     task = get_task(cfg.stage)
     modules = task.build(cfg)
     graphdef, state = nnx.split(modules)

@@ -99,6 +99,12 @@ def default_batch_specs(task_stage: str, cfg: TrainConfig, text_len: int = 77, c
                 "clip_text": ((b, text_len, generator.get("c_clip_text", 1280)), jnp.bfloat16),
                 "clip_text_pooled": ((b, 1, generator.get("c_clip_text_pooled", 1280)), jnp.bfloat16),
                 "clip_img": ((b, 1, generator.get("c_clip_img", 768)), jnp.bfloat16)}
+    if cfg.cached_conditions and task_stage == "b":
+        side, e = s // 4, s // 32  # Stage A: 4x smaller; EfficientNet of the largest input, (s // 32) * 32 px
+        generator = get_task("b").generator_config(cfg)
+        return {"x0": ((b, side, side, generator.get("c_in", 4)), jnp.float32),
+                "effnet": ((b, e, e, generator.get("c_effnet", 16)), jnp.float32),
+                "clip_text_pooled": ((b, 1, generator.get("c_clip", 1280)), jnp.float32)}
     specs = {"images": ((b, s, s, 3), jnp.uint8), "input_ids": ((b, text_len), jnp.int32),
              "attention_mask": ((b, text_len), jnp.int32)}
     if task_stage.split("_")[0] == "c":  # c and the tasks built on it (c_lora)

@@ -7,6 +7,8 @@ captions -> ""). The noise is the official pyramid noise. Frozen: Stage A, Effic
 
 The resize factor changes the EfficientNet input shape, so it is drawn on the host (seeded per
 step) and the host resizes; each distinct size compiles the step once (at most 17 per bucket).
+With ``cached_conditions`` the batch carries the three conditions (``latent_cache``), each file
+at the EfficientNet size its step drew.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
-from cascade_jax.training.stage_c import encode_text, tokenize_with_drop
+from cascade_jax.training.stage_c import cached_batch, encode_text, tokenize_with_drop
 from cascade_jax.training.task import Task, TrainModules, param_dtype, register_task
 
 EFFNET_KEEP = 0.9  # official: rand <= 0.9 gets EfficientNet latents, the rest zeros
@@ -38,13 +40,18 @@ class StageBTask(Task):
               "effnet": ("effnet", "effnet_encoder", "effnet_checkpoint_path"),
               "text_encoder": ("clip_text", "clip_text_bigg14", "clip_text_model_name")}
 
+    cached_keys = ("x0", "effnet", "clip_text_pooled")
+
     def build(self, cfg: TrainConfig) -> TrainModules:
         work = Path(cfg.output_path)
         modules = TrainModules(generator=self.build_generator(cfg, work), **self.build_frozen(cfg, work))
-        self.tokenizer = self.tokenizer_for(cfg)
+        if not cfg.cached_conditions:
+            self.tokenizer = self.tokenizer_for(cfg)
         return modules
 
     def host_batch(self, cfg: TrainConfig, batch: dict, rng: np.random.Generator) -> dict:
+        if cfg.cached_conditions:
+            return cached_batch(batch, self.cached_keys)
         images = np.asarray(batch["images"])
         tokens = tokenize_with_drop(self.tokenizer, batch["captions"], rng)
         size = effnet_size(images.shape[1], images.shape[2], rng.uniform(0.5, 1))
@@ -53,6 +60,9 @@ class StageBTask(Task):
                 "effnet_images": losses.resize_nearest(images, size), "effnet_keep": keep.astype(np.float32)}
 
     def conditions(self, modules, batch):
+        """(x0 Stage A latents, EfficientNet latents, pooled CLIP text) from a device batch, without gradients."""
+        if "x0" in batch:  # cached: computed once by the frozen encoders, choices already made
+            return tuple(batch[k].astype(jnp.float32) for k in self.cached_keys)
         images = losses.images_to_unit(batch["images"])
         x0 = modules.stage_a.encode(images.astype(param_dtype(modules.stage_a))).astype(jnp.float32)
         effnet_in = losses.effnet_normalize(losses.images_to_unit(batch["effnet_images"]))
