@@ -21,7 +21,7 @@ import numpy as np
 
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
-from cascade_jax.training.stage_c import cached_batch, encode_text, tokenize_with_drop
+from cascade_jax.training.stage_c import encode_text, tokenize_with_drop
 from cascade_jax.training.task import Task, TrainModules, param_dtype, register_task
 
 EFFNET_KEEP = 0.9  # official: rand <= 0.9 gets EfficientNet latents, the rest zeros
@@ -51,7 +51,7 @@ class StageBTask(Task):
 
     def host_batch(self, cfg: TrainConfig, batch: dict, rng: np.random.Generator) -> dict:
         if cfg.cached_conditions:
-            return cached_batch(batch, self.cached_keys)
+            return self.read_cached(batch)
         images = np.asarray(batch["images"])
         tokens = tokenize_with_drop(self.tokenizer, batch["captions"], rng)
         size = effnet_size(images.shape[1], images.shape[2], rng.uniform(0.5, 1))
@@ -61,8 +61,9 @@ class StageBTask(Task):
 
     def conditions(self, modules, batch):
         """(x0 Stage A latents, EfficientNet latents, pooled CLIP text) from a device batch, without gradients."""
-        if "x0" in batch:  # cached: computed once by the frozen encoders, choices already made
-            return tuple(batch[k].astype(jnp.float32) for k in self.cached_keys)
+        cached = self.cached_conditions(batch)
+        if cached is not None:
+            return cached
         images = losses.images_to_unit(batch["images"])
         x0 = modules.stage_a.encode(images.astype(param_dtype(modules.stage_a))).astype(jnp.float32)
         effnet_in = losses.effnet_normalize(losses.images_to_unit(batch["effnet_images"]))

@@ -94,7 +94,7 @@ class StageCTask(Task):
 
     def host_batch(self, cfg: TrainConfig, batch: dict, rng: np.random.Generator) -> dict:
         if cfg.cached_conditions:
-            return cached_batch(batch, self.cached_keys)
+            return self.read_cached(batch)
         images = np.asarray(batch["images"])
         tokens = tokenize_with_drop(self.tokenizer, batch["captions"], rng)
         use_image = rng.random(len(images)) > 1 - IMAGE_EMBED_SHARE
@@ -107,8 +107,9 @@ class StageCTask(Task):
 
     def conditions(self, modules, batch):
         """(x0 latents, clip_text, clip_text_pooled, clip_img) from a device batch, without gradients."""
-        if "x0" in batch:  # cached: computed once by the frozen encoders, choices already made
-            return tuple(batch[k].astype(jnp.float32) for k in self.cached_keys)
+        cached = self.cached_conditions(batch)
+        if cached is not None:
+            return cached
         dtype = param_dtype(modules.effnet)
         x0 = modules.effnet(losses.effnet_normalize(losses.images_to_unit(batch["images"])).astype(dtype))
         clip_text, pooled = encode_text(modules.text_encoder, batch["input_ids"], batch["attention_mask"])
@@ -128,15 +129,6 @@ class StageCTask(Task):
                              clip_img.astype(dtype), rngs=key_dropout)
 
         return losses.denoising_loss(apply, x0, t, epsilon, losses.make_gdf(cfg.adaptive_loss_weight), loss_state)
-
-
-def cached_batch(batch: dict, keys) -> dict:
-    """A batch of precomputed conditions (latent cache); the random caption / image choices were made
-    when the cache was written."""
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(f"cached_conditions is set but the batch lacks {missing}; it has {sorted(batch)}")
-    return {k: np.asarray(batch[k]) for k in keys}
 
 
 register_task("c", StageCTask)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -88,6 +89,23 @@ class Task:
     # Whether the loss has per-sample noise levels the adaptive loss weight can bucket (diffusion
     # tasks); a reconstruction task (Stage A, Previewer) sets False and refuses adaptive_loss_weight.
     adaptive_loss_weight: bool = True
+    # The frozen encoders' outputs a latent cache stores (``latent_cache.write_cache``), in the order
+    # ``conditions`` returns them; a cached batch carries exactly these.
+    cached_keys: tuple[str, ...] = ()
+
+    def read_cached(self, batch: dict) -> dict:
+        """``host_batch`` of a cached batch: its conditions, checked; the random choices (captions -> "",
+        which samples get which conditioning) were made when the cache was written."""
+        missing = [k for k in self.cached_keys if k not in batch]
+        if missing:
+            raise KeyError(f"cached_conditions is set but the batch lacks {missing}; it has {sorted(batch)}")
+        return {k: np.asarray(batch[k]) for k in self.cached_keys}
+
+    def cached_conditions(self, batch) -> tuple | None:
+        """``conditions`` of a cached device batch (float32, in ``cached_keys`` order), None if it is not one."""
+        if self.cached_keys[:1] and self.cached_keys[0] in batch:
+            return tuple(batch[k].astype(jnp.float32) for k in self.cached_keys)
+        return None
 
     def initial_loss_state(self, cfg: TrainConfig):
         """The adaptive loss-weight buckets when ``cfg.adaptive_loss_weight`` is set, else None."""
