@@ -57,8 +57,14 @@ def train_step(state: TrainState, frozen, batch, *, task, cfg: TrainConfig, grap
         return (jax.tree.map(jnp.add, grads, g), loss_state), (loss, jnp.mean(aux.per_sample_loss))
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, loss_state), (weighted, raw) = jax.lax.scan(
-        micro_step, (zeros, state.loss_state), (jnp.arange(accum), split_micro_batches(batch, accum)))
+    if accum == 1:
+        # No scan for one micro-batch: XLA:CPU runs the convolutions of a loop body several times slower
+        # than the same ops outside a loop (the demo's EfficientNet step: 2.9 s in a length-1 scan, 0.38 s
+        # without; benchmarks/results/scan_overhead.md).
+        (grads, loss_state), (weighted, raw) = micro_step((zeros, state.loss_state), (0, batch))
+    else:
+        (grads, loss_state), (weighted, raw) = jax.lax.scan(
+            micro_step, (zeros, state.loss_state), (jnp.arange(accum), split_micro_batches(batch, accum)))
     grads = jax.tree.map(lambda g: g / accum, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
