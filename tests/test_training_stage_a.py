@@ -179,3 +179,24 @@ def test_effnet_stage_rows_are_checked():
         EfficientNetEncoder(stages=[[True, 1, 3, 1, 16, 16]], rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"stages\[0\]: stride must be 1 or 2"):
         EfficientNetEncoder(stages=[[True, 1, 3, 3, 16, 16, 1]], rngs=nnx.Rngs(0))
+
+
+def test_object_weighted_reconstruction_loss_matches_hand_computed():
+    from cascade_jax.training.stage_a import object_weights, reconstruction_loss
+
+    # A 4x4 grey image with one red pixel: the median is the grey, the red pixel is the object.
+    target = np.full((1, 4, 4, 3), 0.5, np.float32)
+    target[0, 1, 2] = (1.0, 0.0, 0.0)
+    prediction = np.full_like(target, 0.5)  # wrong only at the object: error (0.5, -0.5, -0.5)
+    prediction[0, 0, 0] = (0.6, 0.5, 0.5)   # and slightly at one background pixel: error (0.1, 0, 0)
+    weights = np.asarray(object_weights(jnp.asarray(target), 10.0))[0, ..., 0]
+    expected = np.ones((4, 4)); expected[1, 2] = 10.0
+    np.testing.assert_allclose(weights, expected / expected.mean(), rtol=1e-6)
+    mse, total = reconstruction_loss(jnp.asarray(prediction), jnp.asarray(target), object_weight=10.0)
+    sq = ((prediction - target) ** 2)[0]
+    np.testing.assert_allclose(float(mse[0]), sq.mean(), rtol=1e-6)  # the logged value stays plain MSE
+    np.testing.assert_allclose(float(total[0]), (sq * (expected / expected.mean())[..., None]).mean(), rtol=1e-6)
+    plain_mse, plain_total = reconstruction_loss(jnp.asarray(prediction), jnp.asarray(target))
+    assert float(plain_total[0]) == float(plain_mse[0]) == float(mse[0])
+    with pytest.raises(ValueError, match="object_loss_weight=0.5"):
+        load_config("tiny_a", ["object_loss_weight=0.5"])

@@ -112,11 +112,16 @@ class TrainConfig:
     # Stage A / Previewer (reconstruction losses; cascade_jax.training.stage_a / previewer)
     vq_beta: float = 0.25  # Stage A commitment-loss weight (VQ-VAE's beta; the official StageA uses 0.25)
     l1_weight: float = 0.0  # weight of an extra mean-absolute reconstruction error
+    # Reconstruction pixels farther than 0.15 (in [0, 1] RGB) from their image's median colour weigh this much
+    # (1: plain MSE). Small objects on a flat background are otherwise a few percent of the loss.
+    object_loss_weight: float = 1.0
 
     def __post_init__(self):
         if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum_steps "
                              f"{self.grad_accum_steps} (>= 1)")
+        if self.object_loss_weight < 1:
+            raise ValueError(f"object_loss_weight={self.object_loss_weight}: use 1 (plain MSE) or more")
         if self.init not in ("checkpoint", "official", "scratch"):
             raise ValueError(f"init={self.init!r}: use 'checkpoint', 'official' (from scratch as the official "
                              "constructors initialise) or 'scratch' (every parameter random, for tests)")

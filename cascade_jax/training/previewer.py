@@ -54,7 +54,8 @@ class PreviewerTask(ReconstructionTask):
         images = losses.images_to_unit(batch["images"])
         generator = modules.generator
         preview = generator(self.latents(modules, images, cfg.train_effnet).astype(param_dtype(generator)))
-        mse, total = reconstruction_loss(preview, resize_to(images, preview.shape[1:3]), cfg.l1_weight)
+        mse, total = reconstruction_loss(preview, resize_to(images, preview.shape[1:3]), cfg.l1_weight,
+                                          cfg.object_loss_weight)
         return jnp.mean(total), LossAux(mse)
 
 
