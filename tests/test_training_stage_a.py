@@ -182,7 +182,8 @@ def test_effnet_stage_rows_are_checked():
 
 
 def test_object_weighted_reconstruction_loss_matches_hand_computed():
-    from cascade_jax.training.stage_a import object_weights, reconstruction_loss
+    from cascade_jax.training.losses import object_weights
+    from cascade_jax.training.stage_a import reconstruction_loss
 
     # A 4x4 grey image with one red pixel: the median is the grey, the red pixel is the object.
     target = np.full((1, 4, 4, 3), 0.5, np.float32)
@@ -200,3 +201,34 @@ def test_object_weighted_reconstruction_loss_matches_hand_computed():
     assert float(plain_total[0]) == float(plain_mse[0]) == float(mse[0])
     with pytest.raises(ValueError, match="object_loss_weight=0.5"):
         load_config("tiny_a", ["object_loss_weight=0.5"])
+
+
+def test_latent_object_weights_and_weighted_denoising_loss():
+    """Stage B / C: the pixel weights averaged per latent position weigh the denoising error; logs stay plain."""
+    from cascade_jax.training.losses import denoising_loss, latent_object_weights, make_gdf
+
+    images = np.full((1, 8, 8, 3), 0.5, np.float32)
+    images[0, :2, :2] = (1.0, 0.0, 0.0)  # a 2x2 object in the top-left 4x4 cell of a 2x2 latent
+    weights = np.asarray(latent_object_weights(jnp.asarray(images), (2, 2), 10.0))[0, ..., 0]
+    cell = (4 * 10 + 12 * 1) / 16  # the object cell's mean pixel weight; the other cells have 1
+    expected = np.array([[cell, 1.0], [1.0, 1.0]])
+    np.testing.assert_allclose(weights, expected / expected.mean(), rtol=1e-6)
+    with pytest.raises(ValueError, match="image 8x8 is not a multiple of the latent 3x3"):
+        latent_object_weights(jnp.asarray(images), (3, 3), 10.0)
+
+    rng = np.random.default_rng(0)
+    x0, eps, pred = (jnp.asarray(rng.standard_normal((2, 2, 2, 4)), jnp.float32) for _ in range(3))
+    t = jnp.asarray([0.3, 0.8])
+    w = jnp.asarray(np.stack([expected / expected.mean(), np.ones((2, 2))])[..., None], jnp.float32)
+    gdf = make_gdf(False)
+    loss, aux = denoising_loss(lambda noised, cond: pred, x0, t, eps, gdf, weights=w)
+    plain_loss, plain_aux = denoising_loss(lambda noised, cond: pred, x0, t, eps, gdf)
+    d = gdf.diffuse(x0, eps, t)
+    squared = np.asarray(jnp.square(pred - d.target))
+    weighted = (squared * np.asarray(w)).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(float(loss), float(np.mean(weighted * np.asarray(d.loss_weight))), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(aux.per_sample_loss), squared.mean(axis=(1, 2, 3)), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(aux.per_sample_loss), np.asarray(plain_aux.per_sample_loss))
+    assert abs(float(loss) - float(plain_loss)) > 1e-4  # the weights change what is optimised
+    with pytest.raises(ValueError, match="cached_conditions batches do not carry"):
+        load_config("tiny_b", ["object_loss_weight=10", "cached_conditions=true"])

@@ -112,8 +112,10 @@ class TrainConfig:
     # Stage A / Previewer (reconstruction losses; cascade_jax.training.stage_a / previewer)
     vq_beta: float = 0.25  # Stage A commitment-loss weight (VQ-VAE's beta; the official StageA uses 0.25)
     l1_weight: float = 0.0  # weight of an extra mean-absolute reconstruction error
-    # Reconstruction pixels farther than 0.15 (in [0, 1] RGB) from their image's median colour weigh this much
-    # (1: plain MSE). Small objects on a flat background are otherwise a few percent of the loss.
+    # Pixels farther than 0.15 (in [0, 1] RGB) from their image's median colour weigh this much in the optimised
+    # loss (1: the plain MSE): the reconstruction error of Stage A / the Previewer, and the denoising error of
+    # Stage B / C per latent position (the mean weight of its pixels). Small objects on a flat background are
+    # otherwise a few percent of the loss. Logged losses stay the plain MSE.
     object_loss_weight: float = 1.0
 
     def __post_init__(self):
@@ -122,6 +124,9 @@ class TrainConfig:
                              f"{self.grad_accum_steps} (>= 1)")
         if self.object_loss_weight < 1:
             raise ValueError(f"object_loss_weight={self.object_loss_weight}: use 1 (plain MSE) or more")
+        if self.object_loss_weight != 1 and self.cached_conditions:
+            raise ValueError(f"object_loss_weight={self.object_loss_weight} needs the images, which cached_conditions "
+                             "batches do not carry: set object_loss_weight: 1 or cached_conditions: false")
         if self.init not in ("checkpoint", "official", "scratch"):
             raise ValueError(f"init={self.init!r}: use 'checkpoint', 'official' (from scratch as the official "
                              "constructors initialise) or 'scratch' (every parameter random, for tests)")

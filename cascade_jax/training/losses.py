@@ -19,16 +19,47 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
+OBJECT_DISTANCE = 0.15  # RGB distance in [0, 1] from the image's median colour that marks an object pixel
+
+
 def make_gdf(adaptive: bool) -> GDF:
     return GDF(loss_weight="adaptive" if adaptive else "p2")
 
 
-def denoising_loss(apply_fn, x0, t, epsilon, gdf: GDF, loss_state=None):
-    """(weighted mean loss, LossAux) of ``apply_fn(noised, noise_cond) -> prediction`` on clean ``x0``."""
+def denoising_loss(apply_fn, x0, t, epsilon, gdf: GDF, loss_state=None, weights=None):
+    """(weighted mean loss, LossAux) of ``apply_fn(noised, noise_cond) -> prediction`` on clean ``x0``.
+
+    ``weights`` (B, h, w, 1), mean 1 per sample (``latent_object_weights``), weigh the squared error
+    per latent position in the optimised loss; the logged per-sample loss stays the plain MSE."""
     d = gdf.diffuse(x0, epsilon, t, shift=1.0, loss_shift=1.0, loss_state=loss_state)
     pred = apply_fn(d.noised, d.noise_cond).astype(jnp.float32)
-    per_sample = jnp.mean(jnp.square(pred - d.target), axis=tuple(range(1, x0.ndim)))
-    return jnp.mean(per_sample * d.loss_weight), LossAux(per_sample, d.logsnr)
+    axes = tuple(range(1, x0.ndim))
+    squared = jnp.square(pred - d.target)
+    per_sample = jnp.mean(squared, axis=axes)
+    optimised = per_sample if weights is None else jnp.mean(squared * weights, axis=axes)
+    return jnp.mean(optimised * d.loss_weight), LossAux(per_sample, d.logsnr)
+
+
+def object_weights(target, object_weight: float):
+    """(B, H, W, 1) pixel weights: ``object_weight`` where the target is far from its image's median colour
+    (the background, for a small object on a flat ground), 1 elsewhere; normalised to mean 1 per sample."""
+    target = target.astype(jnp.float32)
+    median = jnp.median(target.reshape(target.shape[0], -1, target.shape[-1]), axis=1)[:, None, None, :]
+    far = jnp.sqrt(jnp.sum(jnp.square(target - median), axis=-1, keepdims=True)) > OBJECT_DISTANCE
+    weights = jnp.where(far, object_weight, 1.0)
+    return weights / jnp.mean(weights, axis=(1, 2, 3), keepdims=True)
+
+
+def latent_object_weights(images01, latent_hw, object_weight: float):
+    """``object_weights`` of images in [0, 1] averaged over each latent position's pixels (the image
+    side must be a multiple of the latent side) and renormalised: (B, h, w, 1), mean 1 per sample."""
+    b, height, width, _ = images01.shape
+    h, w = latent_hw
+    if height % h or width % w:
+        raise ValueError(f"object weights: image {height}x{width} is not a multiple of the latent {h}x{w}")
+    pixels = object_weights(images01, object_weight)
+    pooled = pixels.reshape(b, h, height // h, w, width // w, 1).mean(axis=(2, 4))
+    return jax.lax.stop_gradient(pooled / jnp.mean(pooled, axis=(1, 2, 3), keepdims=True))
 
 
 def draw_t_and_noise(key, shape):

@@ -56,19 +56,6 @@ def stage_a_forward(model, images01, vq_beta: float = 0.25) -> StageAOutput:
 jit_stage_a_forward = nnx.jit(stage_a_forward)
 
 
-OBJECT_DISTANCE = 0.15  # RGB distance in [0, 1] from the image's median colour that marks an object pixel
-
-
-def object_weights(target, object_weight: float):
-    """(B, H, W, 1) pixel weights: ``object_weight`` where the target is far from its image's median colour
-    (the background, for a small object on a flat ground), 1 elsewhere; normalised to mean 1 per sample."""
-    target = target.astype(jnp.float32)
-    median = jnp.median(target.reshape(target.shape[0], -1, target.shape[-1]), axis=1)[:, None, None, :]
-    far = jnp.sqrt(jnp.sum(jnp.square(target - median), axis=-1, keepdims=True)) > OBJECT_DISTANCE
-    weights = jnp.where(far, object_weight, 1.0)
-    return weights / jnp.mean(weights, axis=(1, 2, 3), keepdims=True)
-
-
 def reconstruction_loss(prediction, target, l1_weight: float = 0.0, object_weight: float = 1.0):
     """(per-sample MSE, per-sample weighted MSE + l1_weight * mean absolute error), float32.
 
@@ -77,7 +64,7 @@ def reconstruction_loss(prediction, target, l1_weight: float = 0.0, object_weigh
     diff = prediction.astype(jnp.float32) - target.astype(jnp.float32)
     mse = per_sample_mean(jnp.square(diff))
     if object_weight != 1.0:
-        weights = jax.lax.stop_gradient(object_weights(target, object_weight))
+        weights = jax.lax.stop_gradient(losses.object_weights(target, object_weight))
         total = per_sample_mean(weights * jnp.square(diff))
     else:
         total = mse
