@@ -62,6 +62,13 @@ def latent_object_weights(images01, latent_hw, object_weight: float):
     return jax.lax.stop_gradient(pooled / jnp.mean(pooled, axis=(1, 2, 3), keepdims=True))
 
 
+def denoising_weights(images, latent_hw, object_weight: float):
+    """``denoising_loss``'s ``weights`` for a batch of uint8 ``images``: None for plain MSE (weight 1)."""
+    if object_weight == 1.0:
+        return None
+    return latent_object_weights(images_to_unit(images), latent_hw, object_weight)
+
+
 def draw_t_and_noise(key, shape):
     key_t, key_eps = jax.random.split(key)
     return sample_train_t(key_t, shape[0]), jax.random.normal(key_eps, shape, jnp.float32)
