@@ -144,10 +144,10 @@ def test_the_recipe_builds_a_loadable_cascade_and_resumes(tmp_path):
     assert again.stdout.count("done before, skipped") == 3 + len(TRAINED), again.stdout[-3000:]
 
 
-def test_chains_split_the_cpus_evenly(monkeypatch):
+def test_slots_split_the_cpus_evenly(monkeypatch):
     from cascade_jax.training import demo as recipe
 
     monkeypatch.setattr(recipe.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 5}, raising=False)
-    assert [recipe.chain_cpus(i, 2) for i in range(2)] == [{0, 1}, {2, 3}]
+    assert [recipe.slot_cpus(i, 2) for i in range(2)] == [{0, 1}, {2, 3}]
     monkeypatch.setattr(recipe.os, "sched_getaffinity", lambda pid: {4}, raising=False)
-    assert recipe.chain_cpus(0, 2) is None  # one CPU: the chains share it unpinned
+    assert recipe.slot_cpus(0, 2) is None  # one CPU: the slots share it unpinned

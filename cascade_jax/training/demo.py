@@ -171,81 +171,113 @@ def assemble(work: Path, out: Path):
         atomic.remove(old)
 
 
-# Stages A -> B depend on each other, C -> Previewer only on the encoders: the two chains train in two
-# processes at once, each pinned to its share of the CPUs. XLA:CPU runs these small convolutions on about
-# one core, so on a 2-core machine the chains take the time of the longer one rather than of both; unpinned,
-# the two processes' thread pools contend (measured on 2 cores: Stage B 1.0 updates/s beside Stage C
-# unpinned, 1.8 pinned; Stage C 2.0 either way).
-CHAINS = (("stage_a", "stage_b"), ("stage_c", "previewer"))
+# What each training step needs. The steps run in processes of their own, two at a time, each pinned to its
+# share of the CPUs: XLA:CPU runs these small convolutions on about one core, so on a 2-core machine two steps
+# take the time of the longer one; unpinned, the two processes' thread pools contend (measured on 2 cores:
+# Stage B 1.0 updates/s beside Stage C unpinned, 1.8 pinned). The order is the priority: the EfficientNet and
+# Stage A train side by side, then Stage C and Stage B, then the Previewer on whichever CPU frees first.
+NEEDS = {"effnet": (), "stage_a": (), "stage_c": ("effnet",), "stage_b": ("stage_a", "effnet"),
+         "previewer": ("effnet",)}
+SLOTS = 2
 
 
-def chain_cpus(index: int, chains: int) -> set | None:
-    """The CPUs chain ``index`` of ``chains`` runs on: an even split of this process's CPUs (None when the
-    platform cannot pin or there are fewer CPUs than chains)."""
+def slot_cpus(index: int, slots: int) -> set | None:
+    """The CPUs of slot ``index`` of ``slots``: an even split of this process's CPUs (None when the platform
+    cannot pin or there are fewer CPUs than slots)."""
     if not hasattr(os, "sched_getaffinity"):
         return None
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < chains:
+    if len(cpus) < slots:
         return None
-    share = len(cpus) // chains
+    share = len(cpus) // slots
     return set(cpus[index * share:(index + 1) * share])
 
 
 def _run_step(work: Path, name: str, step, log):
-    """Run ``step`` unless its report exists; its report (time, losses) goes to work/reports/NAME.json."""
-    report = work / "reports" / f"{name}.json"
-    if report.is_file():
-        log(f"{name}: done before, skipped")
-        return
+    """Run ``step``; its report (time, losses) goes to work/reports/NAME.json."""
     log(f"{name}: running")
     start, cpu = time.perf_counter(), time.process_time()
     entry = step() or {}
     entry.setdefault("seconds", round(time.perf_counter() - start, 1))
     entry["cpu_seconds"] = round(time.process_time() - cpu, 1)
+    report = _report_path(work, name)
     report.parent.mkdir(parents=True, exist_ok=True)
     _write_json(report, entry)
 
 
-def _run_chain(work: str, stages, scale: float, cpus=None):
+def _report_path(work: Path, name: str) -> Path:
+    return work / "reports" / f"{name}.json"
+
+
+def _skip_done(work: Path, names, log) -> list:
+    """The steps of ``names`` without a report (a report means done: logged as skipped)."""
+    todo = []
+    for name in names:
+        if _report_path(work, name).is_file():
+            log(f"{name}: done before, skipped")
+        else:
+            todo.append(name)
+    return todo
+
+
+def _train_pinned(work: str, stage: str, scale: float, cpus=None):
     if cpus:  # before this process starts JAX's thread pools
         os.sched_setaffinity(0, cpus)
     work = Path(work)
-    for stage in stages:
-        _run_step(work, stage, lambda stage=stage: train_stage(work, stage, scale, print), print)
+    _run_step(work, stage, lambda: train_stage(work, stage, scale, print), print)
+
+
+def train_all(work: Path, scale: float, parallel: bool, log):
+    """Every stage of ``NEEDS`` not done yet: in order in this process, or (``parallel``) in spawned processes,
+    ``SLOTS`` at a time, each started as soon as what it needs is done and a slot is free."""
+    todo = _skip_done(work, NEEDS, log)
+    if not parallel:
+        for stage in todo:
+            _run_step(work, stage, lambda stage=stage: train_stage(work, stage, scale, log), log)
+        return
+    from multiprocessing import connection, get_context
+
+    context = get_context("spawn")  # not fork: this process has initialised JAX, whose threads a fork drops
+    done, running, failed = set(NEEDS) - set(todo), {}, []
+    while todo or running:
+        ready = [s for s in todo if set(NEEDS[s]) <= done] if not failed else []
+        for slot in [i for i in range(SLOTS) if i not in running][:len(ready)]:
+            stage = ready.pop(0)
+            todo.remove(stage)
+            running[slot] = (stage, context.Process(target=_train_pinned,
+                                                    args=(str(work), stage, scale, slot_cpus(slot, SLOTS))))
+            running[slot][1].start()
+        if not running:
+            break  # a failure left steps that cannot start
+        connection.wait([process.sentinel for _, process in running.values()])
+        for slot, (stage, process) in list(running.items()):
+            if process.exitcode is not None:
+                del running[slot]
+                if process.exitcode == 0:
+                    done.add(stage)
+                else:
+                    failed.append(stage)
+    if failed:
+        raise RuntimeError(f"training {failed} failed (see the log above); run again to resume")
 
 
 def build_demo(work=Path("demo_build"), out=demo.WEIGHTS_DIR, *, images: int = 6000, scale: float = 1.0,
                seed: int = 0, parallel: bool = True, log=print) -> dict:
     """Run the whole recipe (see the module docstring); returns the report of every step."""
-    import multiprocessing
-
     work, out = Path(work), Path(out)
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    _run_step(work, "data", lambda: shapes.write_folder(work / "data", images, seed, size=demo.IMAGE_SIZE) and None,
-              log)
-    _run_step(work, "encoders", lambda: build_encoders(work, work / "data", seed), log)
-    _run_step(work, "effnet", lambda: train_stage(work, "effnet", scale, log), log)
-    if parallel:
-        # spawn, not fork: the parent has initialised JAX, whose threads a fork does not carry over.
-        context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=_run_chain, args=(str(work), chain, scale, chain_cpus(i, len(CHAINS))))
-                   for i, chain in enumerate(CHAINS)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        failed = [chain for chain, worker in zip(CHAINS, workers) if worker.exitcode != 0]
-        if failed:
-            raise RuntimeError(f"training {failed} failed (see the log above); run again to resume")
-    else:
-        for chain in CHAINS:
-            _run_chain(str(work), chain, scale)
+    steps = {"data": lambda: shapes.write_folder(work / "data", images, seed, size=demo.IMAGE_SIZE) and None,
+             "encoders": lambda: build_encoders(work, work / "data", seed)}
+    for name in _skip_done(work, steps, log):
+        _run_step(work, name, steps[name], log)
+    train_all(work, scale, parallel, log)
     assemble(work, out)
     report = {p.stem: json.loads(p.read_text()) for p in sorted((work / "reports").glob("*.json"))}
     report["this_run_seconds"] = round(time.perf_counter() - start, 1)
     _write_json(work / "demo_report.json", report)
     return report
+
 
 def _write_json(path: Path, value):
     tmp = atomic.temp_path(path)
