@@ -149,20 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128, help="image side (default 128, the demo's size)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="float32")
-    for stage in ("prior", "decoder"):
-        p.add_argument(f"--{stage}-steps", type=int, default=None, help=f"{stage} sampling steps (default official)")
-        p.add_argument(f"--{stage}-cfg", type=float, default=None, help=f"{stage} guidance scale (default official)")
+    for stage in ("prior", "decoder"):  # unset: the weights' defaults (their sampling.json, else official)
+        p.add_argument(f"--{stage}-steps", type=int, default=None, help=f"{stage} sampling steps")
+        p.add_argument(f"--{stage}-cfg", type=float, default=None, help=f"{stage} guidance scale")
+        p.add_argument(f"--{stage}-t-start", type=float, default=None, help=f"{stage} first step's t")
+    p.add_argument("--official", action="store_true",
+                   help="start from the official settings, not the weights' sampling.json")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result (default {DEFAULT_OUT}); .md beside it")
     return p
 
 
-def stage_settings(args) -> dict:
-    from cascade_jax.pipelines.cascade import DECODER_DEFAULTS, PRIOR_DEFAULTS
+def stage_settings(args, pipe) -> dict:
+    """Each stage's SamplerSettings: the pipeline's defaults (or the official ones with --official) with the flags."""
+    from cascade_jax.pipelines.defaults import OFFICIAL
 
     out = {}
-    for name, base in (("prior", PRIOR_DEFAULTS), ("decoder", DECODER_DEFAULTS)):
-        changes = {k: v for k, v in (("steps", getattr(args, f"{name}_steps")), ("cfg", getattr(args, f"{name}_cfg")))
-                   if v is not None}
+    for name in ("prior", "decoder"):
+        base = OFFICIAL[name] if args.official else getattr(pipe, f"{name}_defaults")
+        changes = {k: getattr(args, f"{name}_{k}") for k in ("steps", "cfg", "t_start")
+                   if getattr(args, f"{name}_{k}") is not None}
         try:
             out[name] = base.replace(**changes)
         except ValueError as e:
@@ -181,13 +186,13 @@ def main(argv=None) -> int:
         if min(args.per_combo, args.batch_size, args.combos) < 1:
             raise ValueError(f"--combos ({args.combos}), --per-combo ({args.per_combo}) and --batch-size "
                              f"({args.batch_size}) must be >= 1")
-        stages = stage_settings(args)
         start = time.perf_counter()
         if args.random:
             pipe = StableCascadePipeline.random(args.random, dtype=args.dtype)
         else:
             pipe = StableCascadePipeline.from_pretrained(weights, dtype=args.dtype)
         load_s = time.perf_counter() - start
+        stages = stage_settings(args, pipe)
         print(f"pipeline ready in {load_s:.1f}s; scoring {args.combos} seen and held-out combinations "
               f"x {args.per_combo} image(s)", flush=True)
         splits = evaluate_splits(pipe, args.combos, args.per_combo, args.seed, size=args.size,
@@ -195,7 +200,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    fields = ("steps", "cfg", "shift", "sampler")
+    fields = ("steps", "cfg", "shift", "sampler", "t_start")
     report = {"weights": f"random:{args.random}" if args.random else weights, "size": args.size,
               "per_combo": args.per_combo, "seed": args.seed, "batch_size": args.batch_size, "dtype": args.dtype,
               "prior": {f: getattr(stages["prior"], f) for f in fields},

@@ -8,6 +8,8 @@ images of held-out combinations (the data the links should pass through unchange
 - ``effnet_previewer``: the Previewer's decoding of the images' EfficientNet latents (what Stage C
   learns to generate: what the latent keeps of the image);
 - ``reconstruct``: EfficientNet latents -> Stage B (empty prompt) -> Stage A (``pipe.reconstruct``);
+- ``reconstruct_captioned``: the same with each image's caption as Stage B's text, as Stage B is trained
+  and as it samples after Stage C;
 - ``stage_c_previewer``: text -> Stage C -> Previewer (what Stage C draws, read without Stage B).
 
 Previews (8x the latent side) are enlarged to the image size (nearest) before scoring.
@@ -56,6 +58,7 @@ def stage_images(pipe, images: np.ndarray, captions: list[str], size: int, seed:
         "stage_a": pipe.decode(latents),
         "effnet_previewer": enlarge(pipe.preview(pipe.encode_effnet(images, size, size)), size),
         "reconstruct": pipe.reconstruct(list(images), seed=seed).images,
+        "reconstruct_captioned": pipe.reconstruct(list(images), prompt=captions, seed=seed).images,
         "stage_c_previewer": enlarge(pipe.preview(prior.stage_c_latents), size),
     }
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from app_parts import ControlNetEntry, Done, Service, Update, image_from_editor, mask_from_editor, size_hint
 from cascade_jax.diffusion.samplers import SAMPLERS
-from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline
+from cascade_jax.pipelines import StableCascadePipeline
 
 APP_CONTROLS = ("canny", "inpainting", "super_resolution")  # identity needs face detection (not included)
 LORA_SLOTS = 3
@@ -56,8 +56,8 @@ def build_parser():
     p.add_argument("--queue-size", type=int, default=16, help="most requests waiting at once; more are refused")
     p.add_argument("--size", type=int, default=None, help="the page's default image side (default 1024; 128 for "
                                                           "the demo and --random tiny)")
-    p.add_argument("--prior-steps", type=int, default=PRIOR_DEFAULTS.steps, help="the page's default Stage C steps")
-    p.add_argument("--decoder-steps", type=int, default=DECODER_DEFAULTS.steps, help="the page's default Stage B steps")
+    p.add_argument("--prior-steps", type=int, help="the page's default Stage C steps (default: the weights')")
+    p.add_argument("--decoder-steps", type=int, help="the page's default Stage B steps (default: the weights')")
     return p
 
 
@@ -180,10 +180,10 @@ def shared_controls(service: Service, size: int, steps: tuple[int, int]) -> dict
             c["num_images"] = gr.Slider(1, service.max_images, 1, step=1, label="Number of images")
             c["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0)
             c["random_seed"] = gr.Checkbox(False, label="Random seed")
-        for stage, title, defaults, n in (("prior", "Stage C", PRIOR_DEFAULTS, steps[0]),
-                                          ("decoder", "Stage B", DECODER_DEFAULTS, steps[1])):
-            with gr.Row():
-                c[f"{stage}_steps"] = gr.Number(n, label=f"{title} steps", precision=0, minimum=1)
+        for stage, title, defaults, n in (("prior", "Stage C", service.pipe.prior_defaults, steps[0]),
+                                          ("decoder", "Stage B", service.pipe.decoder_defaults, steps[1])):
+            with gr.Row():  # the weights' defaults (their sampling.json, else the official settings)
+                c[f"{stage}_steps"] = gr.Number(n or defaults.steps, label=f"{title} steps", precision=0, minimum=1)
                 c[f"{stage}_cfg"] = gr.Number(defaults.cfg, label=f"{title} guidance")
                 c[f"{stage}_sampler"] = gr.Dropdown(list(SAMPLERS), value=defaults.sampler, label=f"{title} sampler")
     with gr.Accordion("LoRA (Stage C)", open=False, visible=bool(service.loras)):
@@ -274,7 +274,7 @@ def mode_tabs(service: Service) -> list:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     for name in ("max_images", "queue_size", "prior_steps", "decoder_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     gradio()  # a missing extra fails now, not after the models load
     start = time.perf_counter()

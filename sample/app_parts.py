@@ -161,6 +161,7 @@ class Service:
         argv += [f"--lora={spec}" for spec in self.lora_specs(fields)]
         args = generate.build_parser().parse_args(argv)
         generate.validate(args)
+        generate.resolve_settings(args, self.pipe)
         return args
 
     # ---- running -------------------------------------------------------------------------------

@@ -32,11 +32,19 @@ from cascade_jax.weights.cache import enable_compilation_cache
 IMAGE_MODES = ("variation", "img2img", "reconstruct")
 
 
+STAGE_FLAGS = ("steps", "cfg", "shift", "t_start", "sampler")
+
+
 def stage_args(p, name, defaults):
-    p.add_argument(f"--{name}-steps", type=int, default=defaults.steps)
-    p.add_argument(f"--{name}-cfg", type=float, default=defaults.cfg)
-    p.add_argument(f"--{name}-shift", type=float, default=defaults.shift)
-    p.add_argument(f"--{name}-sampler", default=defaults.sampler, choices=["ddpm", "ddim", "lcm"])
+    """--NAME-steps/cfg/shift/t-start/sampler; unset ones are the weights' defaults (their sampling.json,
+    else the official values shown)."""
+    title = "Stage C" if name == "prior" else "Stage B"
+    p.add_argument(f"--{name}-steps", type=int, help=f"{title} steps (official {defaults.steps})")
+    p.add_argument(f"--{name}-cfg", type=float, help=f"{title} guidance scale (official {defaults.cfg})")
+    p.add_argument(f"--{name}-shift", type=float, help=f"{title} schedule shift (official {defaults.shift})")
+    p.add_argument(f"--{name}-t-start", type=float,
+                   help=f"{title} first step's t, (0, 1] (official {defaults.t_start})")
+    p.add_argument(f"--{name}-sampler", choices=["ddpm", "ddim", "lcm"], help=f"official {defaults.sampler}")
 
 
 def rgb(text):
@@ -82,14 +90,30 @@ def build_parser():
     return p
 
 
-def settings(args, name):
-    """The stage's SamplerSettings; an impossible value fails naming its flag (e.g. --prior-shift)."""
-    base = PRIOR_DEFAULTS if name == "prior" else DECODER_DEFAULTS
+def stage_changes(args, name) -> dict:
+    """The stage's flags that were given, as SamplerSettings changes; an impossible value fails naming its
+    flag (e.g. --prior-shift), checked against the official settings before any model loads."""
+    changes = {k: getattr(args, f"{name}_{k}") for k in STAGE_FLAGS if getattr(args, f"{name}_{k}") is not None}
     try:
-        return base.replace(steps=getattr(args, f"{name}_steps"), cfg=getattr(args, f"{name}_cfg"),
-                            shift=getattr(args, f"{name}_shift"), sampler=getattr(args, f"{name}_sampler"))
+        (PRIOR_DEFAULTS if name == "prior" else DECODER_DEFAULTS).replace(**changes)
     except ValueError as e:
-        raise ValueError(f"--{name}-{e}") from None
+        raise ValueError(f"--{name}-{str(e).replace('t_start', 't-start')}") from None
+    return changes
+
+
+def resolve_settings(args, pipe):
+    """args.prior / args.decoder: the pipeline's default SamplerSettings (its weights' sampling.json, else the
+    official ones) with the given flags."""
+    for name, base in (("prior", pipe.prior_defaults), ("decoder", pipe.decoder_defaults)):
+        try:
+            setattr(args, name, base.replace(**getattr(args, f"{name}_changes")))
+        except ValueError as e:  # a flag that only conflicts with these weights' defaults
+            raise ValueError(f"--{name}-{e} (with these weights' {name} defaults)") from None
+
+
+def describe(settings, title: str) -> str:
+    text = f"{title}: {settings.steps} steps, cfg {settings.cfg}, shift {settings.shift}, {settings.sampler}"
+    return text + (f", t_start {settings.t_start}" if settings.t_start != 1.0 else "")
 
 
 def validate(args):
@@ -108,7 +132,7 @@ def validate(args):
         args.seeds = checks.seeds_for(args.seed, count)
     except ValueError as e:
         raise ValueError(f"--{e}") from None
-    args.prior, args.decoder = settings(args, "prior"), settings(args, "decoder")
+    args.prior_changes, args.decoder_changes = stage_changes(args, "prior"), stage_changes(args, "decoder")
     if args.mesh is not None:
         try:
             parse_mesh_spec(args.mesh)
@@ -170,7 +194,7 @@ def run(args, pipe):
 
 
 def metadata(args) -> dict:
-    fields = ("steps", "cfg", "shift", "sampler", "cfg_rho", "cfg_std_per_sample")
+    fields = ("steps", "cfg", "shift", "sampler", "t_start", "cfg_rho", "cfg_std_per_sample")
     stage = lambda s: {k: v for k, v in dataclasses.asdict(s).items() if k in fields}
     meta = {"mode": args.mode, "prompt": args.prompt, "negative_prompt": args.negative_prompt or "",
             "prior": stage(args.prior), "decoder": stage(args.decoder), "height": args.height, "width": args.width,
@@ -194,7 +218,10 @@ def main(argv=None):
                                                          dtype=args.dtype or default_dtype, mesh=args.mesh)
         if args.lora:
             pipe.load_loras(args.lora)
-        print(f"models ready in {time.perf_counter() - start:.1f}s; running {args.mode}")
+        resolve_settings(args, pipe)
+        print(f"models ready in {time.perf_counter() - start:.1f}s; running {args.mode} "
+              f"({describe(args.prior, 'Stage C') + '; ' if args.mode != 'reconstruct' else ''}"
+              f"{describe(args.decoder, 'Stage B')})")
         result = run(args, pipe)
         print(timing_report(result.timings))
         paths = save_images(args.paths, result.images, seeds=result.seeds, metadata=metadata(args))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS
 from cascade_jax.pipelines.outputs import read_png_metadata
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample"))
@@ -94,8 +96,14 @@ def test_two_concurrent_requests_both_succeed(client):
 
 
 # ---- the request checks, without a server ---------------------------------------------------------
+# Only the pipeline's default sampler settings are read while checking a request (here: a weights
+# folder's sampling.json that starts Stage B at t 0.9 with cfg 3).
+PIPE_DEFAULTS = types.SimpleNamespace(prior_defaults=PRIOR_DEFAULTS,
+                                      decoder_defaults=DECODER_DEFAULTS.replace(t_start=0.9, cfg=3.0))
+
+
 def service(tmp_path):
-    return app_parts.Service(None, source_argv=["--random", "tiny"], out_dir=tmp_path, max_images=2,
+    return app_parts.Service(PIPE_DEFAULTS, source_argv=["--random", "tiny"], out_dir=tmp_path, max_images=2,
                              loras={"style.safetensors": "/loras/style.safetensors"})
 
 
@@ -106,6 +114,9 @@ def test_requests_are_checked_as_the_command_line_checks_them(tmp_path):
     args = app.generate_args("text2img", fields)
     assert args.prompt == "--looks like a flag" and (args.height, args.width) == (128, 136)
     assert args.seeds == [4, 5] and args.prior.steps == 3 and args.prior.sampler == "ddim"
+    assert args.prior.cfg == PRIOR_DEFAULTS.cfg and (args.decoder.t_start, args.decoder.cfg) == (0.9, 3.0)
+    assert app.generate_args("text2img", {**fields, "decoder_cfg": 1.5}).decoder == \
+        PIPE_DEFAULTS.decoder_defaults.replace(cfg=1.5)
     assert args.lora == ["/loras/style.safetensors:0.5"]
     other = app.generate_args("text2img", fields)
     assert other.paths[0].parent != args.paths[0].parent  # a folder per request: no shared file names

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 
 import jax
 import numpy as np
@@ -94,4 +95,6 @@ def test_generate_script_lora_flag():
     args = script.parse_args(["text2img", "--random", "tiny", "--lora", "a.safetensors:0.5", "--lora", "b.safetensors"])
     assert [parse_lora_spec(s) for s in args.lora] == [parse_lora_spec(("a.safetensors", 0.5)),
                                                        parse_lora_spec(("b.safetensors", 1.0))]
+    pipe = types.SimpleNamespace(prior_defaults=PRIOR_DEFAULTS, decoder_defaults=DECODER_DEFAULTS)  # no model
+    script.resolve_settings(args, pipe)
     assert script.metadata(args)["loras"] == ["a.safetensors:0.5", "b.safetensors"]

@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 
 from cascade_jax.models.random_init import random_model
-from cascade_jax.pipelines import StableCascadePipeline, loading
+from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline, loading
+from cascade_jax.pipelines.defaults import write_sampling_defaults
 from cascade_jax.weights import checkpoint
 from cascade_jax.weights.convert import ConversionError
 from cascade_jax.weights.export import export_official
@@ -163,6 +164,37 @@ def test_converted_directories_load_directly(tiny, tokenizer_dir, tmp_path, cach
     conversions = count_conversions(monkeypatch)
     check_pipeline(StableCascadePipeline.from_pretrained(root, dtype="float32"), tiny)  # no configs needed
     assert conversions == [] and not cache.exists()
+
+
+def test_sampling_json_sets_the_pipelines_default_settings(tiny, tokenizer_dir, tmp_path, cache):
+    root = tmp_path / "weights"
+    for component, (_, _, _, converted) in tiny.items():
+        shutil.copytree(converted, root / component)
+    shutil.copytree(tokenizer_dir, root / "tokenizer")
+    pipe = StableCascadePipeline.from_pretrained(root, dtype="float32")
+    assert (pipe.prior_defaults, pipe.decoder_defaults) == (PRIOR_DEFAULTS, DECODER_DEFAULTS)  # no file: official
+
+    write_sampling_defaults(root, {"prior": {"steps": 2}, "decoder": {"steps": 2, "t_start": 0.9, "cfg": [3, 1]}})
+    pipe = StableCascadePipeline.from_pretrained(root, dtype="float32")
+    assert pipe.prior_defaults == PRIOR_DEFAULTS.replace(steps=2)
+    assert pipe.decoder_defaults == DECODER_DEFAULTS.replace(steps=2, t_start=0.9, cfg=(3, 1))
+    plain = pipe.text_to_image("a cat", height=128, width=128, seed=3)  # no settings given: the file's
+    given = pipe.text_to_image("a cat", height=128, width=128, seed=3, prior=pipe.prior_defaults,
+                               decoder=pipe.decoder_defaults)
+    official = pipe.text_to_image("a cat", height=128, width=128, seed=3, prior=pipe.prior_defaults,
+                                  decoder=DECODER_DEFAULTS.replace(steps=2))
+    np.testing.assert_array_equal(plain.stage_b_latents, given.stage_b_latents)
+    assert not np.allclose(plain.stage_b_latents, official.stage_b_latents)
+
+    for text, message in (("{", "sampling.json: not readable JSON"),
+                          ('{"decodr": {}}', "unknown stage 'decodr' \\(did you mean 'decoder'\\?\\)"),
+                          ('{"decoder": {"t_strat": 0.9}}',
+                           "unknown decoder setting 't_strat' \\(did you mean 't_start'"),
+                          ('{"prior": {"t_start": 2}}', "sampling.json: prior: t_start"),
+                          ('{"prior": 3}', "'prior' must be an object")):
+        (root / "sampling.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            StableCascadePipeline.from_pretrained(root, dtype="float32")
 
 
 def test_precision_variants_in_a_transformers_folder(official_folder, tiny, tmp_path, cache):

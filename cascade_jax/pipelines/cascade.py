@@ -5,8 +5,11 @@ Defaults are the official ones (``PRIOR_DEFAULTS`` / ``DECODER_DEFAULTS``, from
 shift 2; Stage B 10 steps, cfg 1.1, shift 1; DDPM; CFG rescale 0.7; the unconditional branch
 is the encoding of "" with zero image embeddings and zero EfficientNet latents). A stage's
 settings are one ``SamplerSettings``, passed as it is to the stage's sampling loop; change a
-field with ``PRIOR_DEFAULTS.replace(steps=30)``. Each stage's sampling loop is one compiled
-program (see ``stage_runner``); the batch is sharded over the local devices.
+field with ``PRIOR_DEFAULTS.replace(steps=30)``. A pipeline's own defaults (``prior_defaults`` /
+``decoder_defaults``: what a call without ``prior=`` / ``decoder=`` uses) are these, or what its
+weights folder's ``sampling.json`` recommends (see ``defaults``; the demo cascade has one). Each
+stage's sampling loop is one compiled program (see ``stage_runner``); the batch is sharded over the
+local devices.
 
 Model-parallel sampling: ``mesh=`` (a ``Mesh`` or ``"fsdp=4,tensor=2"`` / ``{"data": 2, "fsdp": 4}``) and
 ``rules=`` (logical axis -> mesh axis, as a training config's ``mesh`` and ``sharding_rules``) place every
@@ -36,15 +39,14 @@ import numpy as np
 from flax import nnx
 
 from cascade_jax.conditioning import TextConditioner
-from cascade_jax.diffusion import GDF, STAGE_B_DEFAULTS, STAGE_C_DEFAULTS, SamplerSettings
+from cascade_jax.diffusion import GDF, SamplerSettings
 from cascade_jax.pipelines import arguments as checks
 from cascade_jax.pipelines import images as image_ops
+from cascade_jax.pipelines.defaults import DECODER_DEFAULTS, PRIOR_DEFAULTS
 from cascade_jax.pipelines.sizes import latent_shapes
 from cascade_jax.pipelines.stage_runner import StageRunner, StageTiming, StepEvent, image_keys
 from cascade_jax.sharding import make_mesh, place_model
 
-PRIOR_DEFAULTS = STAGE_C_DEFAULTS.replace(cfg_std_per_sample=True)
-DECODER_DEFAULTS = STAGE_B_DEFAULTS.replace(cfg_std_per_sample=True)
 STAGE_B_STREAM, IMG2IMG_STREAM = 1, 2  # noise streams of a seed besides Stage C's (image_keys)
 
 
@@ -95,7 +97,12 @@ class StableCascadePipeline:
     """
 
     def __init__(self, *, stage_c, stage_b, stage_a, text_encoder, tokenizer, image_encoder=None, effnet=None,
-                 previewer=None, gdf: GDF = GDF(), mesh=None, rules: dict | None = None):
+                 previewer=None, gdf: GDF = GDF(), mesh=None, rules: dict | None = None,
+                 prior_defaults: SamplerSettings = PRIOR_DEFAULTS,
+                 decoder_defaults: SamplerSettings = DECODER_DEFAULTS):
+        checks.check_settings("prior_defaults", prior_defaults)
+        checks.check_settings("decoder_defaults", decoder_defaults)
+        self.prior_defaults, self.decoder_defaults = prior_defaults, decoder_defaults
         self.mesh, self.rules = (None if mesh is None else make_mesh(mesh)), rules
         if self.mesh is not None:  # the encoders, Stage A and the previewer by the same rules as the stages
             for module in (stage_a, text_encoder, image_encoder, effnet, previewer):
@@ -117,7 +124,8 @@ class StableCascadePipeline:
         Hugging Face repository id; unconverted weights are converted once and cached. ``configs``
         names the pipeline set (configs/pipelines/) giving the architecture of official single files
         (default ``full``, or ``lite`` with ``lite=True``; ``tiny`` for the tiny test weights).
-        ``mesh``/``rules``: see the module docstring; the weights are restored directly into that layout."""
+        ``mesh``/``rules``: see the module docstring; the weights are restored directly into that layout.
+        The folder's sampling.json, if any, sets the pipeline's default sampler settings."""
         from cascade_jax.pipelines.loading import load_components
         mesh = None if mesh is None else make_mesh(mesh)
         components = load_components(source, lite=lite, dtype=dtype, configs=configs, mesh=mesh, rules=rules)
@@ -177,6 +185,11 @@ class StableCascadePipeline:
         images = self.decode(b_latents) if decode else None
         return CascadeOutput(images, np.asarray(c_latents), np.asarray(b_latents), call.timings, call.seeds)
 
+    def _resolve(self, prior, decoder):
+        """A call's settings: the given ones, else this pipeline's defaults."""
+        return (self.prior_defaults if prior is None else prior,
+                self.decoder_defaults if decoder is None else decoder)
+
     @staticmethod
     def _call(seed, batch: int, prior, decoder, callback, callback_x0, long_prompts=False) -> _Call:
         """Check what every mode shares (before any work) and start the call's state."""
@@ -191,7 +204,7 @@ class StableCascadePipeline:
 
     # ---- modes -----------------------------------------------------------------------------
     def text_to_image(self, prompt, negative_prompt=None, *, height=1024, width=1024, num_images_per_prompt=1,
-                      seed=0, prior: SamplerSettings = PRIOR_DEFAULTS, decoder: SamplerSettings = DECODER_DEFAULTS,
+                      seed=0, prior: SamplerSettings | None = None, decoder: SamplerSettings | None = None,
                       prior_x_init=None, decoder_x_init=None, decode=True, callback=None, callback_x0=False,
                       long_prompts=False) -> CascadeOutput:
         """Prompts -> images. ``callback(StepEvent)`` is called after every step of each stage (with the
@@ -200,6 +213,7 @@ class StableCascadePipeline:
         prompts = checks.prompt_list(prompt)
         batch = checks.batch_size(len(prompts), num_images_per_prompt)
         c_shape, b_shape = latent_shapes(height, width, batch, self.c_latent_c, self.c_latent_b)
+        prior, decoder = self._resolve(prior, decoder)
         call = self._call(seed, batch, prior, decoder, callback, callback_x0, long_prompts)
         prior_x_init = checks.check_x_init("prior_x_init", prior_x_init, c_shape)
         decoder_x_init = checks.check_x_init("decoder_x_init", decoder_x_init, b_shape)
@@ -209,7 +223,7 @@ class StableCascadePipeline:
         return self._finish(c_latents, cond, uncond, b_shape, decoder, decoder_x_init, call, decode)
 
     def image_variation(self, images, *, prompt="", height=1024, width=1024, num_images_per_prompt=1, seed=0,
-                        prior: SamplerSettings = PRIOR_DEFAULTS, decoder: SamplerSettings = DECODER_DEFAULTS,
+                        prior: SamplerSettings | None = None, decoder: SamplerSettings | None = None,
                         prior_x_init=None, decoder_x_init=None, callback=None, callback_x0=False, long_prompts=False):
         """New images like ``images``: Stage C conditioned on their CLIP-L image embeddings."""
         if self.image_encoder is None:
@@ -217,6 +231,7 @@ class StableCascadePipeline:
         arrays = image_ops.as_uint8_batch(images)
         batch = checks.batch_size(len(arrays), num_images_per_prompt)
         c_shape, b_shape = latent_shapes(height, width, batch, self.c_latent_c, self.c_latent_b)  # check first
+        prior, decoder = self._resolve(prior, decoder)
         call = self._call(seed, batch, prior, decoder, callback, callback_x0, long_prompts)
         prior_x_init = checks.check_x_init("prior_x_init", prior_x_init, c_shape)
         decoder_x_init = checks.check_x_init("decoder_x_init", decoder_x_init, b_shape)
@@ -242,7 +257,7 @@ class StableCascadePipeline:
         return height, width
 
     def image_to_image(self, images, prompt, negative_prompt=None, *, strength=0.8, height=None, width=None,
-                       seed=0, prior: SamplerSettings = PRIOR_DEFAULTS, decoder: SamplerSettings = DECODER_DEFAULTS,
+                       seed=0, prior: SamplerSettings | None = None, decoder: SamplerSettings | None = None,
                        decoder_x_init=None, callback=None, callback_x0=False, long_prompts=False):
         """Stage C starts from the images' EfficientNet latents noised to t = ``strength`` and runs
         ``round(steps * strength)`` steps of the same schedule. The output is ``height`` x ``width``
@@ -256,6 +271,7 @@ class StableCascadePipeline:
         prompts = prompts * len(arrays) if len(prompts) == 1 else prompts
         batch = len(arrays)
         c_shape, b_shape = latent_shapes(height, width, batch, self.c_latent_c, self.c_latent_b)
+        prior, decoder = self._resolve(prior, decoder)
         call = self._call(seed, batch, prior, decoder, callback, callback_x0, long_prompts)
         decoder_x_init = checks.check_x_init("decoder_x_init", decoder_x_init, b_shape)
         effnet_latents = self.encode_effnet(arrays, height, width)
@@ -268,16 +284,21 @@ class StableCascadePipeline:
         return self._finish(c_latents, cond, uncond, b_shape, decoder, decoder_x_init, call, True)
 
     def reconstruct(self, images, *, prompt="", height=None, width=None, seed=0,
-                    decoder: SamplerSettings = DECODER_DEFAULTS, decoder_x_init=None, callback=None,
+                    decoder: SamplerSettings | None = None, decoder_x_init=None, callback=None,
                     callback_x0=False):
         """Image -> EfficientNet latents (the 42.67x code) -> Stage B -> Stage A: the codec round trip, at
-        ``height`` x ``width`` (default: the input's size rounded down to a multiple of 8)."""
+        ``height`` x ``width`` (default: the input's size rounded down to a multiple of 8). ``prompt``: Stage B's
+        text, one for all images or one per image."""
         arrays = image_ops.as_uint8_batch(images)
         height, width = self._image_size(arrays, height, width)
         batch = len(arrays)
+        prompts = checks.prompt_list(prompt)
+        if len(prompts) not in (1, batch):
+            raise ValueError(f"{len(prompts)} prompts for {batch} images")
         _, b_shape = latent_shapes(height, width, batch, self.c_latent_c, self.c_latent_b)
+        _, decoder = self._resolve(None, decoder)
         call = self._call(seed, batch, None, decoder, callback, callback_x0)
         decoder_x_init = checks.check_x_init("decoder_x_init", decoder_x_init, b_shape)
         effnet_latents = self.encode_effnet(arrays, height, width)
-        cond, uncond = self._text([prompt] * batch, None, 1, call)
+        cond, uncond = self._text(prompts * batch if len(prompts) == 1 else prompts, None, 1, call)
         return self._finish(effnet_latents, cond, uncond, b_shape, decoder, decoder_x_init, call, True)

@@ -36,7 +36,7 @@ from cascade_jax.data import hints
 from cascade_jax.models.controlnet import ControlNet
 from cascade_jax.nn.blocks import ResBlock
 from cascade_jax.pipelines import images as image_ops
-from cascade_jax.pipelines.cascade import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline, jitted_call
+from cascade_jax.pipelines.cascade import StableCascadePipeline, jitted_call
 from cascade_jax.pipelines.stage_runner import StageRunner
 
 CONTROLS = ("canny", "inpainting", "super_resolution", "identity")
@@ -266,14 +266,15 @@ class ControlNetPipeline:
 
     def __call__(self, images, prompt="", negative_prompt=None, *, mask=None, faces=None, saliency_fn=None,
                  mask_threshold: float = 0.2, outpaint: bool = False, height=None, width=None, seed=0,
-                 control: ControlSettings = ControlSettings(), prior=None, decoder=DECODER_DEFAULTS,
+                 control: ControlSettings = ControlSettings(), prior=None, decoder=None,
                  t_start: float = 1.0, keep_unmasked: bool = True) -> ControlNetOutput:
         """Sample with the control made from ``images`` (one prompt for all, or one per image).
 
         ``mask`` (inpainting; 1/True = generate there), or without one an automatic mask: ``saliency_fn``
         (e.g. :func:`saliency_function` of the official saliency net) above ``mask_threshold`` (0.2 as in
         the official notebook), inverted with ``outpaint``. ``faces`` (identity: per-image lists of boxes
-        and ArcFace embeddings); ``prior`` defaults to the official per-task Stage C settings.
+        and ArcFace embeddings); ``prior`` / ``decoder`` default to the pipeline's (``prior_defaults``, without
+        guidance for super-resolution, as the official notebook).
         """
         control.check()
         arrays = image_ops.as_uint8_batch(images)
@@ -286,14 +287,14 @@ class ControlNetPipeline:
         common = dict(height=size[0], width=size[1], seed=seed, decoder=decoder)
         if self.control == "inpainting":
             result = pipe.image_to_image(_resize(arrays, size), prompts, negative_prompt, strength=t_start,
-                                         prior=prior or PRIOR_DEFAULTS, **common)
+                                         prior=prior, **common)
             if keep_unmasked:
                 result.images = np.where(hint_mask, result.images, _resize(arrays, size))
         else:
             # Super-resolution runs at cfg 1, i.e. the conditional prediction alone (no unconditional pass).
-            default = dataclasses.replace(PRIOR_DEFAULTS, cfg=None) if self.control == "super_resolution" \
-                else PRIOR_DEFAULTS
-            result = pipe.text_to_image(prompts, negative_prompt, prior=prior or default, **common)
+            if prior is None and self.control == "super_resolution":
+                prior = pipe.prior_defaults.replace(cfg=None)
+            result = pipe.text_to_image(prompts, negative_prompt, prior=prior, **common)
         return ControlNetOutput(result.images, control_images, result.stage_c_latents, result.timings, result.seeds)
 
 

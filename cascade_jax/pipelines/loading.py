@@ -19,6 +19,7 @@ from pathlib import Path
 from cascade_jax.data.clip_tokenizer import CLIPTokenizer, openai_bpe_path, write_tokenizer_folder_from_openai_bpe
 from cascade_jax.models.random_init import random_model
 from cascade_jax.models.registry import configs_root, load_config, read_config_file
+from cascade_jax.pipelines.defaults import read_sampling_defaults
 from cascade_jax.pipelines.sources import (DIFFUSERS_FOLDERS, OFFICIAL_FILES, find_source,  # noqa: F401
                                          folder_weights, missing_message, official_candidates, resolve_source)
 from cascade_jax.sharding import make_mesh
@@ -129,8 +130,10 @@ def load_component(root: Path, component: str, model: str, preset_config: dict, 
 
 def load_components(source, *, lite: bool = False, dtype: str = "bfloat16", configs=None, mesh=None,
                     rules: dict | None = None) -> dict:
-    """Every component found in ``source``. ``configs``: the pipeline set (name or YAML file) that gives
-    the architecture of official single files; default ``lite`` with ``lite=True``, else ``full``.
+    """Every component found in ``source``, and the pipeline's default sampler settings (``prior_defaults`` /
+    ``decoder_defaults``: the official ones changed by the folder's sampling.json, if any). ``configs``:
+    the pipeline set (name or YAML file) that gives the architecture of official single files; default
+    ``lite`` with ``lite=True``, else ``full``.
     ``mesh`` (a Mesh or a ``make_mesh`` spec such as ``"fsdp=4,tensor=2"``): every component is restored
     straight into its layout on it by ``rules``."""
     parse_dtype(dtype)  # refuse float16 before touching any file
@@ -138,6 +141,7 @@ def load_components(source, *, lite: bool = False, dtype: str = "bfloat16", conf
     config_source = configs or ("lite" if lite else "full")
     presets = pipeline_set(config_source)
     root = resolve_source(source, presets, lite=lite, dtype=dtype)
+    sampling = read_sampling_defaults(root)  # a bad file fails before minutes of loading
     if not (root / "tokenizer").is_dir():
         raise FileNotFoundError(f"{root}: no tokenizer/ folder (the CLIP tokenizer files vocab.json, merges.txt, "
                                 "tokenizer_config.json; download tokenizer/ from the stabilityai/stable-cascade "
@@ -151,4 +155,4 @@ def load_components(source, *, lite: bool = False, dtype: str = "bfloat16", conf
                                             required=component in REQUIRED, config_source=str(config_source),
                                             sharding=mesh, rules=rules)
     models["tokenizer"] = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    return models
+    return {**models, "prior_defaults": sampling["prior"], "decoder_defaults": sampling["decoder"]}
