@@ -30,8 +30,6 @@ from cascade_jax.sharding import parse_mesh_spec
 from cascade_jax.weights.cache import enable_compilation_cache
 
 IMAGE_MODES = ("variation", "img2img", "reconstruct")
-
-
 STAGE_FLAGS = ("steps", "cfg", "shift", "t_start", "sampler")
 
 
