@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -128,14 +127,7 @@ def markdown(report: dict) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.temp_path(path)
-    try:
-        with atomic.sigterm_as_exception():
-            tmp.write_text(text)
-            os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            atomic.remove(tmp)
+    atomic.write_text(path, text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -232,6 +232,21 @@ def test_interrupted_export_leaves_no_partial_file(tmp_path, how):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_write_text_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "report.json"
+    atomic.write_text(path, "old")
+    atomic.write_text(path, "new")
+    assert path.read_text() == "new"
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        atomic.write_text(path, "lost")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp left
+
+
 def test_stale_temps_of_live_processes_and_other_names_are_kept(tmp_path):
     live = atomic.temp_path(tmp_path / "out")  # this process: alive
     other = tmp_path / f".other.tmp-{atomic._host()}-999999999"

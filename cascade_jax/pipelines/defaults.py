@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
 from pathlib import Path
 
 from cascade_jax.diffusion import STAGE_B_DEFAULTS, STAGE_C_DEFAULTS, SamplerSettings
@@ -74,13 +73,6 @@ def write_sampling_defaults(root: Path, changes: dict) -> Path:
     """Write ``changes`` (checked as ``read_sampling_defaults`` will read them) to root/sampling.json atomically."""
     path = Path(root) / FILE_NAME
     settings_from_changes(changes, str(path))
-    tmp = atomic.temp_path(path)
-    try:
-        with atomic.sigterm_as_exception():
-            tmp.write_text(json.dumps(changes, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            atomic.remove(tmp)
+    atomic.write_text(path, json.dumps(changes, indent=2, sort_keys=True) + "\n")
     return path
 

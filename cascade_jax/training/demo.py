@@ -289,6 +289,4 @@ def build_demo(work=Path("demo_build"), out=demo.WEIGHTS_DIR, *, images: int = 6
 
 
 def _write_json(path: Path, value):
-    tmp = atomic.temp_path(path)
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(value, indent=1))

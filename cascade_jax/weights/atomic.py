@@ -95,3 +95,16 @@ def sigterm_as_exception():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def write_text(path: Path, text: str):
+    """Write ``text`` to ``path`` through its temp sibling: the old file or the new one, never part of one."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with sigterm_as_exception():
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            remove(tmp)
