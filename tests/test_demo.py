@@ -53,12 +53,12 @@ def test_demo_training_configs_build_the_pipeline_sets_models():
 
 
 # A fixed set of prompts, seen and held-out, two seeds each, sampled with the demo's sampling.json. The
-# bounds sit under the measured accuracy (on this set: seen colour 0.96, position 0.92, background 1.0;
-# held-out 0.88, 0.79, 1.0; chance 0.125, 0.2, 0.125), so a regression anywhere in the stack (tokenizer,
+# bounds sit under the measured accuracy (on this set: seen colour 0.88, position 0.96, background 0.88;
+# held-out 0.83, 0.75, 0.92; chance 0.125, 0.2, 0.125; 24 images a split, so one image is 0.04), so a regression anywhere in the stack (tokenizer,
 # CLIP, Stage C, Stage B, Stage A, sampler, the shipped sampler settings) fails it. Shape is not bounded:
 # the demo draws it at about chance (README).
 PROMPTS_PER_SPLIT = 12
-LOWER_BOUNDS = {"colour": 0.6, "background": 0.9, "position": 0.6}
+LOWER_BOUNDS = {"colour": 0.7, "background": 0.75, "position": 0.6}
 
 SCRIPT = """
 import json, sys
