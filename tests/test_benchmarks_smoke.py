@@ -75,3 +75,16 @@ def test_gpu_script_tiny_mode_runs_every_part_on_the_cpu(tmp_path, results_untou
     assert skipped == [], skipped
     assert errors_in(data["parts"]) == []
     assert (tmp_path / "gpu" / "gpu_summary.md").is_file()
+
+
+def test_the_training_dry_run_table_compiles_a_sharded_step(tmp_path):
+    """benchmarks/dry_run.py --tiny: tiny_c's step compiled for 8 simulated devices (FSDP 8) in a child
+    process; the report has XLA's per-device memory and the step's FLOPs."""
+    out = tmp_path / "dry_run.json"
+    run = subprocess.run([sys.executable, "benchmarks/dry_run.py", "--tiny", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["devices"] == 8 and case["mesh"]["fsdp"] == 8, case
+    assert case["argument_gib_per_device"] > 0 and case["flops_per_step_per_device"] > 0, case
+    assert "| tiny C, FSDP 8 | 8 | fsdp 8 |" in out.with_suffix(".md").read_text()
