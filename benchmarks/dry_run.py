@@ -7,7 +7,7 @@ per-device memory analysis (arguments = the sharded train state and batch, tempo
 what the donated state aliases) and the step's FLOPs per device.
 
 These are XLA:CPU's numbers: the same partitioning as on GPU/TPU, but the CPU compiler fuses and schedules
-differently (and keeps bfloat16 matmul inputs in float32 temporaries), so the arguments (parameters, AdamW
+differently, so the arguments (parameters, AdamW
 moments, EMA, batch) are exact and the temporaries are not a GPU/TPU estimate: Stage C 3.6B at FSDP 8,
 8 images of 768² a device, compiled here to 5.3 GiB of arguments but 207 GiB of XLA:CPU temporaries.
 
