@@ -224,11 +224,17 @@ def to_jsonable(value):
     return value
 
 
-def write_json(path: Path, data: dict):
+def write_text(path: Path, text: str):
+    """``text`` to ``path`` (its folder made), through a temp sibling: a killed run leaves the old result."""
+    from cascade_jax.weights import atomic
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(data), indent=1))
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
+
+
+def write_json(path: Path, data: dict):
+    write_text(path, json.dumps(to_jsonable(data), indent=1))
 
 
 def log(message: str):

@@ -29,8 +29,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR.parent) not in sys.path:  # run as `python benchmarks/demo_accuracy.py` from anywhere
     sys.path.insert(0, str(BENCH_DIR.parent))
 
+from benchmarks.common import write_text  # noqa: E402
 from cascade_jax.data import shapes  # noqa: E402
-from cascade_jax.weights import atomic  # noqa: E402
 
 DEFAULT_OUT = BENCH_DIR / "results" / "demo_accuracy.json"
 SPLIT_LABELS = {"train": "seen", "heldout": "held-out"}
@@ -125,11 +125,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(path, text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     source = p.add_mutually_exclusive_group()
@@ -200,9 +195,9 @@ def main(argv=None) -> int:
               "backend": jax.default_backend(), "load_s": load_s,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "splits": splits}
-    write_atomic(args.out, json.dumps(report, indent=1) + "\n")
+    write_text(args.out, json.dumps(report, indent=1) + "\n")
     table = markdown(report)
-    write_atomic(args.out.with_suffix(".md"), table)
+    write_text(args.out.with_suffix(".md"), table)
     print(table)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0

@@ -33,7 +33,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR.parent) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR.parent))
 
-from benchmarks.demo_accuracy import COLUMNS, write_atomic  # noqa: E402
+from benchmarks.common import write_text  # noqa: E402
+from benchmarks.demo_accuracy import COLUMNS  # noqa: E402
 from cascade_jax.data import shapes  # noqa: E402
 
 DEFAULT_OUT = BENCH_DIR / "results" / "demo_stages.json"
@@ -101,8 +102,8 @@ def main(argv=None) -> int:
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "wall_s": round(time.perf_counter() - start, 1),
               "stages": {name: shapes.accuracy(out, combos) for name, out in outputs.items()}}
-    write_atomic(args.out, json.dumps(report, indent=1))
-    write_atomic(args.out.with_suffix(".md"), markdown(report))
+    write_text(args.out, json.dumps(report, indent=1))
+    write_text(args.out.with_suffix(".md"), markdown(report))
     print(markdown(report))
     return 0
 

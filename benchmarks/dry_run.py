@@ -46,7 +46,8 @@ def child(config: str, overrides: list[str]) -> dict:
     from cascade_jax.training import load_config
     from cascade_jax.training.plan import plan
 
-    return plan(load_config(config, overrides))
+    cfg = load_config(config, overrides)
+    return {**plan(cfg), "batch_size": cfg.batch_size, "image_size": cfg.image_size}
 
 
 def run_case(label: str, config: str, devices: int, overrides: list[str], timeout_s: float) -> dict:
@@ -105,23 +106,19 @@ def main(argv=None) -> int:
 
     import jax
 
-    from benchmarks.demo_accuracy import write_atomic
-    from cascade_jax.training import load_config
+    from benchmarks.common import write_text
 
     cases = []
     chosen = [c for c in (TINY_CASES if args.tiny else CASES) if args.only is None or args.only in c[0]]
     for label, config, devices, overrides in chosen:
         print(f"{label}: compiling for {devices} devices ...", flush=True)
         case = run_case(label, config, devices, overrides, args.timeout)
-        if "error" not in case:
-            cfg = load_config(config, overrides)
-            case.update(batch_size=cfg.batch_size, image_size=cfg.image_size)
         print(json.dumps(case), flush=True)
         cases.append(case)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "jax": jax.__version__, "cases": cases}
-    write_atomic(args.out, json.dumps(report, indent=1))
-    write_atomic(args.out.with_suffix(".md"), markdown(report))
+    write_text(args.out, json.dumps(report, indent=1))
+    write_text(args.out.with_suffix(".md"), markdown(report))
     print(markdown(report))
     return 1 if any("error" in c for c in cases) else 0
 

@@ -21,8 +21,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR.parent) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR.parent))
 
-from benchmarks.common import alternate, machine_info, ratio, summarize  # noqa: E402
-from benchmarks.demo_accuracy import write_atomic  # noqa: E402
+from benchmarks.common import alternate, machine_info, ratio, summarize, write_text  # noqa: E402
 
 
 def contenders(batch: int):
@@ -65,12 +64,12 @@ def main(argv=None) -> int:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "batch": args.batch, "compile_s": compile_s, "timings": stats,
               "scan_over_direct": ratio(stats["scan_of_1"], stats["direct"]), "machine": machine_info()}
-    write_atomic(args.out, json.dumps(report, indent=1))
+    write_text(args.out, json.dumps(report, indent=1))
     md = (f"# Gradient of the demo EfficientNet, directly and in a length-1 lax.scan\n\n{report['date']}; batch "
           f"{args.batch} at 96x96, median of {args.repeats} interleaved runs.\n\n| form | step (ms) | compile (s) |\n"
           "|---|---|---|\n" + "".join(f"| {n} | {1000 * stats[n]['median_s']:.0f} | {compile_s[n]} |\n" for n in runs)
           + f"\nscan / direct: {report['scan_over_direct']:.2f}x\n")
-    write_atomic(args.out.with_suffix(".md"), md)
+    write_text(args.out.with_suffix(".md"), md)
     print(md)
     return 0
 
