@@ -128,6 +128,24 @@ def test_the_demo_stages_script_refuses_bad_arguments(tmp_path):
     assert run.returncode == 2 and "none" in run.stderr, run.stderr[-2000:]
 
 
+def test_the_demo_probe_script_reads_the_conditionings(tmp_path):
+    """benchmarks/demo_probe.py with 512 training and 128 held-out images: the pooled text embedding
+    Stage B gets tells every attribute of a held-out caption apart linearly, and the EfficientNet latents
+    keep the place and the background (measured with 2,048 / 512: 1.0 for all of these)."""
+    out = tmp_path / "probe.json"
+    run = subprocess.run([sys.executable, "benchmarks/demo_probe.py", "--train", "512", "--test", "128",
+                          "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    probes = json.loads(out.read_text())["probes"]
+    text, latents = probes["pooled text embedding"], probes["EfficientNet latents"]
+    assert all(text[a]["linear"] >= 0.9 for a in shapes.ATTRIBUTES), text
+    assert latents["position"]["mlp"] >= 0.9 and latents["background"]["mlp"] >= 0.9, latents
+    assert "| EfficientNet latents |" in out.with_suffix(".md").read_text()
+    run = subprocess.run([sys.executable, "benchmarks/demo_probe.py", "--test", "0"], capture_output=True,
+                         text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 2 and "--test >= 1, got 2048 and 0" in run.stderr
+
+
 def test_the_recipe_builds_a_loadable_cascade_and_resumes(tmp_path):
     """train/demo.py end to end at a few updates per stage, the two chains in parallel processes: every
     stage reports, the published folder loads and draws, and a second run skips what is done."""
