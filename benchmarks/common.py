@@ -233,6 +233,24 @@ def write_text(path: Path, text: str):
     atomic.write_text(path, text)
 
 
+def load_pipeline(weights: str, dtype: str = "float32"):
+    """``StableCascadePipeline.from_pretrained(weights)``, or None after printing why it cannot load."""
+    from cascade_jax.pipelines.cascade import StableCascadePipeline
+
+    try:
+        return StableCascadePipeline.from_pretrained(weights, dtype=dtype)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def write_report(out: Path, report: dict, table: str):
+    """``report`` as JSON to ``out`` and ``table`` (markdown) beside it as .md; the table is printed."""
+    write_text(out, json.dumps(report, indent=1))
+    write_text(Path(out).with_suffix(".md"), table)
+    print(table)
+
+
 def write_json(path: Path, data: dict):
     write_text(path, json.dumps(to_jsonable(data), indent=1))
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR.parent) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR.parent))
 
-from benchmarks.common import write_text  # noqa: E402
+from benchmarks.common import load_pipeline, write_report  # noqa: E402
 from cascade_jax.data import shapes  # noqa: E402
 
 DEFAULT_OUT = BENCH_DIR / "results" / "demo_probe.json"
@@ -90,14 +89,12 @@ def probe_all(x_train, combos_train, x_test, combos_test) -> dict:
 
 def features(pipe, n: int, seed: int, split: str, size: int) -> tuple[np.ndarray, np.ndarray, list]:
     """(EfficientNet latents, pooled text embeddings, combos) of ``n`` rendered images of ``split``."""
-    combos = shapes.sample_combos(n, seed=seed, split=split)
-    rng = np.random.default_rng(seed)
-    images = np.stack([shapes.render(c, size, rng) for c in combos])
+    images, captions, combos = shapes.generate(n, seed, size, split)
     latents, pooled = [], []
     for i in range(0, n, 64):
         batch = images[i:i + 64]
         latents.append(np.asarray(pipe.encode_effnet(batch, size, size)).reshape(len(batch), -1))
-        text = pipe.text([shapes.caption(c) for c in combos[i:i + 64]])
+        text = pipe.text(captions[i:i + 64])
         pooled.append(np.asarray(text.stage_b()["clip"], np.float32)[:, 0])
     return np.concatenate(latents), np.concatenate(pooled), combos
 
@@ -127,12 +124,8 @@ def main(argv=None) -> int:
     if args.train < 2 or args.test < 1:
         print(f"error: --train must be >= 2 and --test >= 1, got {args.train} and {args.test}", file=sys.stderr)
         return 2
-    from cascade_jax.pipelines.cascade import StableCascadePipeline
-
-    try:
-        pipe = StableCascadePipeline.from_pretrained(args.weights, dtype="float32")
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    pipe = load_pipeline(args.weights)
+    if pipe is None:
         return 2
     start = time.perf_counter()
     lat_train, text_train, combos_train = features(pipe, args.train, 1, "train", args.size)
@@ -142,9 +135,7 @@ def main(argv=None) -> int:
               "probes": {"EfficientNet latents": probe_all(lat_train, combos_train, lat_test, combos_test),
                          "pooled text embedding": probe_all(text_train, combos_train, text_test, combos_test)}}
     report["wall_s"] = round(time.perf_counter() - start, 1)
-    write_text(args.out, json.dumps(report, indent=1))
-    write_text(args.out.with_suffix(".md"), markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown(report))
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR.parent) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR.parent))
 
-from benchmarks.common import write_text  # noqa: E402
+from benchmarks.common import load_pipeline, write_report  # noqa: E402
 from benchmarks.demo_accuracy import COLUMNS  # noqa: E402
 from cascade_jax.data import shapes  # noqa: E402
 
@@ -86,12 +85,8 @@ def main(argv=None) -> int:
     if args.images < 1:
         print(f"error: --images must be >= 1, got {args.images}", file=sys.stderr)
         return 2
-    from cascade_jax.pipelines.cascade import StableCascadePipeline
-
-    try:
-        pipe = StableCascadePipeline.from_pretrained(args.weights, dtype="float32")
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    pipe = load_pipeline(args.weights)
+    if pipe is None:
         return 2
     combos = shapes.sample_combos(args.images, seed=args.seed, split="heldout")
     rng = np.random.default_rng(args.seed)
@@ -102,9 +97,7 @@ def main(argv=None) -> int:
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "wall_s": round(time.perf_counter() - start, 1),
               "stages": {name: shapes.accuracy(out, combos) for name, out in outputs.items()}}
-    write_text(args.out, json.dumps(report, indent=1))
-    write_text(args.out.with_suffix(".md"), markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown(report))
     return 0
 
 
