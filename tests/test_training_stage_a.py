@@ -232,3 +232,32 @@ def test_latent_object_weights_and_weighted_denoising_loss():
     assert abs(float(loss) - float(plain_loss)) > 1e-4  # the weights change what is optimised
     with pytest.raises(ValueError, match="cached_conditions batches do not carry"):
         load_config("tiny_b", ["object_loss_weight=10", "cached_conditions=true"])
+
+
+def test_edge_weights_mark_the_outline_band_of_the_object():
+    """``edge_loss_weight``: the pixels within OUTLINE_RADIUS of the object's boundary, inside and outside."""
+    from cascade_jax.training.losses import OUTLINE_RADIUS, latent_object_weights, object_weights, outline
+
+    far = np.zeros((1, 16, 16, 1), bool)
+    far[0, 6:10, 5:12] = True  # a 4x7 object
+    band = np.asarray(outline(jnp.asarray(far)))[0, ..., 0]
+    r = OUTLINE_RADIUS
+    dilated = np.zeros((16, 16), bool); dilated[6 - r:10 + r, 5 - r:12 + r] = True
+    eroded = np.zeros((16, 16), bool); eroded[6 + r:10 - r, 5 + r:12 - r] = True
+    np.testing.assert_array_equal(band, dilated & ~eroded)
+
+    image = np.full((1, 16, 16, 3), 0.5, np.float32)
+    image[far[..., 0]] = (1.0, 0.0, 0.0)
+    weights = np.asarray(object_weights(jnp.asarray(image), 5.0, 20.0))[0, ..., 0]
+    expected = np.where(band, 20.0, np.where(far[0, ..., 0], 5.0, 1.0))
+    np.testing.assert_allclose(weights, expected / expected.mean(), rtol=1e-6)
+    # edge weight 1 leaves the object weights as they were; the latent weights average the pixel weights
+    np.testing.assert_array_equal(np.asarray(object_weights(jnp.asarray(image), 5.0, 1.0)),
+                                  np.asarray(object_weights(jnp.asarray(image), 5.0)))
+    cells = expected.reshape(4, 4, 4, 4).mean(axis=(1, 3))
+    np.testing.assert_allclose(np.asarray(latent_object_weights(jnp.asarray(image), (4, 4), 5.0, 20.0))[0, ..., 0],
+                               cells / cells.mean(), rtol=1e-6)
+    with pytest.raises(ValueError, match="edge_loss_weight=0.5"):
+        load_config("tiny_b", ["edge_loss_weight=0.5"])
+    with pytest.raises(ValueError, match="edge_loss_weight=4 needs the images"):
+        load_config("tiny_b", ["edge_loss_weight=4", "cached_conditions=true"])

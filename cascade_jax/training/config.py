@@ -117,6 +117,9 @@ class TrainConfig:
     # Stage B / C per latent position (the mean weight of its pixels). Small objects on a flat background are
     # otherwise a few percent of the loss. Logged losses stay the plain MSE.
     object_loss_weight: float = 1.0
+    # Pixels within 2 of the object's outline (losses.outline) weigh this much instead (1: no change): where
+    # shapes of one box differ. Same scope and normalisation as object_loss_weight.
+    edge_loss_weight: float = 1.0
 
     def __post_init__(self):
         if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
@@ -124,9 +127,12 @@ class TrainConfig:
                              f"{self.grad_accum_steps} (>= 1)")
         if self.object_loss_weight < 1:
             raise ValueError(f"object_loss_weight={self.object_loss_weight}: use 1 (plain MSE) or more")
-        if self.object_loss_weight != 1 and self.cached_conditions:
-            raise ValueError(f"object_loss_weight={self.object_loss_weight} needs the images, which cached_conditions "
-                             "batches do not carry: set object_loss_weight: 1 or cached_conditions: false")
+        if self.edge_loss_weight < 1:
+            raise ValueError(f"edge_loss_weight={self.edge_loss_weight}: use 1 (no outline weight) or more")
+        for name in ("object_loss_weight", "edge_loss_weight"):
+            if getattr(self, name) != 1 and self.cached_conditions:
+                raise ValueError(f"{name}={getattr(self, name)} needs the images, which cached_conditions batches "
+                                 f"do not carry: set {name}: 1 or cached_conditions: false")
         if self.init not in ("checkpoint", "official", "scratch"):
             raise ValueError(f"init={self.init!r}: use 'checkpoint', 'official' (from scratch as the official "
                              "constructors initialise) or 'scratch' (every parameter random, for tests)")

@@ -40,33 +40,49 @@ def denoising_loss(apply_fn, x0, t, epsilon, gdf: GDF, loss_state=None, weights=
     return jnp.mean(optimised * d.loss_weight), LossAux(per_sample, d.logsnr)
 
 
-def object_weights(target, object_weight: float):
+OUTLINE_RADIUS = 2  # pixels: an object pixel this close to the background (or the reverse) is on the outline
+
+
+def outline(far):
+    """(B, H, W, 1) bool: the pixels within ``OUTLINE_RADIUS`` of the boundary of the boolean mask ``far``
+    (its dilation minus its erosion): where a circle, a square and a triangle of one box differ."""
+    window, strides = (1, 2 * OUTLINE_RADIUS + 1, 2 * OUTLINE_RADIUS + 1, 1), (1, 1, 1, 1)
+    mask = far.astype(jnp.float32)
+    dilated = jax.lax.reduce_window(mask, -jnp.inf, jax.lax.max, window, strides, "SAME")
+    eroded = -jax.lax.reduce_window(-mask, -jnp.inf, jax.lax.max, window, strides, "SAME")
+    return dilated != eroded
+
+
+def object_weights(target, object_weight: float, edge_weight: float = 1.0):
     """(B, H, W, 1) pixel weights: ``object_weight`` where the target is far from its image's median colour
-    (the background, for a small object on a flat ground), 1 elsewhere; normalised to mean 1 per sample."""
+    (the background, for a small object on a flat ground), ``edge_weight`` on that object's ``outline``
+    (when not 1), 1 elsewhere; normalised to mean 1 per sample."""
     target = target.astype(jnp.float32)
     median = jnp.median(target.reshape(target.shape[0], -1, target.shape[-1]), axis=1)[:, None, None, :]
     far = jnp.sqrt(jnp.sum(jnp.square(target - median), axis=-1, keepdims=True)) > OBJECT_DISTANCE
     weights = jnp.where(far, object_weight, 1.0)
+    if edge_weight != 1.0:
+        weights = jnp.where(outline(far), edge_weight, weights)
     return weights / jnp.mean(weights, axis=(1, 2, 3), keepdims=True)
 
 
-def latent_object_weights(images01, latent_hw, object_weight: float):
+def latent_object_weights(images01, latent_hw, object_weight: float, edge_weight: float = 1.0):
     """``object_weights`` of images in [0, 1] averaged over each latent position's pixels (the image
     side must be a multiple of the latent side) and renormalised: (B, h, w, 1), mean 1 per sample."""
     b, height, width, _ = images01.shape
     h, w = latent_hw
     if height % h or width % w:
         raise ValueError(f"object weights: image {height}x{width} is not a multiple of the latent {h}x{w}")
-    pixels = object_weights(images01, object_weight)
+    pixels = object_weights(images01, object_weight, edge_weight)
     pooled = pixels.reshape(b, h, height // h, w, width // w, 1).mean(axis=(2, 4))
     return jax.lax.stop_gradient(pooled / jnp.mean(pooled, axis=(1, 2, 3), keepdims=True))
 
 
-def denoising_weights(images, latent_hw, object_weight: float):
+def denoising_weights(images, latent_hw, object_weight: float, edge_weight: float = 1.0):
     """``denoising_loss``'s ``weights`` for a batch of uint8 ``images``: None for plain MSE (weight 1)."""
-    if object_weight == 1.0:
+    if object_weight == 1.0 and edge_weight == 1.0:
         return None
-    return latent_object_weights(images_to_unit(images), latent_hw, object_weight)
+    return latent_object_weights(images_to_unit(images), latent_hw, object_weight, edge_weight)
 
 
 def draw_t_and_noise(key, shape):

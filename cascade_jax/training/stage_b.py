@@ -86,7 +86,8 @@ class StageBTask(Task):
             return generator(noised.astype(dtype), noise_cond, effnet.astype(dtype), pooled.astype(dtype),
                              rngs=key_dropout)
 
-        weights = losses.denoising_weights(batch.get("images"), x0.shape[1:3], cfg.object_loss_weight)
+        weights = losses.denoising_weights(batch.get("images"), x0.shape[1:3], cfg.object_loss_weight,
+                                             cfg.edge_loss_weight)
         return losses.denoising_loss(apply, x0, t, epsilon, losses.make_gdf(cfg.adaptive_loss_weight), loss_state,
                                      weights)
 
