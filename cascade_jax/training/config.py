@@ -117,8 +117,8 @@ class TrainConfig:
     # Stage B / C per latent position (the mean weight of its pixels). Small objects on a flat background are
     # otherwise a few percent of the loss. Logged losses stay the plain MSE.
     object_loss_weight: float = 1.0
-    # Pixels within 2 of the object's outline (losses.outline) weigh this much instead (1: no change): where
-    # shapes of one box differ. Same scope and normalisation as object_loss_weight.
+    # Pixels within 2 of the object's outline (losses.outline) weigh this much instead (1: no change), where
+    # shapes of one box differ: in Stage B / C's denoising error, normalised as object_loss_weight's weights.
     edge_loss_weight: float = 1.0
 
     def __post_init__(self):
