@@ -53,13 +53,13 @@ def test_demo_training_configs_build_the_pipeline_sets_models():
 
 
 # A fixed set of prompts, seen and held-out, two seeds each, sampled with the demo's sampling.json. The
-# bounds sit under the measured accuracy (on this set: seen colour 0.92, shape 0.83, position 1.0, background
-# 0.88; held-out 1.0, 0.67, 0.92, 1.0; chance 0.125, 0.33, 0.2, 0.125; 24 images a split, so one image is 0.04),
-# so a regression anywhere in the stack (tokenizer, CLIP, Stage C, Stage B, Stage A, sampler, the shipped
+# bounds sit under the measured accuracy (on this set: seen colour 0.88, shape 1.0, position 0.96, background
+# 0.88; held-out 0.88, 0.79, 0.88, 0.96; chance 0.125, 0.33, 0.2, 0.125; 24 images a split, so one image is
+# 0.04), so a regression anywhere in the stack (tokenizer, CLIP, Stage C, Stage B, Stage A, sampler, the shipped
 # sampler settings) fails it. Shape, near chance before Stage B's outline weight (0.38 held-out), is bounded too
-# (with the earlier decoder guidance 3 it measured 0.71 / 0.54 here).
+# (the 5,000-update Stage B at guidance 3 measured 0.71 / 0.54 here).
 PROMPTS_PER_SPLIT = 12
-LOWER_BOUNDS = {"colour": 0.7, "shape": 0.55, "background": 0.75, "position": 0.6}
+LOWER_BOUNDS = {"colour": 0.7, "shape": 0.65, "background": 0.75, "position": 0.6}
 
 SCRIPT = """
 import json, sys
@@ -155,7 +155,7 @@ def test_the_recipe_builds_a_loadable_cascade_and_resumes(tmp_path):
     stage reports, the published folder loads and draws, and a second run skips what is done."""
     work, out = tmp_path / "work", tmp_path / "weights"
     cmd = [sys.executable, "train/demo.py", "--work", str(work), "--out", str(out), "--images", "48",
-           "--scale", "0.0005"]
+           "--scale", "0.0003"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((work / "demo_report.json").read_text())
