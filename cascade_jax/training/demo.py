@@ -48,11 +48,11 @@ TRAINED = {"stage_a": "demo_a", "stage_b": "demo_b", "stage_c": "demo_c", "previ
 CALIBRATION_IMAGES = 256
 TOKENIZER_MAX_LENGTH = 24  # the longest caption is 13 tokens with <|startoftext|> and <|endoftext|>
 # The shipped cascade's sampling.json: changes to the official sampler settings, chosen on seen combinations
-# (benchmarks/demo_accuracy.py, 80 images): the tiny Stage B follows its latents' colour and place better with
-# guidance 3 than 1.1, and when its first step is at t 0.9, not 1, where its predicted noise's error is
+# (benchmarks/demo_accuracy.py, 80 images): before the outline weight, the tiny Stage B followed its latents'
+# colour and place better with guidance 3 than 1.1, and when its first step is at t 0.9, not 1, where its predicted noise's error is
 # amplified ~100x into out-of-range latents that Stage A draws as speckles (seen colour 0.86 -> 0.94,
 # position 0.76 -> 0.85, shape 0.35 -> 0.41).
-# Rechecked with Stage B attending at 8x8 (all 126 seen combinations x 2): official -> these settings, colour
+# Rechecked with Stage B attending at 8x8 (all 126 seen combinations x 2): official -> guidance 3, colour
 # 0.948 -> 0.960, position 0.810 -> 0.881; and on the larger objects (30-38% of the side), seen colour
 # 0.992 -> 1.0, position 0.857 -> 0.909.
 # With the outline weight (edge_loss_weight), a weaker guidance draws the shapes better (at 3 the latents' blob
