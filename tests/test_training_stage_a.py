@@ -261,3 +261,20 @@ def test_edge_weights_mark_the_outline_band_of_the_object():
         load_config("tiny_b", ["edge_loss_weight=0.5"])
     with pytest.raises(ValueError, match="edge_loss_weight=4 needs the images"):
         load_config("tiny_b", ["edge_loss_weight=4", "cached_conditions=true"])
+
+
+def test_median_without_sorting_equals_jnp_median_bit_for_bit():
+    """``losses.median`` (bisection on integer keys, the object weights' median colour) against ``jnp.median``:
+    ties (uint8 images), negative values and zeros, odd and even lengths, one element."""
+    from cascade_jax.training.losses import median
+
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(0, 256, (4, 300, 3)).astype(np.float32) / 255.0,  # many ties, as in images
+             rng.standard_normal((3, 7, 2)).astype(np.float32),
+             rng.standard_normal((2, 8, 5)).astype(np.float32) * 1e-30,
+             np.array([[[0.0], [-0.0], [-1.5], [2.0]]], np.float32),
+             rng.standard_normal((5, 1, 3)).astype(np.float32)]
+    for x in cases:
+        for axis in (1, 2):
+            np.testing.assert_array_equal(np.asarray(median(jnp.asarray(x), axis)),
+                                          np.asarray(jnp.median(jnp.asarray(x), axis=axis)))
