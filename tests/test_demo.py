@@ -180,3 +180,23 @@ def test_slots_split_the_cpus_evenly(monkeypatch):
     assert [recipe.slot_cpus(i, 2) for i in range(2)] == [{0, 1}, {2, 3}]
     monkeypatch.setattr(recipe.os, "sched_getaffinity", lambda pid: {4}, raising=False)
     assert recipe.slot_cpus(0, 2) is None  # one CPU: the slots share it unpinned
+
+
+def test_the_spawned_trainers_start_with_huge_pages_and_the_parent_keeps_its_environment(monkeypatch, tmp_path):
+    from cascade_jax.training import demo as recipe
+
+    assert recipe.with_tunable(None, "glibc.malloc.hugetlb=1") == "glibc.malloc.hugetlb=1"
+    assert recipe.with_tunable("glibc.malloc.arena_max=2", "glibc.malloc.hugetlb=1") == \
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert recipe.with_tunable("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=1") == "glibc.malloc.hugetlb=0"
+    seen = []
+    monkeypatch.setattr(recipe, "_train_parallel", lambda work, scale, todo: seen.append(
+        recipe.os.environ.get("GLIBC_TUNABLES")) or [])
+    for before in (None, "glibc.malloc.arena_max=2"):
+        if before is None:
+            monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+        else:
+            monkeypatch.setenv("GLIBC_TUNABLES", before)
+        recipe.train_all(tmp_path, 1.0, parallel=True, log=print)
+        assert recipe.os.environ.get("GLIBC_TUNABLES") == before
+    assert seen == ["glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"]
