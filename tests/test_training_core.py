@@ -169,17 +169,3 @@ def test_official_init_from_scratch():
     w = values["down_blocks.0.2.kv_mapper.1.weight"]  # xavier-uniform bound sqrt(6 / (fan_in + fan_out))
     assert np.abs(w).max() <= np.sqrt(6 / sum(w.shape)) and np.abs(w).max() > 0.9 * np.sqrt(6 / sum(w.shape))
     assert not values["down_blocks.0.2.kv_mapper.1.bias"].any()
-
-
-def test_the_update_loop_freezes_the_heap_and_unfreezes_it_after(tmp_path):
-    import gc
-
-    from cascade_jax.training import train
-    from cascade_jax.training.hooks import Hook
-
-    frozen = []
-    before = gc.get_freeze_count()
-    train(toy_config(tmp_path, updates=2), data=ToyData(8), progress=False,
-          hooks=[Hook(1, lambda step, state, metrics: frozen.append(gc.get_freeze_count()))])
-    assert len(frozen) == 2 and min(frozen) > before  # the collector skips what existed before the loop
-    assert gc.get_freeze_count() == 0  # and collects it again afterwards

@@ -9,7 +9,6 @@ process))`` and the device from ``fold_in(state.rng, step)``, so a run resumed f
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -135,11 +134,6 @@ def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, h
                            step_flops=None, peak_flops=peak_flops_per_device(cfg.peak_flops), progress=progress)
     meta = {"config": json.loads(json.dumps(cfg.to_dict(), default=str))}
     step = start
-    # Every update makes and drops thousands of small Python objects (the state's pytrees), so the cyclic
-    # collector runs often, and each full pass walks every object JAX, Flax and the models made before the
-    # loop. Frozen, those are skipped (demo Stage B on one CPU core: +5%, benchmarks/bench_host_memory.py).
-    gc.collect()
-    gc.freeze()
     try:
         for step in range(start + 1, cfg.updates + 1):
             loader_batch = next(data)
@@ -158,7 +152,6 @@ def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, h
             if stop_after is not None and step >= stop_after:
                 break
     finally:
-        gc.unfreeze()  # a process that trains again (tests, sweeps) collects this run's objects as usual
         checkpointer.wait()
         checkpointer.close()
         logger.close()
