@@ -1,18 +1,15 @@
-"""What the demo recipe's trainers gain from two host-side settings that change no number they compute.
-
-- Transparent huge pages for glibc's large allocations (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, which
-  ``train/demo.py`` sets for its trainer processes): XLA:CPU mallocs each update's scratch memory, and with
-  4-KiB pages every update faults all of it in again.
-- The frozen Python heap (``gc.freeze()`` before ``cascade_jax.training.train``'s update loop): the cyclic
-  collector stops walking the objects made before the loop.
+"""What the demo recipe's trainers gain from glibc's transparent huge pages (``GLIBC_TUNABLES=
+glibc.malloc.hugetlb=1``, which ``train/demo.py`` sets for its trainer processes). XLA:CPU mallocs each
+update's scratch memory (118 MB for the demo Stage B); glibc maps an allocation that large fresh every time
+and frees it after, so with 4-KiB pages the kernel faults all of it in again on every update.
 
 Each variant trains the demo Stage B (``configs/training/demo_b.yaml``) for ``--updates`` updates in a child
 process pinned to one CPU, one variant after the other, from the shipped demo cascade's Stage A, EfficientNet
 and text encoder on ``--images`` generated images. A variant's rate is the median of the trainer's logged
 updates/s after its first two log windows (the compilations). The losses must come out equal in every
-variant (``same_losses``): the settings change the speed only.
+variant (``same_losses``): the setting changes the speed only.
 
-    python benchmarks/bench_host_memory.py              # -> benchmarks/results/host_memory.json (~9 min)
+    python benchmarks/bench_host_memory.py              # -> benchmarks/results/host_memory.json (~6 min)
     python benchmarks/bench_host_memory.py --updates 100 --images 64 --out /tmp/h.json
 """
 
@@ -31,18 +28,13 @@ from pathlib import Path
 from common import RESULTS_DIR, log, machine_info, other_cpu_load, write_json
 
 LOG_EVERY = 25
-# name -> (GLIBC_TUNABLES, gc.freeze before the loop); the last one is what the demo recipe runs
-VARIANTS = {"glibc_default": (None, False), "huge_pages": ("glibc.malloc.hugetlb=1", False),
-            "huge_pages_gc_frozen": ("glibc.malloc.hugetlb=1", True)}
+# name -> GLIBC_TUNABLES; the last one is what the demo recipe runs
+VARIANTS = {"glibc_default": None, "huge_pages": "glibc.malloc.hugetlb=1"}
 
 
 def child(spec: dict) -> dict:
-    """One variant: ``spec`` = {work, updates, cpu, freeze}; returns the trainer's logged rates and losses."""
+    """One variant: ``spec`` = {work, name, updates, cpu}; returns the trainer's logged rates and losses."""
     os.sched_setaffinity(0, {spec["cpu"]})  # before JAX starts its thread pools
-    import gc
-
-    if not spec["freeze"]:
-        gc.freeze = lambda: None  # train() calls it before the loop; this variant measures without it
     from cascade_jax.training import load_config, train
     from cascade_jax.training.demo import stage_overrides
 
@@ -87,11 +79,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prepare(work, args.images)
-        for name, (tunables, freeze) in VARIANTS.items():
+        for name, tunables in VARIANTS.items():
             env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
             if tunables:
                 env["GLIBC_TUNABLES"] = tunables
-            spec = {"work": str(work), "name": name, "updates": args.updates, "cpu": cpu, "freeze": freeze}
+            spec = {"work": str(work), "name": name, "updates": args.updates, "cpu": cpu}
             log(f"{name}: {args.updates} updates on CPU {cpu}")
             load = other_cpu_load()
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
@@ -101,11 +93,11 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"variant {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             result = json.loads(lines[-1][len("RESULT "):])
             result["updates_per_s"] = statistics.median(result["updates_per_s_windows"][2:])
-            result["glibc_tunables"], result["gc_frozen"], result["other_cpu_load_before"] = tunables, freeze, load
+            result["glibc_tunables"], result["other_cpu_load_before"] = tunables, load
             results[name] = result
             log(f"{name}: {result['updates_per_s']:.2f} updates/s")
     base = results["glibc_default"]["updates_per_s"]
-    report = {"what": "demo Stage B training updates/s, one CPU, per host-memory setting", "machine": machine_info(),
+    report = {"what": "demo Stage B training updates/s on one CPU, glibc's default pages vs transparent huge pages", "machine": machine_info(),
               "updates": args.updates, "images": args.images, "variants": results,
               "speedup_vs_glibc_default": {k: round(v["updates_per_s"] / base, 3) for k, v in results.items()},
               "same_losses": len({json.dumps(v["losses"]) for v in results.values()}) == 1}
