@@ -53,11 +53,12 @@ def prepare(work: Path, images: int):
     """The layout ``stage_overrides`` reads, from the shipped demo weights and freshly generated images."""
     from cascade_jax import demo
     from cascade_jax.data import shapes
+    from cascade_jax.training.demo import ENCODERS
 
     shapes.write_folder(work / "data", images, 0, size=demo.IMAGE_SIZE)
     (work / "encoders").mkdir()
     (work / "trained").mkdir()
-    for name in ("effnet", "text_encoder", "image_encoder", "tokenizer"):
+    for name in (*ENCODERS, "tokenizer"):  # the shipped folder holds them as the recipe's encoders/ does
         (work / "encoders" / name).symlink_to(demo.WEIGHTS_DIR / name)
     (work / "trained" / "stage_a").symlink_to(demo.WEIGHTS_DIR / "stage_a")
 
@@ -97,8 +98,8 @@ def main(argv=None) -> int:
             results[name] = result
             log(f"{name}: {result['updates_per_s']:.2f} updates/s")
     base = results["glibc_default"]["updates_per_s"]
-    report = {"what": "demo Stage B training updates/s on one CPU, glibc's default pages vs transparent huge pages", "machine": machine_info(),
-              "updates": args.updates, "images": args.images, "variants": results,
+    report = {"what": "demo Stage B training updates/s on one CPU, glibc's default pages vs transparent huge pages",
+              "machine": machine_info(), "updates": args.updates, "images": args.images, "variants": results,
               "speedup_vs_glibc_default": {k: round(v["updates_per_s"] / base, 3) for k, v in results.items()},
               "same_losses": len({json.dumps(v["losses"]) for v in results.values()}) == 1}
     write_json(args.out, report)
