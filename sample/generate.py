@@ -8,7 +8,9 @@
   python sample/generate.py reconstruct --weights WEIGHTS_DIR --image photo.png
 
 WEIGHTS_DIR holds converted directories, the official safetensors (stage_c_bf16.safetensors, ...,
-text_encoder/, tokenizer/) or the diffusers folders; without --weights the embedded demo cascade
+text_encoder/, tokenizer/), the diffusers folders or a trainer's export; several --weights combine folders
+(--weights C_EXPORT --weights B_EXPORT: each gives what it holds; two different copies of one component
+are refused); without --weights the embedded demo cascade
 (128x128 coloured shapes, see cascade_jax/demo) is used; --random tiny|lite uses random weights instead.
 Every argument and the input image are checked before any model loads. Earlier results in --out are
 kept (new names get a -N suffix) unless --overwrite is given.
@@ -56,8 +58,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["text2img", *IMAGE_MODES])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--weights", help="weights folder, Hugging Face repository id, or \"demo\" (the embedded "
-                     "128x128 shapes cascade; the default)")
+    src.add_argument("--weights", action="append", help="weights folder, Hugging Face repository id, or \"demo\" "
+                     "(the embedded 128x128 shapes cascade; the default); repeat it to combine folders, each "
+                     "contributing what it holds (e.g. a Stage C and a Stage B trainer's export)")
     src.add_argument("--random", choices=["tiny", "lite", "full"], help="random weights of this size (no download)")
     p.add_argument("--lite", action="store_true", help="use the lite Stage C/B weights from --weights")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
@@ -139,6 +142,8 @@ def validate(args):
     args.image_array = load_image(args.image, args.background) if args.mode in IMAGE_MODES else None
     if args.weights is None and args.random is None:
         args.weights = demo.NAME
+    elif args.weights is not None and len(args.weights) == 1:
+        args.weights = args.weights[0]  # one folder: a plain path, as from_pretrained takes it
     if args.mode in ("text2img", "variation"):
         default_h = default_w = demo.IMAGE_SIZE if args.weights == demo.NAME else 1024
     else:  # the image's size unless given

@@ -43,6 +43,8 @@ CLIP_PATTERN = regex.compile(
 GPT2_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 WHITESPACE = regex.compile(r"\s+")
 END_OF_WORD = "</w>"
+# Every file ``CLIPTokenizer.from_pretrained`` reads (the first two are required): what a copy of a tokenizer holds.
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 @lru_cache(maxsize=1)

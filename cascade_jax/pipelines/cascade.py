@@ -43,7 +43,7 @@ from cascade_jax.diffusion import GDF, SamplerSettings
 from cascade_jax.pipelines import arguments as checks
 from cascade_jax.pipelines import images as image_ops
 from cascade_jax.pipelines.defaults import DECODER_DEFAULTS, PRIOR_DEFAULTS
-from cascade_jax.pipelines.sizes import latent_shapes
+from cascade_jax.pipelines.sizes import check_image_size, latent_shapes
 from cascade_jax.pipelines.stage_runner import StageRunner, StageTiming, StepEvent, image_keys
 from cascade_jax.sharding import make_mesh, place_model
 
@@ -52,7 +52,7 @@ STAGE_B_STREAM, IMG2IMG_STREAM = 1, 2  # noise streams of a seed besides Stage C
 
 @dataclasses.dataclass
 class CascadeOutput:
-    images: np.ndarray  # (B, H, W, 3) uint8
+    images: np.ndarray  # (B, H, W, 3) uint8 (a call shaped like diffusers': as its output_type says)
     stage_c_latents: np.ndarray  # (B, h, w, 16) float32
     stage_b_latents: np.ndarray | None  # (B, H/4, W/4, 4) float32
     timings: dict  # stage name -> StageTiming
@@ -99,10 +99,12 @@ class StableCascadePipeline:
     def __init__(self, *, stage_c, stage_b, stage_a, text_encoder, tokenizer, image_encoder=None, effnet=None,
                  previewer=None, gdf: GDF = GDF(), mesh=None, rules: dict | None = None,
                  prior_defaults: SamplerSettings = PRIOR_DEFAULTS,
-                 decoder_defaults: SamplerSettings = DECODER_DEFAULTS):
+                 decoder_defaults: SamplerSettings = DECODER_DEFAULTS, default_size: tuple[int, int] = (1024, 1024)):
         checks.check_settings("prior_defaults", prior_defaults)
         checks.check_settings("decoder_defaults", decoder_defaults)
+        check_image_size(*default_size)
         self.prior_defaults, self.decoder_defaults = prior_defaults, decoder_defaults
+        self.default_size = tuple(default_size)  # (height, width) of a call that gives none
         self.mesh, self.rules = (None if mesh is None else make_mesh(mesh)), rules
         if self.mesh is not None:  # the encoders, Stage A and the previewer by the same rules as the stages
             for module in (stage_a, text_encoder, image_encoder, effnet, previewer):
@@ -118,18 +120,24 @@ class StableCascadePipeline:
         self.c_latent_b = stage_a.c_latent
 
     @classmethod
-    def from_pretrained(cls, source, *, lite: bool = False, dtype: str = "bfloat16", configs=None, mesh=None,
+    def from_pretrained(cls, source, *, lite: bool = False, dtype: str | None = None, configs=None, mesh=None,
                         rules: dict | None = None) -> "StableCascadePipeline":
-        """From a folder (converted directories, official safetensors or diffusers folders) or a
-        Hugging Face repository id; unconverted weights are converted once and cached. ``configs``
+        """From a folder (converted directories, official safetensors, diffusers folders or a trainer's
+        export), a Hugging Face repository id, ``"demo"``, or a list of them, each contributing the
+        components it holds (``[C_EXPORT, B_EXPORT]``; two different copies of one component are refused);
+        unconverted weights are converted once and cached. ``dtype``: default bfloat16, float32 for the
+        demo (which also samples at its 128x128 by default, as ``generate.py`` does). ``configs``
         names the pipeline set (configs/pipelines/) giving the architecture of official single files
         (default ``full``, or ``lite`` with ``lite=True``; ``tiny`` for the tiny test weights).
         ``mesh``/``rules``: see the module docstring; the weights are restored directly into that layout.
-        The folder's sampling.json, if any, sets the pipeline's default sampler settings."""
+        The folders' sampling.json, if any, sets the pipeline's default sampler settings."""
         from cascade_jax.pipelines.loading import load_components
+        from cascade_jax.pipelines.sources import default_dtype, default_size
+
         mesh = None if mesh is None else make_mesh(mesh)
-        components = load_components(source, lite=lite, dtype=dtype, configs=configs, mesh=mesh, rules=rules)
-        return cls(**components, mesh=mesh, rules=rules)
+        components = load_components(source, lite=lite, dtype=dtype or default_dtype(source), configs=configs,
+                                     mesh=mesh, rules=rules)
+        return cls(**components, mesh=mesh, rules=rules, default_size=default_size(source))
 
     @classmethod
     def random(cls, set_name: str = "tiny", *, seed: int = 0, dtype: str = "float32", tokenizer_dir=None,
@@ -139,6 +147,17 @@ class StableCascadePipeline:
         from cascade_jax.pipelines.loading import random_components
         return cls(**random_components(set_name, seed=seed, dtype=dtype, tokenizer_dir=tokenizer_dir),
                    mesh=mesh, rules=rules)
+
+    def __call__(self, prompt, negative_prompt=None, **kwargs) -> CascadeOutput:
+        """Text to image with the arguments of diffusers' ``StableCascadeCombinedPipeline``
+        (``prior_num_inference_steps``, ``num_inference_steps``, ``prior_guidance_scale``,
+        ``decoder_guidance_scale``, ``generator``, ``latents``, ``output_type``, ``callback_on_step_end``...),
+        mapped onto ``text_to_image``: see ``cascade_jax.pipelines.diffusers_call``. Returns this pipeline's
+        output with ``.images`` as ``output_type`` says (default a list of PIL images), or ``(images,)``."""
+        from cascade_jax.pipelines import diffusers_call
+
+        diffusers_call.check_arguments(kwargs)
+        return diffusers_call.call(self, prompt, negative_prompt=negative_prompt, **kwargs)
 
     def load_loras(self, loras) -> "StableCascadePipeline":
         """Sample with these Stage C LoRAs (``"FILE[:STRENGTH]"`` strings or (path, strength) pairs),
@@ -173,6 +192,11 @@ class StableCascadePipeline:
     def decode(self, stage_b_latents) -> np.ndarray:
         return image_ops.to_uint8(jitted_call(self.stage_a, jnp.asarray(stage_b_latents), method="decode"))
 
+    def decode_float(self, stage_b_latents) -> np.ndarray:
+        """Stage A's images as float32 in [0, 1] (clamped as ``decode`` clamps, not rounded to 8 bits)."""
+        images = jitted_call(self.stage_a, jnp.asarray(stage_b_latents), method="decode")
+        return np.asarray(jnp.clip(images.astype(jnp.float32), 0, 1))
+
     def preview(self, stage_c_latents) -> np.ndarray:
         """Quick RGB previews (8x the Stage C latent size) of Stage C latents."""
         if self.previewer is None:
@@ -184,6 +208,10 @@ class StableCascadePipeline:
         b_latents = self._sample_decoder(c_latents, cond, uncond, b_shape, decoder, call, decoder_x_init)
         images = self.decode(b_latents) if decode else None
         return CascadeOutput(images, np.asarray(c_latents), np.asarray(b_latents), call.timings, call.seeds)
+
+    def size_or_default(self, height, width) -> tuple:
+        """A text-to-image call's size: as given, else this pipeline's ``default_size``."""
+        return (self.default_size[0] if height is None else height, self.default_size[1] if width is None else width)
 
     def _resolve(self, prior, decoder):
         """A call's settings: the given ones, else this pipeline's defaults."""
@@ -203,15 +231,17 @@ class StableCascadePipeline:
         return _Call(checks.seeds_for(seed, batch), callback, callback_x0, long_prompts)
 
     # ---- modes -----------------------------------------------------------------------------
-    def text_to_image(self, prompt, negative_prompt=None, *, height=1024, width=1024, num_images_per_prompt=1,
+    def text_to_image(self, prompt, negative_prompt=None, *, height=None, width=None, num_images_per_prompt=1,
                       seed=0, prior: SamplerSettings | None = None, decoder: SamplerSettings | None = None,
                       prior_x_init=None, decoder_x_init=None, decode=True, callback=None, callback_x0=False,
                       long_prompts=False) -> CascadeOutput:
-        """Prompts -> images. ``callback(StepEvent)`` is called after every step of each stage (with the
-        step's predicted x0 when ``callback_x0``); ``long_prompts`` encodes prompts past CLIP's 77 tokens
-        in windows (see ``TextConditioner``) instead of truncating them."""
+        """Prompts -> images (``height`` x ``width``, default ``default_size``). ``callback(StepEvent)`` is
+        called after every step of each stage (with the step's predicted x0 when ``callback_x0``);
+        ``long_prompts`` encodes prompts past CLIP's 77 tokens in windows (see ``TextConditioner``) instead
+        of truncating them."""
         prompts = checks.prompt_list(prompt)
         batch = checks.batch_size(len(prompts), num_images_per_prompt)
+        height, width = self.size_or_default(height, width)
         c_shape, b_shape = latent_shapes(height, width, batch, self.c_latent_c, self.c_latent_b)
         prior, decoder = self._resolve(prior, decoder)
         call = self._call(seed, batch, prior, decoder, callback, callback_x0, long_prompts)
@@ -222,7 +252,7 @@ class StableCascadePipeline:
         c_latents = self._sample_prior(cond, uncond, None, c_shape, prior, call, prior_x_init)
         return self._finish(c_latents, cond, uncond, b_shape, decoder, decoder_x_init, call, decode)
 
-    def image_variation(self, images, *, prompt="", height=1024, width=1024, num_images_per_prompt=1, seed=0,
+    def image_variation(self, images, *, prompt="", height=None, width=None, num_images_per_prompt=1, seed=0,
                         prior: SamplerSettings | None = None, decoder: SamplerSettings | None = None,
                         prior_x_init=None, decoder_x_init=None, callback=None, callback_x0=False, long_prompts=False):
         """New images like ``images``: Stage C conditioned on their CLIP-L image embeddings."""
@@ -230,6 +260,7 @@ class StableCascadePipeline:
             raise ValueError("image variation needs the CLIP-L image encoder (image_encoder/)")
         arrays = image_ops.as_uint8_batch(images)
         batch = checks.batch_size(len(arrays), num_images_per_prompt)
+        height, width = self.size_or_default(height, width)
         c_shape, b_shape = latent_shapes(height, width, batch, self.c_latent_c, self.c_latent_b)  # check first
         prior, decoder = self._resolve(prior, decoder)
         call = self._call(seed, batch, prior, decoder, callback, callback_x0, long_prompts)

@@ -19,7 +19,6 @@ from pathlib import Path
 from cascade_jax.data.clip_tokenizer import CLIPTokenizer, openai_bpe_path, write_tokenizer_folder_from_openai_bpe
 from cascade_jax.models.random_init import random_model
 from cascade_jax.models.registry import configs_root, load_config, read_config_file
-from cascade_jax.pipelines.defaults import read_sampling_defaults
 from cascade_jax.pipelines.sources import (DIFFUSERS_FOLDERS, OFFICIAL_FILES, find_source,  # noqa: F401
                                          folder_weights, missing_message, official_candidates, resolve_source)
 from cascade_jax.sharding import make_mesh
@@ -91,11 +90,20 @@ def _trusted_folder(folder: Path) -> bool:
                     for name in ("vocab.json", "merges.txt", "tokenizer_config.json")))
 
 
+def random_component(set_name, component: str, seed: int = 0, dtype: str = "float32"):
+    """One component of the set with seeded random weights: seed + its position in the set, so a component
+    is the same in every pipeline and every trainer built from that set (``encoders: tiny``)."""
+    components = pipeline_set(set_name)
+    if component not in components:
+        raise ValueError(f"the pipeline set {set_name!r} has no {component!r}; it has {sorted(components)}")
+    model, config = components[component]
+    return random_model(model, config, seed=seed + list(components).index(component), dtype=dtype)
+
+
 def random_components(set_name: str = "tiny", seed: int = 0, dtype: str = "float32", tokenizer_dir=None) -> dict:
     """Every component of ``set_name`` with seeded random weights, plus a real CLIP tokenizer."""
     parse_dtype(dtype)  # refuse float16 (and unknown dtypes) with a clear message before building anything
-    models = {name: random_model(model, config, seed=seed + i, dtype=dtype)
-              for i, (name, (model, config)) in enumerate(pipeline_set(set_name).items())}
+    models = {name: random_component(set_name, name, seed=seed, dtype=dtype) for name in pipeline_set(set_name)}
     models["tokenizer"] = CLIPTokenizer.from_pretrained(tokenizer_dir or default_tokenizer_dir())
     return models
 
@@ -109,6 +117,13 @@ def load_component(root: Path, component: str, model: str, preset_config: dict, 
         if required:
             raise FileNotFoundError(missing_message(root, component, lite))
         return None
+    return load_found(found, component, model, preset_config, dtype=dtype, config_source=config_source,
+                      sharding=sharding, rules=rules)
+
+
+def load_found(found, component: str, model: str, preset_config: dict, *, dtype: str, config_source: str = "full",
+               sharding=None, rules: dict | None = None):
+    """The component at ``found`` (``(path, is_converted)`` from ``find_source``), converted on first use."""
     src, converted = found
     if converted:
         return load_model(src, dtype=dtype, sharding=sharding, rules=rules)
@@ -130,29 +145,31 @@ def load_component(root: Path, component: str, model: str, preset_config: dict, 
 
 def load_components(source, *, lite: bool = False, dtype: str = "bfloat16", configs=None, mesh=None,
                     rules: dict | None = None) -> dict:
-    """Every component found in ``source``, and the pipeline's default sampler settings (``prior_defaults`` /
-    ``decoder_defaults``: the official ones changed by the folder's sampling.json, if any). ``configs``:
-    the pipeline set (name or YAML file) that gives the architecture of official single files; default
-    ``lite`` with ``lite=True``, else ``full``.
+    """Every component found in ``source`` (a folder, repository id or "demo", or a list of them, each
+    contributing what it holds; see ``weight_folders``), and the pipeline's default sampler settings
+    (``prior_defaults`` / ``decoder_defaults``: the official ones changed by the sampling.json of the folder
+    holding that stage, if any). ``configs``: the pipeline set (name or YAML file) that gives the
+    architecture of official single files; default ``lite`` with ``lite=True``, else ``full``.
     ``mesh`` (a Mesh or a ``make_mesh`` spec such as ``"fsdp=4,tensor=2"``): every component is restored
     straight into its layout on it by ``rules``."""
+    from cascade_jax.pipelines import weight_folders as folders
+
     parse_dtype(dtype)  # refuse float16 before touching any file
     mesh = None if mesh is None else make_mesh(mesh)  # a bad mesh spec fails before any file is read
     config_source = configs or ("lite" if lite else "full")
     presets = pipeline_set(config_source)
-    root = resolve_source(source, presets, lite=lite, dtype=dtype)
-    sampling = read_sampling_defaults(root)  # a bad file fails before minutes of loading
-    if not (root / "tokenizer").is_dir():
-        raise FileNotFoundError(f"{root}: no tokenizer/ folder (the CLIP tokenizer files vocab.json, merges.txt, "
-                                "tokenizer_config.json; download tokenizer/ from the stabilityai/stable-cascade "
-                                "repository on Hugging Face)")
-    missing = [c for c in REQUIRED if find_source(root, c, lite, dtype) is None]
-    if missing:  # say everything that is missing before spending minutes converting the rest
-        raise FileNotFoundError("\n".join(missing_message(root, c, lite) for c in missing))
+    roots = folders.resolve_roots(source, presets, lite=lite, dtype=dtype)
+    sampling = folders.sampling_defaults(roots, lite, dtype)  # a bad file fails before minutes of loading
+    tokenizer = folders.tokenizer_folder(roots)
+    # Where every component is (and that no two folders disagree about one) before minutes of converting.
+    found = {component: folders.locate(roots, component, lite, dtype) for component in presets}
+    missing = [c for c in REQUIRED if found.get(c) is None]
+    if missing:
+        raise FileNotFoundError(folders.missing_messages(roots, missing, lite))
     models = {}
     for component, (model, config) in presets.items():
-        models[component] = load_component(root, component, model, config, lite=lite, dtype=dtype,
-                                            required=component in REQUIRED, config_source=str(config_source),
-                                            sharding=mesh, rules=rules)
-    models["tokenizer"] = CLIPTokenizer.from_pretrained(root / "tokenizer")
+        models[component] = None if found[component] is None else load_found(
+            found[component], component, model, config, dtype=dtype, config_source=str(config_source),
+            sharding=mesh, rules=rules)
+    models["tokenizer"] = CLIPTokenizer.from_pretrained(tokenizer)
     return {**models, "prior_defaults": sampling["prior"], "decoder_defaults": sampling["decoder"]}

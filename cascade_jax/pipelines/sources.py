@@ -115,7 +115,7 @@ def resolve_source(source, components=(), *, lite: bool = False, dtype: str = "b
     path = Path(source).expanduser()
     if path.exists():
         return path
-    if str(source).count("/") != 1:
+    if str(source).count("/") != 1 or _looks_local(str(source)):
         raise FileNotFoundError(f"{source}: no such folder (and not a Hugging Face repository id 'org/name')")
     try:
         files = hub_files(huggingface_hub.list_repo_files(str(source)), components, lite=lite, dtype=dtype)
@@ -125,3 +125,26 @@ def resolve_source(source, components=(), *, lite: bool = False, dtype: str = "b
             f"could not download {source} ({type(e).__name__}: {e}). Offline? Download the repository "
             f"elsewhere (e.g. `huggingface-cli download {source} --local-dir DIR`), copy DIR here and pass its "
             "path instead.") from e
+
+
+def _looks_local(source: str) -> bool:
+    """A missing path that is plainly local (./x, /x, ~/x, or x/y where the folder x exists here): say it
+    is missing instead of trying to download it from the Hub."""
+    return source.startswith((".", "/", "~")) or Path(source).expanduser().parent.is_dir()
+
+
+def default_dtype(source) -> str:
+    """The dtype a pipeline from ``source`` loads in by default: float32 for the embedded demo (its tiny
+    models were trained and measured in float32), bfloat16 otherwise."""
+    return "float32" if _is_demo(source) else "bfloat16"
+
+
+def default_size(source) -> tuple[int, int]:
+    """The (height, width) a text-to-image call from ``source`` samples by default: the demo's 128x128, else
+    the release's 1024x1024."""
+    side = demo.IMAGE_SIZE if _is_demo(source) else 1024
+    return side, side
+
+
+def _is_demo(source) -> bool:
+    return not isinstance(source, (list, tuple)) and str(source) == demo.NAME

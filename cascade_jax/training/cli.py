@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import jax
 
@@ -18,8 +19,10 @@ def parse_args(argv, stage: str):
                         help="compile the step for the configured mesh from shapes only; print memory and FLOPs")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() (multi-host; automatic on TPU pods/SLURM)")
-    parser.add_argument("--export", default=None, help="folder for the trained generator (+EMA) at the end "
-                                                         "(default: output_path/experiment_id/export)")
+    parser.add_argument("--export", default=None, help="weights folder written at the end: the trained model (+EMA) "
+                        "and the frozen models and tokenizer it trained with, for generate.py --weights (default: "
+                        "output_path/experiment_id/export; refused before training if it holds anything but this "
+                        "run's earlier export)")
     return parser.parse_args(argv)
 
 
@@ -28,17 +31,23 @@ def main(argv, stage: str) -> int:
     if args.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
     from cascade_jax.training import export_run, load_config, train
+    from cascade_jax.training.export import check_export_folder
     from cascade_jax.training.plan import plan
 
     cfg = load_config(args.config, [f"stage={stage}", *args.overrides])
     if args.dry_run:
         print(json.dumps(plan(cfg), indent=1))
         return 0
-    run = train(cfg)
     out = args.export or os.path.join(cfg.output_path, cfg.experiment_id, "export")
+    try:  # before any compile: an export never overwrites a user's file
+        check_export_folder(out, cfg)
+    except (OSError, ValueError) as e:
+        print(f"error: --export: {e}", file=sys.stderr)
+        return 2
+    run = train(cfg)
     if jax.process_index() == 0:
         exported = export_run(run, out)
-        report = {k: [str(p) for p in v] for k, v in exported.items()}
+        report = {k: str(v) if k == "folder" else [str(p) for p in v] for k, v in exported.items()}
         if cfg.sample_every:  # the collages of training/samples.py
             report["samples"] = [os.path.join(cfg.output_path, cfg.experiment_id, "samples")]
         print(json.dumps(report, indent=1))

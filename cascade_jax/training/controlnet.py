@@ -41,7 +41,7 @@ from cascade_jax.nn.params import named_variables
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.stage_c import StageCTask
-from cascade_jax.training.task import TrainModules, load_weights, param_dtype, register_task
+from cascade_jax.training.task import TrainModules, converted_dir, load_weights, param_dtype, register_task
 
 # official filter class -> control (hint) name
 FILTERS = {"CannyFilter": "canny", "InpaintFilter": "inpainting", "SREffnetFilter": "super_resolution",
@@ -119,6 +119,19 @@ class ControlNetTask(StageCTask):
 
     def export_model(self, modules) -> tuple[str, dict]:
         return "controlnet", self.controlnet_config
+
+    def frozen_sources(self, cfg: TrainConfig, work_dir: Path) -> dict:
+        """The Stage C task's, plus the frozen Stage C's converted directory (exported beside the ControlNet)."""
+        sources = super().frozen_sources(cfg, work_dir)
+        if cfg.init != "scratch" and cfg.generator_checkpoint_path is not None:
+            sources["stage_c"] = converted_dir("stage_c", self.generator_config(cfg), cfg.generator_checkpoint_path,
+                                               work_dir)
+        return sources
+
+    def unsourced_spec(self, cfg: TrainConfig, attr: str) -> tuple[str, dict]:
+        if attr == "stage_c":  # init: scratch, random weights (tests)
+            return "stage_c", self.generator_config(cfg)
+        return super().unsourced_spec(cfg, attr)
 
     def host_batch(self, cfg: TrainConfig, batch: dict, rng: np.random.Generator) -> dict:
         arrays = super().host_batch(cfg, batch, rng)

@@ -164,13 +164,8 @@ def _skips(data) -> dict:
 
 
 def export_run(run: Run, out_dir) -> dict:
-    """Export the trained generator (and its EMA) as converted directories plus official safetensors."""
-    from cascade_jax.training.export import export_generator, generator_arrays
+    """Export the run as a complete weights folder (trained model, EMA, frozen parts, tokenizer): see
+    ``cascade_jax.training.export``."""
+    from cascade_jax.training.export import export_run as export
 
-    model_name, config = run.task.export_model(None)
-    out = {"generator": export_generator(Path(out_dir) / "generator", model_name, config,
-                                         generator_arrays(run.graphdef, run.state.params, run.frozen))}
-    if run.state.ema is not None:
-        out["generator_ema"] = export_generator(Path(out_dir) / "generator_ema", model_name, config,
-                                                generator_arrays(run.graphdef, run.state.ema, run.frozen))
-    return out
+    return export(run, out_dir)

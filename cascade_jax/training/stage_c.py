@@ -19,7 +19,7 @@ import numpy as np
 from cascade_jax.data.clip_preprocess import preprocess_images
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
-from cascade_jax.training.task import Task, TrainModules, frozen_model, param_dtype, register_task
+from cascade_jax.training.task import Task, TrainModules, frozen_model, frozen_source, param_dtype, register_task
 
 CAPTION_DROP = 0.05  # official: rand > 0.05 keeps the caption
 IMAGE_EMBED_SHARE = 0.1  # official: rand > 0.9 gets a CLIP image embedding
@@ -52,6 +52,9 @@ class StageCTask(Task):
         """Sampling is on and weights are named: a previewer_checkpoint_path, or a previewer in the encoders set."""
         if not cfg.sample_every or cfg.cached_conditions:
             return False
+        return self.previewer_named(cfg)
+
+    def previewer_named(self, cfg: TrainConfig) -> bool:
         if cfg.previewer_checkpoint_path is not None:
             return True
         if cfg.encoders is None:
@@ -71,17 +74,25 @@ class StageCTask(Task):
             specs["previewer"] = pipeline_set(cfg.encoders)["previewer"] if from_set else (model, load_config(preset)[1])
         return specs
 
-    def build_frozen(self, cfg: TrainConfig, work_dir: Path) -> dict:
-        models = super().build_frozen(cfg, work_dir)
-        if self.wanted_previewer(cfg):
+    def frozen_sources(self, cfg: TrainConfig, work_dir: Path) -> dict:
+        """The frozen models' sources, and the Previewer's when one is named (exported with Stage C whether or
+        not the collages used it: it previews these EfficientNet latents)."""
+        sources = super().frozen_sources(cfg, work_dir)
+        if self.previewer_named(cfg):
             model, preset, path_key = self.optional_frozen["previewer"]
             path = getattr(cfg, path_key)
             if path is not None and not Path(path).exists():
+                if not self.wanted_previewer(cfg):
+                    return sources  # named for collages that are off: nothing to preview with or export
                 raise FileNotFoundError(f"{path_key}={path}: no such file or folder; name the previewer weights, or "
                                         f"set {path_key}: null to show sample latents in false colour")
-            # Seeded after the other frozen models, so their random test weights do not depend on sampling.
-            models["previewer"] = frozen_model(model, cfg, path, "previewer", work_dir, preset=preset,
-                                               seed_offset=len(self.frozen) + 1)
+            sources["previewer"] = frozen_source(model, cfg, path, "previewer", work_dir, preset=preset)
+        return sources
+
+    def build_frozen(self, cfg: TrainConfig, work_dir: Path) -> dict:
+        models = super().build_frozen(cfg, work_dir)
+        if self.wanted_previewer(cfg):
+            models["previewer"] = frozen_model(self.sources["previewer"], cfg)
         return models
 
     def build(self, cfg: TrainConfig) -> TrainModules:

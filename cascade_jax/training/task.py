@@ -131,26 +131,41 @@ class Task:
         """For the dry run: add to the abstract models what ``build`` adds beyond them (LoRA adapters)."""
         return modules
 
-    def build_frozen(self, cfg: TrainConfig, work_dir: Path) -> dict:
-        models = {}
-        if cfg.cached_conditions:
-            return models
-        for i, (attr, (model, preset, path_key)) in enumerate(self.frozen.items()):
+    def frozen_sources(self, cfg: TrainConfig, work_dir: Path) -> dict:
+        """attribute -> where each frozen model comes from (a converted directory, or a :class:`RandomSource`),
+        also for a run that does not build them (``cached_conditions``): what an export copies."""
+        sources = {}
+        for attr, (model, preset, path_key) in self.frozen.items():
             path = getattr(cfg, path_key)
             # Official CLIP keys name Hugging Face repositories; only local paths are read here.
             path = path if path is not None and Path(path).exists() else None
-            models[attr] = frozen_model(model, cfg, path, attr, work_dir, preset=preset, seed_offset=i + 1)
-        return models
+            sources[attr] = frozen_source(model, cfg, path, attr, work_dir, preset=preset)
+        return sources
 
-    def tokenizer_for(self, cfg: TrainConfig):
-        from cascade_jax.data.clip_tokenizer import CLIPTokenizer
+    def build_frozen(self, cfg: TrainConfig, work_dir: Path) -> dict:
+        if cfg.cached_conditions:
+            return {}
+        self.sources = self.frozen_sources(cfg, work_dir)
+        return {attr: frozen_model(self.sources[attr], cfg) for attr in self.frozen}
+
+    def unsourced_spec(self, cfg: TrainConfig, attr: str) -> tuple[str, dict]:
+        """(model name, config) of a frozen model built in memory with no weights file (none by default)."""
+        raise ValueError(f"{type(self).__name__}: the frozen {attr!r} has no recorded source to export it from")
+
+    def tokenizer_dir(self, cfg: TrainConfig) -> Path:
+        """The CLIP tokenizer folder: ``tokenizer_path``, else the text model's folder when it has one, else the
+        released BPE (``default_tokenizer_dir``)."""
         from cascade_jax.pipelines.loading import default_tokenizer_dir
 
         if cfg.tokenizer_path is not None:
-            return CLIPTokenizer.from_pretrained(cfg.tokenizer_path)
+            return Path(cfg.tokenizer_path)
         text = cfg.clip_text_model_name
-        folder = text if text is not None and (Path(text) / "vocab.json").is_file() else None
-        return CLIPTokenizer.from_pretrained(folder or default_tokenizer_dir())
+        return Path(text) if text is not None and (Path(text) / "vocab.json").is_file() else default_tokenizer_dir()
+
+    def tokenizer_for(self, cfg: TrainConfig):
+        from cascade_jax.data.clip_tokenizer import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(self.tokenizer_dir(cfg))
 
     def build(self, cfg: TrainConfig) -> TrainModules:
         raise NotImplementedError
@@ -195,9 +210,26 @@ class Task:
         return model
 
 
-def load_weights(model_name: str, config, path, work_dir: Path, dtype: str):
-    """A model from a converted directory, or converted on first use from official/diffusers/transformers files."""
-    from cascade_jax.weights.checkpoint import META_FILE, load_model
+class RandomSource(NamedTuple):
+    """A frozen model with seeded random weights: ``component`` of the pipeline set ``set_name`` (``encoders``),
+    the same in every task and in ``StableCascadePipeline.random(set_name)`` (``random_component``)."""
+
+    set_name: str
+    component: str
+
+    def model(self, dtype: str = "float32") -> nnx.Module:
+        from cascade_jax.pipelines.loading import random_component
+
+        return random_component(self.set_name, self.component, dtype=dtype)
+
+    def __str__(self) -> str:
+        return f"random weights: the {self.component} of the pipeline set {self.set_name!r}"
+
+
+def converted_dir(model_name: str, config, path, work_dir: Path) -> Path:
+    """``path`` if it is a converted directory, else its conversion (float32) into ``work_dir/converted``,
+    made on first use from official/diffusers/transformers files."""
+    from cascade_jax.weights.checkpoint import META_FILE
     from cascade_jax.weights.convert import convert_checkpoint
 
     path = Path(path)
@@ -205,26 +237,38 @@ def load_weights(model_name: str, config, path, work_dir: Path, dtype: str):
         raise FileNotFoundError(f"{model_name}: checkpoint {path} does not exist; give a converted directory, "
                                 "an official .safetensors file or a diffusers/transformers folder")
     if (path / META_FILE).is_file():
-        return load_model(path, dtype=dtype)
+        return path
     out = work_dir / "converted" / f"{model_name}-{path.stem}"
     if not (out / META_FILE).is_file():
         convert_checkpoint(model_name, config, path, out, dtype="float32")
-    return load_model(out, dtype=dtype)
+    return out
 
 
-def frozen_model(model_name: str, cfg: TrainConfig, path, set_component: str, work_dir: Path, *,
-                 preset: str, seed_offset: int) -> nnx.Module:
-    """A frozen model from ``path``, or random weights from the ``encoders`` pipeline set (tests)."""
+def load_weights(model_name: str, config, path, work_dir: Path, dtype: str):
+    """A model from a converted directory, or converted on first use from official/diffusers/transformers files."""
+    from cascade_jax.weights.checkpoint import load_model
+
+    return load_model(converted_dir(model_name, config, path, work_dir), dtype=dtype)
+
+
+def frozen_source(model_name: str, cfg: TrainConfig, path, set_component: str, work_dir: Path, *,
+                  preset: str) -> "Path | RandomSource":
+    """Where a frozen model comes from: ``path`` (converted on first use), or random weights of the
+    ``encoders`` pipeline set (tests)."""
     if path is not None:
-        model = load_weights(model_name, load_config(preset)[1], path, work_dir, compute_dtype(cfg))
-    elif cfg.encoders is not None:
-        from cascade_jax.pipelines.loading import pipeline_set
+        return converted_dir(model_name, load_config(preset)[1], path, work_dir)
+    if cfg.encoders is not None:
+        return RandomSource(cfg.encoders, set_component)
+    raise ValueError(f"no weights for the frozen {model_name}: set its *_checkpoint_path (or `encoders: tiny` "
+                     "for random test weights)")
 
-        name, config = pipeline_set(cfg.encoders)[set_component]
-        model = random_model(name, config, seed=cfg.seed + seed_offset, dtype=compute_dtype(cfg))
-    else:
-        raise ValueError(f"no weights for the frozen {model_name}: set its *_checkpoint_path (or `encoders: tiny` "
-                         "for random test weights)")
+
+def frozen_model(source, cfg: TrainConfig) -> nnx.Module:
+    """The frozen model of a :func:`frozen_source`, in the compute dtype and eval mode."""
+    from cascade_jax.weights.checkpoint import load_model
+
+    model = source.model(compute_dtype(cfg)) if isinstance(source, RandomSource) else \
+        load_model(source, dtype=compute_dtype(cfg))
     model.eval()
     return model
 

@@ -108,3 +108,17 @@ def write_text(path: Path, text: str):
     finally:
         if os.path.lexists(tmp):
             remove(tmp)
+
+
+def publish_dir(tmp: Path, target: Path):
+    """Put the finished folder ``tmp`` (a sibling of ``target``) in ``target``'s place: any old ``target`` is
+    renamed aside first and removed after, so ``target`` is the old folder or the new one, never a mix."""
+    tmp, target = Path(tmp), Path(target)
+    old = temp_path(target, "old")
+    try:
+        if os.path.lexists(target):
+            os.replace(target, old)
+        os.replace(tmp, target)
+    finally:
+        if os.path.lexists(old):
+            remove(old)
