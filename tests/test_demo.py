@@ -63,14 +63,15 @@ LOWER_BOUNDS = {"colour": 0.7, "shape": 0.65, "background": 0.75, "position": 0.
 
 SCRIPT = """
 import json, sys
+import jax
 from cascade_jax.data import shapes
 from cascade_jax.pipelines import StableCascadePipeline
 splits = {split: [shapes.Combo(*c) for c in combos] for split, combos in json.loads(sys.argv[1]).items()}
 truth = [c for combos in splits.values() for c in combos for _ in range(2)]
-pipe = StableCascadePipeline.from_pretrained("demo", dtype="float32")
-images = pipe.text_to_image([shapes.caption(c) for c in truth], height=128, width=128,
-                            seed=list(range(len(truth)))).images
+pipe = StableCascadePipeline.from_pretrained("demo")  # float32 at 128x128 by default, as generate.py
+images = pipe.text_to_image([shapes.caption(c) for c in truth], seed=list(range(len(truth)))).images
 result, start = {"torch": "torch" in sys.modules, "shape": list(images.shape),
+                 "dtype": str(jax.tree.leaves(pipe.prior.state)[0].dtype),
                  "decoder": [pipe.decoder_defaults.t_start, pipe.decoder_defaults.cfg]}, 0
 for split, combos in splits.items():
     n = 2 * len(combos)
@@ -91,6 +92,7 @@ def test_the_shipped_demo_cascade_draws_what_the_prompt_says():
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["shape"] == [2 * PROMPTS_PER_SPLIT * len(shapes.SPLITS), 128, 128, 3]
+    assert result["dtype"] == "float32"
     assert not result["torch"], "sampling the demo imported torch"
     assert result["decoder"] == [SAMPLING["decoder"]["t_start"], SAMPLING["decoder"]["cfg"]]  # its sampling.json
     for split in shapes.SPLITS:

@@ -30,7 +30,9 @@ from cascade_jax.pipelines import (
     stage_b_latent_hw,
     stage_c_latent_hw,
 )
+from cascade_jax.pipelines import diffusers_call
 from cascade_jax.pipelines.sizes import check_image_size
+from cascade_jax.pipelines.stage_runner import StepEvent
 from cascade_jax.weights.tree import named_variables
 
 H, W = 136, 200
@@ -240,6 +242,63 @@ def test_reconstruct_variation_and_preview_shapes(pipe, single):
 
     preview = pipe.preview(variation.stage_c_latents)
     assert preview.shape == (1, 32, 40, 3) and preview.dtype == np.uint8  # 8x the Stage C latent
+
+
+# ---- the call shaped like diffusers' --------------------------------------------------------------
+DIFFUSERS_STEPS = dict(height=H, width=W, prior_num_inference_steps=2, num_inference_steps=2)
+
+
+def test_the_diffusers_shaped_call_is_text_to_image(pipe, single):
+    base = single(PROMPTS[0], 0)
+    pil = pipe(PROMPTS[0], generator=0, **DIFFUSERS_STEPS)
+    assert [image.size for image in pil.images] == [(W, H)]
+    np.testing.assert_array_equal(np.asarray(pil.images[0]), base.images[0])
+    assert pil.timings["stage_c"].cached and pil.timings["stage_b"].cached  # one code path: the same programs
+    (floats,) = pipe(PROMPTS[0], generator=0, output_type="np", return_dict=False, **DIFFUSERS_STEPS)
+    assert floats.dtype == np.float32 and floats.shape == (1, H, W, 3) and floats.min() >= 0 and floats.max() <= 1
+    np.testing.assert_array_equal(np.round(floats * 255).astype(np.uint8), base.images)  # not rounded before
+    keyed = pipe(PROMPTS[0], generator=jax.random.key(5), output_type="latent", **DIFFUSERS_STEPS)
+    seed = int(np.asarray(jax.random.bits(jax.random.key(5), (1,), np.uint32))[0])
+    assert keyed.seeds == [seed] and keyed.images.shape == (1, 34, 50, 4)
+    np.testing.assert_array_equal(keyed.images, keyed.stage_b_latents)
+
+
+def test_diffusers_arguments_map_onto_the_settings_or_are_refused_by_name(pipe):
+    decoder = diffusers_call.stage_settings(DECODER_DEFAULTS, "num_inference_steps", 12, "decoder_guidance_scale", 0.0)
+    assert decoder.steps == 12 and decoder.cfg is None  # a scale <= 1: no guidance, as in diffusers
+    prior = diffusers_call.stage_settings(PRIOR_DEFAULTS, "prior_num_inference_steps", None, "prior_guidance_scale", 5)
+    assert prior == PRIOR_DEFAULTS.replace(cfg=5.0)
+    with pytest.raises(ValueError, match="prior_num_inference_steps must be a positive integer"):
+        pipe(PROMPTS[0], prior_num_inference_steps=0)
+    with pytest.raises(ValueError, match="decoder_guidance_scale must be a finite number"):
+        pipe(PROMPTS[0], decoder_guidance_scale=float("nan"))
+    with pytest.raises(ValueError, match="output_type must be one of"):
+        pipe(PROMPTS[0], output_type="pt")
+    with pytest.raises(TypeError, match=r"\['images'\].*pipe.image_variation"):
+        pipe(PROMPTS[0], images=[np.zeros((8, 8, 3), np.uint8)])
+    with pytest.raises(ValueError, match="torch generators"):
+        pipe(PROMPTS[0], generator=object())
+    with pytest.raises(ValueError, match="latents and prior_latents"):
+        pipe(PROMPTS[0], latents=np.zeros((1, 4, 5, 16)), prior_latents=np.zeros((1, 4, 5, 16)))
+    noise = np.random.default_rng(0).standard_normal((1, 4, 5, 16)).astype(np.float32)
+    np.testing.assert_array_equal(diffusers_call.as_nhwc("latents", noise.transpose(0, 3, 1, 2), noise.shape), noise)
+
+
+def test_diffusers_style_step_callbacks_observe_each_stage():
+    calls = []
+    prior_fn = lambda pipe, i, t, kwargs: calls.append(("C", pipe, i, t, sorted(kwargs)))  # noqa: E731
+    decoder_fn = lambda pipe, i, t, kwargs: calls.append(("B", pipe, i, t, sorted(kwargs)))  # noqa: E731
+    callback, x0 = diffusers_call.step_callback("pipe", PRIOR, DECODER, prior_fn, ["x0"], decoder_fn, None)
+    assert x0
+    for stage, step in (("Stage C", 1), ("Stage C", 2), ("Stage B", 1)):
+        callback(StepEvent(stage, step, 2, np.zeros((1, 4, 5, 16))))
+    assert calls == [("C", "pipe", 0, 1.0, ["x0"]), ("C", "pipe", 1, 0.5, ["x0"]), ("B", "pipe", 0, 1.0, [])]
+    changing, _ = diffusers_call.step_callback("pipe", PRIOR, DECODER, None, None,
+                                               lambda pipe, i, t, kwargs: {"latents": 0}, None)
+    with pytest.raises(ValueError, match="callback_on_step_end returned changed tensors"):
+        changing(StepEvent("Stage B", 1, 2, None))
+    with pytest.raises(ValueError, match=r"\['latents'\] cannot be handed out"):
+        diffusers_call.step_callback("pipe", PRIOR, DECODER, prior_fn, ["latents"], None, None)
 
 
 # ---- numerical failures --------------------------------------------------------------------------

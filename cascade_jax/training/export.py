@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import jax
@@ -165,7 +166,13 @@ def _write_trained(run, folder: Path) -> tuple[dict, dict]:
 def _write_frozen(run, folder: Path, exclude: set) -> dict:
     """Every frozen model of the run (and its tokenizer): copied from its source, or written from memory."""
     task, cfg = run.task, run.cfg
-    sources = getattr(task, "sources", None) or task.frozen_sources(cfg, Path(cfg.output_path))
+    sources = getattr(task, "sources", None)
+    if sources is None:  # cached_conditions: nothing was built; the config still says where they come from
+        try:
+            sources = task.frozen_sources(cfg, Path(cfg.output_path))
+        except (OSError, ValueError) as e:
+            warnings.warn(f"the export holds only the trained model: its frozen models cannot be found ({e})")
+            sources = {}
     modules = None
     trained_attrs = {path[0] for path, _ in nnx.to_flat_state(run.state.params)}
     held = [path[0] for state in (run.state.params, run.frozen) for path, _ in nnx.to_flat_state(state)]

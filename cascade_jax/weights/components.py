@@ -4,14 +4,15 @@ Several weights folders may hold the same component (a Stage C export and a Stag
 the text encoder they trained with). They may be combined only when those copies are the same
 weights, so every kind of component source gets a digest:
 
-* a converted directory: its model, config and the per-tensor CRC32s written at conversion
-  (``cascade_model.json``), so the digest costs no tensor read and a copy keeps it;
-* a tokenizer folder: the bytes of the files the tokenizer reads (``TOKENIZER_FILES``);
-* anything else (official safetensors, diffusers/transformers folders): the conversion cache's key
-  over the content (size, header and sampled chunks of every file).
-
-Two copies of one set of weights in different dtypes (a float32 and a bfloat16 conversion) are
-different components here: the digest is of what is stored.
+* weights as released (official safetensors, diffusers/transformers folders): the conversion cache's
+  key over their content (name, size, header and sampled chunks of every file);
+* a directory converted from such weights: that same key of its source, recorded at conversion, so a
+  trainer's copy of the text encoder it converted from ``stable-cascade/text_encoder/`` matches that
+  folder itself (and two conversions of one file match whatever their dtypes);
+* any other converted directory (trained weights, random test encoders): its model, config and the
+  per-tensor CRC32s written when it was saved (``cascade_model.json``), so the digest costs no tensor
+  read and a copy keeps it;
+* a tokenizer folder: the bytes of the files the tokenizer reads (``TOKENIZER_FILES``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def component_digest(path) -> str:
 
 def _converted_digest(path: Path) -> str:
     meta = read_meta(path)
+    origin = (meta.get("source") or {}).get("content_key")
+    if isinstance(origin, str):
+        return origin  # converted from released weights: the same key as those weights themselves
     checksums = meta.get("checksums")
     if checksums is None:  # format 1 directories recorded no checksums: hash the stored files
         return folder_digest(path)
@@ -83,23 +87,18 @@ def files_digest(folder: Path, files) -> str:
 def copy_tree(src, dst) -> Path:
     """Copy the folder ``src`` to the new path ``dst``, hard-linking files where the filesystem allows.
 
-    Converted directories and tokenizer folders are never modified in place (they are replaced by
-    renaming a new copy over them), so a hard link is a copy that costs no space; across filesystems
-    the files are copied. Symlinks inside ``src`` are refused: a copy must not point elsewhere."""
-    src, dst = Path(src), Path(dst)
-    links = [p for p in src.rglob("*") if p.is_symlink()]
-    if src.is_symlink() or links:
-        raise ValueError(f"{src}: holds symbolic links ({[str(p) for p in links[:3]]}); copy real files there first")
-
+    Converted directories are never modified in place (a new copy is renamed over an old one), so a hard
+    link is a copy that costs no space; across filesystems the files are copied. Symbolic links are
+    followed: the copy holds the files, not links to them."""
     def link_or_copy(source, target):
         try:
-            os.link(source, target)
+            os.link(source, target)  # follows a symlink to its file
         except OSError:  # another filesystem, or links not permitted
             shutil.copy2(source, target)
         return target
 
     shutil.copytree(src, dst, copy_function=link_or_copy)
-    return dst
+    return Path(dst)
 
 
 def copy_tokenizer(src, dst) -> Path:

@@ -8,11 +8,14 @@ about the size of the output.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from flax import nnx
 
 from cascade_jax.models.registry import abstract_model
 from cascade_jax.weights import checkpoint
+from cascade_jax.weights.cache import source_key
 from cascade_jax.weights.dtypes import parse_dtype  # noqa: F401  (also imported from here)
 from cascade_jax.weights.formats import detect_format
 from cascade_jax.weights.layout import torch_shape, torch_to_ours
@@ -86,6 +89,8 @@ def convert_checkpoint(model_name: str, config, src, out_dir, *, dtype="float32"
             reader.release(source)
         source_dtypes[key] = str(reader.dtype(recipe.sources[0]))
     meta = {"model": model_name, "config": config, "dtype": target_dtype.name,
-            "source": {"path": str(src), "format": source_format.name, "dtypes": source_dtypes}}
+            "source": {"path": str(src), "format": source_format.name, "dtypes": source_dtypes,
+                       # what the source file(s) were (weights.components compares a copy with its origin)
+                       "content_key": source_key(Path(src), "", {})}}
     checkpoint.save(out_dir, meta, arrays, overwrite=overwrite)
     return out_dir
