@@ -14,7 +14,7 @@ from training_testing import toy_config
 from cascade_jax.models.random_init import random_model
 from cascade_jax.nn.params import named_variables
 from cascade_jax.pipelines import weight_folders
-from cascade_jax.pipelines.loading import pipeline_set, random_component
+from cascade_jax.pipelines.loading import pipeline_set
 from cascade_jax.pipelines.sources import resolve_source
 from cascade_jax.training import cli
 from cascade_jax.training.export import check_export_folder, run_identity
@@ -83,10 +83,13 @@ def test_the_same_encoders_setting_gives_every_task_the_same_encoders(tmp_path):
     cfg_c = toy_config(tmp_path, stage="c", encoders="tiny", seed=1)
     cfg_b = toy_config(tmp_path, stage="b", encoders="tiny", seed=7)
     sources_c, sources_b = StageCTask().frozen_sources(cfg_c, tmp_path), StageBTask().frozen_sources(cfg_b, tmp_path)
-    assert sources_c["text_encoder"] == sources_b["text_encoder"] == RandomSource("tiny", "text_encoder")
-    text = named_variables(sources_b["text_encoder"].model())
-    same = named_variables(random_component("tiny", "text_encoder"))  # StableCascadePipeline.random("tiny")'s
-    assert all(np.array_equal(np.asarray(text[k][...]), np.asarray(same[k][...])) for k in text)
+    for name in ("text_encoder", "effnet"):
+        assert sources_c[name] == sources_b[name] == RandomSource("tiny", name)
+    # As StableCascadePipeline.random("tiny") seeds it: seed = the component's place in the set.
+    previewer = named_variables(RandomSource("tiny", "previewer").model())
+    place = list(pipeline_set("tiny")).index("previewer")
+    same = named_variables(random_model(*pipeline_set("tiny")["previewer"], seed=place))
+    assert all(np.array_equal(np.asarray(previewer[k][...]), np.asarray(same[k][...])) for k in same)
 
 
 def test_a_copy_and_a_conversion_of_released_weights_are_that_component(tmp_path):

@@ -30,6 +30,7 @@ from cascade_jax.training.loop import host_rng, make_data_iterator
 from cascade_jax.weights import atomic, checkpoint
 from cascade_jax.weights.checkpoint import load_model
 from cascade_jax.weights.components import copy_tree, read_export_manifest
+from cascade_jax.weights.export import export_official
 
 STEPS = 30
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def trained(image_folder, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", ["c", "b"])
-def test_tiny_stage_learns_and_exports(stage, trained):
+def test_tiny_stage_learns_and_exports(stage, trained, tmp_path):
     run, export = trained[stage]
     assert sum(v for k, v in run.history[-1].items() if k.startswith("skipped_")) >= 1
     component = f"stage_{stage}"
@@ -96,6 +97,8 @@ def test_tiny_stage_learns_and_exports(stage, trained):
         assert set(f.keys()) == set(trained_arrays)  # official names
         key = sorted(trained_arrays)[0]  # the trained (float32) weights, as convert.py --export writes them
         assert f.get_tensor(key).dtype == np.float32
+    converted_back = export_official(export / component, tmp_path / "convert_export.safetensors")
+    assert converted_back.read_bytes() == (export / f"{component}.safetensors").read_bytes()  # = convert.py --export
     frozen = {"c": {"effnet", "text_encoder", "image_encoder", "previewer"}, "b": {"stage_a", "effnet", "text_encoder"}}
     manifest = read_export_manifest(export)
     assert set(manifest["components"]) == {component, "tokenizer", *frozen[stage]}
