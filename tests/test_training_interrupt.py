@@ -2,12 +2,13 @@
 flight, saves a checkpoint at it, prints how to resume and exits with 128 + the signal and no
 traceback; a second signal during the save changes nothing; resuming ends bit-identical to a run
 that was never interrupted; where nothing trained can be lost (a compile) the signal abandons the
-work at once."""
+work at once. The runs here also show the trainer's start-up lines (``training/console.py``)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,14 +66,29 @@ def test_sigterm_saves_the_update_in_flight_and_resume_is_bit_identical(tmp_path
     monkeypatch.setattr(TrainCheckpointer, "save_if_new", save_with_a_second_signal)
 
     def work() -> int:
-        train(cfg, data=ToyData(8), hooks=[Hook(1, sigterm_at_update_5)], progress=False)
+        train(cfg, data=ToyData(8), hooks=[Hook(1, sigterm_at_update_5)], progress=False,
+              export_dir=tmp_path / "export")
         return 0
 
     assert exit_status(work) == 143
     out = capsys.readouterr().out
+    # The start-up lines, once each, then the compile of the first update and its time.
+    checkpoints = tmp_path / "a" / "ckpt" / "toy"
+    start_up = [
+        "parameters: 800 trainable (generator 800), 256 frozen (frozen 256)",  # ToyNet 16x32+32+32x8; 16x16
+        "mesh: data=8 fsdp=1 tensor=1 over 8 CPU device(s); global batch 8",  # conftest's 8 virtual devices
+        f"checkpoints: {checkpoints} (every 3 updates, the last 5 kept)",
+        f"TensorBoard: tensorboard --logdir {tmp_path / 'a' / 'out' / 'toy' / 'logs'}",
+        f"export: {tmp_path / 'export'} (at the end)",
+        "starting at step 0 (of 8)",
+        "compiling the first update (one-time)...",
+    ]
+    lines = out.splitlines()
+    assert lines[:len(start_up)] == start_up
+    assert re.fullmatch(r"compiled in \d+\.\d s", lines[len(start_up)]), lines
     assert "SIGTERM: stopping after the update in progress and saving a checkpoint" in out
     assert "still saving the checkpoint, please wait" in out
-    assert f"stopped after update 5; checkpoint in {tmp_path / 'a' / 'ckpt' / 'toy'}" in out
+    assert f"stopped after update 5; checkpoint in {checkpoints}" in out
     assert "resume with: " in out
     assert latest_step(cfg) == 5  # save_every=3 saved 3; the interruption saved 5
 

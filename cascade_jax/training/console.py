@@ -54,7 +54,7 @@ def data_line(data) -> str | None:
     if source is None:
         return None
     kind = type(source).__name__.removesuffix("Source").lower() or "custom"
-    line = f"data: {len(source.records)} samples in {source.description} ({kind})"
+    line = f"data: {len(source.records)} images in {source.description} ({kind})"
     uncaptioned = getattr(source, "uncaptioned", ())
     if uncaptioned:
         line += f"; {len(uncaptioned)} without a caption will be skipped (e.g. {uncaptioned[0]})"

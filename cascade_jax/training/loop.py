@@ -128,14 +128,7 @@ def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, h
     from cascade_jax.training.samples import make_sample_collage
 
     with StopSignals() as stop:
-        try:
-            with stop.abandonable():  # nothing is trained yet: a signal stops at once
-                run = build_run(cfg, task, mesh)
-                data = data if data is not None else make_data_iterator(cfg)
-                checkpointer = checkpointer_for(cfg)
-                start = resume(run, checkpointer, data)
-        except Abandoned:
-            raise TrainingInterrupted(stop.signum, None, Path(cfg.checkpoint_path) / cfg.experiment_id) from None
+        run, data, checkpointer, start = _prepare(cfg, task, data, mesh, stop)
         console.announce_start(run, data, checkpointer.directory, start, export_dir)
         logger = MetricsLogger(Path(cfg.output_path) / cfg.experiment_id / "logs", total_steps=cfg.updates,
                                start_step=start, images_per_step=cfg.batch_size, smoothing=cfg.loss_smoothing,
@@ -143,7 +136,7 @@ def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, h
         collage = make_sample_collage(run, cfg, data, logger.add_image)
         hooks = (*hooks, Hook(cfg.sample_every, collage)) if collage is not None else tuple(hooks)
         meta = {"config": json.loads(json.dumps(cfg.to_dict(), default=str))}
-        done = (start, data.get_state() if hasattr(data, "get_state") else None)  # the last completed update
+        done = (start, _data_state(data))  # the last completed update and the data position after it
         try:
             for step in range(start + 1, cfg.updates + 1):
                 with stop.abandonable():  # waiting for data: the update has not started
@@ -156,7 +149,7 @@ def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, h
                     logger.step_flops = run.step_flops()
                 if step % cfg.log_every == 0 or step == cfg.updates or step == start + 1:
                     run.history.append(logger.update(step, metrics, _skips(data)) | {"step": step})
-                done = (step, data.get_state() if hasattr(data, "get_state") else None)
+                done = (step, _data_state(data))
                 checkpointer.save(step, run.state, done[1], meta, force=step == cfg.updates)
                 for hook in hooks:
                     hook(step, run.state, metrics)
@@ -173,6 +166,22 @@ def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, h
         if stop.signum is not None:
             raise TrainingInterrupted(stop.signum, done[0], checkpointer.directory)
     return run
+
+
+def _prepare(cfg: TrainConfig, task, data, mesh, stop: StopSignals):
+    """(run, data iterator, checkpointer, step to start after), resumed from the latest checkpoint."""
+    try:
+        with stop.abandonable():  # nothing is trained yet: a signal stops at once
+            run = build_run(cfg, task, mesh)
+            data = data if data is not None else make_data_iterator(cfg)
+            checkpointer = checkpointer_for(cfg)
+            return run, data, checkpointer, resume(run, checkpointer, data)
+    except Abandoned:
+        raise TrainingInterrupted(stop.signum, None, Path(cfg.checkpoint_path) / cfg.experiment_id) from None
+
+
+def _data_state(data) -> dict | None:
+    return data.get_state() if hasattr(data, "get_state") else None
 
 
 def _skips(data) -> dict:
