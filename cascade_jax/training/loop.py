@@ -124,47 +124,51 @@ def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, h
     Ctrl-C or SIGTERM stops after the update in flight, saves it and raises
     :class:`~cascade_jax.training.interrupt.TrainingInterrupted` (``training/interrupt.py``).
     """
+    with StopSignals() as stop:
+        return _train(cfg, task, data, mesh, hooks, stop_after, progress, export_dir, stop)
+
+
+def _train(cfg: TrainConfig, task, data, mesh, hooks, stop_after, progress, export_dir, stop: StopSignals) -> Run:
     from cascade_jax.data import global_batch
     from cascade_jax.training.samples import make_sample_collage
 
-    with StopSignals() as stop:
-        run, data, checkpointer, start = _prepare(cfg, task, data, mesh, stop)
-        console.announce_start(run, data, checkpointer.directory, start, export_dir)
-        logger = MetricsLogger(Path(cfg.output_path) / cfg.experiment_id / "logs", total_steps=cfg.updates,
-                               start_step=start, images_per_step=cfg.batch_size, smoothing=cfg.loss_smoothing,
-                               step_flops=None, peak_flops=peak_flops_per_device(cfg.peak_flops), progress=progress)
-        collage = make_sample_collage(run, cfg, data, logger.add_image)
-        hooks = (*hooks, Hook(cfg.sample_every, collage)) if collage is not None else tuple(hooks)
-        meta = {"config": json.loads(json.dumps(cfg.to_dict(), default=str))}
-        done = (start, _data_state(data))  # the last completed update and the data position after it
-        try:
-            for step in range(start + 1, cfg.updates + 1):
-                with stop.abandonable():  # waiting for data: the update has not started
-                    loader_batch = next(data)
-                if collage is not None:
-                    collage.remember(loader_batch)  # Stage B reconstructs images of the first batch
-                arrays = run.task.host_batch(cfg, loader_batch, host_rng(cfg, step - 1))
-                metrics = run.step(global_batch(arrays, run.mesh))
-                if logger.step_flops is None:
-                    logger.step_flops = run.step_flops()
-                if step % cfg.log_every == 0 or step == cfg.updates or step == start + 1:
-                    run.history.append(logger.update(step, metrics, _skips(data)) | {"step": step})
-                done = (step, _data_state(data))
-                checkpointer.save(step, run.state, done[1], meta, force=step == cfg.updates)
-                for hook in hooks:
-                    hook(step, run.state, metrics)
-                if stop.requested(step) or (stop_after is not None and step >= stop_after):
-                    break
-        except Abandoned:
-            pass  # raised before the update it interrupted changed the state: `done` is intact
-        finally:
-            if stop.signum is not None:
-                checkpointer.save_if_new(done[0], run.state, done[1], meta)
-            checkpointer.wait()
-            checkpointer.close()
-            logger.close()
+    run, data, checkpointer, start = _prepare(cfg, task, data, mesh, stop)
+    console.announce_start(run, data, checkpointer.directory, start, export_dir)
+    logger = MetricsLogger(Path(cfg.output_path) / cfg.experiment_id / "logs", total_steps=cfg.updates,
+                           start_step=start, images_per_step=cfg.batch_size, smoothing=cfg.loss_smoothing,
+                           step_flops=None, peak_flops=peak_flops_per_device(cfg.peak_flops), progress=progress)
+    collage = make_sample_collage(run, cfg, data, logger.add_image)
+    hooks = (*hooks, Hook(cfg.sample_every, collage)) if collage is not None else tuple(hooks)
+    meta = {"config": json.loads(json.dumps(cfg.to_dict(), default=str))}
+    done = (start, _data_state(data))  # the last completed update and the data position after it
+    try:
+        for step in range(start + 1, cfg.updates + 1):
+            with stop.abandonable():  # waiting for data: the update has not started
+                loader_batch = next(data)
+            if collage is not None:
+                collage.remember(loader_batch)  # Stage B reconstructs images of the first batch
+            arrays = run.task.host_batch(cfg, loader_batch, host_rng(cfg, step - 1))
+            metrics = run.step(global_batch(arrays, run.mesh))
+            if logger.step_flops is None:
+                logger.step_flops = run.step_flops()
+            if step % cfg.log_every == 0 or step == cfg.updates or step == start + 1:
+                run.history.append(logger.update(step, metrics, _skips(data)) | {"step": step})
+            done = (step, _data_state(data))
+            checkpointer.save(step, run.state, done[1], meta, force=step == cfg.updates)
+            for hook in hooks:
+                hook(step, run.state, metrics)
+            if stop.requested(step) or (stop_after is not None and step >= stop_after):
+                break
+    except Abandoned:
+        pass  # raised before the update it interrupted changed the state: `done` is intact
+    finally:
         if stop.signum is not None:
-            raise TrainingInterrupted(stop.signum, done[0], checkpointer.directory)
+            checkpointer.save_if_new(done[0], run.state, done[1], meta)
+        checkpointer.wait()
+        checkpointer.close()
+        logger.close()
+    if stop.signum is not None:
+        raise TrainingInterrupted(stop.signum, done[0], checkpointer.directory)
     return run
 
 
