@@ -96,14 +96,15 @@ def announce_start(run, data, checkpoint_dir, start: int, export_dir=None):
     say(*(line for line in lines if line))
 
 
+def batch_shapes(batch: dict) -> str:
+    """The image-like arrays of a batch and their shapes (what a new bucket changes)."""
+    return ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(batch.items()) if v.ndim >= 3)
+
+
 @contextlib.contextmanager
-def compiling(first: bool, batch: dict):
-    """Announce the compile of the update for a new batch shape, and its time once done."""
-    if first:
-        say("compiling the first update (one-time)...")
-    else:
-        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(batch.items()) if v.ndim >= 3)
-        say(f"compiling the update for a new batch shape ({shapes}; one-time per shape)...")
+def compiling(what: str):
+    """Announce the compile of ``what`` and, once done, its time."""
+    say(f"compiling {what} (one-time)...")
     start = time.perf_counter()
     yield
     say(f"compiled in {time.perf_counter() - start:.1f} s")

@@ -103,7 +103,8 @@ class StopSignals:
         elif self.count == 2:
             say(f"{name}: still saving the checkpoint, please wait ({name} once more quits without it)")
         else:
-            say(f"{name}: quitting without the checkpoint in progress")
+            say(f"{name}: quitting without the checkpoint in progress",
+                f"resume from the last complete checkpoint with: {resume_command()}")
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(128 + signum)
@@ -184,10 +185,10 @@ def exit_status(fn) -> int:
         _ignore_signals()
         say(stop.where(), f"resume with: {resume_command()}")
         return stop.exit_code
-    except KeyboardInterrupt as err:  # outside the loop (export...): atomic writes removed their partial files
+    except KeyboardInterrupt as err:  # outside the loop (loading a config, exporting): its writes are atomic
         _ignore_signals()
         signum = signal.SIGTERM if isinstance(err, atomic.Interrupted) else signal.SIGINT
-        say("interrupted (nothing was left half-written)", f"run again with: {resume_command()}")
+        say("interrupted outside the training loop", f"run the same command again to continue: {resume_command()}")
         return 128 + signum
 
 

@@ -50,7 +50,9 @@ class Run:
             step_fn = jit_train_step(self.task, self.cfg, self.graphdef, self.tx, self.state_shardings,
                                      self.frozen_shardings, placement.batch_shardings(batch, self.mesh),
                                      placement.replicated(self.mesh))
-            with console.compiling(not self.compiled, batch):
+            what = f"the update for a new batch shape ({console.batch_shapes(batch)})" if self.compiled else \
+                "the first update"
+            with console.compiling(what):
                 self.compiled[key] = call_abandonably(lambda: step_fn.lower(self.state, self.frozen, batch).compile())
         self.state, metrics = self.compiled[key](self.state, self.frozen, batch)
         return metrics

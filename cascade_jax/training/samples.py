@@ -41,7 +41,8 @@ from cascade_jax.pipelines.images import effnet_pixels
 from cascade_jax.pipelines.sizes import stage_b_latent_hw, stage_c_latent_hw
 from cascade_jax.training import placement
 from cascade_jax.training.config import TrainConfig
-from cascade_jax.training.console import say
+from cascade_jax.training.console import compiling, say
+from cascade_jax.training.interrupt import call_abandonably
 from cascade_jax.training.stage_c import encode_text
 from cascade_jax.training.step import cast_floats
 from cascade_jax.training.task import param_dtype
@@ -205,7 +206,7 @@ class SampleCollage:
         # Training keys are fold_in(key(seed), step): this split is never one of them.
         key = jax.random.key_data(jax.random.split(jax.random.key(cfg.seed))[1])
         self.key = placement.place(key, placement.replicated(run.mesh))
-        self.inputs = self.program = self.captions = self.originals = None
+        self.inputs = self.program = self.compiled = self.captions = self.originals = None
         self.decoder, self.caption_source = "stage_a", "first batch"
         if self.kind == "c":
             self.decoder = "previewer" if "previewer" in run.task.frozen_specs(cfg) else "false colour (no previewer)"
@@ -264,9 +265,13 @@ class SampleCollage:
     def images(self, state) -> tuple[list[np.ndarray], np.ndarray]:
         """(collage rows, latents) sampled with the state's EMA (or parameters)."""
         if self.program is None:
-            raise RuntimeError("Stage B sample collage before any batch: call remember(batch) first")
-        params = state.ema if state.ema is not None else state.params
-        latents, decoded = self.program(params, self.run.frozen, self.inputs, self.key)
+            raise RuntimeError("sample collage before any batch (Stage B, or Stage C without prompts): call "
+                               "remember(batch) first")
+        args = (state.ema if state.ema is not None else state.params, self.run.frozen, self.inputs, self.key)
+        if self.compiled is None:
+            with compiling("the sampler of the sample collages"):
+                self.compiled = call_abandonably(lambda: self.program.lower(*args).compile())
+        latents, decoded = self.compiled(*args)
         latents = _host(latents)
         if self.kind == "c":
             return [false_colour(latents) if decoded is None else to_uint8(_host(decoded))], latents
