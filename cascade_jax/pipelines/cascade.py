@@ -154,9 +154,11 @@ class StableCascadePipeline:
 
     def load_loras(self, loras) -> "StableCascadePipeline":
         """Sample with these Stage C LoRAs (``"FILE[:STRENGTH]"`` strings or (path, strength) pairs),
-        merged for full speed; their new tokens work in prompts. ``[]`` restores the base weights."""
+        merged for full speed; their new tokens work in prompts. ``[]`` restores the base weights.
+        ``self.loras`` then lists what each applied (``AppliedLoRA``: weights, token rows, new tokens)."""
         from cascade_jax.pipelines.lora import apply_loras
-        return apply_loras(self, loras)
+        apply_loras(self, loras)
+        return self
 
     # ---- building blocks -------------------------------------------------------------------
     def _text(self, prompts, negative_prompt, repeat: int, call: _Call):
