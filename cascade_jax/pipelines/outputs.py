@@ -32,8 +32,9 @@ def check_output_dir(out_dir) -> Path:
     out_dir = Path(out_dir)
     existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
     if not existing.is_dir():
-        what = "" if existing == out_dir else f" ({existing} is a file)"
-        raise ValueError(f"--out {out_dir} is a file, not a folder{what}; name a folder for the images")
+        if existing == out_dir:
+            raise ValueError(f"--out {out_dir} is a file, not a folder; name a folder for the images")
+        raise ValueError(f"--out {out_dir} cannot be created: {existing} is a file; name a folder for the images")
     if existing != out_dir:  # created at the first write; its nearest existing parent must take new entries
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ValueError(f"--out {out_dir} cannot be created: {existing} is not writable; choose another folder")
