@@ -45,7 +45,8 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def expand_shards(paths) -> list[str]:
-    """Every shard named by the paths, globs and brace ranges, in order, without repeats."""
+    """Every shard named by the paths, globs and brace ranges (one string or a list), in order, without repeats."""
+    paths = [paths] if isinstance(paths, str) else paths
     shards: list[str] = []
     for path in paths:
         for pattern in expand_braces(os.path.expanduser(path)):
