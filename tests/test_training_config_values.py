@@ -112,6 +112,8 @@ def test_data_config_takes_one_path_and_one_filter(tmp_path):
     shard = tmp_path / "x-000.tar"
     shard.write_bytes(b"")
     assert expand_shards(str(shard)) == [str(shard)]
+    with pytest.raises(ValueError, match="'pipe:curl -s x.tar': a 'pipe:' command is a stream"):
+        expand_shards("pipe:curl -s x.tar")
 
 
 @pytest.mark.parametrize("raw, value", [
