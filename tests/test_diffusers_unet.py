@@ -76,16 +76,20 @@ def converted(name, diffusers_model, tmp_path):
     meta = read_meta(out)
     assert meta["source"]["format"] == "diffusers"
     assert meta["config"] == official_config_from_diffusers(json.loads((folder / "config.json").read_text()))
-    # The same weights as an official-format file with that official config (per-level self_attn, scalar
-    # dropout) convert to the same arrays.
-    fmt = DIFFUSERS_STAGE_C if name == "stage_c" else DIFFUSERS_STAGE_B
+    return load_model(out)
+
+
+def assert_official_file_converts_alike(tmp_path):
+    """The weights `converted` read, as an official-format file with the official config it translated
+    (per-level self_attn, scalar dropout), convert to the same arrays."""
+    out = tmp_path / "converted"
     official = tmp_path / "official.safetensors"
-    save_numpy_file(to_official_state_dict(fmt, folder / "diffusion_pytorch_model.safetensors"), str(official))
-    from_official = convert_checkpoint(name, meta["config"], official, tmp_path / "converted_official")
+    save_numpy_file(to_official_state_dict(DIFFUSERS_STAGE_C, tmp_path / "diffusers_unet" /
+                                           "diffusion_pytorch_model.safetensors"), str(official))
+    from_official = convert_checkpoint("stage_c", read_meta(out)["config"], official, tmp_path / "converted_official")
     assert read_meta(from_official)["source"]["format"] == "official"
     ours, theirs = load_arrays(out), load_arrays(from_official)
     assert set(ours) == set(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours)
-    return load_model(out)
 
 
 def assert_self_attn_matters(reference, run_reference, ref):
@@ -115,6 +119,7 @@ def torch_inputs(inputs: dict):
 def test_stage_c_matches_diffusers_prior(tmp_path):
     reference = random_diffusers_unet(PRIOR, seed=0)
     model = converted("stage_c", reference, tmp_path)
+    assert_official_file_converts_alike(tmp_path)
     rng = np.random.default_rng(0)
     # diffusers' `sca or zeros` only works at batch 1, so sca/crp are checked at batch 1.
     for batch, conds in ((2, ()), (1, ("sca", "crp"))):
