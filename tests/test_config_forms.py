@@ -40,8 +40,9 @@ ACCEPTED = [
 
 # (model, change, what the message must say): what the official constructor (or forward) crashes on.
 REFUSED = [
-    ("stage_c", {"self_attn": "yes"}, r"self_attn='yes' is not accepted \('yes' is not true or false\); self_attn "
-                                      r"takes true or false, or a list of true/false values, one per level of c_hidden"),
+    ("stage_c", {"self_attn": "yes"}, r"self_attn='yes' is not accepted \('yes' is not true or false\); "
+                                      r"self_attn takes true or false, or a list of true/false values, one per level "
+                                      r"of c_hidden"),
     ("stage_c", {"self_attn": [True]}, r"self_attn=\[True\] is not accepted \(it has 1 entry; c_hidden has 2 levels, "
                                        r"so 2 are needed\)"),
     ("stage_c", {"self_attn": [True, "no"]}, r"entry \[1\]: 'no' is not true or false"),

@@ -27,8 +27,9 @@ def test_yaml_reads_exponents_without_a_dot_as_numbers():
 @pytest.mark.parametrize("override, key, value", [
     ("lr=5e-4", "lr", 5e-4), ("lr=1E-4", "lr", 1e-4), ("lr=1e-4", "lr", 1e-4), ("lr='5e-4'", "lr", 5e-4),
     ("lr=1_000", "lr", 1000), ("lr=1", "lr", 1), ("updates=1_000", "updates", 1000), ("updates=1e3", "updates", 1000),
-    ("updates='100'", "updates", 100), ("warmup_updates=10.0", "warmup_updates", 10), ("ema_beta=9e-1", "ema_beta", 0.9),
-    ("adaptive_loss_weight=yes", "adaptive_loss_weight", True), ("adaptive_loss_weight='false'", "adaptive_loss_weight", False),
+    ("updates='100'", "updates", 100), ("warmup_updates=10.0", "warmup_updates", 10),
+    ("ema_beta=9e-1", "ema_beta", 0.9), ("adaptive_loss_weight=yes", "adaptive_loss_weight", True),
+    ("adaptive_loss_weight='false'", "adaptive_loss_weight", False),
     ("experiment_id=2024", "experiment_id", "2024"), ("peak_flops=1.97e14", "peak_flops", 1.97e14),
 ])
 def test_numeric_and_flag_fields_take_what_users_type(override, key, value):

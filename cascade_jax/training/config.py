@@ -91,7 +91,7 @@ class TrainConfig:
     lora_checkpoint_path: str | None = None  # start from this LoRA file
     # --- this project's keys ---
     stage: str = "c"  # c | b | a | previewer | c_lora | c_controlnet
-    model_config: str | dict | None = None  # generator preset/file or its constructor kwargs; default from model_version
+    model_config: str | dict | None = None  # generator preset/file or its kwargs; default from model_version
     encoders: str | None = None  # pipeline set (e.g. "tiny") for frozen models without checkpoint paths
     init: str = "checkpoint"  # checkpoint | official (from scratch, official init) | scratch (all random: tests)
     train_filter: tuple[str, ...] = ()  # regexes over official names of the generator; empty: all of it trains
@@ -112,8 +112,9 @@ class TrainConfig:
     async_checkpointing: bool = True
     log_every: int = 10
     sample_every: int | None = None  # write a sample collage every N updates (None/0: never; training/samples.py)
-    sample_prompts: tuple[str, ...] | None = None  # Stage C collage prompts (None: samples.DEFAULT_SAMPLE_PROMPTS); their
-    # count is also the number of Stage B reconstructions
+    # Stage C collage prompts (None: samples.DEFAULT_SAMPLE_PROMPTS); their count is also the number of Stage B
+    # reconstructions
+    sample_prompts: tuple[str, ...] | None = None
     sample_steps: int = 10  # sampler steps per collage (official inference: Stage C 20, Stage B 10)
     loss_smoothing: float = 0.99  # the official "ema_loss" factor
     peak_flops: float | None = None  # per-device peak FLOP/s for the MFU estimate (None: guess from device kind)
