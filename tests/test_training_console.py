@@ -25,7 +25,8 @@ def test_data_and_config_lines(tmp_path):
     assert data_line(it).endswith("; skipped so far: no_caption 1")
     it.close()
     args = argparse.Namespace(config="tiny_c", overrides=["updates=3", "lr=2e-4"])
-    assert config_line(args) == f"config: tiny_c ({training_configs_dir() / 'tiny_c.yaml'}); overrides: updates=3 lr=2e-4"
+    path = training_configs_dir() / "tiny_c.yaml"
+    assert config_line(args) == f"config: tiny_c ({path}); overrides: updates=3 lr=2e-4"
 
 
 def test_weights_writer_has_no_array_metadata_warning(caplog):

@@ -99,14 +99,15 @@ class StopSignals:
                 os.kill(os.getpid(), signal.SIGTERM)  # to the preemption service: every process learns of it
             if self._abandonable:
                 raise Abandoned(f"{name}: stopping")
-            say(f"\n{name}: stopping after the update in progress and saving a checkpoint")
+            _notify(f"\n{name}: stopping after the update in progress and saving a checkpoint")
         elif self.count == 2:
-            say(f"{name}: still saving the checkpoint, please wait ({name} once more quits without it)")
+            _notify(f"{name}: still saving the checkpoint, please wait ({name} once more quits without it)")
         else:
-            say(f"{name}: quitting without the checkpoint in progress",
-                f"resume from the last complete checkpoint with: {resume_command()}")
-            sys.stdout.flush()
-            sys.stderr.flush()
+            _notify(f"{name}: quitting without the checkpoint in progress\n"
+                    f"resume from the last complete checkpoint with: {resume_command()}")
+            with contextlib.suppress(RuntimeError):
+                sys.stdout.flush()
+                sys.stderr.flush()
             os._exit(128 + signum)
 
     _handle.graceful = True  # weights.atomic leaves this SIGTERM handler in place while it writes a file
@@ -138,6 +139,16 @@ class StopSignals:
         return self.signum is not None
 
 
+def _notify(text: str):
+    """``say`` from a signal handler: if the signal interrupted a write to stdout, Python's buffered stream
+    refuses a reentrant write; the text then goes straight to the stderr file descriptor."""
+    try:
+        say(text)
+    except RuntimeError:
+        if jax.process_index() == 0:
+            os.write(2, (text + "\n").encode())
+
+
 def _preemption_service() -> bool:
     from jax._src import distributed  # where jax.distributed.initialize keeps it (multihost_utils reads it too)
 
@@ -148,7 +159,7 @@ def call_abandonably(fn):
     """``fn()``, run on a worker thread while the main thread waits when a :class:`StopSignals` is
     installed, so that a signal can abandon it: a compile holds the thread that calls it inside XLA,
     where Python cannot run a signal handler until it returns (minutes for a large model)."""
-    if not _ACTIVE or _ACTIVE[-1].multi:
+    if not _ACTIVE or _ACTIVE[-1].multi or threading.current_thread() is not threading.main_thread():
         return fn()
     result = {}
 
