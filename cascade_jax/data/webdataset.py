@@ -167,6 +167,9 @@ class WebDatasetSource:
                 fields = {f: v for f, v in fields.items() if f in wanted}
                 if fields:
                     self.records.append((shard_index, key, fields))
+        # From the index: the trainer says up front how many samples read() will skip for want of a caption.
+        self.uncaptioned = [f"{self.shards[i]}:{key}" for i, key, fields in self.records
+                            if self.caption_field and self.caption_field not in fields]
         if not self.records:
             raise ValueError(f"webdataset shards {self.description} hold no sample with any of the fields "
                              f"{', '.join(sorted(wanted))}")

@@ -24,18 +24,34 @@ def parse_args(argv, stage: str):
 
 
 def main(argv, stage: str) -> int:
-    args = parse_args(argv, stage)
+    from cascade_jax.training.interrupt import exit_status
+
+    return exit_status(lambda: _main(parse_args(argv, stage), stage))
+
+
+def config_line(args) -> str:
+    """The start-up line naming the config (file or shipped name) and the overrides given."""
+    from cascade_jax.training.config import training_configs_dir
+
+    path = args.config if os.path.isfile(args.config) else training_configs_dir() / f"{args.config}.yaml"
+    overrides = f"; overrides: {' '.join(args.overrides)}" if args.overrides else ""
+    return f"config: {args.config} ({path}){overrides}"
+
+
+def _main(args, stage: str) -> int:
     if args.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
     from cascade_jax.training import export_run, load_config, train
+    from cascade_jax.training.console import say
     from cascade_jax.training.plan import plan
 
     cfg = load_config(args.config, [f"stage={stage}", *args.overrides])
     if args.dry_run:
         print(json.dumps(plan(cfg), indent=1))
         return 0
-    run = train(cfg)
+    say(config_line(args))
     out = args.export or os.path.join(cfg.output_path, cfg.experiment_id, "export")
+    run = train(cfg, export_dir=out)
     if jax.process_index() == 0:
         exported = export_run(run, out)
         report = {k: [str(p) for p in v] for k, v in exported.items()}

@@ -112,8 +112,8 @@ class TrainConfig:
     async_checkpointing: bool = True
     log_every: int = 10
     sample_every: int | None = None  # write a sample collage every N updates (None/0: never; training/samples.py)
-    # Stage C collage prompts (None: samples.DEFAULT_SAMPLE_PROMPTS); their count is also the number of Stage B
-    # reconstructions
+    # Stage C collage prompts (None: captions of the training data); their count is also the number of Stage B
+    # reconstructions (None: samples.SAMPLE_COUNT)
     sample_prompts: tuple[str, ...] | None = None
     sample_steps: int = 10  # sampler steps per collage (official inference: Stage C 20, Stage B 10)
     loss_smoothing: float = 0.99  # the official "ema_loss" factor

@@ -124,10 +124,17 @@ register_task("c_lora", LoRATask)
 
 def main(argv) -> int:
     """``train/train_c_lora.py``: the trainer CLI, plus the LoRA file at every save and at the end."""
+    from cascade_jax.training.interrupt import exit_status
+
+    return exit_status(lambda: _main(argv))
+
+
+def _main(argv) -> int:
     import json
 
     from cascade_jax.training import load_config, train
-    from cascade_jax.training.cli import parse_args
+    from cascade_jax.training.cli import config_line, parse_args
+    from cascade_jax.training.console import say
     from cascade_jax.training.hooks import Hook
     from cascade_jax.training.plan import plan
 
@@ -138,9 +145,9 @@ def main(argv) -> int:
     if args.dry_run:
         print(json.dumps(plan(cfg), indent=1))
         return 0
+    say(config_line(args))
     task = LoRATask()
     hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, state.params, step))
     run = train(cfg, task=task, hooks=[hook])
     print(f"LoRA written to {task.write_lora(cfg, run.state.params, cfg.updates)}")
     return 0
-
