@@ -39,7 +39,9 @@ def stage_args(p, name, defaults):
     else the official values shown)."""
     title = "Stage C" if name == "prior" else "Stage B"
     p.add_argument(f"--{name}-steps", type=int, help=f"{title} steps (official {defaults.steps})")
-    p.add_argument(f"--{name}-cfg", type=float, help=f"{title} guidance scale (official {defaults.cfg})")
+    p.add_argument(f"--{name}-cfg", type=cfg_arg,
+                   help=f"{title} guidance scale (official {defaults.cfg}); none: no guidance and no unconditional "
+                        "pass (a consistency-distilled Stage C has its guidance built in)")
     p.add_argument(f"--{name}-shift", type=float, help=f"{title} schedule shift (official {defaults.shift})")
     p.add_argument(f"--{name}-t-start", type=float,
                    help=f"{title} first step's t, (0, 1] (official {defaults.t_start})")
@@ -47,6 +49,19 @@ def stage_args(p, name, defaults):
     aliases = ["--sampler"] if name == "prior" else []
     p.add_argument(f"--{name}-sampler", *aliases, choices=["ddpm", "ddim", "lcm"],
                    help=f"official {defaults.sampler}" + ("; --sampler is the same" if aliases else ""))
+
+
+NO_GUIDANCE = "none"
+
+
+def cfg_arg(text):
+    """A guidance scale, or "none" (no guidance: SamplerSettings cfg=None)."""
+    if text.strip().lower() == NO_GUIDANCE:
+        return NO_GUIDANCE
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
 def rgb(text):
@@ -96,6 +111,8 @@ def stage_changes(args, name) -> dict:
     """The stage's flags that were given, as SamplerSettings changes; an impossible value fails naming its
     flag (e.g. --prior-shift), checked against the official settings before any model loads."""
     changes = {k: getattr(args, f"{name}_{k}") for k in STAGE_FLAGS if getattr(args, f"{name}_{k}") is not None}
+    if changes.get("cfg") == NO_GUIDANCE:
+        changes["cfg"] = None
     try:
         (PRIOR_DEFAULTS if name == "prior" else DECODER_DEFAULTS).replace(**changes)
     except ValueError as e:
