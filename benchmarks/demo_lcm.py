@@ -5,8 +5,9 @@ and wall time per image after compilation.
     python benchmarks/demo_lcm.py                      # 40 held-out combinations x 2 images per setting
     python benchmarks/demo_lcm.py --combos 126 --per-combo 4
 
-Settings: the demo's defaults (20 Stage C + 10 Stage B steps, its sampling.json) and demo-lcm's (its
-sampling.json: the LCM sampler without guidance on Stage C) at 4+2, 2+2 and 1+1 steps. Each setting first draws
+Settings: the demo's defaults (20 Stage C + 10 Stage B steps, its sampling.json), the same in 4+2 steps (what the
+distillation adds), and demo-lcm's (its sampling.json: the LCM sampler without guidance on Stage C) at 4+2, 2+2
+and 1+1 steps. Each setting first draws
 one untimed batch (compiling its sampling loops), then the timed, scored images. Writes ``--out`` (JSON) and a
 markdown table beside it.
 """
@@ -35,7 +36,10 @@ FIELDS = ("steps", "cfg", "shift", "sampler", "t_start")
 
 def settings(demo_pipe, lcm_pipe) -> list:
     """(label, pipeline, prior settings, decoder settings) of every compared setting."""
-    rows = [("demo 20+10", demo_pipe, demo_pipe.prior_defaults, demo_pipe.decoder_defaults)]
+    rows = [("demo 20+10", demo_pipe, demo_pipe.prior_defaults, demo_pipe.decoder_defaults),
+            # the undistilled demo in demo-lcm's default steps: what the distillation adds
+            ("demo 4+2 (not distilled)", demo_pipe, demo_pipe.prior_defaults.replace(steps=4),
+             demo_pipe.decoder_defaults.replace(steps=2))]
     for prior_steps, decoder_steps in LCM_STEPS:
         rows.append((f"demo-lcm {prior_steps}+{decoder_steps}", lcm_pipe,
                      lcm_pipe.prior_defaults.replace(steps=prior_steps),
