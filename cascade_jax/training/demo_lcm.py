@@ -54,7 +54,7 @@ def distil(work: Path, weights: Path, scale: float, log) -> dict:
     start = time.perf_counter()
     run = train(cfg, task=task)
     seconds = time.perf_counter() - start
-    written = task.write_lora(cfg, task_params(cfg, run.state), cfg.updates)
+    written = task.write_lora(cfg, task_params(run.state), cfg.updates)
     shutil.copyfile(written, atomic.temp_path(work / "lcm_lora.safetensors"))
     os.replace(atomic.temp_path(work / "lcm_lora.safetensors"), work / "lcm_lora.safetensors")
     losses = [h["loss"] for h in run.history if "loss" in h]

@@ -81,7 +81,8 @@ class LCMTask(LoRATask):
         self._check(cfg)
         if self.lcm.student == "lora":
             return super().adapt_abstract(modules, cfg)
-        return TrainModules(teacher=modules.generator, **{n: getattr(modules, n) for n in modules.names})
+        teacher = shallow_copy(modules.generator)  # its own variables (shapes only): frozen, not the student's
+        return TrainModules(teacher=teacher, **{n: getattr(modules, n) for n in modules.names})
 
     def trainable(self, cfg: TrainConfig):
         if lcm_config(cfg.lcm).student == "lora":
@@ -182,12 +183,12 @@ def main(argv) -> int:
         out = args.export or str(Path(cfg.output_path) / cfg.experiment_id / "export")
         print(json.dumps({k: [str(p) for p in v] for k, v in export_run(run, out).items()}, indent=1))
         return 0
-    hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, task_params(cfg, state), step))
+    hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, task_params(state), step))
     run = train(cfg, task=task, hooks=[hook])
-    print(f"LCM-LoRA written to {task.write_lora(cfg, task_params(cfg, run.state), cfg.updates)}")
+    print(f"LCM-LoRA written to {task.write_lora(cfg, task_params(run.state), cfg.updates)}")
     return 0
 
 
-def task_params(cfg: TrainConfig, state):
+def task_params(state):
     """The LoRA to write: the EMA (the target network, what the paper keeps) when there is one."""
     return state.ema if state.ema is not None else state.params
