@@ -37,7 +37,8 @@ demo-weights: $(VENV)/.installed-train
 app: $(VENV)/.installed-app
 	$(PY) sample/app.py $(if $(WEIGHTS),--weights $(WEIGHTS)) $(APP_ARGS)
 
-# Distil the demo's Stage C into the demo-lcm LCM-LoRA (--weights demo-lcm; about 15 minutes on 2 CPU cores).
+# Distil the demo's Stage C into the demo-lcm LCM-LoRA (--weights demo-lcm): 20 min measured on a loaded 2-core
+# machine, of which under 5 min of CPU time (docs/lcm.md).
 demo-lcm-weights: $(VENV)/.installed-train
 	$(PY) train/demo_lcm.py
 
