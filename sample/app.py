@@ -33,6 +33,7 @@ import numpy as np
 from app_parts import (ControlNetEntry, Done, Service, Update, check_upload, image_from_editor, mask_from_editor,
                        size_hint)
 from cascade_jax.diffusion.samplers import SAMPLERS
+from cascade_jax.named_weights import lookup
 from cascade_jax.pipelines import StableCascadePipeline
 from cascade_jax.pipelines.sizes import MIN_SIZE
 
@@ -82,7 +83,8 @@ def load_pipeline(args):
         pipe = StableCascadePipeline.random(args.random, dtype=args.dtype or "float32")
         return pipe, ["--random", args.random], f"random:{args.random}"
     source = args.weights or "demo"
-    dtype = args.dtype or ("float32" if source == "demo" else "bfloat16")
+    named = lookup(source)  # a named set (demo, demo-lcm) says its own dtype
+    dtype = args.dtype or (named.dtype if named is not None else "bfloat16")
     try:
         pipe = StableCascadePipeline.from_pretrained(source, lite=args.lite, dtype=dtype)
     except (FileNotFoundError, ValueError, OSError) as e:

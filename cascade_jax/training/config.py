@@ -89,8 +89,9 @@ class TrainConfig:
     rank: int = 4
     train_tokens: tuple[tuple, ...] = ()  # [[token or regex, init regex or null], ...]; [x] / <x> adds a new token
     lora_checkpoint_path: str | None = None  # start from this LoRA file
+    lcm: dict | None = None  # stage c_lcm: consistency distillation settings (cascade_jax.training.lcm_config)
     # --- this project's keys ---
-    stage: str = "c"  # c | b | a | previewer | c_lora | c_controlnet
+    stage: str = "c"  # c | b | a | previewer | c_lora | c_controlnet | c_lcm
     model_config: str | dict | None = None  # generator preset/file or its kwargs; default from model_version
     encoders: str | None = None  # pipeline set (e.g. "tiny") for frozen models without checkpoint paths
     init: str = "checkpoint"  # checkpoint | official (from scratch, official init) | scratch (all random: tests)
@@ -134,6 +135,10 @@ class TrainConfig:
         coerce_dataclass_fields(self)  # first: the checks below compare numbers, not the text a user typed
         if self.data is not None:
             object.__setattr__(self, "data", coerce_mapping(DataConfig, self.data, "data."))
+        if self.lcm is not None:
+            from cascade_jax.training.lcm_config import lcm_config
+
+            lcm_config(self.lcm)  # refused by name at load, before any model is built
         if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum_steps "
                              f"{self.grad_accum_steps} (>= 1)")

@@ -29,6 +29,7 @@ from cascade_jax.models.lora import (DEFAULT_FILTERS, LayerFactors, LoRAParam, L
                                      init_lora, lora_layers)
 from cascade_jax.models.lora_tokens import add_train_tokens, attach_token_rows, init_token_rows, token_deltas, \
     token_embedding
+from cascade_jax.nn.params import official_key
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.stage_c import StageCTask, encode_text
 from cascade_jax.training.task import TrainModules, register_task
@@ -90,10 +91,14 @@ class LoRATask(StageCTask):
     def lora_weights(self, params) -> LoRAWeights:
         """The LoRA held by the trainable ``params`` (an ``nnx.State`` of LoRAParam, host or device)."""
         values = {path: np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(params)}
-        layers = {}
-        for key, alpha in self.alphas.items():
-            path = ("generator", *_path_of(key), "adapters", NAME)
-            layers[key] = LayerFactors(values[(*path, "lora_down")], values[(*path, "lora_up")], alpha)
+        # Matched by official key, not by parsing the key into a path: a Sequential's children are named "0", "1"
+        # (strings) in the state, so "channelwise.0.weight" is not the path (..., "channelwise", 0, "weight").
+        factors = {}
+        for path, value in values.items():
+            if path[0] == "generator" and path[-3:-1] == ("adapters", NAME):
+                factors.setdefault(official_key(path[1:-3]), {})[path[-1]] = value
+        layers = {key: LayerFactors(factors[key]["lora_down"], factors[key]["lora_up"], alpha)
+                  for key, alpha in self.alphas.items()}
         tokens = None
         if self.tokens is not None:
             rows = next(v for p, v in values.items() if p[0] == "text_encoder" and p[-1] == "embeddings")
@@ -113,10 +118,6 @@ class LoRATask(StageCTask):
         save_official(path, lora, model_config)
         save_official(folder / "lora.safetensors", lora, model_config)
         return path
-
-
-def _path_of(key: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in key.split("."))
 
 
 register_task("c_lora", LoRATask)
