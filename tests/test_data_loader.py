@@ -1,5 +1,6 @@
 """The Grain training loader on WebDataset shards and image folders: paths, filters, captions,
-skipped samples, buckets agreed across hosts, disjoint host shards, exact resume."""
+skipped samples (and those known up front), buckets agreed across hosts, disjoint host shards, exact
+resume, the captions sample collages prompt with."""
 
 import dataclasses
 import json
@@ -62,6 +63,8 @@ def test_webdataset_batches_skip_and_count_bad_samples(shards):
     assert not any(caption_index(c) == 5 for b in batches for c in b["captions"])
     counts = it.skip_counts
     assert counts["no_caption"] >= 1 and counts["corrupt_image"] >= 1 and counts["filtered"] == 0
+    # Known from the shard index before any read (the trainer's start-up line says so).
+    assert it.source.uncaptioned == [f"{shards / 'shard-000.tar'}:000005"]
     it.close()
 
 
@@ -88,6 +91,11 @@ def test_folder_source_and_missing_captions(tmp_path):
     for b in batches:
         assert b["images"].shape == (2, *b["bucket"], 3)
     assert it.skip_counts["no_caption"] >= 1 and it.skip_counts["filtered"] >= 2
+    assert it.source.uncaptioned == [str(tmp_path / "img_002.png")]  # from the listing, before any read
+    # The captions sample collages prompt with: distinct ones of usable samples, the same on a fresh iterator.
+    captions = it.sample_captions(4)
+    assert sorted(captions) == ["caption 0", "caption 3", "caption 4"]
+    assert iter(loader(cfg, batch=2, ratios=RATIOS)).sample_captions(2) == captions[:2]
     it.close()
 
 

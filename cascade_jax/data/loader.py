@@ -127,6 +127,26 @@ class TrainIterator(grain.DatasetIterator):
     def step(self) -> int:
         return self._state["step"]
 
+    @property
+    def source(self):
+        """The sample source (``records``, ``description``), for the trainer's start-up lines."""
+        return self._plan.source
+
+    def sample_captions(self, count: int, scan: int = 64) -> list[str]:
+        """Up to ``count`` distinct non-empty captions of the first ``scan`` samples of the global order: the
+        same on every host and after a resume (the trainer's sample collages prompt with them)."""
+        plan, captions = self._plan, []
+        for position in range(min(scan, len(plan.source.records))):
+            try:
+                caption = plan.source.read(plan.records[position]).caption
+            except SkipSample:
+                continue
+            if caption and caption not in captions:
+                captions.append(caption)
+                if len(captions) == count:
+                    break
+        return captions
+
     def start_prefetch(self) -> None:
         if self._producer is None:
             self._producer = _Producer(self._plan, copy.deepcopy(self._state), self._executor)

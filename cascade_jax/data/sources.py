@@ -109,16 +109,19 @@ class FolderSource:
         self.caption_ext = cfg.caption_field.lstrip(".")
         self.filters = MetadataFilter(cfg.filters)
         exts = {"." + e for e in cfg.image_keys}
-        records = []
+        records, listed = [], set()
         for folder in cfg.paths:
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"image folder {folder!r} does not exist or is not a folder")
             for path in sorted(Path(folder).rglob("*")):
+                listed.add(str(path))
                 if path.suffix.lower() in exts and path.is_file():
                     records.append(str(path))
         if not records:
             raise ValueError(f"no images ({', '.join(sorted(exts))}) under {self.description}")
         self.records = records
+        # From the listing, without more I/O: the trainer says up front how many read() will skip.
+        self.uncaptioned = [r for r in records if f"{os.path.splitext(r)[0]}.{self.caption_ext}" not in listed]
 
     def read(self, record: str) -> RawSample:
         stem = os.path.splitext(record)[0]

@@ -19,6 +19,7 @@ from pathlib import Path
 from cascade_jax.data.clip_tokenizer import CLIPTokenizer, openai_bpe_path, write_tokenizer_folder_from_openai_bpe
 from cascade_jax.models.random_init import random_model
 from cascade_jax.models.registry import configs_root, load_config, read_config_file
+from cascade_jax.named_weights import lookup
 from cascade_jax.pipelines.sources import (DIFFUSERS_FOLDERS, OFFICIAL_FILES, find_source,  # noqa: F401
                                          folder_weights, missing_message, official_candidates, resolve_source)
 from cascade_jax.sharding import make_mesh
@@ -158,8 +159,13 @@ def load_components(source, *, lite: bool = False, dtype: str = "bfloat16", conf
     mesh = None if mesh is None else make_mesh(mesh)  # a bad mesh spec fails before any file is read
     config_source = configs or ("lite" if lite else "full")
     presets = pipeline_set(config_source)
-    roots = folders.resolve_roots(source, presets, lite=lite, dtype=dtype)
-    sampling = folders.sampling_defaults(roots, lite, dtype)  # a bad file fails before minutes of loading
+    sources = folders.source_list(source)
+    roots = folders.resolve_roots(sources, presets, lite=lite, dtype=dtype)
+    named = {root: lookup(name) for name, root in zip(sources, roots)}  # registered sets ("demo-lcm"...)
+    stage_c_set = named.get(folders.holder(roots, "stage_c", lite, dtype))
+    loras = stage_c_set.loras() if stage_c_set is not None else ()  # a missing file fails before minutes of loading
+    sampling_dirs = {root: n.sampling() for root, n in named.items() if n is not None and n.sampling}
+    sampling = folders.sampling_defaults(roots, lite, dtype, sampling_dirs)  # a bad file fails before loading
     tokenizer = folders.tokenizer_folder(roots)
     # Where every component is (and that no two folders disagree about one) before minutes of converting.
     found = {component: folders.locate(roots, component, lite, dtype) for component in presets}
@@ -172,4 +178,17 @@ def load_components(source, *, lite: bool = False, dtype: str = "bfloat16", conf
             found[component], component, model, config, dtype=dtype, config_source=str(config_source),
             sharding=mesh, rules=rules)
     models["tokenizer"] = CLIPTokenizer.from_pretrained(tokenizer)
+    if loras:  # merged into the base weights: a pipeline's own --lora / load_loras stack on top of them
+        models["stage_c"] = with_loras(models["stage_c"], loras)
     return {**models, "prior_defaults": sampling["prior"], "decoder_defaults": sampling["decoder"]}
+
+
+def with_loras(stage_c, loras):
+    """``stage_c`` with the LoRA files ``loras`` merged in (a named set's built-in LoRAs, e.g. demo-lcm's)."""
+    from cascade_jax.models.lora import merged_model, shallow_copy
+    from cascade_jax.pipelines.lora import apply_lora_file
+
+    model = shallow_copy(stage_c)
+    for i, path in enumerate(loras):
+        apply_lora_file(model, str(path), f"builtin_{i}")
+    return merged_model(model)

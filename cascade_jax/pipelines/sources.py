@@ -14,7 +14,8 @@ from pathlib import Path
 
 import huggingface_hub
 
-from cascade_jax import demo
+from cascade_jax import demo  # noqa: F401  (the embedded demo registers its named sets: "demo", "demo-lcm")
+from cascade_jax.named_weights import lookup
 from cascade_jax.weights.checkpoint import META_FILE
 
 # Official file names per component; {lite} is "_lite" for the lite variant, {bf16} "_bf16" or "".
@@ -110,8 +111,9 @@ def hub_files(repo_files: list[str], components, *, lite: bool, dtype: str) -> l
 
 def resolve_source(source, components=(), *, lite: bool = False, dtype: str = "bfloat16") -> Path:
     """A local folder, or a Hugging Face repository id of which only what ``components`` need is fetched."""
-    if str(source) == demo.NAME:  # the embedded cascade; a local folder of that name is "./demo"
-        return demo.weights_dir()
+    named = lookup(source)
+    if named is not None:  # a registered set (the embedded demo...); a local folder of that name is "./NAME"
+        return named.folder()
     path = Path(source).expanduser()
     if path.exists():
         return path
@@ -134,17 +136,15 @@ def _looks_local(source: str) -> bool:
 
 
 def default_dtype(source) -> str:
-    """The dtype a pipeline from ``source`` loads in by default: float32 for the embedded demo (its tiny
+    """The dtype a pipeline from ``source`` loads in by default: a named set's own (the embedded demo's tiny
     models were trained and measured in float32), bfloat16 otherwise."""
-    return "float32" if _is_demo(source) else "bfloat16"
+    named = lookup(source)
+    return named.dtype if named is not None else "bfloat16"
 
 
 def default_size(source) -> tuple[int, int]:
-    """The (height, width) a text-to-image call from ``source`` samples by default: the demo's 128x128, else
-    the release's 1024x1024."""
-    side = demo.IMAGE_SIZE if _is_demo(source) else 1024
+    """The (height, width) a text-to-image call from ``source`` samples by default: a named set's own (the
+    demo's 128x128), else the release's 1024x1024."""
+    named = lookup(source)
+    side = named.image_size if named is not None and named.image_size else 1024
     return side, side
-
-
-def _is_demo(source) -> bool:
-    return not isinstance(source, (list, tuple)) and str(source) == demo.NAME

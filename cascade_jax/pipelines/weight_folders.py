@@ -91,10 +91,11 @@ def missing_messages(roots: list[Path], missing: list[str], lite: bool) -> str:
             "(from_pretrained([C_EXPORT, B_EXPORT])), or the released weights' folder")
 
 
-def sampling_defaults(roots: list[Path], lite: bool, dtype: str) -> dict:
-    """{"prior": settings, "decoder": settings}: each stage's from the sampling.json of the folder holding it."""
+def sampling_defaults(roots: list[Path], lite: bool, dtype: str, sampling_dirs: dict | None = None) -> dict:
+    """{"prior": settings, "decoder": settings}: each stage's from the sampling.json of the folder holding it
+    (or of the folder ``sampling_dirs`` names for it: a named set's own, e.g. demo-lcm's)."""
     out = {}
     for stage, component in (("prior", "stage_c"), ("decoder", "stage_b")):
         root = holder(roots, component, lite, dtype) or roots[0]
-        out[stage] = read_sampling_defaults(root)[stage]
+        out[stage] = read_sampling_defaults((sampling_dirs or {}).get(root, root))[stage]
     return out

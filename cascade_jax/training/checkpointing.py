@@ -49,15 +49,26 @@ class TrainCheckpointer:
                                                create=True)
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+        self.saved_step = self.manager.latest_step()  # the last step saved (or being saved) by anyone
+
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict | None, meta: dict, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.Composite(
+        saved = self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(flatten_state(state)),
             data=ocp.args.JsonSave(data_state or {}),
             meta=ocp.args.JsonSave(meta)), force=force)
+        if saved:
+            self.saved_step = step
+        return saved
+
+    def save_if_new(self, step: int, state, data_state: dict | None, meta: dict) -> bool:
+        """Save ``step`` now unless it is saved already or nothing has trained (an interrupted run)."""
+        if step == 0 or step == self.saved_step:
+            return False
+        return self.save(step, state, data_state, meta, force=True)
 
     def restore(self, step: int, state_template, shardings):
         """(state, data iterator state, meta) of ``step``, arrays placed with ``shardings`` (a tree like the state)."""

@@ -27,10 +27,25 @@ def parse_args(argv, stage: str):
 
 
 def main(argv, stage: str) -> int:
-    args = parse_args(argv, stage)
+    from cascade_jax.training.interrupt import exit_status
+
+    return exit_status(lambda: _main(parse_args(argv, stage), stage))
+
+
+def config_line(args) -> str:
+    """The start-up line naming the config (file or shipped name) and the overrides given."""
+    from cascade_jax.training.config import training_configs_dir
+
+    path = args.config if os.path.isfile(args.config) else training_configs_dir() / f"{args.config}.yaml"
+    overrides = f"; overrides: {' '.join(args.overrides)}" if args.overrides else ""
+    return f"config: {args.config} ({path}){overrides}"
+
+
+def _main(args, stage: str) -> int:
     if args.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
     from cascade_jax.training import export_run, load_config, train
+    from cascade_jax.training.console import say
     from cascade_jax.training.export import check_export_folder
     from cascade_jax.training.plan import plan
 
@@ -38,13 +53,14 @@ def main(argv, stage: str) -> int:
     if args.dry_run:
         print(json.dumps(plan(cfg), indent=1))
         return 0
+    say(config_line(args))
     out = args.export or os.path.join(cfg.output_path, cfg.experiment_id, "export")
     try:  # before any compile: an export never overwrites a user's file
         check_export_folder(out, cfg)
     except (OSError, ValueError) as e:
         print(f"error: --export: {e}", file=sys.stderr)
         return 2
-    run = train(cfg)
+    run = train(cfg, export_dir=out)
     if jax.process_index() == 0:
         exported = export_run(run, out)
         report = {k: str(v) if k == "folder" else [str(p) for p in v] for k, v in exported.items()}

@@ -18,10 +18,11 @@ import numpy as np
 from flax import nnx
 
 from cascade_jax.sharding import make_mesh
-from cascade_jax.training import placement
+from cascade_jax.training import console, placement
 from cascade_jax.training.checkpointing import TrainCheckpointer
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.hooks import Hook, MetricsLogger, peak_flops_per_device
+from cascade_jax.training.interrupt import Abandoned, StopSignals, TrainingInterrupted, call_abandonably
 from cascade_jax.training.optimizer import make_optimizer
 from cascade_jax.training.state import TrainState, init_state
 from cascade_jax.training.step import cast_floats, jit_train_step
@@ -49,7 +50,10 @@ class Run:
             step_fn = jit_train_step(self.task, self.cfg, self.graphdef, self.tx, self.state_shardings,
                                      self.frozen_shardings, placement.batch_shardings(batch, self.mesh),
                                      placement.replicated(self.mesh))
-            self.compiled[key] = step_fn.lower(self.state, self.frozen, batch).compile()
+            what = f"the update for a new batch shape ({console.batch_shapes(batch)})" if self.compiled else \
+                "the first update"
+            with console.compiling(what):
+                self.compiled[key] = call_abandonably(lambda: step_fn.lower(self.state, self.frozen, batch).compile())
         self.state, metrics = self.compiled[key](self.state, self.frozen, batch)
         return metrics
 
@@ -112,31 +116,37 @@ def resume(run: Run, checkpointer: TrainCheckpointer, data) -> int:
 
 
 def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, hooks=(), stop_after: int | None = None,
-          progress: bool = True) -> Run:
+          progress: bool = True, export_dir=None) -> Run:
     """Train ``cfg.updates`` updates (resuming from ``checkpoint_path/experiment_id`` when a checkpoint is there).
 
     ``data``: an iterator of per-host loader batches with ``get_state``/``set_state`` (default: the
     Grain loader of ``cfg.data``). ``stop_after``: leave after this many updates in total (tests).
     ``hooks`` run after each update's checkpoint; with ``sample_every`` set, the sample-collage hook
-    (``training/samples.py``) runs after them.
+    (``training/samples.py``) runs after them. ``export_dir``: only named in the start-up lines.
+    Ctrl-C or SIGTERM stops after the update in flight, saves it and raises
+    :class:`~cascade_jax.training.interrupt.TrainingInterrupted` (``training/interrupt.py``).
     """
+    with StopSignals() as stop:
+        return _train(cfg, task, data, mesh, hooks, stop_after, progress, export_dir, stop)
+
+
+def _train(cfg: TrainConfig, task, data, mesh, hooks, stop_after, progress, export_dir, stop: StopSignals) -> Run:
     from cascade_jax.data import global_batch
     from cascade_jax.training.samples import make_sample_collage
 
-    run = build_run(cfg, task, mesh)
-    collage = make_sample_collage(run, cfg)
-    hooks = (*hooks, Hook(cfg.sample_every, collage)) if collage is not None else tuple(hooks)
-    data = data if data is not None else make_data_iterator(cfg)
-    checkpointer = checkpointer_for(cfg)
-    start = resume(run, checkpointer, data)
+    run, data, checkpointer, start = _prepare(cfg, task, data, mesh, stop)
+    console.announce_start(run, data, checkpointer.directory, start, export_dir)
     logger = MetricsLogger(Path(cfg.output_path) / cfg.experiment_id / "logs", total_steps=cfg.updates,
                            start_step=start, images_per_step=cfg.batch_size, smoothing=cfg.loss_smoothing,
                            step_flops=None, peak_flops=peak_flops_per_device(cfg.peak_flops), progress=progress)
+    collage = make_sample_collage(run, cfg, data, logger.add_image)
+    hooks = (*hooks, Hook(cfg.sample_every, collage)) if collage is not None else tuple(hooks)
     meta = {"config": json.loads(json.dumps(cfg.to_dict(), default=str))}
-    step = start
+    done = (start, _data_state(data))  # the last completed update and the data position after it
     try:
         for step in range(start + 1, cfg.updates + 1):
-            loader_batch = next(data)
+            with stop.abandonable():  # waiting for data: the update has not started
+                loader_batch = next(data)
             if collage is not None:
                 collage.remember(loader_batch)  # Stage B reconstructs images of the first batch
             arrays = run.task.host_batch(cfg, loader_batch, host_rng(cfg, step - 1))
@@ -145,17 +155,39 @@ def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, h
                 logger.step_flops = run.step_flops()
             if step % cfg.log_every == 0 or step == cfg.updates or step == start + 1:
                 run.history.append(logger.update(step, metrics, _skips(data)) | {"step": step})
-            data_state = data.get_state() if hasattr(data, "get_state") else None
-            checkpointer.save(step, run.state, data_state, meta, force=step == cfg.updates)
+            done = (step, _data_state(data))
+            checkpointer.save(step, run.state, done[1], meta, force=step == cfg.updates)
             for hook in hooks:
                 hook(step, run.state, metrics)
-            if stop_after is not None and step >= stop_after:
+            if stop.requested(step) or (stop_after is not None and step >= stop_after):
                 break
+    except Abandoned:
+        pass  # raised before the update it interrupted changed the state: `done` is intact
     finally:
+        if stop.signum is not None:
+            checkpointer.save_if_new(done[0], run.state, done[1], meta)
         checkpointer.wait()
         checkpointer.close()
         logger.close()
+    if stop.signum is not None:
+        raise TrainingInterrupted(stop.signum, done[0], checkpointer.directory)
     return run
+
+
+def _prepare(cfg: TrainConfig, task, data, mesh, stop: StopSignals):
+    """(run, data iterator, checkpointer, step to start after), resumed from the latest checkpoint."""
+    try:
+        with stop.abandonable():  # nothing is trained yet: a signal stops at once
+            run = build_run(cfg, task, mesh)
+            data = data if data is not None else make_data_iterator(cfg)
+            checkpointer = checkpointer_for(cfg)
+            return run, data, checkpointer, resume(run, checkpointer, data)
+    except Abandoned:
+        raise TrainingInterrupted(stop.signum, None, Path(cfg.checkpoint_path) / cfg.experiment_id) from None
+
+
+def _data_state(data) -> dict | None:
+    return data.get_state() if hasattr(data, "get_state") else None
 
 
 def _skips(data) -> dict:
