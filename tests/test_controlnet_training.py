@@ -90,7 +90,7 @@ def test_export_is_a_loadable_controlnet(trained):
     assert exported["generator"][1].suffix == ".safetensors" and exported["generator"][1].is_file()
     # Named for what it is, beside the frozen Stage C and encoders it trained with (a complete weights folder).
     assert exported["generator"][0].name == "controlnet" and exported["generator"][1].name == "controlnet.safetensors"
-    assert {"stage_c", "effnet", "text_encoder", "image_encoder", "tokenizer"} <= {p.name for p in exported["folder"].iterdir()}
+    assert {"stage_c", "effnet", "text_encoder", "image_encoder", "tokenizer"} <= {p.name for p in exported["generator"][0].parent.iterdir()}
 
 
 def test_identity_training_names_what_is_missing():

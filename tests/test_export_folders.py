@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 
+import jax
 import numpy as np
 import pytest
 from training_testing import toy_config
@@ -16,13 +17,15 @@ from cascade_jax.nn.params import named_variables
 from cascade_jax.pipelines import weight_folders
 from cascade_jax.pipelines.loading import pipeline_set
 from cascade_jax.pipelines.sources import resolve_source
-from cascade_jax.training import cli
+from cascade_jax.sharding import make_mesh
+from cascade_jax.training import build_run, cli, export_run, load_config
 from cascade_jax.training.export import check_export_folder, run_identity
 from cascade_jax.training.stage_b import StageBTask
 from cascade_jax.training.stage_c import StageCTask
 from cascade_jax.training.task import RandomSource
 from cascade_jax.weights import checkpoint
-from cascade_jax.weights.components import EXPORT_MANIFEST, component_digest, copy_tokenizer, copy_tree
+from cascade_jax.weights.components import (EXPORT_MANIFEST, component_digest, copy_tokenizer, copy_tree,
+                                            read_export_manifest)
 from cascade_jax.weights.convert import convert_checkpoint
 from cascade_jax.weights.export import export_official
 
@@ -131,3 +134,17 @@ def test_several_folders_each_give_what_they_hold(tmp_path, monkeypatch):
     for local in ("./missing_export", "c_export/missing"):  # not Hugging Face ids 'org/name'
         with pytest.raises(FileNotFoundError, match="no such folder"):
             resolve_source(local)
+
+
+def test_an_lcm_students_export_names_its_teacher_but_leaves_it_out(tmp_path):
+    """A frozen model that is no pipeline component (the LCM teacher) does not land in the weights folder."""
+    import cascade_jax.training.lcm  # noqa: F401  (registers stage c_lcm)
+
+    cfg = load_config("tiny_c", [f"checkpoint_path={tmp_path / 'ck'}", f"output_path={tmp_path / 'out'}",
+                                 "stage=c_lcm", "dropout=false", "lcm={student: full}"])
+    exported = export_run(build_run(cfg, mesh=make_mesh(devices=jax.devices()[:1])), tmp_path / "export")
+    assert exported["generator"][0] == (tmp_path / "export" / "stage_c").resolve()
+    manifest = read_export_manifest(tmp_path / "export")
+    assert manifest["not_exported"] == ["teacher"] and not (tmp_path / "export" / "teacher").exists()
+    assert set(manifest["components"]) == {"stage_c", "effnet", "text_encoder", "image_encoder", "previewer",
+                                           "tokenizer"}

@@ -159,7 +159,7 @@ def test_trained_stages_sample_together_and_a_mixed_pair_is_refused(trained, tmp
 
     # Exporting again into the run's own export replaces it whole; anything else there is refused by name.
     before = sorted(p.name for p in c_export.iterdir())
-    assert export_run(run_c, c_export)["folder"] == c_export.resolve()
+    assert export_run(run_c, c_export)["generator"][0] == c_export.resolve() / "stage_c"
     assert sorted(p.name for p in c_export.iterdir()) == before
     (c_export / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="notes.txt"):

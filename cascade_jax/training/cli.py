@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import jax
 
@@ -63,7 +64,7 @@ def _main(args, stage: str) -> int:
     run = train(cfg, export_dir=out)
     if jax.process_index() == 0:
         exported = export_run(run, out)
-        report = {k: str(v) if k == "folder" else [str(p) for p in v] for k, v in exported.items()}
+        report = {"export": str(Path(out).resolve()), **{k: [str(p) for p in v] for k, v in exported.items()}}
         if cfg.sample_every:  # the collages of training/samples.py
             report["samples"] = [os.path.join(cfg.output_path, cfg.experiment_id, "samples")]
         print(json.dumps(report, indent=1))

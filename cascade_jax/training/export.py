@@ -12,7 +12,8 @@ It holds, in the layout ``StableCascadePipeline.from_pretrained`` and ``generate
   loaded from (hard links where the filesystem allows), or, for weights that exist in no file (the
   random ``encoders`` set), written in float32 as generated; and the ``tokenizer/`` it tokenised with;
 * ``cascade_export.json``: the run that wrote it (stage, checkpoint folder), the update, and per
-  component where it came from and its digest (``cascade_jax.weights.components``).
+  component where it came from and its digest (``cascade_jax.weights.components``); frozen models that
+  are no pipeline component (an LCM teacher) are named there as not exported.
 
 A Stage C export and a Stage B export trained with the same encoders hold identical copies of them,
 so ``from_pretrained([C_EXPORT, B_EXPORT])`` samples the pair.
@@ -30,6 +31,7 @@ aside and renamed into place: the old export or the new one, never a mix.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -127,7 +129,7 @@ def _check_writable(folder: Path, out: Path):
 # ---- writing ----------------------------------------------------------------------------------------
 def export_run(run, out_dir) -> dict:
     """Export ``run`` into ``out_dir`` (see the module docstring). Returns ``{"generator": (dir, file)}`` for
-    the last trained weights, ``"generator_ema"`` too with an EMA, and ``"folder"``: the export folder."""
+    the last trained weights, and ``"generator_ema"`` too with an EMA."""
     out = check_export_folder(out_dir, run.cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temps(out.parent, out.name)
@@ -136,13 +138,13 @@ def export_run(run, out_dir) -> dict:
         with atomic.sigterm_as_exception():
             tmp.mkdir()
             trained, components = _write_trained(run, tmp)
-            components.update(_write_frozen(run, tmp, exclude=set(components)))
-            _write_manifest(run, tmp, components)
+            frozen, skipped = _write_frozen(run, tmp, exclude=set(components))
+            _write_manifest(run, tmp, {**components, **frozen}, skipped)
             atomic.publish_dir(tmp, out)
     finally:
         if os.path.lexists(tmp):
             atomic.remove(tmp)
-    return {key: (out / folder, out / file) for key, (folder, file) in trained.items()} | {"folder": out}
+    return {key: (out / folder, out / file) for key, (folder, file) in trained.items()}
 
 
 def _write_trained(run, folder: Path) -> tuple[dict, dict]:
@@ -163,40 +165,64 @@ def _write_trained(run, folder: Path) -> tuple[dict, dict]:
     return trained, components
 
 
-def _write_frozen(run, folder: Path, exclude: set) -> dict:
-    """Every frozen model of the run (and its tokenizer): copied from its source, or written from memory."""
+def _write_frozen(run, folder: Path, exclude: set) -> tuple[dict, list]:
+    """Every frozen model of the run that is a pipeline component (and its tokenizer): copied from its source,
+    or written from memory. Also returns the frozen models that are not pipeline components (an LCM teacher)."""
+    from cascade_jax.pipelines.loading import pipeline_set
+
     task, cfg = run.task, run.cfg
-    sources = getattr(task, "sources", None)
-    if sources is None:  # cached_conditions: nothing was built; the config still says where they come from
-        try:
-            sources = task.frozen_sources(cfg, Path(cfg.output_path))
-        except (OSError, ValueError) as e:
-            warnings.warn(f"the export holds only the trained model: its frozen models cannot be found ({e})")
-            sources = {}
-    modules = None
+    sources = _frozen_sources(task, cfg)
     trained_attrs = {path[0] for path, _ in nnx.to_flat_state(run.state.params)}
-    held = [path[0] for state in (run.state.params, run.frozen) for path, _ in nnx.to_flat_state(state)]
-    names = [n for n in (*held, *sources) if n != "generator" and n not in exclude]
+    held = {path[0] for state in (run.state.params, run.frozen) for path, _ in nnx.to_flat_state(state)}
+    names = [n for n in dict.fromkeys((*sorted(held), *sources)) if n != "generator" and n not in exclude]
+    # What a weights folder holds (the release's components): a frozen model of another kind (the teacher of an
+    # LCM distillation) is named in the record but not exported.
+    kinds = set(pipeline_set("full"))
+    memory = functools.lru_cache(maxsize=1)(lambda: _merged(run))  # the run's models, merged once if needed
     components = {}
-    for name in dict.fromkeys(names):
-        source = sources.get(name)
-        if name in trained_attrs or source is None:  # trained with the generator, or made in memory
-            modules = modules if modules is not None else _merged(run)
-            origin = "trained with the generator" if name in trained_attrs else "as trained (no file)"
-            _save_module(getattr(modules, name), _spec(task, cfg, name, source), folder / name, origin)
-        elif isinstance(source, Path):
-            copy_tree(source, folder / name)
-            origin = f"copy of {source.resolve()}"
-        else:  # a RandomSource: written as generated (float32), the same copy in every task's export
-            _save_module(source.model("float32"), _spec(task, cfg, name, source), folder / name, str(source))
-            origin = str(source)
+    for name in (n for n in names if n in kinds):
+        built = getattr(memory(), name) if name in held else None
+        origin = _write_component(task, cfg, folder / name, name, sources.get(name), built, name in trained_attrs)
         components[name] = {"source": origin, "digest": component_digest(folder / name)}
     if "text_encoder" in components:
         tokenizer = task.tokenizer_dir(cfg)
         copy_tokenizer(tokenizer, folder / "tokenizer")
         components["tokenizer"] = {"source": f"copy of {tokenizer.resolve()}",
                                    "digest": component_digest(folder / "tokenizer")}
-    return components
+    return components, [n for n in names if n not in kinds]
+
+
+def _frozen_sources(task, cfg) -> dict:
+    sources = getattr(task, "sources", None)
+    if sources is not None:
+        return sources
+    try:  # cached_conditions: nothing was built; the config still says where the frozen models come from
+        return task.frozen_sources(cfg, Path(cfg.output_path))
+    except (OSError, ValueError) as e:
+        warnings.warn(f"the export holds only the trained model: its frozen models cannot be found ({e})")
+        return {}
+
+
+def _write_component(task, cfg, out_dir: Path, name: str, source, built, trained: bool) -> str:
+    """Write one frozen model to ``out_dir``; returns where it came from."""
+    if trained or source is None:  # trained with the generator, or made in memory (a random ControlNet Stage C)
+        origin = "trained with the generator" if trained else "as trained (no file)"
+        _save_module(built, _spec(task, cfg, name, source), out_dir, origin)
+        return origin
+    if isinstance(source, Path):
+        copy_tree(source, out_dir)
+        return f"copy of {source.resolve()}"
+    # A RandomSource: written as generated (float32), the same copy in every task's export; the built model
+    # holds exactly that when the run computes in float32.
+    model = built if built is not None and _all_float32(built) else source.model("float32")
+    _save_module(model, _spec(task, cfg, name, source), out_dir, str(source))
+    return str(source)
+
+
+def _all_float32(module) -> bool:
+    """Whether every floating parameter is float32 (a random frozen model built so holds what it was generated as)."""
+    return all(v.dtype == np.float32 for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param))
+               if np.issubdtype(v.dtype, np.floating))
 
 
 def _merged(run):
@@ -222,11 +248,11 @@ def _save_module(model, spec: tuple[str, dict], out_dir: Path, origin: str):
     checkpoint.save(out_dir, meta, arrays)
 
 
-def _write_manifest(run, folder: Path, components: dict):
+def _write_manifest(run, folder: Path, components: dict, skipped: list):
     name, _ = run.task.export_model(None)
     entries = sorted([*components, *(c["file"] for c in components.values() if "file" in c)])
     manifest = {"format": MANIFEST_FORMAT, "run": run_identity(run.cfg), "experiment_id": run.cfg.experiment_id,
                 "step": int(jax.device_get(run.state.step)), "trained": name,
                 "weights": "ema" if run.state.ema is not None else "final", "entries": entries,
-                "components": components}
+                "components": components, "not_exported": skipped}
     (folder / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
