@@ -81,7 +81,9 @@ def test_lcm_config_refusals():
 def tiny_config(student: str, tmp="/tmp/cascade_jax_lcm_test", **changes):
     """tiny_c as a c_lcm run whose Stage C is the tiny pipeline's (so its LoRA fits StableCascadePipeline.random)."""
     cfg = load_config("tiny_c", [f"checkpoint_path={tmp}/ck", f"output_path={tmp}/out"])
-    values = dict(stage="c_lcm", model_config=pipeline_set("tiny")["stage_c"][1], dropout=False, lr=1e-2,
+    # lr: with the tiny encoders seeded by their place in the set (the same in every task), 1e-2 made the LoRA
+    # diverge (1.5x the loss after 12 updates); 2e-3 gave 0.92 / 0.85 / 0.89 / 0.75x after 3 / 6 / 9 / 12.
+    values = dict(stage="c_lcm", model_config=pipeline_set("tiny")["stage_c"][1], dropout=False, lr=2e-3,
                   lcm={"student": student, "solver_steps": 4, "guidance": [2.0, 4.0], "loss": "l2"},
                   module_filters=(".attn", "channelwise"), rank=4, ema_start_iters=0, ema_iters=1, ema_beta=0.5,
                   save_every=1000)
@@ -125,7 +127,7 @@ def lora_run():
 
 def test_a_tiny_lcm_lora_distillation_lowers_the_loss_and_leaves_the_teacher_bit_identical(lora_run):
     run, _, before, after, base = lora_run
-    assert after < 0.9 * before, (before, after)  # measured 0.79x on 4 fixed draws
+    assert after < 0.9 * before, (before, after)  # measured 0.75x on 4 fixed draws
     now = params_of(run)
     assert now.keys() == base.keys() and all(np.array_equal(now[k], base[k]) for k in base)
     trained = nnx.to_flat_state(run.state.params)

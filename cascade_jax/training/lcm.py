@@ -169,8 +169,11 @@ def main(argv) -> int:
     and at the end, else the exported student (and its EMA, the target network) as weights folders."""
     import json
 
+    import sys
+
     from cascade_jax.training import export_run, load_config, train
     from cascade_jax.training.cli import parse_args
+    from cascade_jax.training.export import check_export_folder
     from cascade_jax.training.hooks import Hook
 
     args = parse_args(argv, "c_lcm")
@@ -179,8 +182,13 @@ def main(argv) -> int:
     cfg = load_config(args.config, ["stage=c_lcm", *args.overrides])
     task = LCMTask()
     if lcm_config(cfg.lcm).student != "lora":
-        run = train(cfg, task=task)
         out = args.export or str(Path(cfg.output_path) / cfg.experiment_id / "export")
+        try:  # before any compile: an export never overwrites a user's file
+            check_export_folder(out, cfg)
+        except (OSError, ValueError) as e:
+            print(f"error: --export: {e}", file=sys.stderr)
+            return 2
+        run = train(cfg, task=task)
         print(json.dumps({k: [str(p) for p in v] for k, v in export_run(run, out).items()}, indent=1))
         return 0
     hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, task_params(state), step))
