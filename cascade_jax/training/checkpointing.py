@@ -4,15 +4,17 @@ state (parameters, optimizer state, EMA, step, RNG, adaptive buckets), the data 
 position and the run's config restored together.
 
 The state is stored as a flat ``{name: array}`` mapping (names from the pytree paths), so it
-restores into any mesh: the caller passes the target shardings.
+restores into any mesh: the caller passes the target shardings. The folder may be a ``gs://`` URL:
+Orbax writes there through TensorStore and marks a finished step with a commit file, so a process
+killed during a save resumes from the last complete step.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import orbax.checkpoint as ocp
+
+from cascade_jax import storage
 
 
 def _name(path) -> str:
@@ -47,7 +49,7 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=backup_every or None,
                                                save_interval_steps=save_every, enable_async_checkpointing=use_async,
                                                create=True)
-        self.directory = Path(directory).absolute()
+        self.directory = storage.orbax_path(directory, "checkpoint folder")  # a local path or a gs:// URL
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.sharding import make_mesh
 from cascade_jax.training import placement
 from cascade_jax.training.checkpointing import TrainCheckpointer
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.hooks import Hook, MetricsLogger, peak_flops_per_device
 from cascade_jax.training.optimizer import make_optimizer
+from cascade_jax.training.paths import check_run_paths
 from cascade_jax.training.state import TrainState, init_state
 from cascade_jax.training.step import cast_floats, jit_train_step
 from cascade_jax.training.task import Task, get_task
@@ -95,7 +96,7 @@ def host_rng(cfg: TrainConfig, step: int) -> np.random.Generator:
 
 
 def checkpointer_for(cfg: TrainConfig) -> TrainCheckpointer:
-    return TrainCheckpointer(Path(cfg.checkpoint_path) / cfg.experiment_id, save_every=cfg.save_every,
+    return TrainCheckpointer(storage.join(cfg.checkpoint_path, cfg.experiment_id), save_every=cfg.save_every,
                              keep=cfg.keep_checkpoints, backup_every=cfg.backup_every,
                              use_async=cfg.async_checkpointing)
 
@@ -123,13 +124,14 @@ def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, h
     from cascade_jax.data import global_batch
     from cascade_jax.training.samples import make_sample_collage
 
+    check_run_paths(cfg)  # a missing bucket or a permission error: one message now, before any work
     run = build_run(cfg, task, mesh)
     collage = make_sample_collage(run, cfg)
     hooks = (*hooks, Hook(cfg.sample_every, collage)) if collage is not None else tuple(hooks)
     data = data if data is not None else make_data_iterator(cfg)
     checkpointer = checkpointer_for(cfg)
     start = resume(run, checkpointer, data)
-    logger = MetricsLogger(Path(cfg.output_path) / cfg.experiment_id / "logs", total_steps=cfg.updates,
+    logger = MetricsLogger(storage.join(cfg.output_path, cfg.experiment_id, "logs"), total_steps=cfg.updates,
                            start_step=start, images_per_step=cfg.batch_size, smoothing=cfg.loss_smoothing,
                            step_flops=None, peak_flops=peak_flops_per_device(cfg.peak_flops), progress=progress)
     meta = {"config": json.loads(json.dumps(cfg.to_dict(), default=str))}
@@ -160,7 +162,8 @@ def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, h
 
 def _skips(data) -> dict:
     counts = getattr(data, "skip_counts", None)
-    return {f"skipped_{k}": v for k, v in counts.items()} if counts else {}
+    storage_faults = {f"storage_{k}": v for k, v in storage.fault_counts().items()}  # retries, skipped shards
+    return ({f"skipped_{k}": v for k, v in counts.items()} if counts else {}) | storage_faults
 
 
 def export_run(run: Run, out_dir) -> dict:
@@ -168,9 +171,9 @@ def export_run(run: Run, out_dir) -> dict:
     from cascade_jax.training.export import export_generator, generator_arrays
 
     model_name, config = run.task.export_model(None)
-    out = {"generator": export_generator(Path(out_dir) / "generator", model_name, config,
+    out = {"generator": export_generator(storage.join(out_dir, "generator"), model_name, config,
                                          generator_arrays(run.graphdef, run.state.params, run.frozen))}
     if run.state.ema is not None:
-        out["generator_ema"] = export_generator(Path(out_dir) / "generator_ema", model_name, config,
+        out["generator_ema"] = export_generator(storage.join(out_dir, "generator_ema"), model_name, config,
                                                 generator_arrays(run.graphdef, run.state.ema, run.frozen))
     return out

@@ -19,6 +19,7 @@ the data order and resume are untouched. The sampling program is compiled once p
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from cascade_jax import storage
 from cascade_jax.diffusion import sample_with_settings
 from cascade_jax.pipelines.cascade import DECODER_DEFAULTS, PRIOR_DEFAULTS
 from cascade_jax.pipelines.images import effnet_pixels
@@ -111,13 +113,20 @@ def collage(rows: list[np.ndarray], captions=None) -> np.ndarray:
     return np.asarray(picture)
 
 
-def write_png(path: Path, image: np.ndarray, metadata: dict) -> Path:
-    """Write ``image`` with ``metadata`` (PNG text chunks) atomically: a temp sibling renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale_temps(path.parent, path.name)
+def write_png(path, image: np.ndarray, metadata: dict):
+    """Write ``image`` with ``metadata`` (PNG text chunks) atomically: a temp sibling renamed into place
+    (for a URL: one object, published whole)."""
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    if storage.is_url(path):
+        encoded = io.BytesIO()
+        Image.fromarray(image).save(encoded, format="PNG", pnginfo=info)
+        storage.write_bytes(path, encoded.getvalue())
+        return path
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(path.parent, path.name)
     tmp = atomic.temp_path(path)
     try:
         with atomic.sigterm_as_exception():
@@ -195,7 +204,7 @@ class SampleCollage:
 
     def __init__(self, run, cfg: TrainConfig):
         self.run, self.cfg, self.kind = run, cfg, collage_kind(run, cfg)
-        self.folder = Path(cfg.output_path) / cfg.experiment_id / "samples"
+        self.folder = storage.join(cfg.output_path, cfg.experiment_id, "samples")
         self.prompts = list(cfg.sample_prompts or DEFAULT_SAMPLE_PROMPTS)
         # Training keys are fold_in(key(seed), step): this split is never one of them.
         key = jax.random.key_data(jax.random.split(jax.random.key(cfg.seed))[1])
@@ -274,7 +283,7 @@ class SampleCollage:
         meta = {"step": step, "stage": self.kind, "captions": self.captions, "decoder": self.decoder,
                 "weights": "ema" if state.ema is not None else "params", "sampler_steps": self.cfg.sample_steps,
                 "layout": "generated" if self.kind == "c" else "originals above reconstructions"}
-        path = write_png(self.folder / f"step_{step:08d}.png", collage(rows, self.captions), meta)
+        path = write_png(storage.join(self.folder, f"step_{step:08d}.png"), collage(rows, self.captions), meta)
         log.info("sample collage of update %d: %s", step, path)
         return path
 
