@@ -18,7 +18,9 @@ import logging
 import os
 import socket
 import socketserver
+import sys
 import threading
+import time
 import uuid
 
 
@@ -112,11 +114,13 @@ def start_object_stores():
 
 class FaultProxy:
     """A loopback HTTP proxy in front of ``target``: ``fail_next(n)`` answers the next n requests with
-    503 SlowDown; ``stop()`` closes it (connections are then refused, as by a stopped server)."""
+    503 SlowDown; ``write_delay_s`` holds every upload that long (a slow save, to kill a process during
+    one); ``stop()`` closes it (connections are then refused, as by a stopped server)."""
 
     def __init__(self, target: str):
         self.host, self.port = target.removeprefix("http://").split(":")
         self.failures, self.failed, self.lock = 0, 0, threading.Lock()
+        self.write_delay_s = 0.0
         self.connections: list[socket.socket] = []  # kept-alive client connections, closed by stop()
         proxy = self
 
@@ -138,6 +142,8 @@ class FaultProxy:
                     if fail:
                         proxy.failures -= 1
                         proxy.failed += 1
+                if self.command in ("POST", "PUT") and proxy.write_delay_s:
+                    time.sleep(proxy.write_delay_s)
                 if fail:
                     message = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
                     self.send_response(503)
@@ -183,3 +189,28 @@ class FaultProxy:
                 except OSError:
                     pass  # already closed by the client
                 connection.close()
+
+
+def toy_training(checkpoint_url: str, updates: int, log_file: str) -> None:
+    """The toy task of training_testing.py with its checkpoints in ``checkpoint_url`` (a bucket); one
+    line per update in ``log_file``. Run as ``python storage_testing.py CKPT_URL UPDATES LOG``."""
+    import json
+
+    from training_testing import ToyData, toy_config
+
+    from cascade_jax.training import train
+    from cascade_jax.training.hooks import Hook
+
+    cfg = toy_config(__import__("pathlib").Path("/unused"), checkpoint_path=checkpoint_url, output_path=checkpoint_url,
+                     updates=updates, save_every=2, async_checkpointing=True, keep_checkpoints=2)
+    data = ToyData(cfg.batch_size)
+
+    def record(step, state, metrics):
+        with open(log_file, "a") as f:
+            f.write(json.dumps({"step": step, "position": data.position, "loss": float(metrics["loss"])}) + "\n")
+
+    train(cfg, data=data, hooks=[Hook(1, record)], progress=False)
+
+
+if __name__ == "__main__":
+    toy_training(sys.argv[1], int(sys.argv[2]), sys.argv[3])
