@@ -181,5 +181,9 @@ def test_lora_from_a_bucket(object_stores, tiny, tmp_path, monkeypatch):  # noqa
     assert (spec.path, spec.strength) == (f"{bucket}/loras/style.safetensors", 0.7)
     lora = load_lora(spec.path, stage_c)
     assert list(lora.layers) == list(layers)
+    from cascade_jax.pipelines.lora import apply_lora_file
+
+    applied = apply_lora_file(L.shallow_copy(stage_c), spec, "style")  # what the pipeline and --lora call
+    assert list(applied.layers) == list(layers)
     for key, factors in layers.items():
         assert np.array_equal(lora.layers[key].down, factors.down) and np.array_equal(lora.layers[key].up, factors.up)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
 
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.models.lora import LoRAWeights, attach_lora, merged_model, shallow_copy
 from cascade_jax.models.lora_tokens import attach_token_rows, resolve_token_ids, token_embedding
 from cascade_jax.weights.lora_files import load_lora
@@ -48,7 +48,7 @@ def apply_lora_file(stage_c, spec, name: str, *, text_encoder=None, tokenizer=No
     adding its new tokens to ``tokenizer``). ``train_tokens`` is needed only for official files
     with new tokens (they do not name them)."""
     spec = parse_lora_spec(spec)
-    if not Path(spec.path).is_file():
+    if not storage.isfile(spec.path):  # a local file or an object in a bucket
         raise FileNotFoundError(f"LoRA file {spec.path} does not exist")
     lora = load_lora(spec.path, stage_c)
     attach_lora(stage_c, name, lora, spec.strength)
