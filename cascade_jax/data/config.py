@@ -13,6 +13,7 @@ import difflib
 from typing import Any
 
 SOURCES = ("webdataset", "folder", "tfds")
+MAX_IMAGE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS (its DecompressionBombWarning threshold)
 
 # Per-source defaults when image_key / caption_key are left unset.
 DEFAULT_IMAGE_KEYS = {"webdataset": "jpg,jpeg,png,webp", "folder": "jpg,jpeg,png,webp", "tfds": "image"}
@@ -41,6 +42,9 @@ class DataConfig:
         bucket instead (None: 4 x the per-host batch, at least 16).
     index_cache: a folder for the webdataset shard indexes (member offsets), so a restart does not
         scan every tar header again; safe to share between hosts.
+    max_image_pixels: images with more pixels (width x height, read from the file's header) are
+        skipped and counted as ``too_large`` without being decoded: a small PNG can hold a 144-megapixel
+        "decompression bomb". Default: PIL's own threshold, which ``generate.py`` also refuses above.
     """
 
     source: str = "webdataset"
@@ -58,6 +62,7 @@ class DataConfig:
     bucket_probe_size: int = 256
     max_pending: int | None = None
     index_cache: str | None = None
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self):
         self._check_types()
@@ -74,6 +79,8 @@ class DataConfig:
         if self.num_workers < 1 or self.prefetch_batches < 1:
             raise ValueError(f"num_workers={self.num_workers} and prefetch_batches={self.prefetch_batches} "
                              f"must be >= 1")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels={self.max_image_pixels} must be >= 1 (pixels per image)")
         if not 0.0 <= self.bucket_random_ratio <= 1.0:
             raise ValueError(f"bucket_random_ratio={self.bucket_random_ratio} must lie in [0, 1]")
 
@@ -113,6 +120,7 @@ _FIELD_TYPES = {
     "tfds_data_dir": _OPTIONAL_STR, "tfds_split": (str,), "image_key": _OPTIONAL_STR, "caption_key": _OPTIONAL_STR,
     "num_workers": (int,), "prefetch_batches": (int,), "shuffle": (bool,), "bucket_random_ratio": (int, float),
     "bucket_probe_size": (int,), "max_pending": (int, type(None)), "index_cache": _OPTIONAL_STR,
+    "max_image_pixels": (int,),
 }
 
 
