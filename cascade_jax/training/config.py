@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from cascade_jax.training.validation import ConfigError
+
 # Accepted for compatibility with the official files, and not used: they configure the official
 # trainer's infrastructure (Weights & Biases, torch FSDP), which a mesh and TensorBoard replace.
 IGNORED_OFFICIAL_KEYS = ("wandb_project", "wandb_entity", "use_fsdp", "captions_getter")
@@ -122,30 +124,9 @@ class TrainConfig:
     edge_loss_weight: float = 1.0
 
     def __post_init__(self):
-        if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum_steps "
-                             f"{self.grad_accum_steps} (>= 1)")
-        if self.object_loss_weight < 1:
-            raise ValueError(f"object_loss_weight={self.object_loss_weight}: use 1 (plain MSE) or more")
-        if self.edge_loss_weight < 1:
-            raise ValueError(f"edge_loss_weight={self.edge_loss_weight}: use 1 (no outline weight) or more")
-        for name in ("object_loss_weight", "edge_loss_weight"):
-            if getattr(self, name) != 1 and self.cached_conditions:
-                raise ValueError(f"{name}={getattr(self, name)} needs the images, which cached_conditions batches "
-                                 f"do not carry: set {name}: 1 or cached_conditions: false")
-        if self.init not in ("checkpoint", "official", "scratch"):
-            raise ValueError(f"init={self.init!r}: use 'checkpoint', 'official' (from scratch as the official "
-                             "constructors initialise) or 'scratch' (every parameter random, for tests)")
-        if (self.ema_start_iters is None) != (self.ema_iters is None) or \
-                (self.ema_iters is not None and self.ema_beta is None):
-            raise ValueError("EMA needs all of ema_start_iters, ema_iters and ema_beta (or none of them)")
-        if self.sample_every is not None and (not isinstance(self.sample_every, int) or self.sample_every < 0):
-            raise ValueError(f"sample_every={self.sample_every!r}: use a number of updates >= 0 (0 or null: no samples)")
-        if not isinstance(self.sample_steps, int) or self.sample_steps < 1:
-            raise ValueError(f"sample_steps={self.sample_steps!r}: use a positive number of sampler steps")
-        if self.sample_prompts is not None and (not self.sample_prompts or
-                                                not all(isinstance(p, str) for p in self.sample_prompts)):
-            raise ValueError(f"sample_prompts={self.sample_prompts!r}: use a non-empty list of strings (or null)")
+        from cascade_jax.training.validation import check_values
+
+        check_values(self)  # every value check lives there: one place, run before anything is built
 
     @property
     def micro_batch_size(self) -> int:
@@ -195,7 +176,10 @@ def config_from_dict(values: dict, where: str = "training config") -> TrainConfi
         mesh = MeshConfig(**mesh)
     frozen = {k: (v if k in ("data", "sharding_rules", "controlnet_filter_params") else _freeze(v))
               for k, v in values.items()}
-    return TrainConfig(mesh=mesh, **frozen)
+    try:
+        return TrainConfig(mesh=mesh, **frozen)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -226,10 +210,29 @@ def load_config(path_or_name, overrides=()) -> TrainConfig:
         if not path.is_file():
             names = sorted(p.stem for p in training_configs_dir().glob("*.yaml"))
             raise FileNotFoundError(f"training config {path_or_name!r} is neither a file nor one of {names}")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = read_yaml_file(path)
+    if values is None:
+        raise ValueError(f"{path} is empty: a training config names at least the model and the data; start from "
+                         f"one in {training_configs_dir()} (e.g. tiny_c.yaml, finetune_c_3b.yaml)")
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
     return config_from_dict(apply_overrides(values, overrides), where=str(path))
+
+
+def read_yaml_file(path: Path):
+    """The parsed file, or a ValueError naming the file and the line and column of a syntax error
+    (PyYAML's own message points at "<unicode string>" when given the text)."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a text file ({err}); a training config is YAML") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = " ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
+        raise ValueError(f"{where}: not valid YAML ({problem or err}); fix the file") from None
 
 
 def training_configs_dir() -> Path:
