@@ -21,8 +21,12 @@ from cascade_jax.sharding import make_mesh
 from cascade_jax.training import placement
 from cascade_jax.training.checkpointing import TrainCheckpointer
 from cascade_jax.training.config import TrainConfig
+from cascade_jax.training.finite_guard import FiniteGuard
 from cascade_jax.training.hooks import Hook, MetricsLogger, peak_flops_per_device
 from cascade_jax.training.optimizer import make_optimizer
+from cascade_jax.training.resume_check import check_resume_config, check_resume_state
+from cascade_jax.training.run_checks import check_run
+from cascade_jax.training.run_lock import run_lock
 from cascade_jax.training.state import TrainState, init_state
 from cascade_jax.training.step import cast_floats, jit_train_step
 from cascade_jax.training.task import Task, get_task
@@ -94,17 +98,23 @@ def host_rng(cfg: TrainConfig, step: int) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, step, jax.process_index()])
 
 
+def checkpoint_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.checkpoint_path) / cfg.experiment_id
+
+
 def checkpointer_for(cfg: TrainConfig) -> TrainCheckpointer:
-    return TrainCheckpointer(Path(cfg.checkpoint_path) / cfg.experiment_id, save_every=cfg.save_every,
+    return TrainCheckpointer(checkpoint_dir(cfg), save_every=cfg.save_every,
                              keep=cfg.keep_checkpoints, backup_every=cfg.backup_every,
                              use_async=cfg.async_checkpointing)
 
 
 def resume(run: Run, checkpointer: TrainCheckpointer, data) -> int:
-    """Restore the latest checkpoint into ``run`` and ``data``; returns the update count to start at."""
+    """Restore the latest checkpoint into ``run`` and ``data``; returns the update count to start at.
+    (``train`` compared the configs before building; a state of other shapes is refused here, by name.)"""
     step = checkpointer.latest_step()
     if step is None:
         return 0
+    check_resume_state(checkpointer, step, run.state)
     run.state, data_state, _ = checkpointer.restore(step, run.state, run.state_shardings)
     if hasattr(data, "set_state") and data_state:
         data.set_state(data_state)
@@ -112,23 +122,35 @@ def resume(run: Run, checkpointer: TrainCheckpointer, data) -> int:
 
 
 def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, hooks=(), stop_after: int | None = None,
-          progress: bool = True) -> Run:
+          progress: bool = True, force_resume: bool = False) -> Run:
     """Train ``cfg.updates`` updates (resuming from ``checkpoint_path/experiment_id`` when a checkpoint is there).
 
     ``data``: an iterator of per-host loader batches with ``get_state``/``set_state`` (default: the
     Grain loader of ``cfg.data``). ``stop_after``: leave after this many updates in total (tests).
     ``hooks`` run after each update's checkpoint; with ``sample_every`` set, the sample-collage hook
-    (``training/samples.py``) runs after them.
+    (``training/samples.py``) runs after them. ``force_resume``: resume a checkpoint trained with another
+    model, task, batch or data (training/resume_check.py). The config is checked against its task and
+    files, then the data, before any model is built; one trainer at a time holds the run folder.
+    A NaN or infinite loss or gradient norm raises :class:`NonFiniteError` before the bad state is saved.
     """
+    task = task or get_task(cfg.stage)
+    check_run(cfg, task)
+    with run_lock(checkpoint_dir(cfg)):
+        check_resume_config(checkpoint_dir(cfg), cfg, force_resume)
+        data = data if data is not None else make_data_iterator(cfg)
+        return _train(cfg, task, data, mesh, hooks, stop_after, progress)
+
+
+def _train(cfg: TrainConfig, task: Task, data, mesh, hooks, stop_after, progress) -> Run:
     from cascade_jax.data import global_batch
     from cascade_jax.training.samples import make_sample_collage
 
     run = build_run(cfg, task, mesh)
     collage = make_sample_collage(run, cfg)
     hooks = (*hooks, Hook(cfg.sample_every, collage)) if collage is not None else tuple(hooks)
-    data = data if data is not None else make_data_iterator(cfg)
     checkpointer = checkpointer_for(cfg)
     start = resume(run, checkpointer, data)
+    guard = FiniteGuard(checkpointer.directory, checkpointer.latest_step)
     logger = MetricsLogger(Path(cfg.output_path) / cfg.experiment_id / "logs", total_steps=cfg.updates,
                            start_step=start, images_per_step=cfg.batch_size, smoothing=cfg.loss_smoothing,
                            step_flops=None, peak_flops=peak_flops_per_device(cfg.peak_flops), progress=progress)
@@ -141,21 +163,31 @@ def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, h
                 collage.remember(loader_batch)  # Stage B reconstructs images of the first batch
             arrays = run.task.host_batch(cfg, loader_batch, host_rng(cfg, step - 1))
             metrics = run.step(global_batch(arrays, run.mesh))
+            guard.add(step, metrics)
             if logger.step_flops is None:
                 logger.step_flops = run.step_flops()
             if step % cfg.log_every == 0 or step == cfg.updates or step == start + 1:
+                guard.check()
                 run.history.append(logger.update(step, metrics, _skips(data)) | {"step": step})
             data_state = data.get_state() if hasattr(data, "get_state") else None
+            if _reads_state(step, cfg, hooks, checkpointer):
+                guard.check()  # nothing non-finite is saved or handed to a hook
             checkpointer.save(step, run.state, data_state, meta, force=step == cfg.updates)
             for hook in hooks:
                 hook(step, run.state, metrics)
             if stop_after is not None and step >= stop_after:
                 break
     finally:
-        checkpointer.wait()
-        checkpointer.close()
+        checkpointer.finish()
         logger.close()
     return run
+
+
+def _reads_state(step: int, cfg: TrainConfig, hooks, checkpointer: TrainCheckpointer) -> bool:
+    """Whether update ``step`` is saved or shown to a hook: Orbax saves multiples of save_every, the last update
+    (forced) and the first one of a run folder without checkpoints."""
+    saved = step % cfg.save_every == 0 or step == cfg.updates or checkpointer.latest_step() is None
+    return saved or any(h.every and step % h.every == 0 for h in hooks)
 
 
 def _skips(data) -> dict:
