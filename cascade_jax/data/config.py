@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 from typing import Any
 
+from cascade_jax.data.config_values import coerce_dataclass_fields
+
 SOURCES = ("webdataset", "folder", "tfds")
 MAX_IMAGE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS (its DecompressionBombWarning threshold)
 
@@ -65,13 +67,11 @@ class DataConfig:
     max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self):
-        self._check_types()
+        # YAML and key=value overrides give strings easily: each field is read as its type or named.
+        # paths / filters: one path or filter is a one-entry list (not its characters).
+        coerce_dataclass_fields(self, "data.")
         if self.source not in SOURCES:
             raise ValueError(f"data source {self.source!r} is unknown; use one of {', '.join(SOURCES)}")
-        if isinstance(self.paths, str):
-            object.__setattr__(self, "paths", (self.paths,))
-        object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
-        object.__setattr__(self, "filters", _freeze(self.filters))
         if self.source in ("webdataset", "folder") and not self.paths:
             raise ValueError(f"data source {self.source!r} needs `paths` (shards or folders to read)")
         if self.source == "tfds" and not self.tfds_name:
@@ -83,15 +83,6 @@ class DataConfig:
             raise ValueError(f"max_image_pixels={self.max_image_pixels} must be >= 1 (pixels per image)")
         if not 0.0 <= self.bucket_random_ratio <= 1.0:
             raise ValueError(f"bucket_random_ratio={self.bucket_random_ratio} must lie in [0, 1]")
-
-    def _check_types(self) -> None:
-        """YAML and ``key=value`` overrides give strings easily: a wrong type names the key."""
-        for name, kinds in _FIELD_TYPES.items():
-            value = getattr(self, name)
-            ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-            if not ok:
-                expected = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
-                raise TypeError(f"data config key {name!r} is {value!r} ({type(value).__name__}); expected {expected}")
 
     @property
     def image_keys(self) -> tuple[str, ...]:
@@ -112,20 +103,3 @@ class DataConfig:
                 hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
                 raise ValueError(f"unknown data config key {key!r}: {hint}")
         return cls(**values)
-
-
-_OPTIONAL_STR = (str, type(None))
-_FIELD_TYPES = {
-    "source": (str,), "paths": (str, list, tuple), "filters": (list, tuple), "tfds_name": _OPTIONAL_STR,
-    "tfds_data_dir": _OPTIONAL_STR, "tfds_split": (str,), "image_key": _OPTIONAL_STR, "caption_key": _OPTIONAL_STR,
-    "num_workers": (int,), "prefetch_batches": (int,), "shuffle": (bool,), "bucket_random_ratio": (int, float),
-    "bucket_probe_size": (int,), "max_pending": (int, type(None)), "index_cache": _OPTIONAL_STR,
-    "max_image_pixels": (int,),
-}
-
-
-def _freeze(value):
-    """Lists (from YAML) to tuples, so the config stays hashable and immutable."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    return value

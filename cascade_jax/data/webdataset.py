@@ -45,9 +45,14 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def expand_shards(paths) -> list[str]:
-    """Every shard named by the paths, globs and brace ranges, in order, without repeats."""
+    """Every shard named by the paths, globs and brace ranges (one string or a list), in order, without repeats."""
+    paths = [paths] if isinstance(paths, str) else paths
     shards: list[str] = []
     for path in paths:
+        if path.strip().startswith("pipe:"):  # an official form (webdataset_path: "pipe:aws s3 cp ...")
+            raise ValueError(f"webdataset shard {path!r}: a 'pipe:' command is a stream, and this loader reads tar "
+                             "files at random (global shuffle, exact resume); give the shard files' paths or a "
+                             "brace range (x-{000..099}.tar) instead")
         for pattern in expand_braces(os.path.expanduser(path)):
             found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
             if not found or not os.path.exists(found[0]):
