@@ -66,7 +66,7 @@ def refused(call, match: str, error=ConfigError):
     ("adam_eps=0", r"adam_eps=0"),
     ("multi_aspect_ratio=[1/0]", r"multi_aspect_ratio: aspect ratio '1/0'"),
     ("remat=dots_savable", r"remat='dots_savable' is not a policy"),
-    ("dropout=maybe", r"dropout='maybe': use true or false"),
+    ("dropout=maybe", r"dropout must be true or false, got 'maybe'"),
 ])
 def test_values_are_refused_by_name_at_load(override, match):
     message = refused(lambda: load_config("tiny_c", [override]), match)

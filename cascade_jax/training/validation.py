@@ -1,6 +1,7 @@
 """Every check of a training config's values, in one place, run at load before anything is built.
 
-``check_values(cfg)`` runs in ``TrainConfig.__post_init__``: types and ranges of single keys and
+``check_values(cfg)`` runs in ``TrainConfig.__post_init__``, after each value was read as its field's
+type (``cascade_jax.data.config_values``): ranges and choices of single keys and
 contradictions between keys, without reading a file or building a model, so a bad value is named
 before the minutes of model building and compiling it would otherwise cost (``updates=0`` used to
 export random weights, ``save_every=0`` to crash after the compile, ``rank=0`` to divide by zero).
@@ -27,7 +28,7 @@ class ConfigError(ValueError):
 
 def check_values(cfg) -> None:
     """Raise :class:`ConfigError` for the first value of ``cfg`` (a ``TrainConfig``) that cannot train."""
-    for check in (_check_counts, _check_numbers, _check_flags, _check_dtypes, _check_keys_with_choices,
+    for check in (_check_counts, _check_numbers, _check_dtypes, _check_keys_with_choices,
                   _check_patterns, _check_controlnet, _check_contradictions):
         check(cfg)
 
@@ -110,12 +111,6 @@ def _check_numbers(cfg):
     _number(cfg, "object_loss_weight", 1, what="1 is the plain MSE")
     _number(cfg, "edge_loss_weight", 1, what="1 adds no outline weight")
     _number(cfg, "peak_flops", 0, low_open=True, optional=True, what="per-device peak FLOP/s for the MFU")
-
-
-def _check_flags(cfg):
-    for name in ("adaptive_loss_weight", "train_effnet", "dropout", "cached_conditions", "async_checkpointing"):
-        if not isinstance(getattr(cfg, name), bool):
-            raise ConfigError(f"{name}={getattr(cfg, name)!r}: use true or false")
 
 
 def _check_dtypes(cfg):
