@@ -25,6 +25,7 @@ from cascade_jax import demo
 from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline, check_image_size
 from cascade_jax.pipelines import arguments as checks
 from cascade_jax.pipelines.images import load_image, round_size
+from cascade_jax.pipelines.lora import check_lora_files
 from cascade_jax.pipelines.outputs import check_output_dir, output_paths, save_images, timing_report
 from cascade_jax.sharding import parse_mesh_spec
 from cascade_jax.weights.cache import enable_compilation_cache
@@ -84,7 +85,8 @@ def build_parser():
                    help="sample model-parallel on a device mesh, e.g. data=2,fsdp=4 or fsdp=4,tensor=2 (parameters "
                         "sharded over fsdp/tensor as in training; default: the batch split over all local devices)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
-                   help="Stage C LoRA file (official or ComfyUI format), strength default 1; repeatable")
+                   help="Stage C LoRA file (official or ComfyUI format), strength default 1 (finite, within "
+                        "+-100); repeatable. A file named like x:2 is written x:2:1")
     return p
 
 
@@ -131,6 +133,10 @@ def validate(args):
     except ValueError as e:
         raise ValueError(f"--{e}") from None
     args.prior_changes, args.decoder_changes = stage_changes(args, "prior"), stage_changes(args, "decoder")
+    try:
+        check_lora_files(args.lora)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(str(e) if str(e).startswith("--lora") else f"--lora: {e}") from None
     if args.mesh is not None:
         try:
             parse_mesh_spec(args.mesh)
@@ -216,6 +222,7 @@ def main(argv=None):
                                                          dtype=args.dtype or default_dtype, mesh=args.mesh)
         if args.lora:
             pipe.load_loras(args.lora)
+            print("\n".join(applied.describe() for applied in pipe.loras))
         resolve_settings(args, pipe)
         print(f"models ready in {time.perf_counter() - start:.1f}s; running {args.mode} "
               f"({describe(args.prior, 'Stage C') + '; ' if args.mode != 'reconstruct' else ''}"
@@ -227,7 +234,9 @@ def main(argv=None):
             paths += save_images(args.preview_paths, pipe.preview(result.stage_c_latents), seeds=result.seeds,
                                  metadata=metadata(args))
     except (ValueError, OSError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        lora_hint = f" The LoRAs in use ({', '.join(args.lora)}) may overflow at these strengths: try lower ones." \
+            if isinstance(e, FloatingPointError) and args.lora else ""
+        print(f"error: {e}{lora_hint}", file=sys.stderr)
         return 2
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
