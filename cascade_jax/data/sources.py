@@ -21,7 +21,7 @@ from cascade_jax.data.clip_preprocess import to_rgb
 from cascade_jax.data.config import DataConfig
 from cascade_jax.data.filters import MetadataFilter
 
-SKIP_REASONS = ("no_image", "no_caption", "filtered", "unreadable", "corrupt_image")
+SKIP_REASONS = ("no_image", "no_caption", "filtered", "unreadable", "corrupt_image", "too_large")
 
 
 class SkipSample(Exception):
@@ -47,13 +47,25 @@ def open_image(raw: RawSample) -> Image.Image:
         return Image.fromarray(np.squeeze(raw.image, axis=-1) if raw.image.shape[-1] == 1 else raw.image)
     try:
         return Image.open(io.BytesIO(raw.image))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # over twice PIL's threshold: refused by PIL at the header
+        raise SkipSample("too_large", f"{raw.name}: {err}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         raise SkipSample("corrupt_image", f"{raw.name}: {err}") from None
 
 
-def decode_rgb(raw: RawSample) -> Image.Image:
-    """The fully decoded RGB image (alpha over white, as the CLIP preprocessing does)."""
+def check_pixels(image: Image.Image, max_pixels: int | None, name: str) -> None:
+    """Refuse an image over ``max_pixels`` from its header size, before anything is decoded."""
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise SkipSample("too_large", f"{name}: {width}x{height} = {width * height} pixels is over max_image_pixels "
+                                      f"{max_pixels} (a possible decompression bomb)")
+
+
+def decode_rgb(raw: RawSample, max_pixels: int | None = None) -> Image.Image:
+    """The fully decoded RGB image (alpha over white, as the CLIP preprocessing does); an image over
+    ``max_pixels`` (by its header) is refused without decoding."""
     image = open_image(raw)
+    check_pixels(image, max_pixels, raw.name)
     try:
         image.load()
         return to_rgb(image)

@@ -133,22 +133,27 @@ def main(argv) -> int:
 def _main(argv) -> int:
     import json
 
-    from cascade_jax.training import load_config, train
-    from cascade_jax.training.cli import config_line, parse_args
+    from cascade_jax.training import train
+    from cascade_jax.training.cli import config_line, load_checked, parse_args, reporting_errors
     from cascade_jax.training.console import say
     from cascade_jax.training.hooks import Hook
     from cascade_jax.training.plan import plan
 
     args = parse_args(argv, "c_lora")
-    if args.distributed:
-        jax.distributed.initialize()
-    cfg = load_config(args.config, ["stage=c_lora", *args.overrides])
-    if args.dry_run:
-        print(json.dumps(plan(cfg), indent=1))
+
+    def run_lora() -> int:
+        if args.distributed:
+            jax.distributed.initialize()
+        cfg = load_checked(args, "c_lora", exports=False)  # the LoRA files are its output, not --export
+        if args.dry_run:
+            print(json.dumps(plan(cfg), indent=1))
+            return 0
+        say(config_line(args))
+        task = LoRATask()
+        hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, state.params, step))
+        run = train(cfg, task=task, hooks=[hook], force_resume=args.force_resume)
+        print(f"LoRA written to {task.write_lora(cfg, run.state.params, cfg.updates)}")
         return 0
-    say(config_line(args))
-    task = LoRATask()
-    hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, state.params, step))
-    run = train(cfg, task=task, hooks=[hook])
-    print(f"LoRA written to {task.write_lora(cfg, run.state.params, cfg.updates)}")
-    return 0
+
+    return reporting_errors(run_lora)
+

@@ -65,29 +65,32 @@ def save(out_dir, meta: dict, arrays: dict, *, overwrite: bool = False):
                 atomic.remove(leftover)
 
 
-def check_output(out_dir, *, overwrite: bool) -> Path:
-    """``out_dir`` resolved, or a clear error now (before minutes of work) if it cannot be written."""
+def check_output(out_dir, *, overwrite: bool, advice: str | None = None) -> Path:
+    """``out_dir`` resolved, or a clear error now (before minutes of work) if it cannot be written.
+
+    ``advice`` replaces the convert-specific advice (its --output / --overwrite flags) for other callers."""
     out_dir = Path(out_dir).resolve()
     if os.path.lexists(out_dir):
         if not overwrite:
-            raise FileExistsError(f"{out_dir} already exists; remove it or pass overwrite=True (--overwrite)")
-        _check_replaceable(out_dir)
+            raise FileExistsError(f"{out_dir} already exists; {advice or 'remove it or pass overwrite=True (--overwrite)'}")
+        _check_replaceable(out_dir, advice)
     existing = next(p for p in (out_dir.parent, *out_dir.parent.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {out_dir}: {existing} is not a writable folder; choose another output")
+        raise PermissionError(f"cannot write {out_dir}: {existing} is not a writable folder; "
+                              f"{advice or 'choose another output'}")
     return out_dir
 
 
-def _check_replaceable(out_dir: Path):
+def _check_replaceable(out_dir: Path, advice: str | None = None):
     """Refuse to replace anything but a converted model directory: --overwrite once emptied '.'."""
     ours = {META_FILE, WEIGHTS_DIR}
     if out_dir.is_symlink() or not out_dir.is_dir() or not (out_dir / META_FILE).is_file():
         raise FileExistsError(f"{out_dir} exists and is not a converted model directory (no {META_FILE}); "
-                              "--overwrite only replaces what convert wrote. Choose a new --output")
+                              + (advice or "--overwrite only replaces what convert wrote. Choose a new --output"))
     foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
     if foreign:
         raise FileExistsError(f"{out_dir} holds files convert did not write ({foreign[:5]}); refusing to replace "
-                              "it. Move them away or choose a new --output")
+                              f"it. {advice or 'Move them away or choose a new --output'}")
     if Path.cwd().resolve().is_relative_to(out_dir):
         raise FileExistsError(f"{out_dir} contains the working directory; refusing to replace it")
 
