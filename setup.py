@@ -15,9 +15,9 @@ setup(
     packages=find_packages(include=["cascade_jax", "cascade_jax.*"]) + CONFIG_PACKAGES,
     package_dir={"cascade_jax.configs": "configs"},
     # The embedded demo cascade (cascade_jax/demo/weights: converted directories and the tokenizer, ~16 MB)
-    # ships in the wheel, so `--weights demo` works from any installation.
+    # ships in the wheel, so `--weights demo` works from any installation; so does demo-lcm (cascade_jax/demo/lcm).
     package_data={**{name: ["*.yaml", "*.yml", "*.json"] for name in CONFIG_PACKAGES},
-                  "cascade_jax.demo": ["weights/**/*"]},
+                  "cascade_jax.demo": ["weights/**/*", "lcm/*"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",

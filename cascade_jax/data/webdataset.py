@@ -53,10 +53,15 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def expand_shards(paths, stats: dict | None = None) -> list[str]:
-    """Every shard named by the paths, globs and brace ranges, in order, without repeats. ``stats``, if
-    given, receives ``{shard: stat}`` of remote shards found by listing (no request per shard later)."""
+    """Every shard named by the paths, globs and brace ranges (one string or a list), in order, without repeats.
+    ``stats``, if given, receives ``{shard: stat}`` of remote shards found by listing (no request per shard later)."""
+    paths = [paths] if isinstance(paths, str) else paths
     shards: list[str] = []
     for path in paths:
+        if path.strip().startswith("pipe:"):  # an official form (webdataset_path: "pipe:aws s3 cp ...")
+            raise ValueError(f"webdataset shard {path!r}: a 'pipe:' command is a stream, and this loader reads tar "
+                             "files at random (global shuffle, exact resume); give the shard files' paths or a "
+                             "brace range (x-{000..099}.tar) instead (s3:// and gs:// URLs are read directly)")
         for pattern in expand_braces(path if storage.is_url(path) else os.path.expanduser(path)):
             if storage.is_url(pattern):
                 found = _remote_shards(pattern, path, stats if stats is not None else {})
@@ -237,6 +242,9 @@ class WebDatasetSource:
                 fields = {f: v for f, v in fields.items() if f in wanted}
                 if fields:
                     self.records.append((shard_index, key, fields))
+        # From the index: the trainer says up front how many samples read() will skip for want of a caption.
+        self.uncaptioned = [f"{self.shards[i]}:{key}" for i, key, fields in self.records
+                            if self.caption_field and self.caption_field not in fields]
         if not self.records:
             raise ValueError(f"webdataset shards {self.description} hold no sample with any of the fields "
                              f"{', '.join(sorted(wanted))}")

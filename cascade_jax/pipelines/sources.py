@@ -14,7 +14,9 @@ from pathlib import Path
 
 import huggingface_hub
 
-from cascade_jax import demo, storage
+from cascade_jax import storage
+from cascade_jax import demo  # noqa: F401  (the embedded demo registers its named sets: "demo", "demo-lcm")
+from cascade_jax.named_weights import lookup
 from cascade_jax.weights.checkpoint import META_FILE
 
 # Official file names per component; {lite} is "_lite" for the lite variant, {bf16} "_bf16" or "".
@@ -124,8 +126,9 @@ def bucket_snapshot(url: str, components=(), *, lite: bool = False, dtype: str =
 def resolve_source(source, components=(), *, lite: bool = False, dtype: str = "bfloat16") -> Path:
     """A local folder, a bucket URL (see :func:`bucket_snapshot`), or a Hugging Face repository id of which
     only what ``components`` need is fetched."""
-    if str(source) == demo.NAME:  # the embedded cascade; a local folder of that name is "./demo"
-        return demo.weights_dir()
+    named = lookup(source)
+    if named is not None:  # a registered set (the embedded demo...); a local folder of that name is "./NAME"
+        return named.folder()
     if storage.is_url(source):
         return bucket_snapshot(str(source), components, lite=lite, dtype=dtype)
     path = Path(source).expanduser()

@@ -1,4 +1,4 @@
-"""Things done every N updates: logging (progress bar, TensorBoard) and checkpoints.
+"""Things done every N updates: logging (progress bar, TensorBoard scalars and images) and checkpoints.
 
 A hook is ``Hook(every, fn)``; ``fn(step, state, metrics)`` runs after update ``step`` (1-based)
 when ``step % every == 0``. ``MetricsLogger`` keeps the official smoothed loss
@@ -84,6 +84,11 @@ class MetricsLogger:
             self.bar.set_postfix(loss=f"{self.smoothed:.4f}", raw=f"{loss:.4f}", gn=f"{values['grad_norm']:.3f}",
                                  lr=f"{values['lr']:.2e}")
         return logged
+
+    def add_image(self, tag: str, image, step: int):
+        """An (H, W, 3) uint8 image (a sample collage) under ``tag`` in TensorBoard's Images tab."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def close(self):
         if self.writer is not None:

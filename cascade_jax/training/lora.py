@@ -30,6 +30,7 @@ from cascade_jax.models.lora import (DEFAULT_FILTERS, LayerFactors, LoRAParam, L
                                      init_lora, lora_layers)
 from cascade_jax.models.lora_tokens import add_train_tokens, attach_token_rows, init_token_rows, token_deltas, \
     token_embedding
+from cascade_jax.nn.params import official_key
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.stage_c import StageCTask, encode_text
 from cascade_jax.training.task import TrainModules, register_task
@@ -91,10 +92,14 @@ class LoRATask(StageCTask):
     def lora_weights(self, params) -> LoRAWeights:
         """The LoRA held by the trainable ``params`` (an ``nnx.State`` of LoRAParam, host or device)."""
         values = {path: np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(params)}
-        layers = {}
-        for key, alpha in self.alphas.items():
-            path = ("generator", *_path_of(key), "adapters", NAME)
-            layers[key] = LayerFactors(values[(*path, "lora_down")], values[(*path, "lora_up")], alpha)
+        # Matched by official key, not by parsing the key into a path: a Sequential's children are named "0", "1"
+        # (strings) in the state, so "channelwise.0.weight" is not the path (..., "channelwise", 0, "weight").
+        factors = {}
+        for path, value in values.items():
+            if path[0] == "generator" and path[-3:-1] == ("adapters", NAME):
+                factors.setdefault(official_key(path[1:-3]), {})[path[-1]] = value
+        layers = {key: LayerFactors(factors[key]["lora_down"], factors[key]["lora_up"], alpha)
+                  for key, alpha in self.alphas.items()}
         tokens = None
         if self.tokens is not None:
             rows = next(v for p, v in values.items() if p[0] == "text_encoder" and p[-1] == "embeddings")
@@ -117,32 +122,40 @@ class LoRATask(StageCTask):
         return path if storage.is_url(path) else Path(path)
 
 
-def _path_of(key: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in key.split("."))
-
-
 register_task("c_lora", LoRATask)
 
 
 def main(argv) -> int:
     """``train/train_c_lora.py``: the trainer CLI, plus the LoRA file at every save and at the end."""
+    from cascade_jax.training.interrupt import exit_status
+
+    return exit_status(lambda: _main(argv))
+
+
+def _main(argv) -> int:
     import json
 
-    from cascade_jax.training import load_config, train
-    from cascade_jax.training.cli import parse_args
+    from cascade_jax.training import train
+    from cascade_jax.training.cli import config_line, load_checked, parse_args, reporting_errors
+    from cascade_jax.training.console import say
     from cascade_jax.training.hooks import Hook
     from cascade_jax.training.plan import plan
 
     args = parse_args(argv, "c_lora")
-    if args.distributed:
-        jax.distributed.initialize()
-    cfg = load_config(args.config, ["stage=c_lora", *args.overrides])
-    if args.dry_run:
-        print(json.dumps(plan(cfg), indent=1))
+
+    def run_lora() -> int:
+        if args.distributed:
+            jax.distributed.initialize()
+        cfg = load_checked(args, "c_lora", exports=False)  # the LoRA files are its output, not --export
+        if args.dry_run:
+            print(json.dumps(plan(cfg), indent=1))
+            return 0
+        say(config_line(args))
+        task = LoRATask()
+        hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, state.params, step))
+        run = train(cfg, task=task, hooks=[hook], force_resume=args.force_resume)
+        print(f"LoRA written to {task.write_lora(cfg, run.state.params, cfg.updates)}")
         return 0
-    task = LoRATask()
-    hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, state.params, step))
-    run = train(cfg, task=task, hooks=[hook])
-    print(f"LoRA written to {task.write_lora(cfg, run.state.params, cfg.updates)}")
-    return 0
+
+    return reporting_errors(run_lora)
 

@@ -75,6 +75,7 @@ class ReconstructionTask(Task):
 
     adaptive_loss_weight = False
     default_preset: str = ""
+    inits = ("checkpoint", "scratch")  # the official rules (training/init.py) are Stage B's and C's
 
     def generator_config(self, cfg: TrainConfig) -> dict:
         if isinstance(cfg.model_config, dict):

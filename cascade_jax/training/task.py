@@ -93,6 +93,12 @@ class Task:
     # The frozen encoders' outputs a latent cache stores (``latent_cache.write_cache``), in the order
     # ``conditions`` returns them; a cached batch carries exactly these.
     cached_keys: tuple[str, ...] = ()
+    # The ``init`` values the task understands (``official``: the official constructors' from-scratch rules).
+    inits: tuple[str, ...] = ("checkpoint", "official", "scratch")
+
+    def checkpoint_model(self, cfg: TrainConfig) -> tuple[str, dict]:
+        """(model name, constructor config) that ``generator_checkpoint_path`` must hold (checked at load)."""
+        return self.generator_model, self.generator_config(cfg)
 
     def read_cached(self, batch: dict) -> dict:
         """``host_batch`` of a cached batch: its conditions, checked; the random choices (captions -> "",
@@ -180,13 +186,16 @@ class Task:
     def build_generator(self, cfg: TrainConfig, work_dir: Path):
         config = self.generator_config(cfg)
         self.generator_config_used = config
-        if cfg.init in ("official", "scratch") or cfg.generator_checkpoint_path is None:
+        if cfg.init in ("official", "scratch"):
             model = random_model(self.generator_model, config, seed=cfg.seed, dtype=cfg.param_dtype)
             if cfg.init == "official":
                 from cascade_jax.training.init import official_init
 
                 official_init(model, self.generator_model, config, seed=cfg.seed)
         else:
+            from cascade_jax.training.run_checks import check_init
+
+            check_init(cfg, self)  # never random weights for init: checkpoint without a path
             model = load_weights(self.generator_model, config, cfg.generator_checkpoint_path, work_dir,
                                  cfg.param_dtype)
         if cfg.remat:

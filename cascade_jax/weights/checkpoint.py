@@ -7,6 +7,7 @@ directory can be restored straight into any sharding and exported back exactly.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zlib
 from pathlib import Path
@@ -68,18 +69,21 @@ def save(out_dir, meta: dict, arrays: dict, *, overwrite: bool = False):
                 atomic.remove(leftover)
 
 
-def check_output(out_dir, *, overwrite: bool) -> Path:
-    """``out_dir`` resolved, or a clear error now (before minutes of work) if it cannot be written."""
+def check_output(out_dir, *, overwrite: bool, advice: str | None = None) -> Path:
+    """``out_dir`` resolved, or a clear error now (before minutes of work) if it cannot be written.
+
+    ``advice`` replaces the convert-specific advice (its --output / --overwrite flags) for other callers."""
     if storage.is_url(out_dir):
         return _check_remote_output(out_dir, overwrite=overwrite)
     out_dir = Path(out_dir).resolve()
     if os.path.lexists(out_dir):
         if not overwrite:
-            raise FileExistsError(f"{out_dir} already exists; remove it or pass overwrite=True (--overwrite)")
-        _check_replaceable(out_dir)
+            raise FileExistsError(f"{out_dir} already exists; {advice or 'remove it or pass overwrite=True (--overwrite)'}")
+        _check_replaceable(out_dir, advice)
     existing = next(p for p in (out_dir.parent, *out_dir.parent.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {out_dir}: {existing} is not a writable folder; choose another output")
+        raise PermissionError(f"cannot write {out_dir}: {existing} is not a writable folder; "
+                              f"{advice or 'choose another output'}")
     return out_dir
 
 
@@ -119,16 +123,16 @@ def _check_remote_output(out_dir: str, *, overwrite: bool) -> str:
     return out_dir
 
 
-def _check_replaceable(out_dir: Path):
+def _check_replaceable(out_dir: Path, advice: str | None = None):
     """Refuse to replace anything but a converted model directory: --overwrite once emptied '.'."""
     ours = {META_FILE, WEIGHTS_DIR}
     if out_dir.is_symlink() or not out_dir.is_dir() or not (out_dir / META_FILE).is_file():
         raise FileExistsError(f"{out_dir} exists and is not a converted model directory (no {META_FILE}); "
-                              "--overwrite only replaces what convert wrote. Choose a new --output")
+                              + (advice or "--overwrite only replaces what convert wrote. Choose a new --output"))
     foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
     if foreign:
         raise FileExistsError(f"{out_dir} holds files convert did not write ({foreign[:5]}); refusing to replace "
-                              "it. Move them away or choose a new --output")
+                              f"it. {advice or 'Move them away or choose a new --output'}")
     if Path.cwd().resolve().is_relative_to(out_dir):
         raise FileExistsError(f"{out_dir} contains the working directory; refusing to replace it")
 
@@ -171,7 +175,18 @@ def _host_array_checkpointer() -> ocp.Checkpointer:
     """
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry))
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(_without_array_metadata_warning)
+    try:
+        return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry))
+    finally:
+        absl_logger.removeFilter(_without_array_metadata_warning)
+
+
+def _without_array_metadata_warning(record: logging.LogRecord) -> bool:
+    """Drops Orbax's "No jax.Array in TypeHandlerRegistry: ArrayMetadata persistence is disabled" warning,
+    which a registry of numpy handlers only (this writer's, on purpose) triggers on every save."""
+    return not str(record.msg).startswith("No jax.Array in TypeHandlerRegistry")
 
 
 META_KEYS = {"model": str, "config": dict, "dtype": str}
