@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 from flax import nnx
 
