@@ -57,6 +57,7 @@ def expand_shards(paths, stats: dict | None = None) -> list[str]:
     ``stats``, if given, receives ``{shard: stat}`` of remote shards found by listing (no request per shard later)."""
     paths = [paths] if isinstance(paths, str) else paths
     shards: list[str] = []
+    folders: dict = {}  # folder URL -> its listing, for shards named one by one
     for path in paths:
         if path.strip().startswith("pipe:"):  # an official form (webdataset_path: "pipe:aws s3 cp ...")
             raise ValueError(f"webdataset shard {path!r}: a 'pipe:' command is a stream, and this loader reads tar "
@@ -64,7 +65,7 @@ def expand_shards(paths, stats: dict | None = None) -> list[str]:
                              "brace range (x-{000..099}.tar) instead (s3:// and gs:// URLs are read directly)")
         for pattern in expand_braces(path if storage.is_url(path) else os.path.expanduser(path)):
             if storage.is_url(pattern):
-                found = _remote_shards(pattern, path, stats if stats is not None else {})
+                found = _remote_shards(pattern, path, stats if stats is not None else {}, folders)
             else:
                 found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
             if not found or not (storage.is_url(found[0]) or os.path.exists(found[0])):
@@ -74,14 +75,24 @@ def expand_shards(paths, stats: dict | None = None) -> list[str]:
     return shards
 
 
-def _remote_shards(pattern: str, path: str, stats: dict) -> list[str]:
+def _listed_stat(url: str, folders: dict) -> dict:
+    """The size and version of one named shard from one listing of its folder (kept in ``folders``), shared
+    by every shard named there: a brace range of 10,000 shards costs a paged listing, not 10,000 requests."""
+    folder = storage.parent(url)
+    if folder not in folders:
+        listed = storage.listing(folder).items()
+        folders[folder] = {storage.join(folder, rel): st for rel, st in listed if "/" not in rel}
+    return folders[folder][url] if url in folders[folder] else storage.stat(url)  # absent: stat names what is missing
+
+
+def _remote_shards(pattern: str, path: str, stats: dict, folders: dict) -> list[str]:
     """The shards a URL names: a glob, a prefix (every .tar under it, as the official trainer lists s3
     prefixes) or one object; their sizes and versions go into ``stats``."""
     try:
         if glob.has_magic(pattern):
             matches = storage.glob(pattern)
         elif pattern.rstrip("/").endswith((".tar", ".gz", ".tgz", ".bz2", ".xz", ".zst")):
-            matches = [(pattern, storage.stat(pattern))]
+            matches = [(pattern, _listed_stat(pattern, folders))]
         else:
             matches = [(storage.join(pattern, rel), st) for rel, st in sorted(storage.listing(pattern).items())
                        if rel.endswith(".tar")]

@@ -118,7 +118,7 @@ def _check_remote_output(out_dir: str, *, overwrite: bool) -> str:
         raise FileExistsError(f"{out_dir} holds files convert did not write ({foreign[:5]}); refusing to replace it. "
                               "Choose a new --output")
     if not overwrite:
-        state = "already exists" if META_FILE in present else "holds an interrupted earlier write (no " + META_FILE + ")"
+        state = "already exists" if META_FILE in present else f"holds an interrupted earlier write (no {META_FILE})"
         raise FileExistsError(f"{out_dir} {state}; pass overwrite=True (--overwrite) to replace it")
     return out_dir
 
