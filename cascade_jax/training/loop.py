@@ -212,7 +212,11 @@ def _prepare(cfg: TrainConfig, task, data, mesh, stop: StopSignals):
             data = data if data is not None else make_data_iterator(cfg)
             run = build_run(cfg, task, mesh)
             checkpointer = checkpointer_for(cfg)
-            return run, data, checkpointer, resume(run, checkpointer, data)
+            try:
+                return run, data, checkpointer, resume(run, checkpointer, data)
+            except BaseException:  # a refused resume: the checkpointer's threads and log filter go with it
+                checkpointer.close()
+                raise
     except Abandoned:
         raise TrainingInterrupted(stop.signum, None, checkpoint_dir(cfg)) from None
 
