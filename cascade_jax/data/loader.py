@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from cascade_jax.data import buckets as bk
+from cascade_jax.storage import StorageError
 from cascade_jax.data.config import DataConfig
 from cascade_jax.data.sources import SKIP_REASONS, FolderSource, SkipSample, check_pixels, decode_rgb, open_image
 
@@ -316,6 +317,8 @@ def _load(plan: LoaderPlan, position: int):
         return decode_rgb(raw, plan.cfg.max_image_pixels), raw.caption
     except SkipSample as skip:
         return skip
+    except StorageError:
+        raise  # the bucket is unreachable after retries: every sample would fail, so the run stops here
     except Exception as err:  # noqa: BLE001 - one odd sample must not end a run; it is counted and logged
         logger.warning("skipping unreadable sample %r of %s: %s: %s", record, plan.source.description,
                        type(err).__name__, err)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cascade_jax import storage
 from cascade_jax.data.clip_preprocess import to_rgb
 from cascade_jax.data.config import DataConfig
 from cascade_jax.data.filters import MetadataFilter
@@ -122,7 +123,14 @@ class FolderSource:
         self.filters = MetadataFilter(cfg.filters)
         exts = {"." + e for e in cfg.image_keys}
         records, listed = [], set()
+        self.remote_files: set[str] = set()  # every file under the URL folders, from one listing each
         for folder in cfg.paths:
+            if storage.is_url(folder):
+                remote = [storage.join(folder, rel) for rel in sorted(storage.listing(folder))]
+                self.remote_files.update(remote)
+                listed.update(remote)
+                records.extend(p for p in remote if os.path.splitext(p)[1].lower() in exts)
+                continue
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"image folder {folder!r} does not exist or is not a folder")
             for path in sorted(Path(folder).rglob("*")):
@@ -137,20 +145,20 @@ class FolderSource:
 
     def read(self, record: str) -> RawSample:
         stem = os.path.splitext(record)[0]
+        exists = self.remote_files.__contains__ if storage.is_url(record) else os.path.exists
         try:
-            with open(record, "rb") as f:
-                data = f.read()
+            data = storage.read_bytes(record)
             caption_path = f"{stem}.{self.caption_ext}"
-            if not os.path.exists(caption_path):
+            if not exists(caption_path):
                 raise SkipSample("no_caption", f"{record}: no {caption_path}")
-            with open(caption_path, "rb") as f:
-                caption = text_of(f.read(), caption_path)
+            caption = text_of(storage.read_bytes(caption_path), caption_path)
             metadata = None
             if self.filters:
                 metadata = {}
-                if os.path.exists(f"{stem}.json"):
-                    with open(f"{stem}.json", "rb") as f:
-                        metadata = parse_json(f.read(), f"{stem}.json")
+                if exists(f"{stem}.json"):
+                    metadata = parse_json(storage.read_bytes(f"{stem}.json"), f"{stem}.json")
+        except storage.StorageError:
+            raise  # the store is unreachable (retries used up): not one bad sample
         except OSError as err:
             raise SkipSample("unreadable", f"{record}: {err}") from None
         raw = RawSample(data, caption, record)

@@ -4,7 +4,9 @@ state (parameters, optimizer state, EMA, step, RNG, adaptive buckets), the data 
 position and the run's config restored together.
 
 The state is stored as a flat ``{name: array}`` mapping (names from the pytree paths), so it
-restores into any mesh: the caller passes the target shardings.
+restores into any mesh: the caller passes the target shardings. The folder may be a ``gs://`` URL:
+Orbax writes there through TensorStore and marks a finished step with a commit file, so a process
+killed during a save resumes from the last complete step.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from cascade_jax import storage
 from cascade_jax.training.storage_errors import quiet_orbax_noise, storage_errors
 
 
@@ -49,7 +52,9 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=backup_every or None,
                                                save_interval_steps=save_every, enable_async_checkpointing=use_async,
                                                create=True, cleanup_tmp_directories=True)  # one trainer: run_lock
-        self.directory = Path(directory).absolute()
+        # A local folder, or a gs:// URL (a string: pathlib folds "//"), which Orbax writes through TensorStore.
+        self.directory = storage.orbax_path(directory, "checkpoint folder") if storage.is_url(directory) else \
+            Path(directory).absolute()
         # Handlers named up front (not just item names): item_metadata() then reads a step's shapes without restoring it.
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler()}

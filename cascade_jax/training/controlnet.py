@@ -42,7 +42,7 @@ from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.run_checks import check_controlnet_filter, check_init
 from cascade_jax.training.stage_c import StageCTask
-from cascade_jax.training.task import TrainModules, load_weights, param_dtype, register_task
+from cascade_jax.training.task import TrainModules, load_weights, param_dtype, register_task, work_dir
 
 # official filter class -> control (hint) name
 FILTERS = {"CannyFilter": "canny", "InpaintFilter": "inpainting", "SREffnetFilter": "super_resolution",
@@ -90,7 +90,7 @@ class ControlNetTask(StageCTask):
         return "stage_c", self.generator_config(cfg)
 
     def build(self, cfg: TrainConfig) -> TrainModules:
-        work = Path(cfg.output_path)
+        work = work_dir(cfg)
         self.control = control_of(cfg)
         frozen = self.build_frozen(cfg, work)
         stage_c = self.frozen_stage_c(cfg, work)

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.sharding import make_mesh
 from cascade_jax.training import console, placement
 from cascade_jax.training.checkpointing import TrainCheckpointer
@@ -25,6 +26,7 @@ from cascade_jax.training.finite_guard import FiniteGuard
 from cascade_jax.training.hooks import Hook, MetricsLogger, peak_flops_per_device
 from cascade_jax.training.interrupt import Abandoned, StopSignals, TrainingInterrupted, call_abandonably
 from cascade_jax.training.optimizer import make_optimizer
+from cascade_jax.training.paths import check_run_paths
 from cascade_jax.training.resume_check import check_resume_config, check_resume_state
 from cascade_jax.training.run_checks import check_run
 from cascade_jax.training.run_lock import run_lock
@@ -102,7 +104,10 @@ def host_rng(cfg: TrainConfig, step: int) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, step, jax.process_index()])
 
 
-def checkpoint_dir(cfg: TrainConfig) -> Path:
+def checkpoint_dir(cfg: TrainConfig):
+    """``checkpoint_path/experiment_id``: a Path, or a string for a bucket URL (pathlib folds ``gs://``)."""
+    if storage.is_url(cfg.checkpoint_path):
+        return storage.join(cfg.checkpoint_path, cfg.experiment_id)
     return Path(cfg.checkpoint_path) / cfg.experiment_id
 
 
@@ -141,6 +146,7 @@ def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, h
     """
     task = task or get_task(cfg.stage)
     check_run(cfg, task)
+    check_run_paths(cfg)  # a missing bucket or a permission error: one message now, before any work
     with run_lock(checkpoint_dir(cfg)):
         check_resume_config(checkpoint_dir(cfg), cfg, force_resume)
         with StopSignals() as stop:
@@ -154,7 +160,7 @@ def _train(cfg: TrainConfig, task, data, mesh, hooks, stop_after, progress, expo
     run, data, checkpointer, start = _prepare(cfg, task, data, mesh, stop)
     console.announce_start(run, data, checkpointer.directory, start, export_dir)
     guard = FiniteGuard(checkpointer.directory, checkpointer.latest_step)
-    logger = MetricsLogger(Path(cfg.output_path) / cfg.experiment_id / "logs", total_steps=cfg.updates,
+    logger = MetricsLogger(storage.join(cfg.output_path, cfg.experiment_id, "logs"), total_steps=cfg.updates,
                            start_step=start, images_per_step=cfg.batch_size, smoothing=cfg.loss_smoothing,
                            step_flops=None, peak_flops=peak_flops_per_device(cfg.peak_flops), progress=progress)
     collage = make_sample_collage(run, cfg, data, logger.add_image)
@@ -228,7 +234,8 @@ def _reads_state(step: int, cfg: TrainConfig, hooks, checkpointer: TrainCheckpoi
 
 def _skips(data) -> dict:
     counts = getattr(data, "skip_counts", None)
-    return {f"skipped_{k}": v for k, v in counts.items()} if counts else {}
+    storage_faults = {f"storage_{k}": v for k, v in storage.fault_counts().items()}  # retries, skipped shards
+    return ({f"skipped_{k}": v for k, v in counts.items()} if counts else {}) | storage_faults
 
 
 def export_run(run: Run, out_dir) -> dict:
@@ -236,9 +243,9 @@ def export_run(run: Run, out_dir) -> dict:
     from cascade_jax.training.export import export_generator, generator_arrays
 
     model_name, config = run.task.export_model(None)
-    out = {"generator": export_generator(Path(out_dir) / "generator", model_name, config,
+    out = {"generator": export_generator(storage.join(out_dir, "generator"), model_name, config,
                                          generator_arrays(run.graphdef, run.state.params, run.frozen))}
     if run.state.ema is not None:
-        out["generator_ema"] = export_generator(Path(out_dir) / "generator_ema", model_name, config,
+        out["generator_ema"] = export_generator(storage.join(out_dir, "generator_ema"), model_name, config,
                                                 generator_arrays(run.graphdef, run.state.ema, run.frozen))
     return out

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.models.lora import (DEFAULT_FILTERS, LayerFactors, LoRAParam, LoRAWeights, TokenDeltas, attach_lora,
                                      init_lora, lora_layers)
 from cascade_jax.models.lora_tokens import add_train_tokens, attach_token_rows, init_token_rows, token_deltas, \
@@ -111,13 +112,14 @@ class LoRATask(StageCTask):
 
         if jax.process_index() != 0:
             return None
-        folder = Path(cfg.output_path) / cfg.experiment_id / "lora"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = storage.join(cfg.output_path, cfg.experiment_id, "lora")  # a local folder or a bucket URL
+        if not storage.is_url(folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
         lora, model_config = self.lora_weights(params), {"model": "stage_c", "config": self.generator_config_used}
-        path = folder / f"lora_{step}.safetensors"
+        path = storage.join(folder, f"lora_{step}.safetensors")
         save_official(path, lora, model_config)
-        save_official(folder / "lora.safetensors", lora, model_config)
-        return path
+        save_official(storage.join(folder, "lora.safetensors"), lora, model_config)
+        return path if storage.is_url(path) else Path(path)
 
 
 register_task("c_lora", LoRATask)

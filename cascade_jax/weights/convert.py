@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.models.registry import abstract_model
 from cascade_jax.models.structure import describe_unet
 from cascade_jax.weights import checkpoint
@@ -86,6 +87,7 @@ def convert_checkpoint(model_name: str, config, src, out_dir, *, dtype="float32"
     """
     target_dtype = parse_dtype(dtype)
     checkpoint.check_output(out_dir, overwrite=overwrite)
+    origin, src = src, storage.local_copy(src)  # a file or folder in a bucket is converted from a local copy
     reader, config, variables, source_format, plan, expected = check_source(model_name, config, src, fmt)
 
     arrays, source_dtypes = {}, {}
@@ -105,6 +107,6 @@ def convert_checkpoint(model_name: str, config, src, out_dir, *, dtype="float32"
             reader.release(source)
         source_dtypes[key] = str(reader.dtype(recipe.sources[0]))
     meta = {"model": model_name, "config": config, "dtype": target_dtype.name,
-            "source": {"path": str(src), "format": source_format.name, "dtypes": source_dtypes}}
+            "source": {"path": str(origin), "format": source_format.name, "dtypes": source_dtypes}}
     checkpoint.save(out_dir, meta, arrays, overwrite=overwrite)
     return out_dir
