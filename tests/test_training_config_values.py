@@ -118,6 +118,21 @@ def test_data_config_takes_one_path_and_one_filter(tmp_path):
         expand_shards("pipe:curl -s x.tar")
 
 
+def test_webdataset_path_may_be_a_yaml_list_of_shards(tmp_path):
+    # The official trainer's third form: webdataset_path: shards.yml, a YAML file listing the shards.
+    for i in range(3):
+        (tmp_path / f"x-{i:03d}.tar").write_bytes(b"")
+    listing = tmp_path / "shards.yml"
+    listing.write_text(f"- {tmp_path}/x-000.tar\n- {tmp_path}/x-{{001..002}}.tar\n")
+    assert expand_shards(str(listing)) == [str(tmp_path / f"x-{i:03d}.tar") for i in range(3)]
+    assert expand_shards([str(listing), str(tmp_path / "x-000.tar")]) == expand_shards(str(listing))
+    (tmp_path / "bad.yml").write_text("{a: 1}\n")
+    with pytest.raises(ValueError, match="bad.yml' must hold a YAML list of shard paths"):
+        expand_shards(str(tmp_path / "bad.yml"))
+    with pytest.raises(FileNotFoundError, match="missing.yml': no such shard list file"):
+        expand_shards(str(tmp_path / "missing.yml"))
+
+
 @pytest.mark.parametrize("raw, value", [
     ("[/d/x-{000..009}.tar]", ["/d/x-{000..009}.tar"]), ("/d/x-{000..009}.tar", "/d/x-{000..009}.tar"),
     ("{a,b}.tar", "{a,b}.tar"), ("[/d/{a,b}/x-{0..3}.tar, /e/y.tar]", ["/d/{a,b}/x-{0..3}.tar", "/e/y.tar"]),

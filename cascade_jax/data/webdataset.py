@@ -56,6 +56,7 @@ def expand_shards(paths, stats: dict | None = None) -> list[str]:
     """Every shard named by the paths, globs and brace ranges (one string or a list), in order, without repeats.
     ``stats``, if given, receives ``{shard: stat}`` of remote shards found by listing (no request per shard later)."""
     paths = [paths] if isinstance(paths, str) else paths
+    paths = [p for path in paths for p in _listed_in_yaml(path)]
     shards: list[str] = []
     folders: dict = {}  # folder URL -> its listing, for shards named one by one
     for path in paths:
@@ -73,6 +74,26 @@ def expand_shards(paths, stats: dict | None = None) -> list[str]:
             seen = set(shards)
             shards.extend(f for f in found if f not in seen)
     return shards
+
+
+def _listed_in_yaml(path: str) -> list[str]:
+    """``[path]``, or the shards a ``.yml``/``.yaml`` file lists: the official trainer's
+    ``webdataset_path: shards.yml`` form (a YAML list of shard paths, or one path)."""
+    if not path.strip().endswith((".yml", ".yaml")):
+        return [path]
+    import yaml
+
+    try:
+        listed = yaml.safe_load(storage.read_text(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"webdataset_path {path!r}: no such shard list file") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"webdataset_path {path!r}: not a YAML list of shards ({err})") from None
+    listed = [listed] if isinstance(listed, str) else listed
+    if not isinstance(listed, list) or not listed or not all(isinstance(p, str) for p in listed):
+        raise ValueError(f"webdataset_path {path!r} must hold a YAML list of shard paths (or one path), "
+                         f"got {type(listed).__name__}: {str(listed)[:80]!r}")
+    return listed
 
 
 def _listed_stat(url: str, folders: dict) -> dict:
