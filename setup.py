@@ -49,6 +49,8 @@ setup(
             "tensorflow-datasets>=4.9.10",
             "tensorboardX>=2.6",
             "tqdm",
+            # The object-storage tests (the `cloud` extra, and real S3 / GCS APIs served on loopback).
+            "fsspec", "gcsfs", "s3fs", "moto[server]>=5", "gcp-storage-emulator",
             # The app tests (same as the `app` extra); playwright drives Debian's chromium, no browser download.
             "gradio>=6.31,<7", "gradio_client>=2.7,<3", "playwright>=1.65,<2",
         ],
@@ -68,6 +70,8 @@ setup(
             "tensorboardX>=2.6",
             "tqdm",
         ],
+        # Paths that are gs://, s3:// or other fsspec URLs (cascade_jax/storage); local paths need none of it.
+        "cloud": ["fsspec", "gcsfs", "s3fs"],
         # ControlNet hint filters: the canny hint calls cv2.Canny as the official filter does.
         # scipy: the inpainting masks' Gaussian blur (cascade_jax/data/hints/resize.py).
         "controlnet": ["opencv-python-headless", "scipy"],

@@ -168,10 +168,10 @@ def test_unexpected_errors_in_one_sample_are_counted_not_fatal(tmp_path, monkeyp
     write_folder(tmp_path, 6)
     real_decode = loader_module.decode_rgb
 
-    def flaky_decode(raw):
+    def flaky_decode(raw, *limits):
         if raw.name.endswith("img_003.png"):
             raise RuntimeError("a decoder bug on one odd file")
-        return real_decode(raw)
+        return real_decode(raw, *limits)
 
     monkeypatch.setattr(loader_module, "decode_rgb", flaky_decode)
     it = iter(loader(DataConfig(source="folder", paths=(str(tmp_path),), num_workers=2), batch=5, ratios=None))
@@ -180,7 +180,7 @@ def test_unexpected_errors_in_one_sample_are_counted_not_fatal(tmp_path, monkeyp
     assert it.skip_counts["unreadable"] == 1
     it.close()
     # Every image failing (after the start-up probe, which reads headers only): a clear error, twice.
-    def broken_decode(raw):
+    def broken_decode(raw, *limits):
         raise RuntimeError("a decoder bug on every file")
 
     monkeypatch.setattr(loader_module, "decode_rgb", broken_decode)
@@ -276,3 +276,47 @@ def test_fingerprint_tells_hosts_that_see_different_data(tmp_path):
     fewer = dataclasses.replace(cfg, paths=(str(tmp_path / "shard-{000..001}.tar"),))
     assert loader(fewer, seed=1, index=1, count=2).fingerprint() not in prints
     assert loader(cfg, seed=2, index=1, count=2).fingerprint() not in prints
+
+
+def test_reshuffled_passes_of_few_good_samples_train_on(tmp_path):
+    """2 good and 4 corrupt images: runs of bad samples that end one (reshuffled) pass and start the next are
+    not a pass without a usable sample (the probe's run died at update 13)."""
+    write_folder(tmp_path, 6)
+    for i in (1, 2, 3, 5):  # corrupt: a PNG signature and nothing after it
+        (tmp_path / ("sub" if i % 2 else "") / f"img_{i:03d}.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    it = iter(loader(DataConfig(source="folder", paths=(str(tmp_path),), num_workers=2), batch=2, ratios=None))
+    captions = [caption_index(c) for b in read_all(it, 40) for c in b["captions"]]
+    assert set(captions) == {0, 4} and len(captions) == 80
+    assert it.skip_counts["corrupt_image"] >= 4 * 39
+    it.close()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` with no pixel data: what a 100-byte bomb looks like
+    before it is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_skipped_by_their_header_size(tmp_path):
+    write_folder(tmp_path, 4)
+    # 144 megapixels (over PIL's 89.5M warning threshold, under its 179M error) and 400 megapixels.
+    for name, side in (("bomb_a", 12000), ("bomb_b", 20000)):
+        (tmp_path / f"{name}.png").write_bytes(png_header(side, side))
+        (tmp_path / f"{name}.txt").write_text("caption 99")
+    it = iter(loader(DataConfig(source="folder", paths=(str(tmp_path),), num_workers=2), batch=4, ratios=None))
+    captions = [caption_index(c) for b in read_all(it, 3) for c in b["captions"]]
+    assert 99 not in captions and it.skip_counts["too_large"] >= 2 and it.skip_counts["corrupt_image"] == 0
+    it.close()
+    # The limit is the data section's max_image_pixels: here real 64x64 images (4096 pixels) are over it.
+    small = DataConfig(source="folder", paths=(str(tmp_path / "sub"),), num_workers=2, max_image_pixels=4095)
+    with pytest.raises(ValueError, match=r"no usable sample.*too_large"):
+        loader(small, batch=1, ratios=None)
+    with pytest.raises(ValueError, match="max_image_pixels=0 must be >= 1"):
+        DataConfig(source="folder", paths=(str(tmp_path),), max_image_pixels=0)

@@ -19,7 +19,7 @@ from cascade_jax.pipelines.loading import pipeline_set
 from cascade_jax.pipelines.sources import resolve_source
 from cascade_jax.sharding import make_mesh
 from cascade_jax.training import build_run, cli, export_run, load_config
-from cascade_jax.training.export import check_export_folder, run_identity
+from cascade_jax.training.export_folder import check_export_folder, run_identity
 from cascade_jax.training.stage_b import StageBTask
 from cascade_jax.training.stage_c import StageCTask
 from cascade_jax.training.task import RandomSource

@@ -184,6 +184,9 @@ def test_lite_lora_on_full_model_is_refused(tmp_path):
         message = str(e.value)
         assert "down_blocks.0.2.attention.attn.out_proj.weight" in message
         assert "(4, 1536)" in message and "(4, 2048)" in message, message
+        # Both sides' actual sizes, not a guess about the released models.
+        assert "this model: ResBlocks per level: down [8, 24], up [24, 8]; widths [2048, 2048]" in message
+        assert "the LoRA: input widths [1536]" in message and "3.6B" not in message
 
 
 def _official_lora_order(layout: dict, filters) -> list[str]:

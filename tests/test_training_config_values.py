@@ -67,15 +67,15 @@ def test_unreadable_values_are_refused_by_name(override, message):
         load_config("tiny_c", [override])
 
 
-def test_the_trainer_refuses_before_building_anything(monkeypatch):
+def test_the_trainer_refuses_before_building_anything(monkeypatch, capsys):
     import cascade_jax.training as training
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the trainer started with a config it cannot read")
 
     monkeypatch.setattr(training, "train", must_not_run)
-    with pytest.raises(ValueError, match="lr must be a number, got 'abc'"):
-        cli.main(["tiny_c", "lr=abc"], "c")
+    assert cli.main(["tiny_c", "lr=abc"], "c") == 2  # one error line, no traceback
+    assert "lr must be a number, got 'abc'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", ["/data/x.tar", "pipe:curl -s https://host/x.tar", "s3://bucket/x-{000..009}.tar"])
@@ -91,7 +91,8 @@ def test_one_webdataset_path_is_one_path(path, tmp_path):
 # train_tokens is a list of [token, init regex] pairs: its entries are lists themselves.
 @pytest.mark.parametrize("key", sorted(LIST_KEYS - {"train_tokens"}))
 def test_every_list_key_takes_one_value_or_a_list(key):
-    one = {"controlnet_blocks": 3, "pyramid_noise_sizes": 1}.get(key, "one value")
+    # (values the range checks accept: a ratio, a ResBlock index, a latent side)
+    one = {"controlnet_blocks": 3, "pyramid_noise_sizes": 1, "multi_aspect_ratio": "9/16"}.get(key, "one value")
     section, _, name = key.rpartition(".")
 
     def read(value):
@@ -115,6 +116,21 @@ def test_data_config_takes_one_path_and_one_filter(tmp_path):
     assert expand_shards(str(shard)) == [str(shard)]
     with pytest.raises(ValueError, match="'pipe:curl -s x.tar': a 'pipe:' command is a stream"):
         expand_shards("pipe:curl -s x.tar")
+
+
+def test_webdataset_path_may_be_a_yaml_list_of_shards(tmp_path):
+    # The official trainer's third form: webdataset_path: shards.yml, a YAML file listing the shards.
+    for i in range(3):
+        (tmp_path / f"x-{i:03d}.tar").write_bytes(b"")
+    listing = tmp_path / "shards.yml"
+    listing.write_text(f"- {tmp_path}/x-000.tar\n- {tmp_path}/x-{{001..002}}.tar\n")
+    assert expand_shards(str(listing)) == [str(tmp_path / f"x-{i:03d}.tar") for i in range(3)]
+    assert expand_shards([str(listing), str(tmp_path / "x-000.tar")]) == expand_shards(str(listing))
+    (tmp_path / "bad.yml").write_text("{a: 1}\n")
+    with pytest.raises(ValueError, match="bad.yml' must hold a YAML list of shard paths"):
+        expand_shards(str(tmp_path / "bad.yml"))
+    with pytest.raises(FileNotFoundError, match="missing.yml': no such shard list file"):
+        expand_shards(str(tmp_path / "missing.yml"))
 
 
 @pytest.mark.parametrize("raw, value", [

@@ -133,7 +133,7 @@ class ImageData:
 
 
 def toy_config(tmp_path, **overrides):
-    values = {"stage": "toy", "experiment_id": "toy", "checkpoint_path": str(tmp_path / "ckpt"),
+    values = {"stage": "toy", "experiment_id": "toy", "init": "scratch", "checkpoint_path": str(tmp_path / "ckpt"),
               "output_path": str(tmp_path / "out"), "lr": 0.05, "batch_size": 8, "updates": 4,
               "warmup_updates": 2, "save_every": 1000, "backup_every": 1000, "compute_dtype": "float32",
               "log_every": 1, "seed": 0, "async_checkpointing": False, **overrides}

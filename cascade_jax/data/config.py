@@ -15,6 +15,7 @@ from typing import Any
 from cascade_jax.data.config_values import coerce_dataclass_fields
 
 SOURCES = ("webdataset", "folder", "tfds")
+MAX_IMAGE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS (its DecompressionBombWarning threshold)
 
 # Per-source defaults when image_key / caption_key are left unset.
 DEFAULT_IMAGE_KEYS = {"webdataset": "jpg,jpeg,png,webp", "folder": "jpg,jpeg,png,webp", "tfds": "image"}
@@ -43,6 +44,9 @@ class DataConfig:
         bucket instead (None: 4 x the per-host batch, at least 16).
     index_cache: a folder for the webdataset shard indexes (member offsets), so a restart does not
         scan every tar header again; safe to share between hosts.
+    max_image_pixels: images with more pixels (width x height, read from the file's header) are
+        skipped and counted as ``too_large`` without being decoded: a small PNG can hold a 144-megapixel
+        "decompression bomb". Default: PIL's own threshold, which ``generate.py`` also refuses above.
     """
 
     source: str = "webdataset"
@@ -60,6 +64,7 @@ class DataConfig:
     bucket_probe_size: int = 256
     max_pending: int | None = None
     index_cache: str | None = None
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self):
         # YAML and key=value overrides give strings easily: each field is read as its type or named.
@@ -74,6 +79,8 @@ class DataConfig:
         if self.num_workers < 1 or self.prefetch_batches < 1:
             raise ValueError(f"num_workers={self.num_workers} and prefetch_batches={self.prefetch_batches} "
                              f"must be >= 1")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels={self.max_image_pixels} must be >= 1 (pixels per image)")
         if not 0.0 <= self.bucket_random_ratio <= 1.0:
             raise ValueError(f"bucket_random_ratio={self.bucket_random_ratio} must lie in [0, 1]")
 

@@ -366,8 +366,17 @@ def check_lora_fits(model: nnx.Module, lora: LoRAWeights, source: str = "the LoR
     if problems:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise LoRAMismatchError(f"{source} does not fit this model ({len(problems)} of {len(lora.layers)} weights):\n  "
-                                + "\n  ".join(problems[:10]) + more + "\nIt was probably made for another model "
-                                "size (Stage C 3.6B has width 2048, the 1B lite model 1536).")
+                                + "\n  ".join(problems[:10]) + more + _both_sides(model, lora)
+                                + "\nUse the model the LoRA was trained on.")
+
+
+def _both_sides(model: nnx.Module, lora: LoRAWeights) -> str:
+    """The model's ResBlocks and widths per level beside what the LoRA's own keys and shapes imply."""
+    from cascade_jax.models.structure import describe_lora_layers, describe_unet, model_shapes
+
+    in_model = describe_unet(model_shapes(model))
+    in_lora = describe_lora_layers({key: int(factors.down.shape[1]) for key, factors in lora.layers.items()})
+    return (f"\n  this model: {in_model}" if in_model else "") + f"\n  the LoRA: {in_lora}"
 
 
 def attach_lora(model: nnx.Module, name: str, lora: LoRAWeights, strength: float = 1.0) -> int:

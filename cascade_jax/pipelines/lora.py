@@ -17,6 +17,7 @@ from pathlib import Path
 
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.models.lora import LoRAWeights, attach_lora, check_strength, merged_model, shallow_copy
 from cascade_jax.models.lora_tokens import attach_token_rows, resolve_token_ids, token_embedding
 from cascade_jax.weights.lora_files import load_lora
@@ -62,6 +63,8 @@ def check_lora_files(specs) -> list[LoRASpec]:
     ``x:2`` when a file ``x:2`` exists is explained (write ``x:2:1``)."""
     specs = [parse_lora_spec(s) for s in specs]
     for spec in specs:
+        if storage.is_url(spec.path) and storage.isfile(spec.path):  # an object in a bucket
+            continue
         path = Path(spec.path)
         if path.is_file():
             continue

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 import jax
 
@@ -24,13 +23,16 @@ def parse_args(argv, stage: str):
                         "and the frozen models and tokenizer it trained with, for generate.py --weights (default: "
                         "output_path/experiment_id/export; refused before training if it holds anything but this "
                         "run's earlier export)")
+    parser.add_argument("--force-resume", action="store_true",
+                        help="resume a checkpoint trained with another model, task, batch or data (refused otherwise)")
     return parser.parse_args(argv)
 
 
 def main(argv, stage: str) -> int:
     from cascade_jax.training.interrupt import exit_status
 
-    return exit_status(lambda: _main(parse_args(argv, stage), stage))
+    args = parse_args(argv, stage)
+    return exit_status(lambda: reporting_errors(lambda: _main(args, stage)))
 
 
 def config_line(args) -> str:
@@ -42,29 +44,65 @@ def config_line(args) -> str:
     return f"config: {args.config} ({path}){overrides}"
 
 
+def reporting_errors(body) -> int:
+    """``body()``, with the trainer's own refusals and stops as one ``error:`` line (no traceback): exit 2 for a
+    config or run folder that cannot train, 1 for a run stopped on the way (NaN loss, full disk)."""
+    from cascade_jax.training.finite_guard import NonFiniteError
+    from cascade_jax.training.resume_check import ResumeError
+    from cascade_jax.training.run_lock import RunLockedError
+    from cascade_jax.training.storage_errors import DiskFullError
+    from cascade_jax.training.validation import ConfigError
+    from cascade_jax.weights.checkpoint import CheckpointError
+    from cascade_jax.weights.convert import ConversionError
+
+    try:
+        return body()
+    except (NonFiniteError, DiskFullError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ConfigError, ResumeError, RunLockedError, ConversionError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def load_checked(args, stage: str, *, exports: bool = True):
+    """The config (values checked at load) and the export folder; ``train`` checks the rest against the task
+    and the files before it reads data or builds a model."""
+    from cascade_jax.training import load_config
+    from cascade_jax.training.run_checks import check_export_folder
+    from cascade_jax.training.validation import ConfigError
+
+    try:
+        cfg = load_config(args.config, [f"stage={stage}", *args.overrides])
+    except (ValueError, TypeError) as err:  # the config file and overrides: each message names the key
+        raise ConfigError(str(err)) from None
+    if exports and not args.dry_run:  # a plan compiles from shapes: it writes nothing
+        check_export_folder(export_folder(args, cfg), cfg)
+    return cfg
+
+
+def export_folder(args, cfg) -> str:
+    return args.export or os.path.join(cfg.output_path, cfg.experiment_id, "export")
+
+
 def _main(args, stage: str) -> int:
     if args.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
-    from cascade_jax.training import export_run, load_config, train
+    from cascade_jax import storage
+    from cascade_jax.training import export_run, train
     from cascade_jax.training.console import say
-    from cascade_jax.training.export import check_export_folder
     from cascade_jax.training.plan import plan
 
-    cfg = load_config(args.config, [f"stage={stage}", *args.overrides])
+    cfg = load_checked(args, stage)
     if args.dry_run:
         print(json.dumps(plan(cfg), indent=1))
         return 0
     say(config_line(args))
-    out = args.export or os.path.join(cfg.output_path, cfg.experiment_id, "export")
-    try:  # before any compile: an export never overwrites a user's file
-        check_export_folder(out, cfg)
-    except (OSError, ValueError) as e:
-        print(f"error: --export: {e}", file=sys.stderr)
-        return 2
-    run = train(cfg, export_dir=out)
+    out = export_folder(args, cfg)
+    run = train(cfg, export_dir=out, force_resume=args.force_resume)
     if jax.process_index() == 0:
         exported = export_run(run, out)
-        report = {"export": str(Path(out).resolve()), **{k: [str(p) for p in v] for k, v in exported.items()}}
+        report = {"export": storage.absolute(out), **{k: [str(p) for p in v] for k, v in exported.items()}}
         if cfg.sample_every:  # the collages of training/samples.py
             report["samples"] = [os.path.join(cfg.output_path, cfg.experiment_id, "samples")]
         print(json.dumps(report, indent=1))

@@ -18,10 +18,13 @@ import difflib
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from cascade_jax.data.config import DataConfig
 from cascade_jax.data.config_values import coerce_dataclass_fields, coerce_mapping, list_fields
 from cascade_jax.models.config_yaml import load_yaml
 from cascade_jax.training.overrides import apply_overrides
+from cascade_jax.training.validation import ConfigError, check_values
 
 # Accepted for compatibility with the official files, and not used: they configure the official
 # trainer's infrastructure (Weights & Biases, torch FSDP), which a mesh and TensorBoard replace.
@@ -139,30 +142,7 @@ class TrainConfig:
             from cascade_jax.training.lcm_config import lcm_config
 
             lcm_config(self.lcm)  # refused by name at load, before any model is built
-        if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum_steps "
-                             f"{self.grad_accum_steps} (>= 1)")
-        if self.object_loss_weight < 1:
-            raise ValueError(f"object_loss_weight={self.object_loss_weight}: use 1 (plain MSE) or more")
-        if self.edge_loss_weight < 1:
-            raise ValueError(f"edge_loss_weight={self.edge_loss_weight}: use 1 (no outline weight) or more")
-        for name in ("object_loss_weight", "edge_loss_weight"):
-            if getattr(self, name) != 1 and self.cached_conditions:
-                raise ValueError(f"{name}={getattr(self, name)} needs the images, which cached_conditions batches "
-                                 f"do not carry: set {name}: 1 or cached_conditions: false")
-        if self.init not in ("checkpoint", "official", "scratch"):
-            raise ValueError(f"init={self.init!r}: use 'checkpoint', 'official' (from scratch as the official "
-                             "constructors initialise) or 'scratch' (every parameter random, for tests)")
-        if (self.ema_start_iters is None) != (self.ema_iters is None) or \
-                (self.ema_iters is not None and self.ema_beta is None):
-            raise ValueError("EMA needs all of ema_start_iters, ema_iters and ema_beta (or none of them)")
-        if self.sample_every is not None and (not isinstance(self.sample_every, int) or self.sample_every < 0):
-            raise ValueError(f"sample_every={self.sample_every!r}: use a number of updates >= 0 (0 or null: no samples)")
-        if not isinstance(self.sample_steps, int) or self.sample_steps < 1:
-            raise ValueError(f"sample_steps={self.sample_steps!r}: use a positive number of sampler steps")
-        if self.sample_prompts is not None and (not self.sample_prompts or
-                                                not all(isinstance(p, str) for p in self.sample_prompts)):
-            raise ValueError(f"sample_prompts={self.sample_prompts!r}: use a non-empty list of strings (or null)")
+        check_values(self)  # every value check lives there: one place, run before anything is built
 
     @property
     def micro_batch_size(self) -> int:
@@ -204,7 +184,10 @@ def config_from_dict(values: dict, where: str = "training config") -> TrainConfi
     if isinstance(mesh, dict):
         _check_keys(MeshConfig, mesh, f"{where}: mesh")
         mesh = MeshConfig(**mesh)
-    return TrainConfig(mesh=mesh, **values)
+    try:
+        return TrainConfig(mesh=mesh, **values)
+    except ValueError as err:  # a value read as its type (config_values) or checked (validation): name the file
+        raise ConfigError(f"{where}: {err}") from None
 
 
 # Keys whose repeated overrides join into one list (an unquoted brace range expanded by the shell).
@@ -219,10 +202,29 @@ def load_config(path_or_name, overrides=()) -> TrainConfig:
         if not path.is_file():
             names = sorted(p.stem for p in training_configs_dir().glob("*.yaml"))
             raise FileNotFoundError(f"training config {path_or_name!r} is neither a file nor one of {names}")
-    values = load_yaml(path.read_text()) or {}
+    values = read_yaml_file(path)
+    if values is None:
+        raise ValueError(f"{path} is empty: a training config names at least the model and the data; start from "
+                         f"one in {training_configs_dir()} (e.g. tiny_c.yaml, finetune_c_3b.yaml)")
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
     return config_from_dict(apply_overrides(values, overrides, LIST_KEYS), where=str(path))
+
+
+def read_yaml_file(path: Path):
+    """The parsed file, or a ValueError naming the file and the line and column of a syntax error
+    (PyYAML's own message points at "<unicode string>" when given the text)."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a text file ({err}); a training config is YAML") from None
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = " ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
+        raise ValueError(f"{where}: not valid YAML ({problem or err}); fix the file") from None
 
 
 def training_configs_dir() -> Path:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from pathlib import Path
 
 import jax
 from flax import nnx
+
+from cascade_jax import storage
 
 
 def say(*lines: str):
@@ -73,11 +74,11 @@ def mesh_line(mesh, batch_size: int) -> str:
 
 
 def folder_lines(cfg, checkpoint_dir, export_dir=None) -> list[str]:
-    run_dir = Path(cfg.output_path) / cfg.experiment_id
+    run_dir = storage.join(cfg.output_path, cfg.experiment_id)  # a folder or a bucket URL
     lines = [f"checkpoints: {checkpoint_dir} (every {cfg.save_every} updates, the last {cfg.keep_checkpoints} kept)"]
     if cfg.sample_every:
-        lines.append(f"samples: {run_dir / 'samples'} (every {cfg.sample_every} updates)")
-    lines.append(f"TensorBoard: tensorboard --logdir {run_dir / 'logs'}")
+        lines.append(f"samples: {storage.join(run_dir, 'samples')} (every {cfg.sample_every} updates)")
+    lines.append(f"TensorBoard: tensorboard --logdir {storage.join(run_dir, 'logs')}")
     if export_dir is not None:
         lines.append(f"export: {export_dir} (at the end)")
     return lines

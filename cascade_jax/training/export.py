@@ -24,9 +24,10 @@ dtype, exactly what ``convert/convert.py --export`` writes from the folder (``--
 gives the half-size file).
 
 Overwriting: an export replaces only an earlier export of the same run (same ``checkpoint_path /
-experiment_id`` and stage) that holds nothing else; any other existing folder must be empty.
-``check_export_folder`` says so before training (``train/*.py`` call it first). The folder is written
-aside and renamed into place: the old export or the new one, never a mix.
+experiment_id`` and stage) that holds nothing else; any other existing folder must be empty
+(``export_folder.check_export_folder``, which ``train/*.py`` call before training). A local folder is
+written aside and renamed into place: the old export or the new one, never a mix. A bucket URL gets a
+folder built locally and uploaded entry by entry, its record last (``export_folder.upload_export``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -41,10 +43,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.nn.params import named_variables
+from cascade_jax.training.task import RandomSource, work_dir
 from cascade_jax.weights import atomic, checkpoint
-from cascade_jax.weights.components import (EXPORT_MANIFEST, component_digest, copy_tokenizer, copy_tree,
-                                            read_export_manifest)
+from cascade_jax.training.export_folder import check_export_folder, run_identity, upload_export
+from cascade_jax.weights.components import EXPORT_MANIFEST, component_digest, copy_tokenizer, copy_tree
 from cascade_jax.weights.export import export_official
 
 MANIFEST_FORMAT = 1
@@ -58,13 +62,16 @@ def generator_arrays(graphdef, params, frozen) -> dict[str, np.ndarray]:
 
 def export_generator(out_dir, model_name: str, config: dict, arrays: dict, *, safetensors_dtype=None,
                      overwrite: bool = True, file=None) -> tuple[Path, Path]:
-    """Write ``out_dir`` (converted directory) and ``file`` (default ``out_dir.safetensors``: official names and
-    layouts, in the stored dtype unless ``safetensors_dtype`` says otherwise)."""
-    out_dir = Path(out_dir)
+    """Write ``out_dir`` (converted directory, a local path or a bucket URL) and ``file`` (default
+    ``out_dir.safetensors``: official names and layouts, in the stored dtype unless ``safetensors_dtype`` says
+    otherwise)."""
+    out_dir = out_dir if storage.is_url(out_dir) else Path(out_dir)
     meta = {"model": model_name, "config": config, "dtype": _dtype_of(arrays),
             "source": {"path": "cascade_jax training"}}
     checkpoint.save(out_dir, meta, arrays, overwrite=overwrite)
-    file = out_dir.with_suffix(".safetensors") if file is None else Path(file)
+    if file is None:
+        file = storage.with_suffix(out_dir, ".safetensors") if storage.is_url(out_dir) else \
+            out_dir.with_suffix(".safetensors")
     export_official(out_dir, file, dtype=safetensors_dtype)
     return out_dir, file
 
@@ -74,77 +81,45 @@ def _dtype_of(arrays: dict) -> str:
     return str(floats[0]) if floats else "float32"
 
 
-# ---- the folder: who may replace it -------------------------------------------------------------
-def run_identity(cfg) -> dict:
-    """What makes an export "this run's": the stage and the checkpoint folder it resumes from."""
-    return {"stage": cfg.stage, "checkpoints": str((Path(cfg.checkpoint_path) / cfg.experiment_id).resolve())}
-
-
-def check_export_folder(out_dir, cfg) -> Path:
-    """``out_dir`` resolved, or an error naming what would be overwritten, before any training.
-
-    Allowed: a new folder, an empty one, or an earlier export of this run holding nothing else."""
-    out = Path(out_dir).resolve()
-    existing = next(p for p in (out, *out.parents) if os.path.lexists(p))
-    if existing != out or out.is_symlink() or not out.is_dir():
-        if existing == out:
-            raise FileExistsError(f"export folder {out} exists and is not a folder; choose a new --export folder")
-        _check_writable(existing, out)
-        return out
-    _check_writable(out.parent, out)
-    entries = sorted(p.name for p in out.iterdir())
-    if not entries:
-        return out
-    manifest = read_export_manifest(out)
-    if manifest is None:
-        raise FileExistsError(f"export folder {out} already holds {_names(entries)}, which no export of this run "
-                              f"wrote; an export replaces its whole folder, so choose a new --export folder (e.g. "
-                              f"{out / cfg.experiment_id}) or move them away")
-    if manifest.get("run") != run_identity(cfg):
-        other = manifest.get("run") or {}
-        raise FileExistsError(f"export folder {out} holds the export of another run (stage {other.get('stage')!r}, "
-                              f"checkpoints {other.get('checkpoints')}); choose a new --export folder. Each trainer "
-                              "exports to its own folder; generate.py --weights C_EXPORT --weights B_EXPORT samples "
-                              "two exports together")
-    foreign = [e for e in entries if e not in {*manifest.get("entries", ()), EXPORT_MANIFEST}]
-    if foreign:
-        raise FileExistsError(f"export folder {out} holds {_names(foreign)} beside this run's earlier export; an "
-                              "export replaces its whole folder: move them away or choose a new --export folder")
-    if Path.cwd().resolve().is_relative_to(out):
-        raise FileExistsError(f"export folder {out} contains the working directory; refusing to replace it")
-    return out
-
-
-def _names(entries) -> str:
-    shown = ", ".join(entries[:6])
-    return shown + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
-
-
-def _check_writable(folder: Path, out: Path):
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write the export folder {out}: {folder} is not a writable folder; choose "
-                              "another --export folder")
-
-
 # ---- writing ----------------------------------------------------------------------------------------
 def export_run(run, out_dir) -> dict:
-    """Export ``run`` into ``out_dir`` (see the module docstring). Returns ``{"generator": (dir, file)}`` for
-    the last trained weights, and ``"generator_ema"`` too with an EMA."""
+    """Export ``run`` into ``out_dir`` (a local folder or a bucket URL; see the module docstring). Returns
+    ``{"generator": (dir, file)}`` for the last trained weights, and ``"generator_ema"`` too with an EMA."""
     out = check_export_folder(out_dir, run.cfg)
+    if storage.is_url(out):  # built in a local folder, then uploaded (a bucket has no rename)
+        staging = Path(tempfile.mkdtemp(prefix="export-", dir=_staging_root()))
+        try:
+            trained = _write_folder(run, staging)
+            upload_export(staging, out)
+        finally:
+            atomic.remove(staging)
+        return {key: (storage.join(out, folder), storage.join(out, file)) for key, (folder, file) in trained.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temps(out.parent, out.name)
     tmp = atomic.temp_path(out)
     try:
         with atomic.sigterm_as_exception():
             tmp.mkdir()
-            trained, components = _write_trained(run, tmp)
-            frozen, skipped = _write_frozen(run, tmp, exclude=set(components))
-            _write_manifest(run, tmp, {**components, **frozen}, skipped)
+            trained = _write_folder(run, tmp)
             atomic.publish_dir(tmp, out)
     finally:
         if os.path.lexists(tmp):
             atomic.remove(tmp)
     return {key: (out / folder, out / file) for key, (folder, file) in trained.items()}
+
+
+def _staging_root() -> Path:
+    root = storage.cache_root() / "exports"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _write_folder(run, folder: Path) -> dict:
+    """Everything an export holds, into the new local ``folder``; returns the trained entries."""
+    trained, components = _write_trained(run, folder)
+    frozen, skipped = _write_frozen(run, folder, exclude=set(components))
+    _write_manifest(run, folder, {**components, **frozen}, skipped)
+    return trained
 
 
 def _write_trained(run, folder: Path) -> tuple[dict, dict]:
@@ -197,7 +172,7 @@ def _frozen_sources(task, cfg) -> dict:
     if sources is not None:
         return sources
     try:  # cached_conditions: nothing was built; the config still says where the frozen models come from
-        return task.frozen_sources(cfg, Path(cfg.output_path))
+        return task.frozen_sources(cfg, work_dir(cfg))
     except (OSError, ValueError) as e:
         warnings.warn(f"the export holds only the trained model: its frozen models cannot be found ({e})")
         return {}
@@ -209,9 +184,9 @@ def _write_component(task, cfg, out_dir: Path, name: str, source, built, trained
         origin = "trained with the generator" if trained else "as trained (no file)"
         _save_module(built, _spec(task, cfg, name, source), out_dir, origin)
         return origin
-    if isinstance(source, Path):
-        copy_tree(source, out_dir)
-        return f"copy of {source.resolve()}"
+    if not isinstance(source, RandomSource):  # a converted directory, local or in a bucket
+        copy_tree(storage.local_copy(source), out_dir)
+        return f"copy of {storage.absolute(source)}"
     # A RandomSource: written as generated (float32), the same copy in every task's export; the built model
     # holds exactly that when the run computes in float32.
     model = built if built is not None and _all_float32(built) else source.model("float32")
@@ -232,13 +207,13 @@ def _merged(run):
 
 def _spec(task, cfg, name: str, source) -> tuple[str, dict]:
     """(model name, config) of a frozen model: from its source, else the task's (e.g. a random Stage C)."""
-    if isinstance(source, Path):
-        meta = checkpoint.read_meta(source)
-        return meta["model"], meta["config"]
-    if source is not None:
+    if isinstance(source, RandomSource):
         from cascade_jax.pipelines.loading import pipeline_set
 
         return pipeline_set(source.set_name)[source.component]
+    if source is not None:
+        meta = checkpoint.read_meta(source)
+        return meta["model"], meta["config"]
     return task.unsourced_spec(cfg, name)
 
 

@@ -14,6 +14,8 @@ from typing import Callable
 
 import jax
 
+from cascade_jax import storage
+
 # Dense bf16 peak FLOP/s per chip, for the MFU estimate (unknown devices: no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
               "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
@@ -50,7 +52,12 @@ class MetricsLogger:
         if self.main:
             from tensorboardX import SummaryWriter
 
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            if storage.is_url(log_dir):
+                from cascade_jax.storage.tensorboard import register_for
+
+                register_for(log_dir)  # event files in a bucket (rewritten whole per flush)
+            else:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(log_dir))
             if progress:
                 from tqdm import tqdm

@@ -168,12 +168,11 @@ def main(argv) -> int:
     """``train/train_c_lcm.py``: the trainer CLI; with ``lcm.student: lora`` also the LCM-LoRA file at every save
     and at the end, else the exported student (and its EMA, the target network) as weights folders."""
     import json
-
     import sys
 
     from cascade_jax.training import export_run, load_config, train
-    from cascade_jax.training.cli import parse_args
-    from cascade_jax.training.export import check_export_folder
+    from cascade_jax.training.cli import export_folder, parse_args
+    from cascade_jax.training.export_folder import check_export_folder
     from cascade_jax.training.hooks import Hook
 
     args = parse_args(argv, "c_lcm")
@@ -182,7 +181,7 @@ def main(argv) -> int:
     cfg = load_config(args.config, ["stage=c_lcm", *args.overrides])
     task = LCMTask()
     if lcm_config(cfg.lcm).student != "lora":
-        out = args.export or str(Path(cfg.output_path) / cfg.experiment_id / "export")
+        out = export_folder(args, cfg)
         try:  # before any compile: an export never overwrites a user's file
             check_export_folder(out, cfg)
         except (OSError, ValueError) as e:

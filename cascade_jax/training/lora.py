@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.models.lora import (DEFAULT_FILTERS, LayerFactors, LoRAParam, LoRAWeights, TokenDeltas, attach_lora,
                                      init_lora, lora_layers)
 from cascade_jax.models.lora_tokens import add_train_tokens, attach_token_rows, init_token_rows, token_deltas, \
@@ -111,13 +112,14 @@ class LoRATask(StageCTask):
 
         if jax.process_index() != 0:
             return None
-        folder = Path(cfg.output_path) / cfg.experiment_id / "lora"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = storage.join(cfg.output_path, cfg.experiment_id, "lora")  # a local folder or a bucket URL
+        if not storage.is_url(folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
         lora, model_config = self.lora_weights(params), {"model": "stage_c", "config": self.generator_config_used}
-        path = folder / f"lora_{step}.safetensors"
+        path = storage.join(folder, f"lora_{step}.safetensors")
         save_official(path, lora, model_config)
-        save_official(folder / "lora.safetensors", lora, model_config)
-        return path
+        save_official(storage.join(folder, "lora.safetensors"), lora, model_config)
+        return path if storage.is_url(path) else Path(path)
 
 
 register_task("c_lora", LoRATask)
@@ -133,22 +135,27 @@ def main(argv) -> int:
 def _main(argv) -> int:
     import json
 
-    from cascade_jax.training import load_config, train
-    from cascade_jax.training.cli import config_line, parse_args
+    from cascade_jax.training import train
+    from cascade_jax.training.cli import config_line, load_checked, parse_args, reporting_errors
     from cascade_jax.training.console import say
     from cascade_jax.training.hooks import Hook
     from cascade_jax.training.plan import plan
 
     args = parse_args(argv, "c_lora")
-    if args.distributed:
-        jax.distributed.initialize()
-    cfg = load_config(args.config, ["stage=c_lora", *args.overrides])
-    if args.dry_run:
-        print(json.dumps(plan(cfg), indent=1))
+
+    def run_lora() -> int:
+        if args.distributed:
+            jax.distributed.initialize()
+        cfg = load_checked(args, "c_lora", exports=False)  # the LoRA files are its output, not --export
+        if args.dry_run:
+            print(json.dumps(plan(cfg), indent=1))
+            return 0
+        say(config_line(args))
+        task = LoRATask()
+        hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, state.params, step))
+        run = train(cfg, task=task, hooks=[hook], force_resume=args.force_resume)
+        print(f"LoRA written to {task.write_lora(cfg, run.state.params, cfg.updates)}")
         return 0
-    say(config_line(args))
-    task = LoRATask()
-    hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, state.params, step))
-    run = train(cfg, task=task, hooks=[hook])
-    print(f"LoRA written to {task.write_lora(cfg, run.state.params, cfg.updates)}")
-    return 0
+
+    return reporting_errors(run_lora)
+

@@ -23,6 +23,7 @@ the data order and resume are untouched. The sampling program is compiled once p
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from cascade_jax import storage
 from cascade_jax.diffusion import sample_with_settings
 from cascade_jax.pipelines.cascade import DECODER_DEFAULTS, PRIOR_DEFAULTS
 from cascade_jax.pipelines.images import effnet_pixels
@@ -116,13 +118,20 @@ def collage(rows: list[np.ndarray], captions=None) -> np.ndarray:
     return np.asarray(picture)
 
 
-def write_png(path: Path, image: np.ndarray, metadata: dict) -> Path:
-    """Write ``image`` with ``metadata`` (PNG text chunks) atomically: a temp sibling renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale_temps(path.parent, path.name)
+def write_png(path, image: np.ndarray, metadata: dict):
+    """Write ``image`` with ``metadata`` (PNG text chunks) atomically: a temp sibling renamed into place
+    (for a URL: one object, published whole)."""
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    if storage.is_url(path):
+        encoded = io.BytesIO()
+        Image.fromarray(image).save(encoded, format="PNG", pnginfo=info)
+        storage.write_bytes(path, encoded.getvalue())
+        return path
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(path.parent, path.name)
     tmp = atomic.temp_path(path)
     try:
         with atomic.sigterm_as_exception():
@@ -200,7 +209,7 @@ class SampleCollage:
 
     def __init__(self, run, cfg: TrainConfig, data=None, log_image=None):
         self.run, self.cfg, self.kind = run, cfg, collage_kind(run, cfg)
-        self.folder = Path(cfg.output_path) / cfg.experiment_id / "samples"
+        self.folder = storage.join(cfg.output_path, cfg.experiment_id, "samples")
         self.log_image = log_image  # (tag, image, step): TensorBoard
         self.count = len(cfg.sample_prompts) if cfg.sample_prompts else SAMPLE_COUNT
         # Training keys are fold_in(key(seed), step): this split is never one of them.
@@ -292,7 +301,7 @@ class SampleCollage:
                 "sampler_steps": self.cfg.sample_steps,
                 "layout": "generated" if self.kind == "c" else "originals above reconstructions"}
         image = collage(rows, self.captions)
-        path = write_png(self.folder / f"step_{step:08d}.png", image, meta)
+        path = write_png(storage.join(self.folder, f"step_{step:08d}.png"), image, meta)
         if self.log_image is not None:
             self.log_image("samples", image, step)
         say(f"sample collage of update {step}: {path}")

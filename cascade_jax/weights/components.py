@@ -23,6 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
+from cascade_jax import storage
 from cascade_jax.data.clip_tokenizer import TOKENIZER_FILES
 from cascade_jax.weights.cache import source_key
 from cascade_jax.weights.checkpoint import META_FILE, read_meta
@@ -33,12 +34,13 @@ EXPORT_MANIFEST = "cascade_export.json"
 
 
 def read_export_manifest(folder) -> dict | None:
-    """The export record of ``folder`` (None if it has none); a damaged one is an error naming the file."""
-    path = Path(folder) / EXPORT_MANIFEST
-    if not path.is_file():
+    """The export record of ``folder`` (a local path or a bucket URL; None if it has none); a damaged one is an
+    error naming the file."""
+    path = storage.join(folder, EXPORT_MANIFEST)
+    if not storage.isfile(path):
         return None
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not readable JSON ({e}); it records a trainer's export: export again") from None
     if not isinstance(manifest, dict):
