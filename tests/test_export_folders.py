@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from training_testing import toy_config
+from training_testing import quick_encoders, toy_config
 
 from cascade_jax.models.random_init import random_model
 from cascade_jax.nn.params import named_variables
@@ -141,7 +141,8 @@ def test_an_lcm_students_export_names_its_teacher_but_leaves_it_out(tmp_path):
     import cascade_jax.training.lcm  # noqa: F401  (registers stage c_lcm)
 
     cfg = load_config("tiny_c", [f"checkpoint_path={tmp_path / 'ck'}", f"output_path={tmp_path / 'out'}",
-                                 "stage=c_lcm", "dropout=false", "lcm={student: full}"])
+                                 "stage=c_lcm", "dropout=false", "lcm={student: full}",
+                                 f"encoders={quick_encoders(tmp_path)}"])
     exported = export_run(build_run(cfg, mesh=make_mesh(devices=jax.devices()[:1])), tmp_path / "export")
     assert exported["generator"][0] == (tmp_path / "export" / "stage_c").resolve()
     manifest = read_export_manifest(tmp_path / "export")
