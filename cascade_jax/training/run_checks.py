@@ -9,6 +9,7 @@ at most an abstract model (about a second for the 3.6B Stage C), never a compile
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cascade_jax.training.config import TrainConfig
@@ -164,3 +165,15 @@ def check_export_folder(out_dir) -> None:
                                 "or move this one away")
         except (FileExistsError, PermissionError) as err:
             raise ConfigError(f"cannot export to {out_dir} at the end of training: {err}") from None
+        _check_export_file(Path(out_dir), name)
+
+
+def _check_export_file(out_dir: Path, name: str) -> None:
+    """``name.safetensors`` beside the folder is replaced too: only when that folder is an earlier export
+    (the two are written together), never a user's own file of that name."""
+    from cascade_jax.weights.checkpoint import META_FILE
+
+    file = out_dir / f"{name}.safetensors"
+    if os.path.lexists(file) and not (out_dir / name / META_FILE).is_file():
+        raise ConfigError(f"cannot export to {out_dir} at the end of training: {file} exists and no export wrote "
+                          f"it (an export writes it beside {name}/); pass another --export folder or move it away")
