@@ -145,6 +145,19 @@ def test_cli_refusals_are_one_line_and_exit_2(tmp_path, capsys):
     assert (export / "generator").read_text() == "my notes" and not (tmp_path / "ckpt").exists()
 
 
+def test_a_users_safetensors_file_in_the_export_folder_is_refused(tmp_path, capsys):
+    # An export replaces its whole folder: a folder holding anything no export of this run wrote is refused.
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "generator.safetensors").write_bytes(b"user weights")
+    args = ["tiny_c", f"checkpoint_path={tmp_path}/ckpt", f"output_path={tmp_path}/out", "--export", str(export)]
+    assert train_main(args, "c") == 2
+    err = capsys.readouterr().err
+    assert f"{export} already holds generator.safetensors, which no export of this run wrote" in err
+    assert "Traceback" not in err
+    assert (export / "generator.safetensors").read_bytes() == b"user weights" and not (tmp_path / "ckpt").exists()
+
+
 # ---- on the way: NaN, a second trainer, resume, a full disk ----------------------------------------------
 
 class NaNAfter(ToyData):
