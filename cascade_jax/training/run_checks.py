@@ -153,7 +153,7 @@ def _ranges(indices: list[int]) -> str:
 
 def check_export_folder(out_dir, cfg: TrainConfig) -> None:
     """The folder the end of training exports to may be written (checked at load, not after training): new,
-    empty, or this run's earlier export holding nothing else (``cascade_jax.training.export``)."""
+    empty, or this run's earlier export holding nothing else (``cascade_jax.training.export_folder``)."""
     from cascade_jax.storage import StorageError
     from cascade_jax.training import export_folder
 
