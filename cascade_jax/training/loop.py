@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cascade_jax.compile_report import xla_cost
 from cascade_jax.sharding import make_mesh
 from cascade_jax.training import placement
 from cascade_jax.training.checkpointing import TrainCheckpointer
@@ -55,9 +56,7 @@ class Run:
 
     def step_flops(self) -> float | None:
         for compiled in self.compiled.values():
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            return float(cost.get("flops", 0.0)) or None
+            return xla_cost(compiled)["flops"]
         return None
 
 

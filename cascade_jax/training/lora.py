@@ -124,20 +124,16 @@ register_task("c_lora", LoRATask)
 
 def main(argv) -> int:
     """``train/train_c_lora.py``: the trainer CLI, plus the LoRA file at every save and at the end."""
-    import json
-
     from cascade_jax.training import load_config, train
-    from cascade_jax.training.cli import parse_args
+    from cascade_jax.training.cli import parse_args, run_plan
     from cascade_jax.training.hooks import Hook
-    from cascade_jax.training.plan import plan
 
     args = parse_args(argv, "c_lora")
     if args.distributed:
         jax.distributed.initialize()
     cfg = load_config(args.config, ["stage=c_lora", *args.overrides])
-    if args.dry_run:
-        print(json.dumps(plan(cfg), indent=1))
-        return 0
+    if args.plan is not None:
+        return run_plan(cfg, args)
     task = LoRATask()
     hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, state.params, step))
     run = train(cfg, task=task, hooks=[hook])

@@ -34,7 +34,7 @@ from flax import nnx
 
 from cascade_jax.diffusion import adaptive_loss_weight_init
 from cascade_jax.models.random_init import random_model
-from cascade_jax.models.registry import load_config
+from cascade_jax.models.registry import abstract_model, load_config
 from cascade_jax.nn.params import official_key
 from cascade_jax.training.config import TrainConfig
 
@@ -130,6 +130,20 @@ class Task:
     def adapt_abstract(self, modules: TrainModules, cfg: TrainConfig) -> TrainModules:
         """For the dry run: add to the abstract models what ``build`` adds beyond them (LoRA adapters)."""
         return modules
+
+    def abstract_modules(self, cfg: TrainConfig) -> TrainModules:
+        """What ``build`` makes, as shapes only (no weights): for planning (``training/plan.py``)."""
+        generator = abstract_model(self.generator_model, self.generator_config(cfg))
+        if cfg.remat:
+            generator.set_remat(cfg.remat)
+        if cfg.dropout:
+            generator.train()
+        frozen = {name: abstract_model(*spec) for name, spec in self.frozen_specs(cfg).items()}
+        return self.adapt_abstract(TrainModules(generator=generator, **frozen), cfg)
+
+    def plan_batch(self, cfg: TrainConfig) -> dict:
+        """name -> (global shape, dtype) of a batch of ``image_size`` squares as ``host_batch`` makes it (planning)."""
+        return {"images": ((cfg.batch_size, cfg.image_size, cfg.image_size, 3), np.uint8)}
 
     def build_frozen(self, cfg: TrainConfig, work_dir: Path) -> dict:
         models = {}
