@@ -136,6 +136,8 @@ class Task:
         generator = abstract_model(self.generator_model, self.generator_config(cfg))
         if cfg.remat:
             generator.set_remat(cfg.remat)
+        if cfg.scan_blocks:
+            generator.set_scan_blocks(True)
         if cfg.dropout:
             generator.train()
         frozen = {name: abstract_model(*spec) for name, spec in self.frozen_specs(cfg).items()}
@@ -204,6 +206,8 @@ class Task:
                                  cfg.param_dtype)
         if cfg.remat:
             model.set_remat(cfg.remat)
+        if cfg.scan_blocks:
+            model.set_scan_blocks(True)
         if cfg.dropout:
             model.train()
         return model
