@@ -29,7 +29,8 @@ from flax import nnx
 
 from cascade_jax.nn.blocks import AttnBlock, FeedForwardBlock, ResBlock, TimestepBlock, clip_norm, r_embedding
 from cascade_jax.nn.functional import resize_bilinear_align_corners
-from cascade_jax.models.unet_scan import runs, scan_units, unit_period
+from cascade_jax.models.unet_scan import runs, scan_stacked, scan_units, unit_period
+from cascade_jax.models.unet_stack import StackedUnits
 from cascade_jax.nn.layers import Conv2d, Identity, LayerNorm2d, PixelShuffle, PixelUnshuffle, Sequential
 
 
@@ -179,6 +180,17 @@ class CascadeUNet(nnx.Module):
     def _level_pass(self, blocks: list, x, r_embed, clip, residuals: Iterator | None, run, skip=None):
         """One pass over a level's blocks (``skip`` goes to the first); with ``scan_blocks``, runs of
         identical units as scans (``unet_scan``)."""
+        apply = lambda b, h, index: run.apply(b, h, r_embed, clip, None, index)  # noqa: E731
+        if any(isinstance(b, StackedUnits) for b in blocks):  # unet_stack.stack_units: stacked parameters
+            for k, element in enumerate(blocks):
+                if not isinstance(element, StackedUnits):
+                    x = _visit(element, x, r_embed, clip, residuals, run, skip if k == 0 else None)
+                    continue
+                splits = [nnx.split(b) for b in element.blocks]
+                x = scan_stacked([g for g, _ in splits], [s for _, s in splits], element.count,
+                                 [isinstance(b, ResBlock) for b in element.blocks], x, residuals, run, apply,
+                                 _add_control)
+            return x
         if not self.scan_blocks:
             for k, block in enumerate(blocks):
                 x = _visit(block, x, r_embed, clip, residuals, run, skip if k == 0 else None)
@@ -191,8 +203,7 @@ class CascadeUNet(nnx.Module):
                     x = _visit(block, x, r_embed, clip, residuals, run, skip if first == k == 0 else None)
                 continue
             units = [part[u * period:(u + 1) * period] for u in range(count)]
-            x = scan_units(units, x, residuals, run, lambda b, h, index: run.apply(b, h, r_embed, clip, None, index),
-                           _add_control, lambda b: isinstance(b, ResBlock))
+            x = scan_units(units, x, residuals, run, apply, _add_control, lambda b: isinstance(b, ResBlock))
         return x
 
 

@@ -74,11 +74,18 @@ def scan_units(units: Sequence[Sequence[nnx.Module]], x, residuals: Iterator | N
 
     ``run`` is the forward's block runner (its visiting counter and dropout key advance as if unrolled);
     ``apply_block(block, x, index)`` runs one block at visiting index ``index`` (a traced int32)."""
-    period, count = len(units[0]), len(units)
     graphdefs = [nnx.split(block)[0] for block in units[0]]
     stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(unit[j])[1] for unit in units])
-               for j in range(period)]
-    is_res = [is_resblock(block) for block in units[0]]
+               for j in range(len(units[0]))]
+    return scan_stacked(graphdefs, stacked, len(units), [is_resblock(b) for b in units[0]], x, residuals, run,
+                        apply_block, add_control)
+
+
+def scan_stacked(graphdefs: list, stacked: list, count: int, is_res: list[bool], x, residuals: Iterator | None,
+                 run, apply_block: Callable, add_control: Callable):
+    """The scan of :func:`scan_units` over states already stacked (one per unit position, leading axis
+    ``count``; ``unet_stack.StackedUnits``)."""
+    period = len(graphdefs)
     control = _stacked_residuals(residuals, is_res, count, x, add_control)
     first = run.advance(count * period)
     indices = first + jnp.arange(count * period, dtype=jnp.int32).reshape(count, period)

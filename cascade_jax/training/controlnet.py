@@ -109,7 +109,6 @@ class ControlNetTask(StageCTask):
         stage_c = abstract_model("stage_c", self.generator_config(cfg))
         if cfg.remat:
             stage_c.set_remat(cfg.remat)
-        stage_c.set_scan_blocks(cfg.scan_blocks)
         self.control = control_of(cfg)
         self.controlnet_config = controlnet_config(cfg, stage_c)
         frozen = {name: abstract_model(*spec) for name, spec in self.frozen_specs(cfg).items()}
@@ -134,7 +133,6 @@ class ControlNetTask(StageCTask):
         model.eval()  # no dropout: Stage C is a fixed function here
         if cfg.remat:  # the gradient to the ControlNet still runs backwards through Stage C
             model.set_remat(cfg.remat)
-        model.set_scan_blocks(cfg.scan_blocks)
         return model
 
     def export_model(self, modules) -> tuple[str, dict]:

@@ -26,7 +26,7 @@ from cascade_jax.training.hooks import Hook, MetricsLogger, peak_flops_per_devic
 from cascade_jax.training.optimizer import make_optimizer
 from cascade_jax.training.state import TrainState, init_state
 from cascade_jax.training.step import cast_floats, jit_train_step
-from cascade_jax.training.task import Task, get_task
+from cascade_jax.training.task import Task, get_task, stack_for_scan
 
 
 @dataclasses.dataclass
@@ -63,7 +63,7 @@ class Run:
 def build_run(cfg: TrainConfig, task: Task | None = None, mesh=None) -> Run:
     task = task or get_task(cfg.stage)
     mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    modules = task.build(cfg)
+    modules = stack_for_scan(task, task.build(cfg), cfg)
     graphdef, params, frozen = nnx.split(modules, task.trainable(cfg), ...)
     if not jax.tree.leaves(params):
         raise ValueError(f"the {type(task).__name__} filter selects no trainable parameters (train_filter="

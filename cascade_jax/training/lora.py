@@ -29,6 +29,7 @@ from cascade_jax.models.lora import (DEFAULT_FILTERS, LayerFactors, LoRAParam, L
                                      init_lora, lora_layers)
 from cascade_jax.models.lora_tokens import add_train_tokens, attach_token_rows, init_token_rows, token_deltas, \
     token_embedding
+from cascade_jax.models.unet_stack import unstack_flat
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.stage_c import StageCTask, encode_text
 from cascade_jax.training.task import TrainModules, register_task
@@ -90,6 +91,8 @@ class LoRATask(StageCTask):
     def lora_weights(self, params) -> LoRAWeights:
         """The LoRA held by the trainable ``params`` (an ``nnx.State`` of LoRAParam, host or device)."""
         values = {path: np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(params)}
+        if getattr(self, "stack_layouts", {}).get("generator"):  # scan_blocks: per-block paths again
+            values = unstack_flat(values, self.stack_layouts["generator"], prefix=("generator",))
         layers = {}
         for key, alpha in self.alphas.items():
             path = ("generator", *_path_of(key), "adapters", NAME)

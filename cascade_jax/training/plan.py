@@ -24,7 +24,7 @@ from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.optimizer import make_optimizer
 from cascade_jax.training.state import init_state
 from cascade_jax.training.step import jit_train_step
-from cascade_jax.training.task import get_task
+from cascade_jax.training.task import get_task, stack_for_scan
 
 DEFAULT_MARGIN = 0.10  # share of a chip's HBM kept free: the runtime's own reservation, fragmentation
 
@@ -48,7 +48,7 @@ def traced_step(cfg: TrainConfig, mesh, batch_specs: dict | None = None):
     """(the jitted step traced on abstract, sharded inputs; trainable parameter count)."""
     task = get_task(cfg.stage)
     task.initial_loss_state(cfg)  # a clear error for a task without noise levels before anything is built
-    modules = task.abstract_modules(cfg)
+    modules = stack_for_scan(task, task.abstract_modules(cfg), cfg)
     batch_specs = batch_specs or task.plan_batch(cfg)
     graphdef, params, frozen = nnx.split(modules, task.trainable(cfg), ...)
     if not jax.tree.leaves(params):

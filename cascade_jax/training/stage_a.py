@@ -93,10 +93,9 @@ class ReconstructionTask(Task):
 
     def check_options(self, cfg: TrainConfig):
         """Clear errors for options these generators lack, before anything is built."""
-        for key in ("remat", "scan_blocks"):
-            if getattr(cfg, key):
-                raise ValueError(f"{key}={getattr(cfg, key)!r}: the {self.generator_model} generator has no {key} "
-                                 "option; leave it unset")
+        if cfg.remat:
+            raise ValueError(f"remat={cfg.remat!r}: the {self.generator_model} generator has no remat option; "
+                             "leave it unset")
         self.initial_loss_state(cfg)  # refuses adaptive_loss_weight
 
     def host_batch(self, cfg: TrainConfig, batch: dict, rng: np.random.Generator) -> dict:

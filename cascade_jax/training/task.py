@@ -34,6 +34,8 @@ from flax import nnx
 
 from cascade_jax.diffusion import adaptive_loss_weight_init
 from cascade_jax.models.random_init import random_model
+from cascade_jax.models.unet import CascadeUNet
+from cascade_jax.models.unet_stack import stack_units
 from cascade_jax.models.registry import abstract_model, load_config
 from cascade_jax.nn.params import official_key
 from cascade_jax.training.config import TrainConfig
@@ -136,8 +138,6 @@ class Task:
         generator = abstract_model(self.generator_model, self.generator_config(cfg))
         if cfg.remat:
             generator.set_remat(cfg.remat)
-        if cfg.scan_blocks:
-            generator.set_scan_blocks(True)
         if cfg.dropout:
             generator.train()
         frozen = {name: abstract_model(*spec) for name, spec in self.frozen_specs(cfg).items()}
@@ -206,11 +206,27 @@ class Task:
                                  cfg.param_dtype)
         if cfg.remat:
             model.set_remat(cfg.remat)
-        if cfg.scan_blocks:
-            model.set_scan_blocks(True)
         if cfg.dropout:
             model.train()
         return model
+
+
+def stack_for_scan(task: Task, modules: TrainModules, cfg: TrainConfig) -> TrainModules:
+    """With ``scan_blocks``: every U-Net of the task (the trained one, a ControlNet's frozen Stage C) keeps its
+    repeated units stacked (``models/unet_stack.py``), in place; ``task.stack_layouts[attribute]`` says how,
+    for what reads parameters by path (the LoRA writer). Exports unstack (``training/export.py``)."""
+    task.stack_layouts = {}
+    if not cfg.scan_blocks:
+        return modules
+    if cfg.train_filter:
+        raise ValueError(f"train_filter={list(cfg.train_filter)} selects blocks by official name, which scan_blocks "
+                         "stacks into one array per run of identical blocks: use one of them, not both")
+    unets = {name: getattr(modules, name) for name in modules.names if isinstance(getattr(modules, name), CascadeUNet)}
+    if not unets:
+        raise ValueError(f"scan_blocks applies to the Stage B / C U-Nets; stage {cfg.stage!r} has none: leave it unset")
+    for name, unet in unets.items():
+        task.stack_layouts[name] = stack_units(unet)
+    return modules
 
 
 def load_weights(model_name: str, config, path, work_dir: Path, dtype: str):
