@@ -83,6 +83,7 @@ class CascadeUNet(nnx.Module):
 
     remat = None
     scan_blocks = False
+    unroll_stacked = False  # run stacked units (unet_stack) as straight-line code: planning's estimate only
 
     def set_remat(self, remat):
         """Recompute each block in the backward pass (see :func:`remat_policy` for the values)."""
@@ -189,7 +190,7 @@ class CascadeUNet(nnx.Module):
                 splits = [nnx.split(b) for b in element.blocks]
                 x = scan_stacked([g for g, _ in splits], [s for _, s in splits], element.count,
                                  [isinstance(b, ResBlock) for b in element.blocks], x, residuals, run, apply,
-                                 _add_control)
+                                 _add_control, unroll=self.unroll_stacked)
             return x
         if not self.scan_blocks:
             for k, block in enumerate(blocks):

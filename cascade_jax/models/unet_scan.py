@@ -82,9 +82,10 @@ def scan_units(units: Sequence[Sequence[nnx.Module]], x, residuals: Iterator | N
 
 
 def scan_stacked(graphdefs: list, stacked: list, count: int, is_res: list[bool], x, residuals: Iterator | None,
-                 run, apply_block: Callable, add_control: Callable):
+                 run, apply_block: Callable, add_control: Callable, unroll: bool = False):
     """The scan of :func:`scan_units` over states already stacked (one per unit position, leading axis
-    ``count``; ``unet_stack.StackedUnits``)."""
+    ``count``; ``unet_stack.StackedUnits``); ``unroll``: as straight-line code (no loop; planning's
+    time estimate, ``training/plan_estimate.py``)."""
     period = len(graphdefs)
     control = _stacked_residuals(residuals, is_res, count, x, add_control)
     first = run.advance(count * period)
@@ -98,5 +99,5 @@ def scan_stacked(graphdefs: list, stacked: list, count: int, is_res: list[bool],
             x = apply_block(nnx.merge(graphdefs[j], states[j]), x, index[j])
         return x, None
 
-    x, _ = jax.lax.scan(body, x, (stacked, control, indices))
+    x, _ = jax.lax.scan(body, x, (stacked, control, indices), unroll=unroll)
     return x

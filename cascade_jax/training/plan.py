@@ -24,7 +24,7 @@ from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.optimizer import make_optimizer
 from cascade_jax.training.state import init_state
 from cascade_jax.training.step import jit_train_step
-from cascade_jax.training.task import get_task, stack_for_scan
+from cascade_jax.training.task import get_task, stack_for_scan, unroll_stacked
 
 DEFAULT_MARGIN = 0.10  # share of a chip's HBM kept free: the runtime's own reservation, fragmentation
 
@@ -44,11 +44,14 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def traced_step(cfg: TrainConfig, mesh, batch_specs: dict | None = None):
-    """(the jitted step traced on abstract, sharded inputs; trainable parameter count)."""
+def traced_step(cfg: TrainConfig, mesh, batch_specs: dict | None = None, *, unrolled: bool = False):
+    """(the jitted step traced on abstract, sharded inputs; trainable parameter count). ``unrolled``: stacked
+    units (``scan_blocks``) as straight-line code, for XLA's time estimate."""
     task = get_task(cfg.stage)
     task.initial_loss_state(cfg)  # a clear error for a task without noise levels before anything is built
     modules = stack_for_scan(task, task.abstract_modules(cfg), cfg)
+    if unrolled:
+        unroll_stacked(modules)
     batch_specs = batch_specs or task.plan_batch(cfg)
     graphdef, params, frozen = nnx.split(modules, task.trainable(cfg), ...)
     if not jax.tree.leaves(params):
@@ -85,11 +88,17 @@ def plan(cfg: TrainConfig, target: Target | str | None = None, *, batch_specs: d
     traced, trainable = traced_step(cfg, mesh, batch_specs)
     compiled = traced.lower().compile()
     compile_s = time.perf_counter() - start
-    model_flops = compile_report.jaxpr_flops(traced.jaxpr)
+    hardware_flops = model_flops = compile_report.jaxpr_flops(traced.jaxpr)
     if cfg.remat and with_model_flops:
         model_flops = model_step_flops(cfg, mesh, batch_specs)
+    estimate = None
+    if cfg.scan_blocks and target is not None and target.platform == "tpu" and with_model_flops:
+        from cascade_jax.training.plan_estimate import depth_extrapolated_seconds
+
+        estimate = depth_extrapolated_seconds(traced_step, cfg, get_task(cfg.stage), mesh, batch_specs,
+                                              hardware_flops)
     return step_report(compiled, mesh, target, compile_s=compile_s, trainable_params=trainable,
-                       model_flops=model_flops, images_per_step=cfg.batch_size, margin=margin)
+                       model_flops=model_flops, images_per_step=cfg.batch_size, margin=margin, estimate=estimate)
 
 
 def model_step_flops(cfg: TrainConfig, mesh, batch_specs: dict | None = None) -> float:
@@ -102,8 +111,9 @@ def model_step_flops(cfg: TrainConfig, mesh, batch_specs: dict | None = None) ->
 
 
 def step_report(compiled, mesh, target: Target | None, *, compile_s: float, trainable_params: int,
-                model_flops: float, images_per_step: int, margin: float) -> dict:
-    """The plan's numbers; per device unless named otherwise."""
+                model_flops: float, images_per_step: int, margin: float, estimate: dict | None = None) -> dict:
+    """The plan's numbers; per device unless named otherwise. ``estimate``: a step-time estimate from
+    ``plan_estimate`` for a step with loops (``estimated_step_s`` and how it was made)."""
     devices = int(mesh.devices.size)
     kind = target.device_kind if target is not None else mesh.devices.flat[0].device_kind
     memory = compile_report.xla_memory(compiled) or {}
@@ -115,7 +125,7 @@ def step_report(compiled, mesh, target: Target | None, *, compile_s: float, trai
            **{f"{k}_gib_per_device": v for k, v in memory.items()}}
     out.update(fit_fields(out.get("peak_gib_per_device"), hbm, margin))
     out.update(speed_fields(cost, model_flops / devices, target.peak_flops if target is not None else None,
-                            images_per_step))
+                            images_per_step, estimate))
     out.update(compile_s=round(compile_s, 1), host_peak_rss_gib=round(compile_report.host_peak_rss_gib(), 2))
     return out
 
@@ -129,13 +139,20 @@ def fit_fields(peak_gib: float | None, hbm_gib: float | None, margin: float) -> 
             "headroom_gib_per_device": round(usable - peak_gib, 2)}
 
 
-def speed_fields(cost: dict, model_flops_per_device: float, peak_flops: float | None, images_per_step: int) -> dict:
+def speed_fields(cost: dict, model_flops_per_device: float, peak_flops: float | None, images_per_step: int,
+                 estimate: dict | None = None) -> dict:
     """FLOPs and the compiler's time estimate; MFU = model FLOPs (no remat recompute) / (estimate x peak)."""
-    seconds = cost["optimal_seconds"]
+    seconds, source = cost["optimal_seconds"], "TPU compiler cost model (optimal_seconds), not a measurement"
+    if seconds is None and estimate is not None and estimate["estimated_step_s"]:
+        seconds = estimate["estimated_step_s"]
+        source = ("TPU compiler cost model of the step at 1 and 2 units per level (loop-free), extrapolated to "
+                  "the full depth by FLOPs (training/plan_estimate.py); not a measurement")
+    elif seconds is None:
+        source = "none: XLA gives no time estimate for this backend or for a program with loops"
     out = {"flops_per_step_per_device": model_flops_per_device, "xla_flops_per_step_per_device": cost["flops"],
-           "optimal_seconds": seconds, "estimated_step_s": seconds,
-           "estimate_source": "TPU compiler cost model (optimal_seconds), not a measurement" if seconds else
-           "none: XLA gives no time estimate for this backend or for a program with loops"}
+           "optimal_seconds": cost["optimal_seconds"], "estimated_step_s": seconds, "estimate_source": source}
+    if estimate is not None:
+        out["estimate_points"] = estimate["estimate_points"]
     out["estimated_mfu"] = model_flops_per_device / (seconds * peak_flops) if seconds and peak_flops else None
     out["images_per_s_estimate"] = images_per_step / seconds if seconds else None
     return out

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from cascade_jax.diffusion import adaptive_loss_weight_init
+from cascade_jax.models.clip import CLIPEncoder
 from cascade_jax.models.random_init import random_model
 from cascade_jax.models.unet import CascadeUNet
 from cascade_jax.models.unet_stack import stack_units
@@ -211,6 +212,15 @@ class Task:
         return model
 
 
+def unroll_stacked(modules: TrainModules):
+    """Stacked units and layers run as straight-line code (no loops): the same program as scanned for XLA's
+    cost model, which has no estimate for a loop (``training/plan_estimate.py``)."""
+    for _, node in nnx.iter_graph(modules):
+        if isinstance(node, (CascadeUNet, CLIPEncoder)):
+            node.unroll_stacked = True
+    return modules
+
+
 def stack_for_scan(task: Task, modules: TrainModules, cfg: TrainConfig) -> TrainModules:
     """With ``scan_blocks``: every U-Net of the task (the trained one, a ControlNet's frozen Stage C) keeps its
     repeated units stacked (``models/unet_stack.py``), in place; ``task.stack_layouts[attribute]`` says how,
@@ -226,6 +236,11 @@ def stack_for_scan(task: Task, modules: TrainModules, cfg: TrainConfig) -> Train
         raise ValueError(f"scan_blocks applies to the Stage B / C U-Nets; stage {cfg.stage!r} has none: leave it unset")
     for name, unet in unets.items():
         task.stack_layouts[name] = stack_units(unet)
+    # The frozen CLIP encoders' layers too (nothing reads their parameters by key).
+    encoders = [node for name in modules.names if name != "generator"
+                for _, node in nnx.iter_graph(getattr(modules, name)) if isinstance(node, CLIPEncoder)]
+    for encoder in encoders:
+        encoder.stack_layers()
     return modules
 
 
