@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -34,8 +35,9 @@ def tree_rss(proc: psutil.Process) -> int:
 
 def run_bounded(command: list[str], limit_gib: float, *, timeout_s: float | None = None, interval: float = 0.25,
                 **popen_kwargs) -> dict:
-    """Run ``command``; returns rc, wall_s, peak_rss_gib, and killed ("rss" | "timeout" | None)."""
-    start = time.perf_counter()
+    """Run ``command``; returns rc, wall_s, cpu_s (its processes' CPU time), peak_rss_gib, and killed
+    ("rss" | "timeout" | None)."""
+    start, cpu_before = time.perf_counter(), _children_cpu_s()
     child = subprocess.Popen(command, start_new_session=True, **popen_kwargs)
     proc, peak, killed = psutil.Process(child.pid), 0, None
     while child.poll() is None:
@@ -50,8 +52,17 @@ def run_bounded(command: list[str], limit_gib: float, *, timeout_s: float | None
             child.wait()
             break
         time.sleep(interval)
+    if child.returncode is None:
+        child.wait()
     return {"rc": child.returncode, "wall_s": round(time.perf_counter() - start, 1),
-            "peak_rss_gib": round(peak / GIB, 2), "limit_gib": limit_gib, "killed": killed}
+            "cpu_s": round(_children_cpu_s() - cpu_before, 1), "peak_rss_gib": round(peak / GIB, 2),
+            "limit_gib": limit_gib, "killed": killed}
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of the waited-for children so far (what a loaded machine does not inflate)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv=None) -> int:
