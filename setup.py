@@ -25,9 +25,9 @@ setup(
     packages=find_packages(include=["cascade_jax", "cascade_jax.*"]) + CONFIG_PACKAGES,
     package_dir={"cascade_jax.configs": "configs"},
     # The embedded demo cascade (cascade_jax/demo/weights: converted directories and the tokenizer, ~16 MB)
-    # ships in the wheel, so `--weights demo` works from any installation.
+    # ships in the wheel, so `--weights demo` works from any installation; so does demo-lcm (cascade_jax/demo/lcm).
     package_data={**{name: ["*.yaml", "*.yml", "*.json"] for name in CONFIG_PACKAGES},
-                  "cascade_jax.demo": ["weights/**/*"]},
+                  "cascade_jax.demo": ["weights/**/*", "lcm/*"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",
@@ -59,6 +59,8 @@ setup(
             "tensorflow-datasets>=4.9.10",
             "tensorboardX>=2.6",
             "tqdm",
+            # The object-storage tests (the `cloud` extra, and real S3 / GCS APIs served on loopback).
+            "fsspec", "gcsfs", "s3fs", "moto[server]>=5", "gcp-storage-emulator",
             # The app tests (same as the `app` extra); playwright drives Debian's chromium, no browser download.
             "gradio>=6.31,<7", "gradio_client>=2.7,<3", "playwright>=1.65,<2",
             # The planning tests compile for a v5e-4 topology (same as the `tpu` extra).
@@ -82,6 +84,8 @@ setup(
         ],
         # --plan TOPOLOGY: libtpu compiles for TPU slices on any machine (no TPU needed); runtime never needs it.
         "tpu": [jax_tpu()],
+        # Paths that are gs://, s3:// or other fsspec URLs (cascade_jax/storage); local paths need none of it.
+        "cloud": ["fsspec", "gcsfs", "s3fs"],
         # ControlNet hint filters: the canny hint calls cv2.Canny as the official filter does.
         # scipy: the inpainting masks' Gaussian blur (cascade_jax/data/hints/resize.py).
         "controlnet": ["opencv-python-headless", "scipy"],

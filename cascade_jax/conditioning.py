@@ -115,18 +115,30 @@ class TextConditioner:
         width = tok.model_max_length - 2
         bodies = [tok.encode(p, add_special_tokens=False) for p in prompts]
         if not long_prompts:
-            for i, (prompt, body) in enumerate(zip(prompts, bodies)):
-                if len(body) > width:
-                    warnings.warn(
-                        f"prompt {i} ({prompt[:40]!r}...) has {len(body)} tokens; CLIP reads the first {width}, the "
-                        f"rest is ignored (as in the official code and diffusers). Pass long_prompts=True "
-                        f"(sample/generate.py --long-prompts) to use all of it.", PromptTruncatedWarning, stacklevel=3)
+            for note in self._truncation_notes(prompts, bodies):
+                warnings.warn(f"{note} Pass long_prompts=True (sample/generate.py --long-prompts) to use all of it.",
+                              PromptTruncatedWarning, stacklevel=3)
             chunks = [[body[:width]] for body in bodies]
         else:
             chunks = [[body[i:i + width] for i in range(0, len(body), width)] or [[]] for body in bodies]
             count = max(len(c) for c in chunks)
             chunks = [c + [[]] * (count - len(c)) for c in chunks]
         return [[(tok.bos_token_id, *chunk, tok.eos_token_id) for chunk in c] for c in chunks]
+
+    def truncation_notes(self, prompts: Sequence[str], names: Sequence[str] | None = None) -> list[str]:
+        """What a call would warn about (``PromptTruncatedWarning``), as text for a user who does not see the
+        warnings (e.g. on a web page): one note per prompt longer than CLIP's window, [] when none is.
+        ``names``: what to call each prompt (default "prompt 0", "prompt 1", ...)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        bodies = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        return self._truncation_notes(prompts, bodies, names)
+
+    def _truncation_notes(self, prompts: list[str], bodies: list[list[int]], names=None) -> list[str]:
+        width = self.tokenizer.model_max_length - 2
+        names = names or [f"prompt {i}" for i in range(len(prompts))]
+        return [f"{name} ({prompt[:40]!r}...) has {len(body)} tokens; CLIP reads the first {width}, the rest is "
+                "ignored (as in the official code and diffusers)."
+                for name, prompt, body in zip(names, prompts, bodies) if len(body) > width]
 
     def _lookup(self, rows: list[tuple[int, ...]]) -> list[tuple[jax.Array, jax.Array]]:
         """(states (77, C), pooled (P,)) of each row, from the cache or encoded now (each new row once)."""

@@ -3,6 +3,8 @@
 
   python convert/convert.py --model stage_c --config stage_c --input stage_c_bf16.safetensors --output ckpt/stage_c
   python convert/convert.py --export --input ckpt/stage_c --output stage_c.safetensors
+
+Every path may also be a gs:// or s3:// URL (converted directories: local or gs://; see the README).
 """
 
 import argparse
@@ -36,17 +38,16 @@ def main(argv=None):
     start = time.perf_counter()
     try:
         if args.export:
-            from pathlib import Path
-
+            from cascade_jax import storage
             from cascade_jax.weights.export import export_official
-            if Path(args.output).exists() and not args.overwrite:
+            if storage.exists(args.output) and not args.overwrite:
                 raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
             export_official(args.input, args.output, dtype=args.dtype)
         else:
             from cascade_jax.weights.convert import convert_checkpoint
             convert_checkpoint(args.model, args.config, args.input, args.output, dtype=args.dtype or "float32",
                                fmt=args.format, overwrite=args.overwrite)
-    except (ValueError, KeyError, TypeError, OSError) as e:
+    except (ValueError, KeyError, TypeError, OSError, ImportError) as e:  # ImportError: a URL without [cloud]
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.output} in {time.perf_counter() - start:.1f}s")

@@ -10,7 +10,12 @@ One pipeline serves every user. Requests wait in a queue (at most --queue-size) 
 on the device, each with at most --max-images images; each new image size or sampler setting compiles
 its programs once (the page says "compiling"), later requests of that shape reuse them. Results are
 PNGs with the prompt, seed and settings in their metadata, as sample/generate.py writes them, kept in
---out (one folder per request).
+--out (one folder per request, under an unguessable name).
+
+Bounds, so that no request can hold the device or the memory for long: sizes up to --max-side pixels a
+side (default twice the page's size); compiled programs are kept for a few sizes at a time (older ones
+are dropped and compile again when asked for); uploads up to --max-upload-mb and --max-upload-mp
+megapixels (checked from the file's header, before it is decoded), deleted after --upload-ttl minutes.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from app_parts import ControlNetEntry, Done, Service, Update, image_from_editor, mask_from_editor, size_hint
+from app_parts import (ControlNetEntry, Done, Service, Update, check_upload, image_from_editor, mask_from_editor,
+                       size_hint)
 from cascade_jax.diffusion.samplers import SAMPLERS
+from cascade_jax.named_weights import lookup
 from cascade_jax.pipelines import StableCascadePipeline
+from cascade_jax.pipelines.sizes import MIN_SIZE
 
 APP_CONTROLS = ("canny", "inpainting", "super_resolution")  # identity needs face detection (not included)
 LORA_SLOTS = 3
@@ -56,6 +64,13 @@ def build_parser():
     p.add_argument("--queue-size", type=int, default=16, help="most requests waiting at once; more are refused")
     p.add_argument("--size", type=int, default=None, help="the page's default image side (default 1024; 128 for "
                                                           "the demo and --random tiny)")
+    p.add_argument("--max-side", type=int, default=None, help="largest image side a request may ask for (default: "
+                                                              "twice the page's size: 2048, 256 for the demo)")
+    p.add_argument("--max-upload-mb", type=int, default=20, help="largest upload in MB (default 20)")
+    p.add_argument("--max-upload-mp", type=float, default=24.0,
+                   help="most megapixels of an uploaded image (default 24); larger ones are refused undecoded")
+    p.add_argument("--upload-ttl", type=float, default=60.0,
+                   help="minutes an upload is kept on the server (default 60); results in --out are kept")
     p.add_argument("--prior-steps", type=int, help="the page's default Stage C steps (default: the weights')")
     p.add_argument("--decoder-steps", type=int, help="the page's default Stage B steps (default: the weights')")
     return p
@@ -68,7 +83,8 @@ def load_pipeline(args):
         pipe = StableCascadePipeline.random(args.random, dtype=args.dtype or "float32")
         return pipe, ["--random", args.random], f"random:{args.random}"
     source = args.weights or "demo"
-    dtype = args.dtype or ("float32" if source == "demo" else "bfloat16")
+    named = lookup(source)  # a named set (demo, demo-lcm) says its own dtype
+    dtype = args.dtype or (named.dtype if named is not None else "bfloat16")
     try:
         pipe = StableCascadePipeline.from_pretrained(source, lite=args.lite, dtype=dtype)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -196,11 +212,35 @@ def shared_controls(service: Service, size: int, steps: tuple[int, int]) -> dict
     return c
 
 
+def checked_upload(component, service: Service):
+    """``component`` with each upload checked before gradio decodes it (``check_upload``): gradio would decode
+    an image of any size, and its errors for a file that is not an image show the server's cache path."""
+    gr = gradio()
+    preprocess = component.preprocess
+
+    def checked(payload):
+        try:
+            check_upload(payload, service.upload_pixels, service.upload_ttl_min)
+        except ValueError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        try:
+            return preprocess(payload)
+        except (OSError, ValueError, SyntaxError):  # PIL's errors for data that is not a readable image
+            raise gr.Error("the uploaded file cannot be read as an image (PNG, JPEG, WebP, ...)",
+                           print_exception=False) from None
+
+    component.preprocess = checked  # gradio calls the component's preprocess for each request
+    return component
+
+
 def build_page(service: Service, size: int, steps: tuple[int, int]):
     gr = gradio()
-    with gr.Blocks(title="Stable Cascade (JAX)") as page:
+    # Uploads (gradio's cache) older than the upload TTL are deleted, looked for every quarter of it.
+    ttl_s = None if service.upload_ttl_min is None else max(int(service.upload_ttl_min * 60), 1)
+    delete_cache = None if ttl_s is None else (max(ttl_s // 4, 1), ttl_s)
+    with gr.Blocks(title="Stable Cascade (JAX)", delete_cache=delete_cache) as page:
         gr.Markdown(f"## Stable Cascade in JAX\nWeights: `{service.weights_label}`. One request runs at a time; "
-                    f"at most {service.max_images} images per request.")
+                    f"at most {service.max_images} images per request, {service.max_side} pixels a side.")
         outputs = [gr.Image(label="Stage C preview", interactive=False, format="png", height=192, render=False),
                    gr.Markdown("Ready.", label="status", elem_id="status", render=False),
                    gr.Gallery(label="Results", format="png", columns=2, interactive=False, elem_id="gallery",
@@ -235,26 +275,27 @@ def mode_tabs(service: Service) -> list:
         button("Generate", "text_to_image", ["prompt", "negative_prompt"], [prompt, negative],
                lambda f: service.run("text2img", f))
     with gr.Tab("Image variation"):
-        image = gr.Image(label="Image", type="filepath")
+        image = checked_upload(gr.Image(label="Image", type="filepath", image_mode=None), service)
         prompt = gr.Textbox(label="Prompt (optional)")
         button("Make variations", "image_variation", ["image", "prompt"], [image, prompt],
                lambda f: service.run("variation", f))
     with gr.Tab("Image to image"):
-        image = gr.Image(label="Image", type="filepath")
+        image = checked_upload(gr.Image(label="Image", type="filepath", image_mode=None), service)
         prompt = gr.Textbox(label="Prompt")
         negative = gr.Textbox(label="Negative prompt")
         strength = gr.Slider(0.05, 1.0, 0.8, step=0.05, label="Strength (how far from the image)")
         button("Generate", "image_to_image", ["image", "prompt", "negative_prompt", "strength"],
                [image, prompt, negative, strength], lambda f: service.run("img2img", f))
     with gr.Tab("Reconstruction"):
-        image = gr.Image(label="Image", type="filepath")
+        image = checked_upload(gr.Image(label="Image", type="filepath", image_mode=None), service)
         button("Reconstruct", "reconstruct", ["image"], [image], lambda f: service.run("reconstruct", f))
     with gr.Tab("ControlNet", visible=bool(service.controlnets)):
         gr.Markdown("One image per request, at the image's size (or the size set below), with the Stage C / B "
                     "steps and the seed set below; guidance is the official one of each control.")
         control = gr.Dropdown(sorted(service.controlnets), value=min(service.controlnets, default=None),
                               label="Control")
-        editor = gr.ImageMask(label="Control image (inpainting: paint the area to regenerate)", type="numpy")
+        editor = checked_upload(gr.ImageMask(label="Control image (inpainting: paint the area to regenerate)",
+                                             type="numpy"), service)
         prompt = gr.Textbox(label="Prompt")
         negative = gr.Textbox(label="Negative prompt")
         strength = gr.Slider(0, 2, 1.0, step=0.05, label="Control strength")
@@ -273,23 +314,30 @@ def mode_tabs(service: Service) -> list:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for name in ("max_images", "queue_size", "prior_steps", "decoder_steps"):
+    for name in ("max_images", "queue_size", "prior_steps", "decoder_steps", "max_upload_mb"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    for name in ("max_upload_mp", "upload_ttl"):
+        if not 0 < getattr(args, name) < float("inf"):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be a positive number")
+    if args.max_side is not None and args.max_side < MIN_SIZE:
+        raise SystemExit(f"error: --max-side must be at least {MIN_SIZE} (the smallest image side)")
     gradio()  # a missing extra fails now, not after the models load
     start = time.perf_counter()
     pipe, source_argv, label = load_pipeline(args)
     out = Path(args.out or tempfile.mkdtemp(prefix="cascade-app-"))
     out.mkdir(parents=True, exist_ok=True)
+    small = args.random == "tiny" or label == "demo"
+    size = args.size or (128 if small else 1024)
     service = Service(pipe, source_argv=source_argv, out_dir=out, max_images=args.max_images,
                       loras=find_loras(args.lora), controlnets=build_controlnets(args.controlnet, pipe, args),
-                      weights_label=label)
-    small = args.random == "tiny" or label == "demo"
-    page = build_page(service, args.size or (128 if small else 1024), (args.prior_steps, args.decoder_steps))
+                      weights_label=label, max_side=args.max_side or 2 * size,
+                      upload_pixels=int(args.max_upload_mp * 1e6), upload_ttl_min=args.upload_ttl)
+    page = build_page(service, size, (args.prior_steps, args.decoder_steps))
     page.queue(max_size=args.queue_size, default_concurrency_limit=1)
     print(f"models ready in {time.perf_counter() - start:.1f}s; results go to {out}", flush=True)
     page.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(out)], ssr_mode=False,
-                show_error=True, quiet=False)
+                show_error=True, quiet=False, max_file_size=f"{args.max_upload_mb}mb")
     return 0
 
 

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import importlib.util
 import itertools
-import os
 import queue
 import secrets
 import sys
@@ -23,11 +22,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from cascade_jax.pipelines.controlnet import output_size
+from cascade_jax.pipelines.images import open_checked
 from cascade_jax.pipelines.outputs import save_images, timing_report
-from cascade_jax.pipelines.sizes import check_image_size, nearest_valid, stage_b_latent_hw, stage_c_latent_hw
-from cascade_jax.pipelines.stage_runner import SEED_LIMIT
+from cascade_jax.pipelines.sizes import (check_image_size, check_size_limit, nearest_valid, stage_b_latent_hw,
+                                         stage_c_latent_hw)
+from cascade_jax.pipelines.stage_runner import SEED_LIMIT, program_settings
 
 HERE = Path(__file__).resolve().parent
 MODE_METHODS = ("text_to_image", "image_variation", "image_to_image", "reconstruct")
@@ -108,18 +109,31 @@ class Service:
     """One pipeline shared by every user; device work runs one request at a time under ``lock``."""
 
     def __init__(self, pipe, *, source_argv: list[str], out_dir, max_images: int = 4, loras: dict | None = None,
-                 controlnets: dict | None = None, weights_label: str = ""):
+                 controlnets: dict | None = None, weights_label: str = "", max_side: int = 2048,
+                 upload_pixels: int = 24_000_000, upload_ttl_min: float | None = None):
         self.pipe, self.source_argv, self.out_dir = pipe, list(source_argv), Path(out_dir)
         self.max_images, self.loras, self.controlnets = max_images, dict(loras or {}), dict(controlnets or {})
-        self.weights_label = weights_label
+        self.weights_label, self.max_side = weights_label, max_side
+        self.upload_pixels, self.upload_ttl_min = upload_pixels, upload_ttl_min  # see check_upload
         self.lock = threading.Lock()
         self.active_loras: list[str] = []
         self.seen: set = set()  # shapes and settings compiled already (what the status calls "compiling")
-        self._ids = itertools.count(1)
 
     # ---- arguments -----------------------------------------------------------------------------
     def request_dir(self) -> Path:
-        return self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(self._ids):04d}"
+        """A new folder name per request (created when its results are written). The results are served by
+        their paths, so the name is unguessable: 64 random bits after the time."""
+        return self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(8)}"
+
+    def check_size(self, height: int, width: int, from_image: bool):
+        """This server's cap on the image side (``--max-side``): every new size compiles programs that stay in
+        memory, and the work grows with the pixels, all while the device is held."""
+        try:
+            check_size_limit(height, width, self.max_side, "this server's --max-side")
+        except ValueError as e:
+            hint = "; untick \"use the input image's size\" and set a size, or upload a smaller image" \
+                if from_image else ""
+            raise ValueError(f"{e}{hint}") from None
 
     def lora_specs(self, fields: dict) -> list[str]:
         specs = []
@@ -162,26 +176,35 @@ class Service:
         args = generate.build_parser().parse_args(argv)
         generate.validate(args)
         generate.resolve_settings(args, self.pipe)
+        self.check_size(args.height, args.width, mode in generate.IMAGE_MODES and bool(fields.get("use_image_size")))
         return args
+
+    def prompt_notes(self, prompt: str, negative_prompt: str | None = None) -> str:
+        """The text encoder's notes on prompts it truncates (the server log's warning), for the page."""
+        named = [(p, n) for p, n in ((prompt, "the prompt"), (negative_prompt, "the negative prompt")) if p]
+        notes = self.pipe.text.truncation_notes([p for p, _ in named], [n for _, n in named]) if named else []
+        return "".join(f"\n\nNote: {note}" for note in notes)
 
     # ---- running -------------------------------------------------------------------------------
     def run(self, mode: str, fields: dict):
         """Yield ``Update``s while the request runs, then one ``Done``; errors raise with the pipeline's message."""
         args = self.generate_args(mode, fields)
         stages = ["Stage B"] if mode == "reconstruct" else ["Stage C", "Stage B"]
-        keys = {"Stage C": (mode, args.height, args.width, len(args.seeds), args.prior, args.strength),
-                "Stage B": (args.height, args.width, len(args.seeds), args.decoder)}
+        keys = {"Stage C": (mode, args.height, args.width, len(args.seeds), program_settings(args.prior),
+                            args.strength),
+                "Stage B": (args.height, args.width, len(args.seeds), program_settings(args.decoder))}
 
         def work(callback):
             if args.lora != self.active_loras:
                 # Merged into Stage C's weights: the shapes stay, so its compiled programs are reused.
                 self.pipe.load_loras(args.lora)
                 self.active_loras = list(args.lora)
-            return generate.run(args, _ProgressPipe(self.pipe, callback, self.pipe.previewer is not None))
+            notes = self.prompt_notes(args.prompt, args.negative_prompt)  # with the LoRAs' new tokens
+            return generate.run(args, _ProgressPipe(self.pipe, callback, self.pipe.previewer is not None)), notes
 
-        result = yield from self._stream(work, stages, keys, f"{args.height}x{args.width}")
+        result, notes = yield from self._stream(work, stages, keys, f"{args.height}x{args.width}")
         paths = save_images(args.paths, result.images, seeds=result.seeds, metadata=generate.metadata(args))
-        yield Done(paths, self._summary(result, stages, keys))
+        yield Done(paths, self._summary(result, stages, keys) + notes)
 
     def _summary(self, result, stages, keys) -> str:
         self.seen.update(keys[s] for s in stages)
@@ -240,20 +263,17 @@ class Service:
 
     # ---- ControlNet ----------------------------------------------------------------------------
     def controlnet_args(self, fields: dict, image: np.ndarray, mask: np.ndarray | None) -> argparse.Namespace:
-        """sample/controlnet.py's checked arguments, the uploaded image (and mask) written as files."""
+        """sample/controlnet.py's checked arguments, with the uploaded image (and mask) as pixels: nothing is
+        written before the results (no folder is left by a request that fails)."""
         control = fields.get("control")
         if control not in self.controlnets:
             raise ValueError(f"no ControlNet for {control!r} on this server; available: {sorted(self.controlnets)}")
         folder = self.request_dir()
-        folder.mkdir(parents=True)
-        Image.fromarray(image).save(folder / "input.png")
-        if mask is not None:
-            Image.fromarray(mask).save(folder / "mask.png")
         strength = float(fields.get("control_strength", 1.0))
         args = argparse.Namespace(
             control=control, weights=None, random=None, controlnet=self.controlnets[control].source,
-            image=str(folder / "input.png"), mask=str(folder / "mask.png") if mask is not None else None,
-            saliency=None, mask_threshold=0.2, outpaint=False, faces=None, prompt=fields.get("prompt") or "",
+            image=None, image_array=image, mask=None, mask_array=mask, saliency=None, mask_threshold=0.2,
+            outpaint=False, faces=None, prompt=fields.get("prompt") or "",
             negative_prompt=fields.get("negative_prompt") or None, height=None, width=None,
             seed=pick_seed(fields.get("seed"), fields.get("random_seed"), 1), strength=strength, control_start=0,
             control_stop=None, t_start=1.0, no_keep_unmasked=False,
@@ -262,6 +282,7 @@ class Service:
         if not fields.get("use_image_size"):
             args.height, args.width = _whole(fields.get("height"), "height"), _whole(fields.get("width"), "width")
         controlnet_script.check_inputs(args)
+        self.check_size(*output_size(control, image.shape[:2], args.height, args.width), args.height is None)
         return args
 
     def run_controlnet(self, fields: dict, image: np.ndarray, mask: np.ndarray | None):
@@ -276,10 +297,10 @@ class Service:
 
         def work(callback):
             del callback  # ControlNetPipeline takes no progress callback
-            return controlnet_script.run(args, entry.pipeline)
+            return controlnet_script.run(args, entry.pipeline), self.prompt_notes(args.prompt, args.negative_prompt)
 
         start = f"ControlNet {args.control}: {first} (this mode reports no per-step progress)..."
-        result, prior, decoder = yield from self._stream(work, [], {}, start)
+        (result, prior, decoder), notes = yield from self._stream(work, [], {}, start)
         meta = {"mode": f"controlnet:{args.control}", "prompt": args.prompt,
                 "negative_prompt": args.negative_prompt or "", "control": {"strength": args.strength},
                 "prior": {"steps": prior.steps, "cfg": prior.cfg, "shift": prior.shift},
@@ -288,7 +309,8 @@ class Service:
         paths = save_images(args.paths, result.images, seeds=result.seeds, metadata=meta)
         paths += save_images(args.control_paths, result.control_images, seeds=result.seeds, metadata=meta)
         self.seen.add(key)
-        yield Done(paths, f"Done: seed {result.seeds[0]}.  \n" + timing_report(result.timings).replace("\n", "  \n"))
+        yield Done(paths, f"Done: seed {result.seeds[0]}.  \n" + timing_report(result.timings).replace("\n", "  \n")
+                   + notes)
 
 
 @dataclasses.dataclass
@@ -324,3 +346,31 @@ def image_from_editor(value) -> np.ndarray | None:
         return None
     background = np.asarray(background)
     return background[..., :3].copy() if background.ndim == 3 else np.repeat(background[..., None], 3, axis=-1)
+
+
+# ---- uploads ---------------------------------------------------------------------------------------
+def upload_sources(payload) -> list[tuple[str, object]]:
+    """(name shown to the user, path or bytes) of each image in an upload: gradio's image data (a file with
+    ``path`` and ``orig_name``) or its image editor's (``background``, ``layers``, ``composite``)."""
+    if payload is None:
+        return []
+    parts = [payload.background, payload.composite, *(payload.layers or [])] if hasattr(payload, "background") \
+        else [payload]
+    sources = []
+    for part in parts:
+        if isinstance(part, (bytes, bytearray, memoryview)):
+            sources.append(("the drawn image", part))
+        elif part is not None and getattr(part, "path", None):
+            sources.append((getattr(part, "orig_name", None) or "the image", part.path))
+    return sources
+
+
+def check_upload(payload, max_pixels: int, ttl_min: float | None = None):
+    """Refuse an upload that is not an image, or has more than ``max_pixels``, from its header alone (before
+    gradio decodes it), with a message that names the user's file, never the server's cache path."""
+    for name, source in upload_sources(payload):
+        if not isinstance(source, (bytes, bytearray, memoryview)) and not Path(source).is_file():
+            kept = f" (uploads are deleted after {ttl_min:g} minutes)" if ttl_min else ""
+            raise ValueError(f"the uploaded image {name} is no longer on this server{kept}: upload it again")
+        with open_checked(source, f"the uploaded file {name}", max_pixels):
+            pass

@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, check_image_size
-from cascade_jax.pipelines.controlnet import CONTROLS, ControlNetPipeline, ControlSettings, saliency_function
+from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS
+from cascade_jax.pipelines.controlnet import (CONTROLS, ControlNetPipeline, ControlSettings, controlled_steps,
+                                              output_size, saliency_function)
+from cascade_jax.pipelines.images import image_size, load_grey, load_image
 from cascade_jax.pipelines.outputs import check_output_dir, output_paths, save_images, timing_report
 
 
@@ -67,10 +68,12 @@ def parse_args(argv=None):
 
 
 def check_inputs(args):
-    """Everything that can be checked before a model is built."""
+    """Everything that can be checked before a model is built (nothing is decoded: the image's size comes
+    from its header, or from ``args.image_array`` when the image is given as pixels, as the app does)."""
     if args.weights and not args.controlnet:
         raise ValueError("--weights needs --controlnet (the ControlNet weights)")
-    if args.control == "inpainting" and not (args.mask or args.saliency):
+    has_mask = args.mask or getattr(args, "mask_array", None) is not None
+    if args.control == "inpainting" and not (has_mask or args.saliency):
         raise ValueError("inpainting needs --mask, or --saliency with the official saliency net for automatic masks "
                          "(its weights are not included)")
     if args.control == "identity" and not args.faces:
@@ -79,25 +82,28 @@ def check_inputs(args):
         raise ValueError(f"--t-start must be in (0, 1], got {args.t_start}")
     if args.prior_steps < 1 or args.decoder_steps < 1:
         raise ValueError("--prior-steps and --decoder-steps must be at least 1")
-    ControlSettings(args.strength, args.control_start, args.control_stop).check()
+    # (--strength, --control-start, --control-stop: the messages name them as "control strength/start/stop")
+    ControlSettings(args.strength, args.control_start, args.control_stop).check(
+        controlled_steps(args.control, args.prior_steps, args.t_start))
     for name in ("image", "mask", "faces"):  # (--saliency may also be a converted directory: checked at load)
         path = getattr(args, name)
         if path and not Path(path).is_file():
             raise ValueError(f"--{name} {path} is not a file")
-    if args.height is not None or args.width is not None:
-        check_image_size(args.height or 1024, args.width or 1024)
+    array = getattr(args, "image_array", None)
+    image_hw = array.shape[:2] if array is not None else image_size(args.image)  # refuses bombs
+    output_size(args.control, tuple(image_hw), args.height, args.width)
     # One image per run (seed --seed); its result and control image names are fixed now, never overwriting.
     out = check_output_dir(args.out)
     args.paths = output_paths(out, args.control, [args.seed])
     args.control_paths = output_paths(out, "control", [args.seed])
 
 
-def read_image(path, mode="RGB") -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert(mode))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+def read_images(args):
+    """args.image_array (and args.mask_array): the pixels, decoded now unless given (as the app gives them)."""
+    if getattr(args, "image_array", None) is None:
+        args.image_array = load_image(args.image)
+    if getattr(args, "mask_array", None) is None:
+        args.mask_array = load_grey(args.mask) if args.mask else None
 
 
 def read_faces(path):
@@ -112,10 +118,11 @@ def run(args, pipe):
     prior = PRIOR_DEFAULTS.replace(steps=args.prior_steps, cfg=None if cfg == 1 else cfg)
     decoder = DECODER_DEFAULTS.replace(steps=args.decoder_steps)
     control = ControlSettings(args.strength, args.control_start, args.control_stop)
-    mask = read_image(args.mask, "L") if args.mask else None
+    read_images(args)
+    mask = args.mask_array
     faces = read_faces(args.faces) if args.faces else None
     saliency = saliency_function(args.saliency) if args.saliency and mask is None else None
-    return pipe(read_image(args.image), args.prompt, args.negative_prompt, mask=mask, faces=faces,
+    return pipe(args.image_array, args.prompt, args.negative_prompt, mask=mask, faces=faces,
                 saliency_fn=saliency, mask_threshold=args.mask_threshold, outpaint=args.outpaint,
                 height=args.height, width=args.width, seed=args.seed, control=control, prior=prior, decoder=decoder,
                 t_start=args.t_start, keep_unmasked=not args.no_keep_unmasked), prior, decoder
@@ -125,7 +132,7 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        read_image(args.image)  # a corrupt image fails before any model is built
+        read_images(args)  # a corrupt image fails before any model is built
         if args.random:
             print(f"Using RANDOM weights ({args.random} configuration): the images will be noise-like patterns.")
             pipe = ControlNetPipeline.random(args.control, args.random, dtype=args.dtype or "float32")

@@ -23,9 +23,11 @@ import time
 from tqdm import tqdm
 
 from cascade_jax import demo
+from cascade_jax.named_weights import lookup
 from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline, check_image_size
 from cascade_jax.pipelines import arguments as checks
 from cascade_jax.pipelines.images import load_image, round_size
+from cascade_jax.pipelines.lora import check_lora_files
 from cascade_jax.pipelines.outputs import check_output_dir, output_paths, save_images, timing_report
 from cascade_jax.sharding import parse_mesh_spec
 from cascade_jax.weights.cache import enable_compilation_cache
@@ -39,11 +41,29 @@ def stage_args(p, name, defaults):
     else the official values shown)."""
     title = "Stage C" if name == "prior" else "Stage B"
     p.add_argument(f"--{name}-steps", type=int, help=f"{title} steps (official {defaults.steps})")
-    p.add_argument(f"--{name}-cfg", type=float, help=f"{title} guidance scale (official {defaults.cfg})")
+    p.add_argument(f"--{name}-cfg", type=cfg_arg,
+                   help=f"{title} guidance scale (official {defaults.cfg}); none: no guidance and no unconditional "
+                        "pass (a consistency-distilled Stage C has its guidance built in)")
     p.add_argument(f"--{name}-shift", type=float, help=f"{title} schedule shift (official {defaults.shift})")
     p.add_argument(f"--{name}-t-start", type=float,
                    help=f"{title} first step's t, (0, 1] (official {defaults.t_start})")
-    p.add_argument(f"--{name}-sampler", choices=["ddpm", "ddim", "lcm"], help=f"official {defaults.sampler}")
+    # --sampler is short for --prior-sampler: Stage C is the stage a consistency distillation makes few-step
+    aliases = ["--sampler"] if name == "prior" else []
+    p.add_argument(f"--{name}-sampler", *aliases, choices=["ddpm", "ddim", "lcm"],
+                   help=f"official {defaults.sampler}" + ("; --sampler is the same" if aliases else ""))
+
+
+NO_GUIDANCE = "none"
+
+
+def cfg_arg(text):
+    """A guidance scale, or "none" (no guidance: SamplerSettings cfg=None)."""
+    if text.strip().lower() == NO_GUIDANCE:
+        return NO_GUIDANCE
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
 def rgb(text):
@@ -58,7 +78,7 @@ def build_parser():
     p.add_argument("mode", choices=["text2img", *IMAGE_MODES])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--weights", help="weights folder, Hugging Face repository id, or \"demo\" (the embedded "
-                     "128x128 shapes cascade; the default)")
+                     "128x128 shapes cascade; the default) / \"demo-lcm\" (the demo distilled for 4+2 steps)")
     src.add_argument("--random", choices=["tiny", "lite", "full"], help="random weights of this size (no download)")
     p.add_argument("--lite", action="store_true", help="use the lite Stage C/B weights from --weights")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
@@ -85,7 +105,8 @@ def build_parser():
                    help="sample model-parallel on a device mesh, e.g. data=2,fsdp=4 or fsdp=4,tensor=2 (parameters "
                         "sharded over fsdp/tensor as in training; default: the batch split over all local devices)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
-                   help="Stage C LoRA file (official or ComfyUI format), strength default 1; repeatable")
+                   help="Stage C LoRA file (official or ComfyUI format), strength default 1 (finite, within "
+                        "+-100); repeatable. A file named like x:2 is written x:2:1")
     p.add_argument("--plan", default=None, metavar="TOPOLOGY",
                    help="load nothing and generate nothing: compile the Stage C / Stage B loops and Stage A decode at "
                         "this size, batch (--num-images) and dtype for a TPU slice (v5e-1, v6e-1, v5p-8, v5e:2x2 ...; "
@@ -99,6 +120,8 @@ def stage_changes(args, name) -> dict:
     """The stage's flags that were given, as SamplerSettings changes; an impossible value fails naming its
     flag (e.g. --prior-shift), checked against the official settings before any model loads."""
     changes = {k: getattr(args, f"{name}_{k}") for k in STAGE_FLAGS if getattr(args, f"{name}_{k}") is not None}
+    if changes.get("cfg") == NO_GUIDANCE:
+        changes["cfg"] = None
     try:
         (PRIOR_DEFAULTS if name == "prior" else DECODER_DEFAULTS).replace(**changes)
     except ValueError as e:
@@ -138,6 +161,10 @@ def validate(args):
     except ValueError as e:
         raise ValueError(f"--{e}") from None
     args.prior_changes, args.decoder_changes = stage_changes(args, "prior"), stage_changes(args, "decoder")
+    try:
+        check_lora_files(args.lora)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(str(e) if str(e).startswith("--lora") else f"--lora: {e}") from None
     if args.mesh is not None:
         try:
             parse_mesh_spec(args.mesh)
@@ -147,7 +174,8 @@ def validate(args):
     if args.weights is None and args.random is None:
         args.weights = demo.NAME
     if args.mode in ("text2img", "variation"):
-        default_h = default_w = demo.IMAGE_SIZE if args.weights == demo.NAME else 1024
+        named = lookup(args.weights)
+        default_h = default_w = named.image_size if named is not None and named.image_size else 1024
     else:  # the image's size unless given
         default_h, default_w = (round_size(side) for side in args.image_array.shape[:2])
     args.height = default_h if args.height is None else args.height
@@ -219,7 +247,7 @@ def plan_command(args) -> int:
     from cascade_jax.pipelines.loading import pipeline_set
     from cascade_jax.pipelines.plan import format_sampling, plan_sampling
 
-    set_name = args.random or ("demo" if args.weights == demo.NAME else "lite" if args.lite else "full")
+    set_name = args.random or ("demo" if args.weights in (demo.NAME, demo.LCM_NAME) else "lite" if args.lite else "full")
     dtype = args.dtype or ("float32" if set_name in ("demo", "tiny") or args.random else "bfloat16")
     try:
         report = plan_sampling(pipeline_set(set_name), plan_target(args.plan), height=args.height, width=args.width,
@@ -245,11 +273,13 @@ def main(argv=None):
                   "not pictures. Pass --weights to use real Stable Cascade weights.")
             pipe = StableCascadePipeline.random(args.random, dtype=args.dtype or "float32", mesh=args.mesh)
         else:
-            default_dtype = "float32" if args.weights == demo.NAME else "bfloat16"
+            named = lookup(args.weights)
+            default_dtype = named.dtype if named is not None else "bfloat16"
             pipe = StableCascadePipeline.from_pretrained(args.weights, lite=args.lite,
                                                          dtype=args.dtype or default_dtype, mesh=args.mesh)
         if args.lora:
             pipe.load_loras(args.lora)
+            print("\n".join(applied.describe() for applied in pipe.loras))
         resolve_settings(args, pipe)
         print(f"models ready in {time.perf_counter() - start:.1f}s; running {args.mode} "
               f"({describe(args.prior, 'Stage C') + '; ' if args.mode != 'reconstruct' else ''}"
@@ -261,7 +291,9 @@ def main(argv=None):
             paths += save_images(args.preview_paths, pipe.preview(result.stage_c_latents), seeds=result.seeds,
                                  metadata=metadata(args))
     except (ValueError, OSError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        lora_hint = f" The LoRAs in use ({', '.join(args.lora)}) may overflow at these strengths: try lower ones." \
+            if isinstance(e, FloatingPointError) and args.lora else ""
+        print(f"error: {e}{lora_hint}", file=sys.stderr)
         return 2
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -51,7 +51,8 @@ def start_app(folder: Path, *extra: str) -> RunningApp:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
     env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(SCRIPT), "--host", "127.0.0.1", "--port", str(port),  # the demo weights
-           "--out", str(out), "--size", "128", "--prior-steps", str(STEPS), "--decoder-steps", str(STEPS), *extra]
+           "--out", str(out), "--size", "128", "--prior-steps", str(STEPS), "--decoder-steps", str(STEPS),
+           "--max-upload-mb", "1", *extra]
     with open(log, "wb") as sink:
         process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
     app = RunningApp(process, f"http://127.0.0.1:{port}/", out, log)

@@ -26,3 +26,14 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir(shared_dir) -> Path:
     return shared_dir / "fixtures" / "official"
+
+
+@pytest.fixture(scope="session")
+def object_stores():
+    """moto's S3 server and gcp-storage-emulator on free loopback ports, for the whole session
+    (tests/storage_testing.py); the endpoint variables point this process and its children at them."""
+    from storage_testing import start_object_stores
+
+    stores, stop = start_object_stores()
+    yield stores
+    stop()

@@ -4,6 +4,7 @@ weights at 128x128 with 2 + 2 steps (tests/app_testing.py), plus its request che
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import types
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
@@ -86,6 +87,25 @@ def test_bad_size_shows_the_pipeline_message_and_the_app_keeps_serving(client):
     assert status.startswith("Done") and len(files) == 1
 
 
+def test_bad_uploads_and_long_prompts_are_explained_on_the_page(app, client, tmp_path):
+    """Issue 30: a non-image upload showed gradio's error with the server's cache path, an upload had no size
+    limit (the test app's --max-upload-mb is 1), a truncated prompt's warning reached only the server's log,
+    and every failed request left an empty folder."""
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(AppError) as info:
+        client.predict(image=handle_file(str(tmp_path / "notes.png")), prompt="", api_name="/image_variation")
+    assert "the uploaded file notes.png: not an image file PIL can read" in str(info.value)
+    assert "gradio" not in str(info.value).lower() and str(tmp_path) not in str(info.value)
+    (tmp_path / "big.png").write_bytes(bytes(1_500_000))
+    with pytest.raises(Exception, match="(?i)size|large"):  # the upload itself is refused
+        client.predict(image=handle_file(str(tmp_path / "big.png")), prompt="", api_name="/image_variation")
+
+    _, status, _, _ = text_to_image(client, prompt="a red circle " * 40).result(timeout=REQUEST_TIMEOUT_S)
+    assert status.startswith("Done") and re.search(r"Note: the prompt \('a red circle a red.*'\.\.\.\) has 120 tokens; "
+                                                   r"CLIP reads the first \d+, the rest is ignored", status), status
+    assert all(any(folder.iterdir()) for folder in app.out.iterdir())  # no empty folder from the failed requests
+
+
 def test_two_concurrent_requests_both_succeed(client):
     jobs = [text_to_image(client, prompt=f"request {seed}", seed=seed) for seed in (21, 22)]
     results = [job.result(timeout=REQUEST_TIMEOUT_S) for job in jobs]
@@ -102,9 +122,11 @@ PIPE_DEFAULTS = types.SimpleNamespace(prior_defaults=PRIOR_DEFAULTS,
                                       decoder_defaults=DECODER_DEFAULTS.replace(t_start=0.9, cfg=3.0))
 
 
-def service(tmp_path):
-    return app_parts.Service(PIPE_DEFAULTS, source_argv=["--random", "tiny"], out_dir=tmp_path, max_images=2,
-                             loras={"style.safetensors": "/loras/style.safetensors"})
+def service(tmp_path, **settings):
+    lora = tmp_path / "style.safetensors"
+    lora.touch()  # a request checks that the file exists; its content is read only when it is applied
+    return app_parts.Service(PIPE_DEFAULTS, source_argv=["--random", "tiny"], out_dir=tmp_path / "results",
+                             max_images=2, loras={"style.safetensors": str(lora)}, **settings)
 
 
 def test_requests_are_checked_as_the_command_line_checks_them(tmp_path):
@@ -117,17 +139,66 @@ def test_requests_are_checked_as_the_command_line_checks_them(tmp_path):
     assert args.prior.cfg == PRIOR_DEFAULTS.cfg and (args.decoder.t_start, args.decoder.cfg) == (0.9, 3.0)
     assert app.generate_args("text2img", {**fields, "decoder_cfg": 1.5}).decoder == \
         PIPE_DEFAULTS.decoder_defaults.replace(cfg=1.5)
-    assert args.lora == ["/loras/style.safetensors:0.5"]
+    assert args.lora == [f"{tmp_path / 'style.safetensors'}:0.5"]
     other = app.generate_args("text2img", fields)
     assert other.paths[0].parent != args.paths[0].parent  # a folder per request: no shared file names
+    # Results are served by path: the folder names are unguessable (issue 30), and made only for results.
+    assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{16}", args.paths[0].parent.name), args.paths[0]
+    assert not (tmp_path / "results").exists()
 
     for bad, message in (({"height": 100}, "nearest valid size is 96x136"), ({"num_images": 3}, "at most 2 images"),
                          ({"width": 128.5}, "width must be a whole number"), ({"lora_1": "x"}, "unknown LoRA 'x'"),
-                         ({"prior_steps": 0}, "--prior-steps")):
+                         ({"prior_steps": 0}, "--prior-steps"),
+                         ({"lora_1_strength": float("nan")}, "LoRA .*style.safetensors strength must be a finite")):
         with pytest.raises(ValueError, match=message):
             service(tmp_path).generate_args("text2img", {**fields, **bad})
     with pytest.raises(ValueError, match="img2img needs an input image"):
         service(tmp_path).generate_args("img2img", {"prompt": "x", "seed": 0})
+
+
+def test_requests_over_the_size_cap_are_refused_before_any_work(tmp_path):
+    """Issue 30 item 1: a 4004x4004 control image held the device for minutes and the app died at 16.9 GB."""
+    app = service(tmp_path, max_side=256)
+    with pytest.raises(ValueError, match=r"512x256 \(HxW\) has a side over this server's --max-side of 256 pixels; "
+                                         r"the largest size of that shape within it is 256x128$"):
+        app.generate_args("text2img", {"prompt": "x", "seed": 0, "height": 512, "width": 256})
+    Image.new("RGB", (400, 304)).save(tmp_path / "photo.png")
+    with pytest.raises(ValueError, match="304x400 .*; untick \"use the input image's size\" and set a size"):
+        app.generate_args("img2img", {"prompt": "x", "seed": 0, "image": str(tmp_path / "photo.png"),
+                                      "use_image_size": True})
+
+    app.controlnets = {"canny": app_parts.ControlNetEntry(pipeline=None, source="random")}
+    fields = {"control": "canny", "seed": 0, "prior_steps": 2, "decoder_steps": 2, "use_image_size": True,
+              "control_strength": 1.0}
+    huge = np.zeros((4004, 4004, 3), np.uint8)  # pages the OS never touches: no memory used
+    for changes, image, message in [({}, huge, r"4000x4000 \(HxW\) has a side over this server's --max-side"),
+                                    ({"use_image_size": False, "height": 2048, "width": 256}, huge[:64, :64],
+                                     "2048x256 .* over this server's --max-side"),
+                                    ({"control_strength": 1e30}, huge[:64, :64], "control strength must be a finite"),
+                                    ({"control": "depth"}, huge[:64, :64], "no ControlNet for 'depth'")]:
+        with pytest.raises(ValueError, match=message):
+            next(app.run_controlnet({**fields, **changes}, image, None))
+        assert not app.lock.locked()
+    assert not (tmp_path / "results").exists()  # a refused request leaves no folder
+
+
+def test_uploads_are_checked_from_their_header_with_the_users_file_name(tmp_path):
+    """Issue 30 item 5 and the probe's unclear case: gradio's own error named its cache path."""
+    Image.new("1", (5000, 5000)).save(tmp_path / "big.png")  # 25 megapixels, a few kB
+    (tmp_path / "notes.png").write_text("not an image")
+    upload = lambda path, name: types.SimpleNamespace(path=str(path), orig_name=name)
+    app_parts.check_upload(upload(tmp_path / "big.png", "big.png"), 30_000_000)
+    app_parts.check_upload(None, 1)
+    for payload, message in [
+            (upload(tmp_path / "big.png", "big.png"), "the uploaded file big.png is 5000x5000 = 25.0 megapixels, over "
+                                                      "the limit of 24.0 megapixels"),
+            (upload(tmp_path / "notes.png", "notes.png"), "^the uploaded file notes.png: not an image file PIL can read$"),
+            (upload(tmp_path / "gone.png", "gone.png"), "gone.png is no longer on this server \\(uploads are deleted "
+                                                        "after 60 minutes\\): upload it again"),
+            (types.SimpleNamespace(background=(tmp_path / "notes.png").read_bytes(), composite=None, layers=[]),
+             "the uploaded file the drawn image: not an image")]:
+        with pytest.raises(ValueError, match=message):
+            app_parts.check_upload(payload, 24_000_000, 60)
 
 
 def test_random_seed_size_hint_and_drawn_mask():

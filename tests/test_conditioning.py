@@ -64,6 +64,9 @@ def test_matches_official_recipe_with_transformers(setup):
     assert max(errors) <= TOL
     assert got.stage_b()["clip"] is got.clip_text_pooled
     assert set(got.stage_c()) == {"clip_text", "clip_text_pooled"}
+    notes = conditioner.truncation_notes(PROMPTS, ["a", "b", "c", "the long one"])  # the warning, for a web page
+    assert len(notes) == 1 and notes[0].startswith("the long one ('long long") and \
+        "has 90 tokens; CLIP reads the first 75, the rest is ignored" in notes[0], notes
 
 
 def test_cache_and_unconditional(setup):

@@ -134,13 +134,30 @@ def test_script_refuses_bad_arguments_before_loading(tmp_path, capsys):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     Image.fromarray(photo_like(64, 64)).save(tmp_path / "photo.png")
+    # Issue 30 item 2: huge images (1-bit PNGs of a few kB) are refused from their header, before any work.
+    Image.new("1", (12000, 12000)).save(tmp_path / "bomb.png")  # 144 megapixels
+    Image.new("1", (9000, 9000)).save(tmp_path / "huge.png")  # under PIL's limit, over the largest side
     for args, message in [(["--control", "inpainting"], "inpainting needs --mask"),
                           (["--control", "identity"], "identity needs --faces"),
                           (["--control", "canny", "--t-start", "0"], "--t-start must be in (0, 1]"),
                           (["--control", "canny", "--control-start", "-1"], "control start must be a step index"),
-                          (["--control", "canny", "--image", tmp_path / "none.png"], "is not a file")]:
+                          (["--control", "canny", "--image", tmp_path / "none.png"], "is not a file"),
+                          (["--control", "canny", "--image", tmp_path / "bomb.png"], "possible decompression bomb"),
+                          (["--control", "canny", "--image", tmp_path / "huge.png"],
+                           "height=9000 is not supported: sides must be multiples of 8 between 64 and 8192; the "
+                           "nearest valid size is 8192x8192 (HxW); it comes from the input image's size 9000x9000"),
+                          # Issue 30 items 7 and 12: an absurd strength and an empty control window, by name.
+                          (["--control", "canny", "--strength", "1e30"], "control strength must be a finite number "
+                                                                         "between -100 and 100 (1 is full strength)"),
+                          (["--control", "canny", "--control-start", "15", "--control-stop", "5"],
+                           "the control window is empty: control start 15 >= control stop 5"),
+                          (["--control", "canny", "--control-start", "20"],
+                           "control start 20 is past the last Stage C step (20 steps: 0 .. 19)"),
+                          (["--control", "inpainting", "--mask", tmp_path / "photo.png", "--t-start", "0.5",
+                            "--control-start", "12"], "control start 12 is past the last Stage C step (10 steps")]:
         argv = [*map(str, args), "--random", "tiny", "--out", str(tmp_path / "o")]
         argv += [] if "--image" in args else ["--image", str(tmp_path / "photo.png")]
         with pytest.raises(SystemExit) as info:
             script.parse_args(argv)
         assert info.value.code == 2 and message in capsys.readouterr().err, args
+    assert not (tmp_path / "o").exists()  # no output folder for a refused run

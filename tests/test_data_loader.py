@@ -1,5 +1,6 @@
 """The Grain training loader on WebDataset shards and image folders: paths, filters, captions,
-skipped samples, buckets agreed across hosts, disjoint host shards, exact resume."""
+skipped samples (and those known up front), buckets agreed across hosts, disjoint host shards, exact
+resume, the captions sample collages prompt with."""
 
 import dataclasses
 import json
@@ -62,6 +63,8 @@ def test_webdataset_batches_skip_and_count_bad_samples(shards):
     assert not any(caption_index(c) == 5 for b in batches for c in b["captions"])
     counts = it.skip_counts
     assert counts["no_caption"] >= 1 and counts["corrupt_image"] >= 1 and counts["filtered"] == 0
+    # Known from the shard index before any read (the trainer's start-up line says so).
+    assert it.source.uncaptioned == [f"{shards / 'shard-000.tar'}:000005"]
     it.close()
 
 
@@ -88,6 +91,11 @@ def test_folder_source_and_missing_captions(tmp_path):
     for b in batches:
         assert b["images"].shape == (2, *b["bucket"], 3)
     assert it.skip_counts["no_caption"] >= 1 and it.skip_counts["filtered"] >= 2
+    assert it.source.uncaptioned == [str(tmp_path / "img_002.png")]  # from the listing, before any read
+    # The captions sample collages prompt with: distinct ones of usable samples, the same on a fresh iterator.
+    captions = it.sample_captions(4)
+    assert sorted(captions) == ["caption 0", "caption 3", "caption 4"]
+    assert iter(loader(cfg, batch=2, ratios=RATIOS)).sample_captions(2) == captions[:2]
     it.close()
 
 
@@ -160,10 +168,10 @@ def test_unexpected_errors_in_one_sample_are_counted_not_fatal(tmp_path, monkeyp
     write_folder(tmp_path, 6)
     real_decode = loader_module.decode_rgb
 
-    def flaky_decode(raw):
+    def flaky_decode(raw, *limits):
         if raw.name.endswith("img_003.png"):
             raise RuntimeError("a decoder bug on one odd file")
-        return real_decode(raw)
+        return real_decode(raw, *limits)
 
     monkeypatch.setattr(loader_module, "decode_rgb", flaky_decode)
     it = iter(loader(DataConfig(source="folder", paths=(str(tmp_path),), num_workers=2), batch=5, ratios=None))
@@ -172,7 +180,7 @@ def test_unexpected_errors_in_one_sample_are_counted_not_fatal(tmp_path, monkeyp
     assert it.skip_counts["unreadable"] == 1
     it.close()
     # Every image failing (after the start-up probe, which reads headers only): a clear error, twice.
-    def broken_decode(raw):
+    def broken_decode(raw, *limits):
         raise RuntimeError("a decoder bug on every file")
 
     monkeypatch.setattr(loader_module, "decode_rgb", broken_decode)
@@ -268,3 +276,47 @@ def test_fingerprint_tells_hosts_that_see_different_data(tmp_path):
     fewer = dataclasses.replace(cfg, paths=(str(tmp_path / "shard-{000..001}.tar"),))
     assert loader(fewer, seed=1, index=1, count=2).fingerprint() not in prints
     assert loader(cfg, seed=2, index=1, count=2).fingerprint() not in prints
+
+
+def test_reshuffled_passes_of_few_good_samples_train_on(tmp_path):
+    """2 good and 4 corrupt images: runs of bad samples that end one (reshuffled) pass and start the next are
+    not a pass without a usable sample (the probe's run died at update 13)."""
+    write_folder(tmp_path, 6)
+    for i in (1, 2, 3, 5):  # corrupt: a PNG signature and nothing after it
+        (tmp_path / ("sub" if i % 2 else "") / f"img_{i:03d}.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    it = iter(loader(DataConfig(source="folder", paths=(str(tmp_path),), num_workers=2), batch=2, ratios=None))
+    captions = [caption_index(c) for b in read_all(it, 40) for c in b["captions"]]
+    assert set(captions) == {0, 4} and len(captions) == 80
+    assert it.skip_counts["corrupt_image"] >= 4 * 39
+    it.close()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` with no pixel data: what a 100-byte bomb looks like
+    before it is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_skipped_by_their_header_size(tmp_path):
+    write_folder(tmp_path, 4)
+    # 144 megapixels (over PIL's 89.5M warning threshold, under its 179M error) and 400 megapixels.
+    for name, side in (("bomb_a", 12000), ("bomb_b", 20000)):
+        (tmp_path / f"{name}.png").write_bytes(png_header(side, side))
+        (tmp_path / f"{name}.txt").write_text("caption 99")
+    it = iter(loader(DataConfig(source="folder", paths=(str(tmp_path),), num_workers=2), batch=4, ratios=None))
+    captions = [caption_index(c) for b in read_all(it, 3) for c in b["captions"]]
+    assert 99 not in captions and it.skip_counts["too_large"] >= 2 and it.skip_counts["corrupt_image"] == 0
+    it.close()
+    # The limit is the data section's max_image_pixels: here real 64x64 images (4096 pixels) are over it.
+    small = DataConfig(source="folder", paths=(str(tmp_path / "sub"),), num_workers=2, max_image_pixels=4095)
+    with pytest.raises(ValueError, match=r"no usable sample.*too_large"):
+        loader(small, batch=1, ratios=None)
+    with pytest.raises(ValueError, match="max_image_pixels=0 must be >= 1"):
+        DataConfig(source="folder", paths=(str(tmp_path),), max_image_pixels=0)

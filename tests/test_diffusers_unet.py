@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 from helpers import nchw_to_nhwc, nhwc_to_nchw, relative_error
 from safetensors.numpy import load_file
+from safetensors.numpy import save_file as save_numpy_file
 
-from cascade_jax.weights.checkpoint import load_model, read_meta
+from cascade_jax.weights.checkpoint import load_arrays, load_model, read_meta
 from cascade_jax.weights.convert import convert_checkpoint
 from cascade_jax.weights.diffusers_unet import (DIFFUSERS_STAGE_B, DIFFUSERS_STAGE_C, diffusers_unet_model_name,
                                                 official_config_from_diffusers)
@@ -26,20 +27,26 @@ PARITY = 1e-4
 LEVEL = ("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock")
 
 # Prior-like: switch_level=True exercises the bilinear 0.5x/2x rescale (no released Stage C uses it),
-# and an odd latent size exercises the resize of the upscaled map onto its skip connection.
+# and an odd latent size exercises the resize of the upscaled map onto its skip connection. The official
+# per-level forms: self_attn [true, false] (the second level's attention is cross-attention only) and
+# a scalar dropout. (The official tiny fixture of test_stage_c.py covers self_attn: true.)
 PRIOR = dict(in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1, conditioning_dim=64,
              block_out_channels=(64, 64), num_attention_heads=(2, 2), down_num_layers_per_block=(1, 2),
              up_num_layers_per_block=(2, 1), down_blocks_repeat_mappers=(1, 1), up_blocks_repeat_mappers=(1, 2),
              block_types_per_layer=(LEVEL, LEVEL), clip_text_in_channels=32, clip_text_pooled_in_channels=32,
-             clip_image_in_channels=24, clip_seq=4, dropout=(0.1, 0.1), timestep_conditioning_type=("sca", "crp"),
-             switch_level=(True,))
-# Decoder-like: strided-conv rescaling, repeat mappers, attention only at the deepest level.
+             clip_image_in_channels=24, clip_seq=4, dropout=0.1, self_attn=(True, False),
+             timestep_conditioning_type=("sca", "crp"), switch_level=(True,))
+# Decoder-like: strided-conv rescaling, repeat mappers, attention at the two deeper levels, self-attention
+# only at the deepest (self_attn per level; test_stage_b.py's official fixture covers self_attn: true).
 DECODER = dict(in_channels=4, out_channels=4, timestep_ratio_embedding_dim=64, patch_size=2, conditioning_dim=64,
-               block_out_channels=(16, 32, 64), num_attention_heads=(0, 0, 2), down_num_layers_per_block=(1, 1, 2),
+               block_out_channels=(16, 32, 64), num_attention_heads=(0, 2, 2), down_num_layers_per_block=(1, 1, 2),
                up_num_layers_per_block=(2, 1, 1), down_blocks_repeat_mappers=(1, 2, 1),
-               up_blocks_repeat_mappers=(2, 2, 1), block_types_per_layer=(LEVEL[:2], LEVEL[:2], LEVEL),
+               up_blocks_repeat_mappers=(2, 2, 1), block_types_per_layer=(LEVEL[:2], LEVEL, LEVEL),
                clip_text_pooled_in_channels=32, clip_seq=4, effnet_in_channels=16, pixel_mapper_in_channels=3,
-               dropout=(0.0, 0.0, 0.1), timestep_conditioning_type=("sca",), switch_level=None)
+               dropout=(0.0, 0.0, 0.1), self_attn=(True, False, True), timestep_conditioning_type=("sca",),
+               switch_level=None)
+# A reference's output must move this much when its per-level self_attn is set to all true (it moves O(1)).
+SELF_ATTN_EFFECT = 100 * PARITY
 
 
 def random_diffusers_unet(config: dict, seed: int):
@@ -72,6 +79,35 @@ def converted(name, diffusers_model, tmp_path):
     return load_model(out)
 
 
+def assert_official_file_converts_alike(tmp_path):
+    """The weights `converted` read, as an official-format file with the official config it translated
+    (per-level self_attn, scalar dropout), convert to the same arrays."""
+    out = tmp_path / "converted"
+    official = tmp_path / "official.safetensors"
+    save_numpy_file(to_official_state_dict(DIFFUSERS_STAGE_C, tmp_path / "diffusers_unet" /
+                                           "diffusion_pytorch_model.safetensors"), str(official))
+    from_official = convert_checkpoint("stage_c", read_meta(out)["config"], official, tmp_path / "converted_official")
+    assert read_meta(from_official)["source"]["format"] == "official"
+    ours, theirs = load_arrays(out), load_arrays(from_official)
+    assert set(ours) == set(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+def assert_self_attn_matters(reference, run_reference, ref):
+    """Per-level self_attn changes the reference's output (so matching it checks the per-level form)."""
+    blocks = [m for m in reference.modules() if isinstance(m, unet_module.SDCascadeAttnBlock) and not m.self_attn]
+    assert blocks, "the config has no level without self-attention"
+    for block in blocks:
+        block.self_attn = True
+    try:
+        with torch.no_grad():
+            effect = relative_error(run_reference().sample.numpy(), ref)
+    finally:
+        for block in blocks:
+            block.self_attn = False
+    print(f"self_attn per level vs all true: {effect:.2e} apart (must exceed {SELF_ATTN_EFFECT:.0e})")
+    assert effect > SELF_ATTN_EFFECT
+
+
 def draw(rng, *shape):
     return rng.standard_normal(shape).astype(np.float32)
 
@@ -83,6 +119,7 @@ def torch_inputs(inputs: dict):
 def test_stage_c_matches_diffusers_prior(tmp_path):
     reference = random_diffusers_unet(PRIOR, seed=0)
     model = converted("stage_c", reference, tmp_path)
+    assert_official_file_converts_alike(tmp_path)
     rng = np.random.default_rng(0)
     # diffusers' `sca or zeros` only works at batch 1, so sca/crp are checked at batch 1.
     for batch, conds in ((2, ()), (1, ("sca", "crp"))):
@@ -91,9 +128,15 @@ def test_stage_c_matches_diffusers_prior(tmp_path):
                       clip_img=draw(rng, batch, 1, 24),
                       **{c: rng.uniform(size=batch).astype(np.float32) for c in conds})
         t = torch_inputs(inputs)
+
+        def run_reference():
+            return reference(t["x"], t["r"], t["clip_text_pooled"], clip_text=t["clip_text"], clip_img=t["clip_img"],
+                             sca=t.get("sca"), crp=t.get("crp"))
+
         with torch.no_grad():
-            ref = reference(t["x"], t["r"], t["clip_text_pooled"], clip_text=t["clip_text"], clip_img=t["clip_img"],
-                            sca=t.get("sca"), crp=t.get("crp")).sample.numpy()
+            ref = run_reference().sample.numpy()
+        if not conds:
+            assert_self_attn_matters(reference, run_reference, ref)
         ours = nnx.jit(lambda m, i: m(i["x"], i["r"], i["clip_text"], i["clip_text_pooled"], i["clip_img"],
                                       **{c: i[c] for c in conds}))(model, _nhwc(inputs))
         err = relative_error(nhwc_to_nchw(ours), ref)
@@ -109,8 +152,13 @@ def test_stage_b_matches_diffusers_decoder(tmp_path):
     inputs = dict(x=draw(rng, 1, 4, 28, 28), r=rng.uniform(size=1).astype(np.float32), effnet=draw(rng, 1, 16, 5, 6),
                   clip=draw(rng, 1, 1, 32), pixels=draw(rng, 1, 3, 8, 8), sca=rng.uniform(size=1).astype(np.float32))
     t = torch_inputs(inputs)
+
+    def run_reference():
+        return reference(t["x"], t["r"], t["clip"], effnet=t["effnet"], pixels=t["pixels"], sca=t["sca"])
+
     with torch.no_grad():
-        ref = reference(t["x"], t["r"], t["clip"], effnet=t["effnet"], pixels=t["pixels"], sca=t["sca"]).sample.numpy()
+        ref = run_reference().sample.numpy()
+    assert_self_attn_matters(reference, run_reference, ref)
     ours = nnx.jit(lambda m, i: m(i["x"], i["r"], i["effnet"], i["clip"], pixels=i["pixels"], sca=i["sca"]))(
         model, _nhwc(inputs))
     err = relative_error(nhwc_to_nchw(ours), ref)

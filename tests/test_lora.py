@@ -184,6 +184,9 @@ def test_lite_lora_on_full_model_is_refused(tmp_path):
         message = str(e.value)
         assert "down_blocks.0.2.attention.attn.out_proj.weight" in message
         assert "(4, 1536)" in message and "(4, 2048)" in message, message
+        # Both sides' actual sizes, not a guess about the released models.
+        assert "this model: ResBlocks per level: down [8, 24], up [24, 8]; widths [2048, 2048]" in message
+        assert "the LoRA: input widths [1536]" in message and "3.6B" not in message
 
 
 def _official_lora_order(layout: dict, filters) -> list[str]:
@@ -252,3 +255,26 @@ def test_merge_script_and_format_conversion(official, tmp_path):
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
     assert script.main(["merge", "--model", str(converted), "--lora", str(tmp_path / "missing.safetensors"),
                         "--output", str(tmp_path / "x")]) == 2
+
+
+def test_bad_strengths_and_full_models_are_refused_by_name_before_any_work(official, fixtures_dir, tmp_path,
+                                                                           capsys):
+    """Issue 30 item 7: strength nan/inf wrote a broken model with rc 0; a full Stage C read as "LoHa/LoKr"."""
+    from cascade_jax.weights.lora_merge import merge_loras_into_directory
+    _, _, _, _, path, converted = official
+    script = _script()
+    for strength in ("nan", "inf", "-inf", "1e30"):
+        assert script.main(["merge", "--model", str(converted), "--lora", f"{path}:{strength}", "--output",
+                            str(tmp_path / "x")]) == 2
+        assert f"LoRA {path} strength must be a finite number between -100 and 100" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="strength must be a finite number"):
+        merge_loras_into_directory(converted, [(path, float("nan"))], tmp_path / "x")
+    full_model = fixtures_dir / "stage_c" / "weights.safetensors"
+    assert script.main(["merge", "--model", str(converted), "--lora", str(full_model), "--output",
+                        str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"{full_model} is not a LoRA file: none of its" in err and "a full model's weights" in err, err
+    assert not (tmp_path / "x").exists()
+    model = abstract_model("stage_c", fixture(fixtures_dir, "stage_c")[0]["config"])
+    with pytest.raises(ValueError, match="strength must be a finite number"):
+        L.attach_lora(model, "a", load_lora(path, model), float("inf"))

@@ -381,9 +381,9 @@ def test_unknown_sharding_value_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"c_hidden": "32"}, "c_hidden must be an integer"),
-    ({"c_hidden": True}, "c_hidden must be an integer"),
-    ({"levels": 2.5}, "levels must be an integer"),
+    ({"c_hidden": "32"}, r"c_hidden='32' is not accepted \('32' is not an integer\); c_hidden takes an integer"),
+    ({"c_hidden": True}, r"c_hidden=True is not accepted \(True is not an integer\)"),
+    ({"levels": 2.5}, r"levels=2.5 is not accepted \(2.5 is not an integer\)"),
     ({"colour": 1}, r"unknown config keys \['colour'\]"),
 ])
 def test_config_errors_name_the_key(change, message):
@@ -393,9 +393,11 @@ def test_config_errors_name_the_key(change, message):
 
 def test_stage_c_config_errors_name_the_key():
     model, config = loading.pipeline_set("tiny")["stage_c"]
-    for change, message in [({"c_cond": "64"}, "c_cond must be an integer"), ({"c_hidden": 64}, "c_hidden must be a list"),
-                            ({"c_hidden": [64]}, "c_hidden has 1 levels"),
-                            ({"blocks": [[1, 2]]}, r"blocks must be \[down, up\]")]:
+    for change, message in [({"c_cond": "64"}, "c_cond='64' is not accepted"),
+                            ({"c_hidden": 64}, r"c_hidden=64 is not accepted \(64 is not a list\)"),
+                            ({"c_hidden": [64, 64, 64]}, r"nhead=\[2, 2\] is not accepted \(it has 2 entries; c_hidden "
+                                                         "has 3 levels, so 3 are needed"),
+                            ({"blocks": [[1, 2]]}, r"blocks takes \[down, up\]: two lists of integers")]:
         with pytest.raises(ValueError, match=message):
             abstract_model(model, {**config, **change})
 

@@ -103,6 +103,7 @@ def test_inputs_and_outputs_are_checked_before_any_model_loads(tmp_path, capsys,
         ([*base, "--image", str(tmp_path)], "is a folder"),
         ([*base, "--image", str(corrupt)], "not an image file PIL can read"),
         (["text2img", "--random", "tiny", "--out", str(tmp_path / "taken")], "is a file, not a folder"),
+        (["text2img", "--random", "tiny", "--out", str(tmp_path / "taken" / "sub")], "cannot be created: "),
         (["text2img", "--random", "tiny", "--seed", "-1", *out], "--seed must be an integer in [0, 2**32 - 1]"),
         (["text2img", "--random", "tiny", "--seed", str(1 << 32), *out], "--seed must be an integer"),
         (["text2img", "--random", "tiny", "--seed", str((1 << 32) - 1), "--num-images", "2", *out],
@@ -139,3 +140,13 @@ def test_earlier_results_are_kept_unless_overwrite(tmp_path, capsys):
     assert np.asarray(Image.open(out / "text2img_00_seed3-1.png")).shape == (64, 64, 3)
     args = script.parse_args([*argv, "--overwrite"])
     assert [p.name for p in args.paths] == ["text2img_00_seed3.png"]
+
+
+def test_a_failed_run_leaves_no_output_folder(tmp_path, capsys):
+    """Issue 30: every failed run left an empty output folder; it is now made when there is a result."""
+    script = load_script()
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "new" / "out"
+    assert script.main(["text2img", "--weights", str(tmp_path / "empty"), "--out", str(out)]) == 2
+    assert "no tokenizer/ folder" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

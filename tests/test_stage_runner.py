@@ -47,9 +47,8 @@ def test_batch_is_sharded_and_each_image_matches_its_seed_alone(runner):
     np.testing.assert_array_equal(np.asarray(repeat), np.asarray(batch))  # same seeds, same numbers
 
 
-def _hlo(stage, settings, progress, args):
-    from cascade_jax.pipelines.stage_runner import _run_jit
-    return _run_jit.lower(stage.graphdef, settings, (4, 4, 16), progress, stage.state, *args).as_text()
+def _hlo(stage, settings, progress, args, batch):
+    return stage.lower(settings, (4, 4, 16), progress, args, batch).as_text()
 
 
 def test_progress_callback_runs_in_order_from_the_compiled_loop_and_changes_nothing(runner):
@@ -73,10 +72,9 @@ def test_progress_callback_runs_in_order_from_the_compiled_loop_and_changes_noth
     stage(settings, (4, 4, 16), seeds, cond, uncond, callback=steps_only.append)
     assert [e.step for e in steps_only] == [1, 2, 3] and steps_only[0].x0 is None
 
-    args = stage._place((image_keys(seeds), cond, uncond, None, np.int32(0), np.arange(batch, dtype=np.int32)),
-                        batch)
-    assert "callback" not in _hlo(stage, settings, None, args).lower()
-    assert "callback" in _hlo(stage, settings, "step", args).lower()
+    args = stage._arguments(settings, seeds, cond, uncond, None, 0)
+    assert "callback" not in _hlo(stage, settings, None, args, batch).lower()
+    assert "callback" in _hlo(stage, settings, "step", args, batch).lower()
 
 
 def test_callback_errors_reach_the_caller(runner):
@@ -103,3 +101,44 @@ def test_noise_streams_of_one_seed_are_independent_and_any_uint32_seed_works():
     assert all(not np.array_equal(keys[i], keys[j]) for i in range(3) for j in range(i))
     np.testing.assert_array_equal(keys[0], jax.random.key_data(jax.vmap(jax.random.key)(
         np.asarray([top, 3 << 30], np.uint32))))  # stream 0 is the seed's own key (Stage C unchanged)
+
+
+def test_a_new_guidance_scale_reuses_the_program(runner):
+    """Issue 30 item 4: the guidance scale is an argument of the compiled loop, not a constant of it (the
+    official parity tests run through it). The settings and batch of the progress test above: in a full
+    run this test compiles nothing."""
+    stage, config = runner
+    batch = 8 if jax.local_device_count() >= 8 else 2
+    cond = _conditions(config, batch, 1)
+    uncond = {k: np.zeros_like(v) for k, v in cond.items()}
+    results, compiles = {}, None
+    for cfg in (4.0, 5.5, (6.0, 2.0)):
+        timing = StageTiming()
+        settings = SamplerSettings(steps=3, cfg=cfg, shift=2.0, cfg_std_per_sample=True)
+        results[cfg] = np.asarray(stage(settings, (4, 4, 16), list(range(batch)), cond, uncond, timing=timing))
+        compiles = stage._compiled.compiles if compiles is None else compiles
+        assert stage._compiled.compiles == compiles and (timing.cached or cfg == 4.0), cfg
+    assert relative_error(results[5.5], results[4.0]) > 1e-3 and relative_error(results[(6.0, 2.0)], results[5.5]) > 1e-3
+
+
+def test_program_cache_keeps_the_most_recent_and_frees_the_rest():
+    import gc
+    import weakref
+
+    from cascade_jax.pipelines.programs import ProgramCache
+
+    class Program:  # stands in for a compiled program
+        pass
+
+    cache = ProgramCache(2)
+    programs = [Program() for _ in range(3)]
+    refs = [weakref.ref(p) for p in programs]
+    cache.put("a", programs[0])
+    cache.put("b", programs[1])
+    assert cache.get("a") is programs[0]  # "a" is now the most recently used
+    cache.put("c", programs[2])
+    del programs
+    gc.collect()
+    assert list(cache) == ["a", "c"] and cache.compiles == 3 and refs[1]() is None
+    with pytest.raises(ValueError, match="max_size must be a positive integer"):
+        ProgramCache(0)

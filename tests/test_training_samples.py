@@ -1,11 +1,15 @@
 """Sample collages during training (``sample_every``): tiny Stage C and Stage B runs write
-``samples/step_N.png`` of the expected size from the current weights, and sampling leaves the
-training losses exactly as they are without it."""
+``samples/step_N.png`` of the expected size from the current weights, also logged to TensorBoard as
+images; Stage C prompts with captions of the training data unless ``sample_prompts`` says otherwise;
+sampling leaves the training losses exactly as they are without it."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import struct
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,8 +22,7 @@ from cascade_jax.sharding import make_mesh
 from cascade_jax.training import build_run, load_config, train
 from cascade_jax.training.hooks import Hook
 from cascade_jax.training.loop import host_rng
-from cascade_jax.training.samples import (CAPTION_HEIGHT, DEFAULT_SAMPLE_PROMPTS, PAD, SampleCollage, collage,
-                                          false_colour)
+from cascade_jax.training.samples import CAPTION_HEIGHT, PAD, SampleCollage, collage, false_colour
 
 UPDATES, EVERY = 4, 2
 
@@ -39,19 +42,52 @@ def collages(tmp_path, name: str) -> dict:
     return {p.name: Image.open(p) for p in sorted(folder.iterdir())}
 
 
+class CaptionedImageData(ImageData):
+    """ImageData that names captions of its dataset, as the training loader does (``sample_captions``)."""
+
+    CAPTIONS = ["a red square", "a blue square", "a green square"]
+
+    def sample_captions(self, count: int) -> list[str]:
+        return self.CAPTIONS[:count]
+
+
+def tensorboard_images(log_dir: Path, tag: str = "samples") -> dict[int, np.ndarray]:
+    """{step: RGB array} of the images under ``tag`` in the TensorBoard event files of ``log_dir``
+    (TFRecord framing: length u64, its CRC u32, the Event proto, its CRC u32)."""
+    from tensorboardX.proto import event_pb2
+
+    found = {}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.tag == tag and value.HasField("image"):
+                    image = Image.open(io.BytesIO(value.image.encoded_image_string))
+                    found[event.step] = np.asarray(image.convert("RGB"))
+    return found
+
+
 def test_stage_c_collages_leave_training_unchanged(tmp_path, caplog):
-    run = train(tiny("c", tmp_path, "with", f"sample_every={EVERY}"), data=ImageData(4, 64), mesh=one_device(),
-                progress=False)
+    run = train(tiny("c", tmp_path, "with", f"sample_every={EVERY}"), data=CaptionedImageData(4, 64),
+                mesh=one_device(), progress=False)
     found = collages(tmp_path, "with")
     assert list(found) == ["step_00000002.png", "step_00000004.png"]
     # 64-px run: 2x2 Stage C latents (the EfficientNet's /32), 16x16 previews (x8), tiles upscaled 8x to 128;
-    # 4 prompts in a row: 4*128 + 5*2 = 522 wide, 128 + 2*2 + 14 (captions) = 146 high.
-    assert {im.size for im in found.values()} == {(522, 146)}
+    # the dataset's 3 captions in a row: 3*128 + 4*2 = 392 wide, 128 + 2*2 + 14 (captions) = 146 high.
+    assert {im.size for im in found.values()} == {(392, 146)}
     meta = found["step_00000004.png"].text
     assert meta["decoder"] == "previewer" and meta["weights"] == "params" and meta["step"] == "4"
-    assert json.loads(meta["captions"]) == list(DEFAULT_SAMPLE_PROMPTS)
+    assert json.loads(meta["captions"]) == CaptionedImageData.CAPTIONS and meta["caption_source"] == "dataset"
     first, last = (np.asarray(im.convert("RGB")) for im in found.values())
     assert not np.array_equal(first, last)  # sampled from the weights of that update, same noise
+    # The same pictures in TensorBoard's Images tab.
+    logged = tensorboard_images(tmp_path / "out" / "with" / "logs")
+    assert sorted(logged) == [2, 4]
+    np.testing.assert_array_equal(logged[2], first)
+    np.testing.assert_array_equal(logged[4], last)
 
     # Without sampling: the same run replayed update by update as train() feeds it, on the step program
     # train() compiled (a second train() would compile it again: 19 s of CPU).
@@ -61,11 +97,21 @@ def test_stage_c_collages_leave_training_unchanged(tmp_path, caplog):
                                             plain.mesh))["loss"]) for step in range(UPDATES)]
     assert [h["loss"] for h in run.history] == losses  # bit for bit
 
-    # Without a previewer the collage shows the latents in false colour, and the log says so.
+    # Without a previewer the collage shows the latents in false colour, and the log says so. With data that
+    # names no captions, the first batch's are the prompts.
     run.task.wanted_previewer = lambda cfg: False
     with caplog.at_level(logging.WARNING, logger="cascade_jax.training.samples"):
-        fallback = SampleCollage(run, tiny("c", tmp_path, "no_previewer", f"sample_every={EVERY}"))
+        fallback = SampleCollage(run, tiny("c", tmp_path, "no_previewer", f"sample_every={EVERY}"), ImageData(4, 64))
     assert "false-colour" in caplog.text and fallback.decoder == "false colour (no previewer)"
+    assert fallback.captions is None
+    batch = next(ImageData(4, 64))
+    fallback.remember(batch)
+    fallback.remember(next(ImageData(4, 64, seed=1)))  # only the first batch counts
+    assert fallback.captions == batch["captions"] and fallback.caption_source == "first batch"
+    # sample_prompts overrides the dataset's captions.
+    chosen = SampleCollage(run, tiny("c", tmp_path, "chosen", f"sample_every={EVERY}", "sample_prompts=[a cat]"),
+                           CaptionedImageData(4, 64))
+    assert chosen.captions == ["a cat"] and chosen.caption_source == "sample_prompts"
 
 
 def test_stage_b_collage_reconstructs_the_first_batch_from_the_ema(tmp_path):

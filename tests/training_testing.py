@@ -2,13 +2,17 @@
 deterministic in-memory data iterators with a checkpointable position.
 
 Run as a script it trains the toy task (the kill -9 / resume test starts it as a subprocess):
-``python training_testing.py CKPT_DIR UPDATES LOG_FILE`` appends one line per update to LOG_FILE.
+``python training_testing.py CKPT_DIR UPDATES LOG_FILE`` appends one line per update to LOG_FILE;
+``python training_testing.py interruptible WORK LOG_FILE`` is a long run, as the trainer scripts run it,
+for the Ctrl-C test to stop.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +133,7 @@ class ImageData:
 
 
 def toy_config(tmp_path, **overrides):
-    values = {"stage": "toy", "experiment_id": "toy", "checkpoint_path": str(tmp_path / "ckpt"),
+    values = {"stage": "toy", "experiment_id": "toy", "init": "scratch", "checkpoint_path": str(tmp_path / "ckpt"),
               "output_path": str(tmp_path / "out"), "lr": 0.05, "batch_size": 8, "updates": 4,
               "warmup_updates": 2, "save_every": 1000, "backup_every": 1000, "compute_dtype": "float32",
               "log_every": 1, "seed": 0, "async_checkpointing": False, **overrides}
@@ -140,10 +144,30 @@ def host_params(state) -> dict:
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
+def interruptible_config(work):
+    return toy_config(work, updates=10_000, save_every=4, async_checkpointing=True)
+
+
+def interruptible_main(work: str, log_file: str) -> int:
+    """A toy run too long to finish (~20 ms an update) under the trainer scripts' exit handling."""
+    from cascade_jax.training import train
+    from cascade_jax.training.hooks import Hook
+    from cascade_jax.training.interrupt import exit_status
+
+    def record(step, state, metrics):
+        with open(log_file, "a") as f:
+            f.write(json.dumps({"step": step, "loss": float(metrics["loss"])}) + "\n")
+        time.sleep(0.02)
+
+    def work_fn() -> int:
+        train(interruptible_config(Path(work)), data=ToyData(8), hooks=[Hook(1, record)], progress=False)
+        return 0
+
+    return exit_status(work_fn)
+
+
 def distributed_main(port: int, process_id: int, out_file: str, work: str):
     """One of two processes of a jax.distributed run on the CPU; writes its per-update losses."""
-    from pathlib import Path
-
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
     from cascade_jax.training import train
@@ -154,17 +178,38 @@ def distributed_main(port: int, process_id: int, out_file: str, work: str):
     with open(out_file, "w") as f:
         json.dump({"losses": [h["loss"] for h in run.history], "devices": jax.device_count(),
                    "processes": jax.process_count()}, f)
+    return interrupted_distributed_run(Path(work), process_id)
+
+
+def interrupted_distributed_run(work, process_id: int) -> int:
+    """A long run that the test stops with Ctrl-C to process 0 only: both processes must stop after the
+    same update (JAX's preemption sync point), save it, and exit 130 (process 0) and 143 (process 1)."""
+    from cascade_jax.training import train
+    from cascade_jax.training.hooks import Hook
+    from cascade_jax.training.interrupt import exit_status
+
+    def record(step, state, metrics):
+        with open(work / f"steps{process_id}", "a") as f:
+            f.write(f"{step}\n")
+        time.sleep(0.02)
+
+    def work_fn() -> int:
+        cfg = toy_config(work / "interrupted", batch_size=16, updates=10_000, save_every=1000,
+                         async_checkpointing=True)
+        train(cfg, data=ToyData(8, stride=16, offset=8 * process_id), hooks=[Hook(1, record)], progress=False)
+        return 0
+
+    return exit_status(work_fn)
 
 
 if __name__ == "__main__":
-    from pathlib import Path
-
     from cascade_jax.training import train
     from cascade_jax.training.hooks import Hook
 
     if sys.argv[1] == "distributed":
-        distributed_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
-        sys.exit(0)
+        sys.exit(distributed_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]))
+    if sys.argv[1] == "interruptible":
+        sys.exit(interruptible_main(sys.argv[2], sys.argv[3]))
     ckpt, updates, log_file = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     cfg = toy_config(ckpt, updates=updates, save_every=2, async_checkpointing=True, keep_checkpoints=2)
     data = ToyData(cfg.batch_size)

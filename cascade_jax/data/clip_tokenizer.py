@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import regex
 
+from cascade_jax import storage
+
 # CLIP's pre-tokenisation pattern (transformers' CLIPTokenizer / OpenAI's simple_tokenizer).
 CLIP_PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
@@ -103,8 +105,9 @@ class CLIPTokenizer:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, folder) -> "CLIPTokenizer":
-        """Load a Hugging Face CLIPTokenizer folder (vocab.json, merges.txt and the two configs)."""
-        folder = Path(folder)
+        """Load a Hugging Face CLIPTokenizer folder (vocab.json, merges.txt and the two configs); a folder in a
+        bucket is read from a local copy."""
+        folder = storage.local_copy(folder)
         for name in ("vocab.json", "merges.txt"):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name} is missing: a CLIP tokenizer folder needs vocab.json "

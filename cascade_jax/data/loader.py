@@ -32,8 +32,9 @@ import jax
 import numpy as np
 
 from cascade_jax.data import buckets as bk
+from cascade_jax.storage import StorageError
 from cascade_jax.data.config import DataConfig
-from cascade_jax.data.sources import SKIP_REASONS, FolderSource, SkipSample, decode_rgb, open_image
+from cascade_jax.data.sources import SKIP_REASONS, FolderSource, SkipSample, check_pixels, decode_rgb, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,26 @@ class TrainIterator(grain.DatasetIterator):
     @property
     def step(self) -> int:
         return self._state["step"]
+
+    @property
+    def source(self):
+        """The sample source (``records``, ``description``), for the trainer's start-up lines."""
+        return self._plan.source
+
+    def sample_captions(self, count: int, scan: int = 64) -> list[str]:
+        """Up to ``count`` distinct non-empty captions of the first ``scan`` samples of the global order: the
+        same on every host and after a resume (the trainer's sample collages prompt with them)."""
+        plan, captions = self._plan, []
+        for position in range(min(scan, len(plan.source.records))):
+            try:
+                caption = plan.source.read(plan.records[position]).caption
+            except SkipSample:
+                continue
+            if caption and caption not in captions:
+                captions.append(caption)
+                if len(captions) == count:
+                    break
+        return captions
 
     def start_prefetch(self) -> None:
         if self._producer is None:
@@ -261,13 +282,16 @@ class _BatchAssembler:
 
     def _count_skip(self, reason: str) -> None:
         state = self.state
-        state["skipped"][reason] += 1
+        state["skipped"][reason] = state["skipped"].get(reason, 0) + 1  # .get: states saved before a new reason
         state["consecutive_skips"] += 1
-        if state["consecutive_skips"] >= max(self.plan.local_size, 1):
+        # Each pass is reshuffled, so a run of bad samples may end one pass and start the next: only twice the
+        # dataset's length of skips in a row proves a whole pass without one usable sample (on one host; with
+        # several, this host reads its share of 2 x process_count passes).
+        if state["consecutive_skips"] >= 2 * max(len(self.plan.source.records), 1):
             counts = {k: v for k, v in state["skipped"].items() if v}
             raise ValueError(f"no usable sample in a whole pass over {self.plan.source.description} "
-                             f"(host {self.plan.process_index}): skipped {counts}; check the paths, "
-                             f"image_key/caption_key and filters")
+                             f"(host {self.plan.process_index}, {state['consecutive_skips']} skipped in a row): "
+                             f"skipped {counts}; check the paths, image_key/caption_key and filters")
 
     def _finish(self, taken: list[Future], index: int, size) -> tuple[np.ndarray, list[str]]:
         images, captions = [], []
@@ -290,9 +314,11 @@ def _load(plan: LoaderPlan, position: int):
     record = plan.records[plan.global_position(position)]
     try:
         raw = plan.source.read(record)
-        return decode_rgb(raw), raw.caption
+        return decode_rgb(raw, plan.cfg.max_image_pixels), raw.caption
     except SkipSample as skip:
         return skip
+    except StorageError:
+        raise  # the bucket is unreachable after retries: every sample would fail, so the run stops here
     except Exception as err:  # noqa: BLE001 - one odd sample must not end a run; it is counted and logged
         logger.warning("skipping unreadable sample %r of %s: %s: %s", record, plan.source.description,
                        type(err).__name__, err)
@@ -310,7 +336,8 @@ def _load_and_crop(plan: LoaderPlan, position: int, size):
     return result if isinstance(result, SkipSample) else _crop(plan, position, *result, size)
 
 
-def probe_frequencies(source, records: grain.MapDataset, count: int, ratios, limit: int) -> np.ndarray:
+def probe_frequencies(source, records: grain.MapDataset, count: int, ratios, limit: int,
+                      max_pixels: int | None = None) -> np.ndarray:
     """Closest-bucket counts of the first ``count`` usable samples of the global order (headers only).
 
     Every host reads the same positions, so every host derives the same bucket frequencies.
@@ -319,7 +346,9 @@ def probe_frequencies(source, records: grain.MapDataset, count: int, ratios, lim
     skipped = collections.Counter()
     for position in range(limit):
         try:
-            width, height = open_image(source.read(records[position])).size
+            image = open_image(source.read(records[position]))
+            check_pixels(image, max_pixels, str(records[position]))
+            width, height = image.size
         except SkipSample as skip:
             skipped[skip.reason] += 1
             continue
@@ -358,7 +387,8 @@ def make_train_loader(data_cfg: DataConfig | dict, *, global_batch_size: int, im
     else:
         ratios, sizes = bk.single_bucket(image_size)
         probe_count = 1  # one usable sample proves the source is not empty
-    frequencies = probe_frequencies(source, records, probe_count, ratios, limit=len(source.records))
+    frequencies = probe_frequencies(source, records, probe_count, ratios, limit=len(source.records),
+                                    max_pixels=cfg.max_image_pixels)
     schedule = bk.BucketSchedule(sizes, ratios, frequencies, cfg.bucket_random_ratio if multi_aspect_ratio else 0,
                                  seed)
     local_size = -(-len(source.records) // process_count)

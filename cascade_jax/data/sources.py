@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cascade_jax import storage
 from cascade_jax.data.clip_preprocess import to_rgb
 from cascade_jax.data.config import DataConfig
 from cascade_jax.data.filters import MetadataFilter
 
-SKIP_REASONS = ("no_image", "no_caption", "filtered", "unreadable", "corrupt_image")
+SKIP_REASONS = ("no_image", "no_caption", "filtered", "unreadable", "corrupt_image", "too_large")
 
 
 class SkipSample(Exception):
@@ -47,13 +48,25 @@ def open_image(raw: RawSample) -> Image.Image:
         return Image.fromarray(np.squeeze(raw.image, axis=-1) if raw.image.shape[-1] == 1 else raw.image)
     try:
         return Image.open(io.BytesIO(raw.image))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # over twice PIL's threshold: refused by PIL at the header
+        raise SkipSample("too_large", f"{raw.name}: {err}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         raise SkipSample("corrupt_image", f"{raw.name}: {err}") from None
 
 
-def decode_rgb(raw: RawSample) -> Image.Image:
-    """The fully decoded RGB image (alpha over white, as the CLIP preprocessing does)."""
+def check_pixels(image: Image.Image, max_pixels: int | None, name: str) -> None:
+    """Refuse an image over ``max_pixels`` from its header size, before anything is decoded."""
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise SkipSample("too_large", f"{name}: {width}x{height} = {width * height} pixels is over max_image_pixels "
+                                      f"{max_pixels} (a possible decompression bomb)")
+
+
+def decode_rgb(raw: RawSample, max_pixels: int | None = None) -> Image.Image:
+    """The fully decoded RGB image (alpha over white, as the CLIP preprocessing does); an image over
+    ``max_pixels`` (by its header) is refused without decoding."""
     image = open_image(raw)
+    check_pixels(image, max_pixels, raw.name)
     try:
         image.load()
         return to_rgb(image)
@@ -109,33 +122,43 @@ class FolderSource:
         self.caption_ext = cfg.caption_field.lstrip(".")
         self.filters = MetadataFilter(cfg.filters)
         exts = {"." + e for e in cfg.image_keys}
-        records = []
+        records, listed = [], set()
+        self.remote_files: set[str] = set()  # every file under the URL folders, from one listing each
         for folder in cfg.paths:
+            if storage.is_url(folder):
+                remote = [storage.join(folder, rel) for rel in sorted(storage.listing(folder))]
+                self.remote_files.update(remote)
+                listed.update(remote)
+                records.extend(p for p in remote if os.path.splitext(p)[1].lower() in exts)
+                continue
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"image folder {folder!r} does not exist or is not a folder")
             for path in sorted(Path(folder).rglob("*")):
+                listed.add(str(path))
                 if path.suffix.lower() in exts and path.is_file():
                     records.append(str(path))
         if not records:
             raise ValueError(f"no images ({', '.join(sorted(exts))}) under {self.description}")
         self.records = records
+        # From the listing, without more I/O: the trainer says up front how many read() will skip.
+        self.uncaptioned = [r for r in records if f"{os.path.splitext(r)[0]}.{self.caption_ext}" not in listed]
 
     def read(self, record: str) -> RawSample:
         stem = os.path.splitext(record)[0]
+        exists = self.remote_files.__contains__ if storage.is_url(record) else os.path.exists
         try:
-            with open(record, "rb") as f:
-                data = f.read()
+            data = storage.read_bytes(record)
             caption_path = f"{stem}.{self.caption_ext}"
-            if not os.path.exists(caption_path):
+            if not exists(caption_path):
                 raise SkipSample("no_caption", f"{record}: no {caption_path}")
-            with open(caption_path, "rb") as f:
-                caption = text_of(f.read(), caption_path)
+            caption = text_of(storage.read_bytes(caption_path), caption_path)
             metadata = None
             if self.filters:
                 metadata = {}
-                if os.path.exists(f"{stem}.json"):
-                    with open(f"{stem}.json", "rb") as f:
-                        metadata = parse_json(f.read(), f"{stem}.json")
+                if exists(f"{stem}.json"):
+                    metadata = parse_json(storage.read_bytes(f"{stem}.json"), f"{stem}.json")
+        except storage.StorageError:
+            raise  # the store is unreachable (retries used up): not one bad sample
         except OSError as err:
             raise SkipSample("unreadable", f"{record}: {err}") from None
         raw = RawSample(data, caption, record)

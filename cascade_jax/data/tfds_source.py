@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cascade_jax import storage
 from cascade_jax.data.config import DataConfig
 from cascade_jax.data.filters import MetadataFilter
 from cascade_jax.data.sources import RawSample, SkipSample, check_filters, open_image, text_of
@@ -34,6 +35,19 @@ def _feature(example: dict, path: str, name: str, reason: str):
     return value
 
 
+def local_data_dir(tfds_name: str, data_dir: str | None) -> str | None:
+    """``data_dir``, or for a bucket URL a local mirror of the dataset's folder in it: ArrayRecord files are
+    read through local file descriptors. Only the named dataset is copied, and only files that changed."""
+    if data_dir is None or not storage.is_url(data_dir):
+        return data_dir
+    name = tfds_name.split(":")[0].split("/")[0]
+    wanted = {f"{name}/{rel}": st for rel, st in storage.listing(storage.join(data_dir, name)).items()}
+    if not wanted:
+        raise FileNotFoundError(f"tfds dataset {tfds_name!r}: nothing under {storage.join(data_dir, name)}; check "
+                                f"tfds_name and tfds_data_dir")
+    return str(storage.mirror(data_dir, wanted))
+
+
 class TfdsSource:
     """Examples of ``tfds_name`` / ``tfds_split`` under ``tfds_data_dir``."""
 
@@ -44,7 +58,7 @@ class TfdsSource:
         self.image_key, self.caption_key = cfg.image_keys[0], cfg.caption_field
         self.filters = MetadataFilter(cfg.filters)
         try:
-            builder = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir)
+            builder = tfds.builder(cfg.tfds_name, data_dir=local_data_dir(cfg.tfds_name, cfg.tfds_data_dir))
         except tfds.core.registered.DatasetNotFoundError as err:
             raise ValueError(f"{self.description}: no such dataset ({str(err).splitlines()[0]}); "
                              f"check tfds_name and tfds_data_dir") from None

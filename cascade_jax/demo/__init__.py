@@ -9,8 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cascade_jax.named_weights import WeightSet, register
+
 NAME = "demo"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# demo-lcm: the demo with its Stage C distilled for few-step sampling (``make demo-lcm-weights``,
+# ``cascade_jax.training.demo_lcm``): an LCM-LoRA and its sampler settings, beside the demo weights.
+LCM_NAME = "demo-lcm"
+LCM_DIR = Path(__file__).resolve().parent / "lcm"
+LCM_LORA_FILE = "lcm_lora.safetensors"
 IMAGE_SIZE = 128  # the size the demo cascade was trained at (Stage C latents 3x3, Stage B 32x32)
 
 
@@ -21,3 +28,16 @@ def weights_dir() -> Path:
                                 "it. Rebuild it with `make demo-weights` (python train/demo.py), or pass real "
                                 "weights (--weights DIR)")
     return WEIGHTS_DIR
+
+
+def lcm_dir() -> Path:
+    """The shipped demo-lcm folder (LoRA and sampling.json); a clear error when it is absent."""
+    if not (LCM_DIR / LCM_LORA_FILE).is_file():
+        raise FileNotFoundError(f"demo-lcm is not in {LCM_DIR}: distil it with `make demo-lcm-weights` "
+                                "(python train/demo_lcm.py), or use --weights demo")
+    return LCM_DIR
+
+
+register(NAME, WeightSet(weights_dir, dtype="float32", image_size=IMAGE_SIZE))
+register(LCM_NAME, WeightSet(weights_dir, loras=lambda: (lcm_dir() / LCM_LORA_FILE,), sampling=lcm_dir,
+                             dtype="float32", image_size=IMAGE_SIZE))

@@ -124,29 +124,32 @@ def _initial_x(settings: SamplerSettings, x_init, shape, key, noise):
     return x, noise, key_steps
 
 
-def _per_step_arrays(settings: SamplerSettings, plan: SamplingPlan, noise) -> dict:
+def _per_step_arrays(settings: SamplerSettings, plan: SamplingPlan, noise, cfg_scale=None) -> dict:
     """Scan inputs, leading axis = step: levels, network r, guidance scale (and noise)."""
+    scale = jnp.asarray(plan.cfg_scale if cfg_scale is None else cfg_scale, jnp.float32)
+    if scale.shape != (settings.steps,):
+        raise ValueError(f"sample: cfg_scale has shape {scale.shape}; expected (steps,) = ({settings.steps},)")
     arrays = {"index": jnp.arange(settings.steps), "logsnr": jnp.asarray(plan.logsnr[:-1]),
-              "logsnr_next": jnp.asarray(plan.logsnr[1:]), "r": jnp.asarray(plan.r),
-              "scale": jnp.asarray(plan.cfg_scale)}
+              "logsnr_next": jnp.asarray(plan.logsnr[1:]), "r": jnp.asarray(plan.r), "scale": scale}
     if noise is not None:
         arrays["noise"] = noise
     return arrays
 
 
 def _prepare(model_fn, conditions, uncond_conditions, x_init, shape, key, noise, settings, trajectory,
-             on_step=None):
+             on_step=None, cfg_scale=None):
     plan = settings.plan()
     x, noise, key_steps = _initial_x(settings, x_init, shape, key, noise)
     conditions = dict(conditions or {})
     guided = concat_conditions(conditions, uncond_conditions) if plan.cfg_on.any() else None
     make_step = _step_builder(model_fn, conditions, guided, settings, key_steps, trajectory, on_step)
-    return x, _per_step_arrays(settings, plan, noise), make_step, _segments(plan.cfg_on)
+    return x, _per_step_arrays(settings, plan, noise, cfg_scale), make_step, _segments(plan.cfg_on)
 
 
 def sample_with_settings(model_fn: Callable, settings: SamplerSettings, conditions: dict,
                          uncond_conditions: dict | None = None, *, x_init=None, shape=None, key=None, noise=None,
-                         return_trajectory: bool = False, on_step: StepHook | None = None) -> SampleOutput:
+                         return_trajectory: bool = False, on_step: StepHook | None = None,
+                         cfg_scale=None) -> SampleOutput:
     """Run one stage's reverse diffusion with ``settings``; ``.x0`` of the result is the stage's output.
 
     ``model_fn(x, r, **conditions)`` maps x (B, ..., C) and r (B,) to the prediction; it is
@@ -154,9 +157,12 @@ def sample_with_settings(model_fn: Callable, settings: SamplerSettings, conditio
     but the arrays is static). Start from ``x_init``, or from N(0, 1) of ``shape`` drawn from
     ``key``. Per-step noise is ``noise[i]`` when a (steps, *x.shape) array is given, else drawn
     from ``key``. ``on_step(index, x, x0)`` (see ``StepHook``) runs inside the loop after each step.
+    ``cfg_scale``: the (steps,) guidance scales to use instead of ``settings.plan().cfg_scale``, e.g. as a
+    traced argument, so that one compiled loop serves every scale (which steps are guided still comes
+    from ``settings``).
     """
     x, per_step, make_step, segments = _prepare(model_fn, conditions, uncond_conditions, x_init, shape,
-                                                key, noise, settings, return_trajectory, on_step)
+                                                key, noise, settings, return_trajectory, on_step, cfg_scale)
     carry, outputs = (x, jnp.zeros_like(x)), []
     # One scan per run of guided / unguided steps: the batch size differs between them.
     for first, end, guided in segments:

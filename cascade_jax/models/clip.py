@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cascade_jax.models.config_forms import INT, NUMBER, Choice
 from cascade_jax.nn.functional import gelu
 from cascade_jax.nn.layers import Conv2d, Embedding, LayerNorm, Linear
 from cascade_jax.nn.params import param
@@ -185,6 +186,11 @@ class CLIPTextEncoder(nnx.Module):
     projection_dim 1280, hidden_act "gelu" (exact); see configs/models/clip_text_bigg14.yaml.
     """
 
+    CONFIG_FORMS = {**dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "projection_dim",
+                                     "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+                                     "eos_token_id"), INT),
+                    "hidden_act": Choice(*sorted(ACTIVATIONS)), "layer_norm_eps": NUMBER}
+
     def __init__(self, vocab_size=49408, hidden_size=512, intermediate_size=2048, projection_dim=512,
                  num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=77,
                  hidden_act="quick_gelu", layer_norm_eps=1e-5, eos_token_id=49407, *, rngs):
@@ -281,6 +287,10 @@ class CLIPVisionEncoder(nnx.Module):
     (:func:`cascade_jax.data.clip_preprocess.preprocess_images`). ViT-L/14 (Stable Cascade):
     hidden_size 1024, 24 layers, 16 heads, patch 14, projection_dim 768, quick_gelu.
     """
+
+    CONFIG_FORMS = {**dict.fromkeys(("hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+                                     "num_attention_heads", "num_channels", "image_size", "patch_size"), INT),
+                    "hidden_act": Choice(*sorted(ACTIVATIONS)), "layer_norm_eps": NUMBER}
 
     def __init__(self, hidden_size=768, intermediate_size=3072, projection_dim=512, num_hidden_layers=12,
                  num_attention_heads=12, num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu",

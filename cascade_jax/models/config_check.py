@@ -1,97 +1,59 @@
 """Checking a model config against its constructor before building anything.
 
 A config is the official constructor call written as YAML, so most mistakes are a wrong key, a
-value of the wrong type (``c_cond: "64"``), or per-level lists of different lengths (``c_hidden``
-with one entry, ``nhead`` with two). Deep inside the constructor these surface as an
-``IndexError`` or a JAX shape error that names nothing; here each becomes a message naming the key.
+value the constructor cannot take (``c_cond: "64"``), or a per-level list shorter than ``c_hidden``
+(``nhead`` with one entry for two levels). Deep inside the constructor these surface as an
+``IndexError`` or a JAX shape error that names nothing; here each becomes a message naming the key,
+the value and what the key takes. What a key takes is the model class's ``CONFIG_FORMS``
+(:mod:`cascade_jax.models.config_forms`): every form the official constructor accepts.
 """
 
 from __future__ import annotations
 
 import inspect
 
-# Per-level arguments of the UNets: one entry per resolution level (as many as c_hidden); the nested
-# ones hold a (down, up) pair of per-level lists.
-LEVEL_ARGUMENTS = ("c_hidden", "nhead", "level_config", "dropout")
-NESTED_LEVEL_ARGUMENTS = ("blocks", "block_repeat")
-UNETS = ("StageB", "StageC")
+# The key whose length is the number of resolution levels (the U-Nets' per-level lists follow it).
+LEVELS_KEY = "c_hidden"
+_MAX_SHOWN = 200  # characters of a refused value shown in the message
 
 
-def _kind(value) -> str | None:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "str"
-    if isinstance(value, (list, tuple)):
-        return "list"
-    return None
+def constructor_parameters(cls) -> dict[str, inspect.Parameter]:
+    """The config keys of ``cls``: its constructor's named arguments other than ``rngs``."""
+    return {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n not in ("self", "rngs") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
-def _fits(kind: str, value) -> bool:
-    if kind == "number":
-        return _kind(value) in ("int", "number")
-    return _kind(value) == kind
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
 
 
-def _element_kind(default) -> str | None:
-    kinds = {_kind(v) for v in default}
-    if kinds <= {"int", "number"} and kinds:
-        return "number" if "number" in kinds else "int"
-    return kinds.pop() if len(kinds) == 1 else None
-
-
-def _check_value(name: str, value, default, where: str):
-    kind = _kind(default)
-    if kind is None:
-        return  # None or an object default: nothing to compare with
-    if not _fits(kind, value):
-        wanted = {"list": "a list", "number": "a number", "int": "an integer", "bool": "true or false",
-                  "str": "a string"}[kind]
-        raise ValueError(f"{where}: {name} must be {wanted} (like the default {default!r}), got {value!r}")
-    if kind == "list" and default:
-        element = _element_kind(default)
-        template = default[0]
-        for i, item in enumerate(value):
-            if element == "list":
-                _check_value(f"{name}[{i}]", item, template, where)
-            elif element is not None and not _fits(element, item):
-                _check_value(f"{name}[{i}]", item, template if _kind(template) == element else 0.0, where)
-
-
-def _check_levels(config: dict, defaults: dict, where: str):
-    levels = len(config.get("c_hidden", defaults.get("c_hidden", ())))
-    for name in LEVEL_ARGUMENTS:
-        if name in config and len(config[name]) != levels:
-            raise ValueError(f"{where}: {name} has {len(config[name])} entries but c_hidden has {levels} levels; "
-                             "give one entry per level")
-    for name in NESTED_LEVEL_ARGUMENTS:
-        if name not in config:
-            continue
-        value = config[name]
-        if len(value) != 2 or any(len(part) != levels for part in value):
-            raise ValueError(f"{where}: {name} must be [down, up], two lists of {levels} entries (one per level of "
-                             f"c_hidden), got {value!r}")
+def _check_form(name: str, value, form, levels: int | None, where: str, default: bool = False):
+    problem = form.problem(value, levels)
+    if problem is not None:
+        given = f"the default {name}={_shown(value)} does not fit this config" if default else \
+            f"{name}={_shown(value)} is not accepted"
+        raise ValueError(f"{where}: {given} ({problem}); {name} takes {form.text(levels)}")
 
 
 def check_config(cls, config: dict, where: str):
     """Raise a ValueError naming the key when ``config`` cannot be passed to ``cls``'s constructor."""
     if not isinstance(config, dict):
         raise ValueError(f"{where}: a config is a mapping of constructor arguments, got {type(config).__name__}")
-    parameters = {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
-                  if n not in ("self", "rngs") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    parameters = constructor_parameters(cls)
     unknown = sorted(set(config) - set(parameters))
     if unknown:
         raise ValueError(f"{where}: unknown config keys {unknown}; {cls.__name__} takes {sorted(parameters)}")
     missing = sorted(n for n, p in parameters.items() if p.default is p.empty and n not in config)
     if missing:
         raise ValueError(f"{where}: config keys {missing} are required by {cls.__name__}")
-    defaults = {n: p.default for n, p in parameters.items() if p.default is not p.empty}
-    for name, value in config.items():
-        if name in defaults:
-            _check_value(name, value, defaults[name], where)
-    if cls.__name__ in UNETS:
-        _check_levels(config, defaults, where)
+    forms = cls.CONFIG_FORMS
+    levels = None
+    if LEVELS_KEY in parameters:
+        hidden = config.get(LEVELS_KEY, parameters[LEVELS_KEY].default)
+        _check_form(LEVELS_KEY, hidden, forms[LEVELS_KEY], None, where)
+        levels = len(hidden) if isinstance(hidden, (list, tuple)) else None  # Stage A: one width, no levels
+    # Defaults too: the default dropout (0.1, 0.1) of a three-level Stage C crashes as a given one would.
+    for name, parameter in parameters.items():
+        value = config.get(name, parameter.default)
+        _check_form(name, value, forms[name], levels, where, default=name not in config)

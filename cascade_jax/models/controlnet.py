@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
+from cascade_jax.models.config_forms import INT, Choice, Seq, optional
 from cascade_jax.models.effnet import V2_S_LAST_CHANNELS, efficientnet_features
 from cascade_jax.nn.layers import GELU, Conv2d, LayerNorm, LeakyReLU, Sequential
 from cascade_jax.nn.params import param
@@ -96,6 +97,10 @@ class ControlNet(nnx.Module):
     (H/32 for ``effnet``, H for ``simple``/``large``, whose hints are already latent-sized);
     Stage C resizes each to the block it feeds.
     """
+
+    # proj_blocks: the official default None crashes (len(None)); an empty list crashes in its forward (max([])).
+    CONFIG_FORMS = {"c_in": INT, "c_proj": INT, "proj_blocks": Seq(INT, min_length=1),
+                    "bottleneck_mode": optional(Choice(*BOTTLENECK_MODES))}
 
     def __init__(self, c_in=3, c_proj=2048, proj_blocks=None, bottleneck_mode=None, *, rngs):
         bottleneck_mode = "effnet" if bottleneck_mode is None else bottleneck_mode

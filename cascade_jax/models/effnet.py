@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cascade_jax.models.config_forms import FLAG, INT, Either, Seq, optional
 from cascade_jax.nn.layers import BatchNorm2d, Conv2d, Sequential, SiLU
 
 # torchvision builds EfficientNet's BatchNorm with eps 1e-3 (the TF default), not 1e-5.
@@ -159,6 +160,10 @@ def efficientnet_features(stages=V2_S_STAGES, last_channels=V2_S_LAST_CHANNELS, 
 
 class EfficientNetEncoder(nnx.Module):
     """``EfficientNetEncoder(x)``: (B, H, W, 3) normalised image → (B, ⌈H/32⌉, ⌈W/32⌉, c_latent) for V2-S."""
+
+    # The official constructor takes c_latent only; stages / last_channels are this port's (see stage_configs).
+    CONFIG_FORMS = {"c_latent": INT, "last_channels": INT,
+                    "stages": optional(Seq(Seq(Either(FLAG, INT), length=len(STAGE_FIELDS)), min_length=1))}
 
     def __init__(self, c_latent=16, stages=None, last_channels=V2_S_LAST_CHANNELS, *, rngs):
         self.backbone = efficientnet_features(stage_configs(stages), last_channels, rngs=rngs)

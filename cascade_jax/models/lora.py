@@ -31,7 +31,24 @@ import numpy as np
 from flax import nnx
 
 DEFAULT_FILTERS = (".attn",)  # the official configs' ``module_filters``
+# A strength (a LoRA's, a ControlNet's) scales weight deltas or residuals: far past this only overflows into
+# NaN images (1e30 did, after a whole sampling run), so it is refused before any work.
+MAX_STRENGTH = 100.0
 WEIGHT_ATTRIBUTES = ("weight", "in_proj_weight")  # checked in this order, as the official apply_lora does
+
+
+def check_strength(what: str, value) -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``what`` (e.g. "LoRA style.safetensors strength"): a
+    strength is a finite number within +-``MAX_STRENGTH``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if isinstance(value, (bool, np.bool_)) or number is None or not np.isfinite(number) \
+            or abs(number) > MAX_STRENGTH:
+        raise ValueError(f"{what} must be a finite number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g} "
+                         f"(1 is full strength), got {value!r}")
+    return number
 
 
 class LoRAParam(nnx.Param):
@@ -349,12 +366,22 @@ def check_lora_fits(model: nnx.Module, lora: LoRAWeights, source: str = "the LoR
     if problems:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise LoRAMismatchError(f"{source} does not fit this model ({len(problems)} of {len(lora.layers)} weights):\n  "
-                                + "\n  ".join(problems[:10]) + more + "\nIt was probably made for another model "
-                                "size (Stage C 3.6B has width 2048, the 1B lite model 1536).")
+                                + "\n  ".join(problems[:10]) + more + _both_sides(model, lora)
+                                + "\nUse the model the LoRA was trained on.")
+
+
+def _both_sides(model: nnx.Module, lora: LoRAWeights) -> str:
+    """The model's ResBlocks and widths per level beside what the LoRA's own keys and shapes imply."""
+    from cascade_jax.models.structure import describe_lora_layers, describe_unet, model_shapes
+
+    in_model = describe_unet(model_shapes(model))
+    in_lora = describe_lora_layers({key: int(factors.down.shape[1]) for key, factors in lora.layers.items()})
+    return (f"\n  this model: {in_model}" if in_model else "") + f"\n  the LoRA: {in_lora}"
 
 
 def attach_lora(model: nnx.Module, name: str, lora: LoRAWeights, strength: float = 1.0) -> int:
     """Add the layers of ``lora`` to ``model`` under ``name`` (checked first); returns how many."""
+    strength = check_strength(f"LoRA {name!r} strength", strength)
     check_lora_fits(model, lora, f"LoRA {name!r}")
     targets = {t.key: t for t in all_targets(model, "")}
     for key, factors in lora.layers.items():
@@ -389,6 +416,7 @@ def refresh_merged(weight: AdaptedWeight):
 
 
 def set_strength(model: nnx.Module, name: str, strength: float):
+    strength = check_strength(f"LoRA {name!r} strength", strength)
     for _, weight in _with_adapter(model, name):
         weight.adapters[name].strength.set_value(jnp.asarray(strength, jnp.float32))
         refresh_merged(weight)

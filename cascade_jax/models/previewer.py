@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from flax import nnx
 
+from cascade_jax.models.config_forms import INT
 from cascade_jax.nn.layers import GELU, BatchNorm2d, Conv2d, ConvTranspose2d, Sequential
 
 
@@ -18,6 +19,8 @@ def _gelu_norm(c, *, rngs):
 
 class Previewer(nnx.Module):
     """``Previewer(z)``: (B, h, w, c_in) latent → (B, 8h, 8w, c_out) image, BatchNorm in inference mode."""
+
+    CONFIG_FORMS = {"c_in": INT, "c_hidden": INT, "c_out": INT}
 
     def __init__(self, c_in=16, c_hidden=512, c_out=3, *, rngs):
         c2, c4 = c_hidden // 2, c_hidden // 4

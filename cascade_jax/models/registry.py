@@ -12,6 +12,7 @@ import yaml
 from flax import nnx
 
 from cascade_jax.models.config_check import check_config
+from cascade_jax.models.config_yaml import load_yaml
 
 # name -> "module:Class"; the class is constructed as Class(**official_config, rngs=...).
 MODEL_CLASSES = {
@@ -99,7 +100,7 @@ def read_config_file(path: Path):
     """The parsed YAML/JSON file, or a ValueError naming the file and the line of a syntax error."""
     try:
         text = path.read_text()
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix == ".json" else load_yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({e}); "
                          "fix the file or pass another config") from e

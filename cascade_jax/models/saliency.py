@@ -66,6 +66,8 @@ def _down(c_in, c_out, kernel, stride, pad, *, rngs):
 class MicroResNet(nnx.Module):
     """``MicroResNet()(x)``: (B, H, W, 3) in [0, 1] -> (B, ~H/8, ~W/8, 1) saliency in [0, 1]."""
 
+    CONFIG_FORMS = {}  # the official constructor takes no arguments
+
     def __init__(self, *, rngs):
         self.downsampler = Sequential(*_down(3, 8, 9, 4, 4, rngs=rngs), *_down(8, 16, 3, 2, 1, rngs=rngs),
                                       *_down(16, 32, 3, 2, 1, rngs=rngs))

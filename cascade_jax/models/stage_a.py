@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cascade_jax.models.config_forms import INT, NUMBER
 from cascade_jax.nn.functional import layer_norm
 from cascade_jax.nn.layers import (GELU, BatchNorm2d, Conv2d, ConvTranspose2d, Embedding, Linear, PixelShuffle,
                                    PixelUnshuffle, ReplicationPad2d, Sequential)
@@ -113,6 +114,9 @@ def _up_blocks(c_levels, c_latent, bottleneck_blocks, *, rngs):
 
 class StageA(nnx.Module):
     """The official ``StageA`` (Paella VQGAN); see the module docstring for the API."""
+
+    CONFIG_FORMS = {"levels": INT, "bottleneck_blocks": INT, "c_hidden": INT, "c_latent": INT, "codebook_size": INT,
+                    "scale_factor": NUMBER}
 
     def __init__(self, levels=2, bottleneck_blocks=12, c_hidden=384, c_latent=4, codebook_size=8192,
                  scale_factor=0.43, *, rngs):

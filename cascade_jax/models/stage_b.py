@@ -8,7 +8,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from cascade_jax.models.unet import CascadeUNet, dropout_key, embed_condition_tokens, map_to_tokens
+from cascade_jax.models.config_forms import INT
+from cascade_jax.models.unet import UNET_CONFIG_FORMS, CascadeUNet, dropout_key, embed_condition_tokens, map_to_tokens
 from cascade_jax.nn.functional import resize_bilinear_align_corners
 from cascade_jax.nn.layers import GELU, Conv2d, ConvTranspose2d, LayerNorm2d, Linear, Sequential
 
@@ -22,6 +23,8 @@ def _conditioning_mapper(c_in, c_hidden0, *, rngs):
 
 
 class StageB(CascadeUNet):
+    CONFIG_FORMS = {**UNET_CONFIG_FORMS, "c_clip": INT, "c_effnet": INT, "c_pixels": INT}
+
     def __init__(self, c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=1280, c_hidden=(320, 640, 1280, 1280),
                  nhead=(-1, -1, 20, 20), blocks=((2, 6, 28, 6), (6, 28, 6, 2)),
                  block_repeat=((1, 1, 1, 1), (3, 3, 2, 2)), level_config=("CT", "CT", "CTA", "CTA"), c_clip=1280,

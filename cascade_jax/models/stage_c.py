@@ -9,7 +9,8 @@ from functools import partial
 
 from flax import nnx
 
-from cascade_jax.models.unet import CascadeUNet, dropout_key, embed_condition_tokens, map_to_tokens
+from cascade_jax.models.config_forms import FLAG, INT, per_level
+from cascade_jax.models.unet import UNET_CONFIG_FORMS, CascadeUNet, dropout_key, embed_condition_tokens, map_to_tokens
 from cascade_jax.nn.functional import resize_bilinear_align_corners
 from cascade_jax.nn.layers import Conv2d, Identity, LayerNorm2d, Lambda, Linear, Sequential
 
@@ -42,6 +43,10 @@ class UpDownBlock2d(nnx.Module):
 
 
 class StageC(CascadeUNet):
+    # switch_level is read at level - 1 (the first level has no rescale): one entry fewer than c_hidden.
+    CONFIG_FORMS = {**UNET_CONFIG_FORMS, "c_clip_text": INT, "c_clip_text_pooled": INT, "c_clip_img": INT,
+                    "switch_level": per_level(FLAG, level_offset=-1)}
+
     def __init__(self, c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=2048, c_hidden=(2048, 2048), nhead=(32, 32),
                  blocks=((8, 24), (24, 8)), block_repeat=((1, 1), (1, 1)), level_config=("CTA", "CTA"),
                  c_clip_text=1280, c_clip_text_pooled=1280, c_clip_img=768, c_clip_seq=4, kernel_size=3,

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cascade_jax.models.config_forms import FLAG, INT, NUMBER, TEXT, DownUp, Either, Letters, Seq, optional, \
+    per_level, scalar_or_per_level
 from cascade_jax.nn.blocks import AttnBlock, FeedForwardBlock, ResBlock, TimestepBlock, clip_norm, r_embedding
 from cascade_jax.nn.functional import resize_bilinear_align_corners
 from cascade_jax.models.unet_scan import runs, scan_stacked, scan_units, unit_period
@@ -34,7 +36,19 @@ from cascade_jax.models.unet_stack import StackedUnits
 from cascade_jax.nn.layers import Conv2d, Identity, LayerNorm2d, PixelShuffle, PixelUnshuffle, Sequential
 
 
-def per_level(value, levels: int) -> list:
+# What the official StageB/StageC constructors accept for their shared arguments (``CONFIG_FORMS``).
+UNET_CONFIG_FORMS = {
+    "c_in": INT, "c_out": INT, "c_r": INT, "patch_size": INT, "c_cond": INT, "kernel_size": INT, "c_clip_seq": INT,
+    "c_hidden": Seq(INT, min_length=1), "nhead": per_level(INT), "level_config": per_level(Letters("CTAF")),
+    "blocks": DownUp(INT), "block_repeat": optional(DownUp(INT)),
+    "dropout": scalar_or_per_level(NUMBER), "self_attn": scalar_or_per_level(FLAG),
+    # a list: a bare string would be read letter by letter as condition names ('sca' -> s, c, a)
+    "t_conds": Seq(TEXT),
+    "remat": optional(Either(FLAG, TEXT)),  # this port's option (see remat_policy)
+}
+
+
+def expand_per_level(value, levels: int) -> list:
     """The official ``dropout``/``self_attn`` convention: a scalar applies to every level."""
     return list(value) if isinstance(value, (list, tuple)) else [value] * levels
 
@@ -106,7 +120,7 @@ class CascadeUNet(nnx.Module):
         """Build the official down/up ladder; ``make_*scaler(c_from, c_to, level)`` give the rescalers."""
         levels = len(c_hidden)
         self.c_r, self.t_conds = c_r, tuple(t_conds)
-        dropout, self_attn = per_level(dropout, levels), per_level(self_attn, levels)
+        dropout, self_attn = expand_per_level(dropout, levels), expand_per_level(self_attn, levels)
         # Official ``block_repeat=None`` builds no mappers at all; all-ones is the same key set.
         block_repeat = block_repeat or [[1] * levels, [1] * levels]
 

@@ -43,6 +43,7 @@ from cascade_jax.diffusion import GDF, SamplerSettings
 from cascade_jax.pipelines import arguments as checks
 from cascade_jax.pipelines import images as image_ops
 from cascade_jax.pipelines.defaults import DECODER_DEFAULTS, PRIOR_DEFAULTS
+from cascade_jax.pipelines.programs import MAX_PROGRAMS, ProgramCache, fresh_jit
 from cascade_jax.pipelines.sizes import latent_shapes
 from cascade_jax.pipelines.stage_runner import StageRunner, StageTiming, StepEvent, image_keys
 from cascade_jax.sharding import make_mesh, place_model
@@ -75,7 +76,12 @@ def _apply(graphdef, state, method: str | None, *args):
     return (module if method is None else getattr(module, method))(*args)
 
 
-_apply_jit = jax.jit(_apply, static_argnums=(0, 2))
+_APPLY_PROGRAMS = ProgramCache(4 * MAX_PROGRAMS)  # encoders, Stage A, previewer, ControlNets: a few per size
+
+
+def _avals(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(a), jnp.result_type(a), getattr(a, "sharding", None)) for a in leaves)
 
 
 def jitted_call(module: nnx.Module, *args, method: str | None = None):
@@ -83,10 +89,16 @@ def jitted_call(module: nnx.Module, *args, method: str | None = None):
 
     The image encoders, Stage A and the previewer would otherwise run op by op; compiling them is
     faster even for a single call (EfficientNet on a CPU: ~5 s to compile, ~15 s for a first eager
-    call). The module is split at each call, so changed weights or attributes are picked up.
+    call). The module is split at each call, so changed weights or attributes are picked up. The
+    programs live in one bounded cache (``programs``): a process that meets many sizes keeps a few.
     """
     graphdef, state = nnx.split(module)
-    return _apply_jit(graphdef, state, method, *args)
+    signature = (graphdef, method, _avals(state), _avals(args))
+    compiled = _APPLY_PROGRAMS.get(signature)
+    if compiled is None:
+        compiled = fresh_jit(_apply, static_argnums=(0, 2)).lower(graphdef, state, method, *args).compile()
+        _APPLY_PROGRAMS.put(signature, compiled)
+    return compiled(state, *args)
 
 
 class StableCascadePipeline:
@@ -142,9 +154,11 @@ class StableCascadePipeline:
 
     def load_loras(self, loras) -> "StableCascadePipeline":
         """Sample with these Stage C LoRAs (``"FILE[:STRENGTH]"`` strings or (path, strength) pairs),
-        merged for full speed; their new tokens work in prompts. ``[]`` restores the base weights."""
+        merged for full speed; their new tokens work in prompts. ``[]`` restores the base weights.
+        ``self.loras`` then lists what each applied (``AppliedLoRA``: weights, token rows, new tokens)."""
         from cascade_jax.pipelines.lora import apply_loras
-        return apply_loras(self, loras)
+        apply_loras(self, loras)
+        return self
 
     # ---- building blocks -------------------------------------------------------------------
     def _text(self, prompts, negative_prompt, repeat: int, call: _Call):

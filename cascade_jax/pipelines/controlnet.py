@@ -13,9 +13,10 @@ the official notebook does). Per-task settings are the official ones (notebook +
   guidance at all (lerp at weight 1 is the conditional prediction, so the unconditional pass
   the official sampler spends is skipped).
 
-Control strength is the official ``cnet_multiplier``; ``ControlSettings(start, stop)`` limits
-the control to Stage C steps ``start <= i < stop``. The strength and the step window reach the
-network as a small int32 array (float32 bit patterns, so the pipeline's cast of conditions to the
+Control strength is the official ``cnet_multiplier`` (finite, within +-MAX_STRENGTH);
+``ControlSettings(start, stop)`` limits the control to Stage C steps ``start <= i < stop`` (an empty
+window, or a start past the run's last step, is refused: the control would never act). The strength
+and the step window reach the network as a small int32 array (float32 bit patterns, so the pipeline's cast of conditions to the
 compute dtype leaves them exact) and change nothing in the compiled program when they change.
 """
 
@@ -34,9 +35,11 @@ from PIL import Image
 
 from cascade_jax.data import hints
 from cascade_jax.models.controlnet import ControlNet
+from cascade_jax.models.lora import check_strength
 from cascade_jax.nn.blocks import ResBlock
 from cascade_jax.pipelines import images as image_ops
 from cascade_jax.pipelines.cascade import StableCascadePipeline, jitted_call
+from cascade_jax.pipelines.sizes import check_image_size
 from cascade_jax.pipelines.stage_runner import StageRunner
 
 CONTROLS = ("canny", "inpainting", "super_resolution", "identity")
@@ -52,13 +55,21 @@ class ControlSettings:
     start: int = 0  # first Stage C step with control
     stop: int | None = None  # first step without it again (None: to the end)
 
-    def check(self):
-        if not np.isfinite(self.strength) or isinstance(self.strength, bool):
-            raise ValueError(f"control strength must be a finite number, got {self.strength!r}")
+    def check(self, steps: int | None = None):
+        """Refuse by name what cannot work: a strength that is not finite or beyond +-MAX_STRENGTH (it
+        overflows into NaN), a step index that is not one, an empty window (start >= stop), and with the
+        Stage C ``steps`` of the run, a start past its last step (the control would never act)."""
+        check_strength("control strength", self.strength)
         for name in ("start", "stop"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"control {name} must be a step index >= 0, got {value!r}")
+        if self.stop is not None and self.start >= self.stop:
+            raise ValueError(f"the control window is empty: control start {self.start} >= control stop {self.stop}, "
+                             "so the control would act on no step; the window is start <= step < stop")
+        if steps is not None and self.start >= steps:
+            raise ValueError(f"control start {self.start} is past the last Stage C step ({steps} steps: 0 .. "
+                             f"{steps - 1}), so the control would act on no step; lower it or run more steps")
 
 
 @dataclasses.dataclass
@@ -86,6 +97,29 @@ class ControlledStageC(nnx.Module):
             scale = jnp.where((r <= r_high) & (r > r_low), strength, 0.0)[:, None, None, None]
             cnet = [None if c is None else c * scale.astype(c.dtype) for c in cnet]
         return self.stage_c(x, r, clip_text, clip_text_pooled, clip_img, cnet=cnet, **t_conds)
+
+
+def controlled_steps(control: str, steps: int, t_start: float = 1.0) -> int:
+    """How many Stage C steps the control's run takes: inpainting starts at ``t_start`` and runs
+    ``round(steps * t_start)`` (at least 1) of them, as ``image_to_image``; the others all ``steps``."""
+    return max(1, round(steps * t_start)) if control == "inpainting" else steps
+
+
+def output_size(control: str, image_hw: tuple[int, int], height=None, width=None) -> tuple[int, int]:
+    """The output size for an input image of ``image_hw``: as given, else the input's size rounded down to a
+    multiple of 8 (twice that for super-resolution); checked (``check_image_size``) before any work."""
+    factor = 2 if control == "super_resolution" else 1
+    from_image = height is None or width is None
+    height = factor * image_ops.round_size(image_hw[0]) if height is None else height
+    width = factor * image_ops.round_size(image_hw[1]) if width is None else width
+    try:
+        check_image_size(height, width)
+    except ValueError as e:
+        if not from_image:
+            raise
+        raise ValueError(f"{e}; it comes from the input image's size {image_hw[0]}x{image_hw[1]}: pass a height and "
+                         "width, or resize the image") from None
+    return height, width
 
 
 def control_array(settings, control: ControlSettings, batch: int) -> np.ndarray:
@@ -233,10 +267,7 @@ class ControlNetPipeline:
 
     def output_size(self, arrays: np.ndarray, height, width) -> tuple[int, int]:
         """As given, else the input's size rounded down to a multiple of 8 (twice that for super-resolution)."""
-        factor = 2 if self.control == "super_resolution" else 1
-        height = factor * image_ops.round_size(arrays.shape[1]) if height is None else height
-        width = factor * image_ops.round_size(arrays.shape[2]) if width is None else width
-        return height, width
+        return output_size(self.control, arrays.shape[1:3], height, width)
 
     def make_hint(self, arrays: np.ndarray, size, *, mask=None, faces=None, saliency_fn=None, mask_threshold=0.2,
                   outpaint=False):
@@ -276,10 +307,11 @@ class ControlNetPipeline:
         and ArcFace embeddings); ``prior`` / ``decoder`` default to the pipeline's (``prior_defaults``, without
         guidance for super-resolution, as the official notebook).
         """
-        control.check()
+        prior_steps = (self.pipeline.prior_defaults if prior is None else prior).steps
+        control.check(controlled_steps(self.control, prior_steps, t_start))
         arrays = image_ops.as_uint8_batch(images)
         prompts = [prompt] * len(arrays) if isinstance(prompt, str) else list(prompt)
-        size = self.output_size(arrays, height, width)
+        size = self.output_size(arrays, height, width)  # checked: no work at a size the cascade cannot make
         hint, control_images, hint_mask = self.make_hint(arrays, size, mask=mask, faces=faces, saliency_fn=saliency_fn,
                                                          mask_threshold=mask_threshold, outpaint=outpaint)
         pipe = copy.copy(self.pipeline)  # the same models, with the controlled Stage C runner

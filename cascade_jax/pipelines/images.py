@@ -8,6 +8,8 @@ clipped; images with transparency (RGBA, LA, PA, P with a transparent colour) ar
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from pathlib import Path
 
@@ -58,26 +60,70 @@ def to_rgb_uint8(image: Image.Image, background=ALPHA_BACKGROUND) -> np.ndarray:
         raise ValueError(f"cannot convert a mode {mode} image to RGB ({e}); save it as RGB first") from None
 
 
-def load_image(path, background=ALPHA_BACKGROUND) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 (see ``to_rgb_uint8``); every failure is one ``ValueError``
-    naming the file: missing, a folder, not an image, truncated, or over PIL's decompression-bomb limit."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"image file {path}: {'is a folder' if path.is_dir() else 'no such file'}")
+def pixel_limit(max_pixels: int | None = None) -> int:
+    """The most pixels an input image may have: ``max_pixels``, else PIL's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``, read at call time so a process may change it)."""
+    return int(Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
+
+
+def check_pixels(width: int, height: int, name, max_pixels: int | None = None):
+    """Refuse an image of ``width`` x ``height`` over ``pixel_limit(max_pixels)``, naming it (``name``)."""
+    limit = pixel_limit(max_pixels)
+    if width * height > limit:
+        raise ValueError(f"{name} is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the limit of "
+                         f"{limit / 1e6:.1f} megapixels (refused as a possible decompression bomb before decoding "
+                         "it); resize it first")
+
+
+@contextlib.contextmanager
+def open_checked(source, name=None, max_pixels: int | None = None):
+    """``Image.open`` of a path (or bytes / a file object) with its size checked from the header, before
+    any pixel is decoded; every failure is one ``ValueError`` naming ``name`` (default: the path)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        name = name or f"image file {path}"
+        if not path.is_file():
+            raise ValueError(f"{name}: {'is a folder' if path.is_dir() else 'no such file'}")
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    name = name or "the image"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                return to_rgb_uint8(image, background)
+            with Image.open(source) as image:
+                check_pixels(*image.size, name, max_pixels)
+                yield image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"image file {path}: refused as a possible decompression bomb ({e})") from None
-    except ValueError as e:
-        raise ValueError(f"image file {path}: {e}") from None
+        raise ValueError(f"{name}: refused as a possible decompression bomb ({e})") from None
     except UnidentifiedImageError:
-        raise ValueError(f"image file {path}: not an image file PIL can read") from None
+        raise ValueError(f"{name}: not an image file PIL can read") from None
     except (OSError, SyntaxError) as e:  # truncated or corrupt data (PIL raises SyntaxError for some formats)
-        raise ValueError(f"image file {path}: cannot read it ({e})") from None
+        raise ValueError(f"{name}: cannot read it ({e})") from None
+
+
+def image_size(path, max_pixels: int | None = None) -> tuple[int, int]:
+    """(height, width) of an image file from its header (nothing decoded), refused as ``open_checked`` refuses."""
+    with open_checked(path, max_pixels=max_pixels) as image:
+        return image.height, image.width
+
+
+def load_image(path, background=ALPHA_BACKGROUND, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 (see ``to_rgb_uint8``); every failure is one ``ValueError``
+    naming the file: missing, a folder, not an image, truncated, or over ``pixel_limit(max_pixels)``
+    (checked before decoding)."""
+    name = f"image file {path}"
+    with open_checked(path, name, max_pixels) as image:
+        try:
+            image.load()
+            return to_rgb_uint8(image, background)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+
+def load_grey(path, max_pixels: int | None = None) -> np.ndarray:
+    """An image file as (H, W) uint8 luminance (e.g. a mask), checked as ``load_image`` checks."""
+    with open_checked(path, max_pixels=max_pixels) as image:
+        return np.asarray(image.convert("L"))
 
 
 def as_uint8_batch(images) -> np.ndarray:

@@ -19,6 +19,7 @@ from pathlib import Path
 from cascade_jax.data.clip_tokenizer import CLIPTokenizer, openai_bpe_path, write_tokenizer_folder_from_openai_bpe
 from cascade_jax.models.random_init import random_model
 from cascade_jax.models.registry import configs_root, load_config, read_config_file
+from cascade_jax.named_weights import lookup
 from cascade_jax.pipelines.defaults import read_sampling_defaults
 from cascade_jax.pipelines.sources import (DIFFUSERS_FOLDERS, OFFICIAL_FILES, find_source,  # noqa: F401
                                          folder_weights, missing_message, official_candidates, resolve_source)
@@ -141,7 +142,9 @@ def load_components(source, *, lite: bool = False, dtype: str = "bfloat16", conf
     config_source = configs or ("lite" if lite else "full")
     presets = pipeline_set(config_source)
     root = resolve_source(source, presets, lite=lite, dtype=dtype)
-    sampling = read_sampling_defaults(root)  # a bad file fails before minutes of loading
+    named = lookup(source)
+    loras = named.loras() if named is not None else ()  # a missing file fails before minutes of loading
+    sampling = read_sampling_defaults(named.sampling() if named is not None and named.sampling else root)
     if not (root / "tokenizer").is_dir():
         raise FileNotFoundError(f"{root}: no tokenizer/ folder (the CLIP tokenizer files vocab.json, merges.txt, "
                                 "tokenizer_config.json; download tokenizer/ from the stabilityai/stable-cascade "
@@ -155,4 +158,17 @@ def load_components(source, *, lite: bool = False, dtype: str = "bfloat16", conf
                                             required=component in REQUIRED, config_source=str(config_source),
                                             sharding=mesh, rules=rules)
     models["tokenizer"] = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    if loras:  # merged into the base weights: a pipeline's own --lora / load_loras stack on top of them
+        models["stage_c"] = with_loras(models["stage_c"], loras)
     return {**models, "prior_defaults": sampling["prior"], "decoder_defaults": sampling["decoder"]}
+
+
+def with_loras(stage_c, loras):
+    """``stage_c`` with the LoRA files ``loras`` merged in (a named set's built-in LoRAs, e.g. demo-lcm's)."""
+    from cascade_jax.models.lora import merged_model, shallow_copy
+    from cascade_jax.pipelines.lora import apply_lora_file
+
+    model = shallow_copy(stage_c)
+    for i, path in enumerate(loras):
+        apply_lora_file(model, str(path), f"builtin_{i}")
+    return merged_model(model)

@@ -27,12 +27,19 @@ def read_png_metadata(path) -> dict:
 
 
 def check_output_dir(out_dir) -> Path:
-    """Create ``out_dir`` if needed and prove it writable now, before any work whose result would be lost."""
+    """Prove ``out_dir`` writable now, before any work whose result would be lost, without creating it:
+    a run that fails later leaves no empty folder behind (``save_images`` creates it)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} is a file, not a folder; name a folder for the images")
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        if existing == out_dir:
+            raise ValueError(f"--out {out_dir} is a file, not a folder; name a folder for the images")
+        raise ValueError(f"--out {out_dir} cannot be created: {existing} is a file; name a folder for the images")
+    if existing != out_dir:  # created at the first write; its nearest existing parent must take new entries
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {out_dir} cannot be created: {existing} is not writable; choose another folder")
+        return out_dir
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -54,7 +61,10 @@ def output_paths(out_dir, prefix: str, seeds, *, overwrite: bool = False) -> lis
 
 
 def save_images(paths, images, *, seeds, metadata: dict) -> list[Path]:
-    """Write each image to its path (from ``output_paths``) with ``metadata`` and its seed."""
+    """Write each image to its path (from ``output_paths``) with ``metadata`` and its seed; the folders are
+    made now, when there is something to write."""
+    for folder in {Path(p).parent for p in paths}:
+        folder.mkdir(parents=True, exist_ok=True)
     for path, image, seed in zip(paths, images, seeds):
         save_png(path, image, {**metadata, "seed": seed})
     return list(paths)

@@ -45,3 +45,14 @@ def latent_shapes(height: int, width: int, batch: int, c_latent_c: int = 16, c_l
     hc, wc = stage_c_latent_hw(height, width)
     hb, wb = stage_b_latent_hw(height, width)
     return (batch, hc, wc, c_latent_c), (batch, hb, wb, c_latent_b)
+
+
+def check_size_limit(height: int, width: int, max_side: int, limit_name: str = "the limit"):
+    """Refuse a size with a side over ``max_side`` (e.g. a server's cap: each new size compiles new programs
+    and holds their memory, and work grows with the pixels), naming the largest size of the same shape."""
+    if max(height, width) <= max_side:
+        return
+    scale = max_side / max(height, width)
+    fit = [max(MIN_SIZE, int(side * scale) // SIZE_MULTIPLE * SIZE_MULTIPLE) for side in (height, width)]
+    raise ValueError(f"{height}x{width} (HxW) has a side over {limit_name} of {max_side} pixels; the largest size "
+                     f"of that shape within it is {fit[0]}x{fit[1]}")

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import huggingface_hub
 
-from cascade_jax import demo
+from cascade_jax import storage
+from cascade_jax import demo  # noqa: F401  (the embedded demo registers its named sets: "demo", "demo-lcm")
+from cascade_jax.named_weights import lookup
 from cascade_jax.weights.checkpoint import META_FILE
 
 # Official file names per component; {lite} is "_lite" for the lite variant, {bf16} "_bf16" or "".
@@ -108,10 +110,27 @@ def hub_files(repo_files: list[str], components, *, lite: bool, dtype: str) -> l
     return sorted(set(wanted))
 
 
+def bucket_snapshot(url: str, components=(), *, lite: bool = False, dtype: str = "bfloat16") -> Path:
+    """A local copy of what a pipeline needs from a weights folder in a bucket (one listing, then only those
+    files, each fetched again only when it changed): the converted directories of ``components`` where
+    there are some, else the files :func:`hub_files` picks, the tokenizer and sampling.json."""
+    listing = storage.listing(url)
+    if not listing:
+        raise FileNotFoundError(f"{url}: no such folder (nothing under that prefix)")
+    converted = {c for c in components if f"{c}/{META_FILE}" in listing}
+    wanted = set(hub_files(sorted(listing), [c for c in components if c not in converted], lite=lite, dtype=dtype))
+    wanted |= {rel for rel in listing if rel.split("/")[0] in converted or rel == "sampling.json"}
+    return storage.mirror(url, {rel: listing[rel] for rel in wanted})
+
+
 def resolve_source(source, components=(), *, lite: bool = False, dtype: str = "bfloat16") -> Path:
-    """A local folder, or a Hugging Face repository id of which only what ``components`` need is fetched."""
-    if str(source) == demo.NAME:  # the embedded cascade; a local folder of that name is "./demo"
-        return demo.weights_dir()
+    """A local folder, a bucket URL (see :func:`bucket_snapshot`), or a Hugging Face repository id of which
+    only what ``components`` need is fetched."""
+    named = lookup(source)
+    if named is not None:  # a registered set (the embedded demo...); a local folder of that name is "./NAME"
+        return named.folder()
+    if storage.is_url(source):
+        return bucket_snapshot(str(source), components, lite=lite, dtype=dtype)
     path = Path(source).expanduser()
     if path.exists():
         return path

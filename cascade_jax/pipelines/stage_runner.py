@@ -1,7 +1,8 @@
 """One stage's whole sampling loop as one compiled program, compiled once per shape.
 
 The network is split into (graphdef, state); graphdef and the sampler settings are static,
-the state, conditions and per-image keys are arguments. Noise is drawn inside the program
+the state, conditions, per-image keys and the per-step guidance scales are arguments (a new
+guidance scale reuses the program). Noise is drawn inside the program
 from one key per image (initial noise and every step's noise), so image i of a batch gets
 exactly the pixels it gets when generated alone with the same seed. Compilation happens
 ahead of time (``lower().compile()``) so its time is reported apart from sampling time.
@@ -37,6 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cascade_jax.diffusion import SamplerSettings, sample_with_settings
+from cascade_jax.pipelines.programs import MAX_PROGRAMS, ProgramCache, fresh_jit
 from cascade_jax.sharding import batch_axes, make_mesh, put, variable_shardings
 
 SEED_LIMIT = 1 << 32  # seeds are uint32: 0 <= seed < 2**32
@@ -142,8 +144,14 @@ def _step_hook(listener_id, positions, with_x0: bool):
 
 
 # ---- the compiled program ----------------------------------------------------------------------
+def program_settings(settings: SamplerSettings) -> SamplerSettings:
+    """The settings a compiled program depends on: all but the guidance scale's value, which reaches the
+    program as an argument (its per-step scales), so one program serves every guidance scale."""
+    return settings if settings.cfg is None else settings.replace(cfg=1.0)
+
+
 def _run(graphdef, settings: SamplerSettings, x_shape: tuple, progress: str | None, state, keys, conditions,
-         uncond, x_init, listener_id, positions):
+         uncond, x_init, listener_id, positions, cfg_scale):
     model = nnx.merge(graphdef, state)
     compute_dtype = jax.tree.leaves(state)[0].dtype
 
@@ -156,11 +164,9 @@ def _run(graphdef, settings: SamplerSettings, x_shape: tuple, progress: str | No
     drawn_init, noise = _noise(keys, x_shape, settings.steps)
     start = drawn_init if x_init is None else x_init.astype(jnp.float32)
     on_step = None if progress is None else _step_hook(listener_id, positions, progress == "x0")
-    out = sample_with_settings(model_fn, settings, conditions, uncond, x_init=start, noise=noise, on_step=on_step)
+    out = sample_with_settings(model_fn, settings, conditions, uncond, x_init=start, noise=noise, on_step=on_step,
+                               cfg_scale=cfg_scale)
     return out.x0, jnp.all(jnp.isfinite(out.x0))
-
-
-_run_jit = jax.jit(_run, static_argnums=(0, 1, 2, 3))
 
 
 class StageRunner:
@@ -168,13 +174,16 @@ class StageRunner:
 
     ``mesh``: a ``Mesh`` or a spec for ``make_mesh`` (``"fsdp=4,tensor=2"``, ``{"data": 2, "fsdp": 4}``);
     default: the local devices on the data axis. ``rules``: logical axis -> mesh axis (default
-    ``cascade_jax.sharding.DEFAULT_RULES``), as a training config's ``sharding_rules``.
+    ``cascade_jax.sharding.DEFAULT_RULES``), as a training config's ``sharding_rules``. At most
+    ``max_programs`` compiled programs are kept (see ``programs``); the guidance scale is an argument of
+    a program, not part of it, so a new scale never compiles.
     """
 
-    def __init__(self, name: str, model: nnx.Module, mesh: Mesh | str | dict | None = None, rules: dict | None = None):
+    def __init__(self, name: str, model: nnx.Module, mesh: Mesh | str | dict | None = None, rules: dict | None = None,
+                 max_programs: int = MAX_PROGRAMS):
         self.name, self.rules = name, rules
         self.graphdef, self.state = nnx.split(model)
-        self._compiled = {}
+        self._compiled = ProgramCache(max_programs)
         if mesh is None:
             devices = jax.local_devices()
             mesh = make_mesh(devices=devices) if len(devices) > 1 else None  # all devices on the data axis
@@ -186,7 +195,7 @@ class StageRunner:
 
     def with_model(self, model: nnx.Module) -> "StageRunner":
         """A runner for another network of this stage (e.g. with LoRAs merged) on the same mesh and rules."""
-        return StageRunner(self.name, model, self.mesh, self.rules)
+        return StageRunner(self.name, model, self.mesh, self.rules, self._compiled.max_size)
 
     def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec(batch_axes(self.mesh, batch), *([None] * (ndim - 1))))
@@ -207,26 +216,43 @@ class StageRunner:
         return jax.tree.map(place, tree)
 
     def _jitted(self, args, batch: int, x_shape: tuple):
-        """``_run`` with explicit shardings: the state as placed, the arguments as ``_place`` laid them out,
-        x0 split like the batch and the finiteness flag replicated."""
+        """``_run`` (as a new function: see ``programs.fresh_jit``) with explicit shardings: the state as
+        placed, the arguments as ``_place`` laid them out, x0 split like the batch and the finiteness flag
+        replicated."""
         if self.mesh is None:
-            return _run_jit
+            return fresh_jit(_run, static_argnums=(0, 1, 2, 3))
         arg_shardings = jax.tree.map(lambda a: a.sharding, args)
         out = (self._batch_sharding(batch, 1 + len(x_shape)), NamedSharding(self.mesh, PartitionSpec()))
-        return jax.jit(_run, static_argnums=(0, 1, 2, 3), in_shardings=(self.state_shardings, *arg_shardings),
-                       out_shardings=out)
+        return fresh_jit(_run, static_argnums=(0, 1, 2, 3), in_shardings=(self.state_shardings, *arg_shardings),
+                         out_shardings=out)
+
+    def lower(self, settings: SamplerSettings, x_shape: tuple, progress: str | None, args, batch: int):
+        """The program for these settings and placed ``args`` (``_arguments``), lowered (not compiled)."""
+        jitted = self._jitted(args, batch, x_shape)
+        return jitted.lower(self.graphdef, program_settings(settings), x_shape, progress, self.state, *args)
+
+    def _arguments(self, settings: SamplerSettings, seeds, conditions, uncond, x_init, listener_id: int, stream=0):
+        """The program's array arguments, placed: the batched ones by ``_place``, the per-step guidance
+        scales (the value of ``settings.cfg``) replicated."""
+        batch = len(seeds)
+        args = self._place((image_keys(seeds, stream), conditions, uncond, x_init, np.int32(listener_id),
+                            np.arange(batch, dtype=np.int32)), batch)
+        cfg_scale = jnp.asarray(settings.plan().cfg_scale, jnp.float32)
+        if self.mesh is not None:
+            cfg_scale = put(cfg_scale, NamedSharding(self.mesh, PartitionSpec()))
+        return (*args, cfg_scale)
 
     def _program(self, settings, x_shape, progress, args, timing: StageTiming, batch: int):
         leaves, treedef = jax.tree.flatten(args)
-        signature = (settings, x_shape, progress, treedef, tuple((a.shape, a.dtype, a.sharding) for a in leaves))
+        signature = (program_settings(settings), x_shape, progress, treedef,
+                     tuple((a.shape, a.dtype, a.sharding) for a in leaves))
         compiled = self._compiled.get(signature)
         timing.cached = compiled is not None
         if compiled is None:
             start = time.perf_counter()
-            jitted = self._jitted(args, batch, x_shape)
-            compiled = jitted.lower(self.graphdef, settings, x_shape, progress, self.state, *args).compile()
+            compiled = self.lower(settings, x_shape, progress, args, batch).compile()
             timing.compile_s = time.perf_counter() - start
-            self._compiled[signature] = compiled
+            self._compiled.put(signature, compiled)
         return compiled
 
     def __call__(self, settings: SamplerSettings, x_shape: tuple, seeds, conditions: dict, uncond: dict | None,
@@ -242,8 +268,7 @@ class StageRunner:
             raise ValueError(f"{self.name}: x_init has shape {tuple(np.shape(x_init))}; expected {(batch, *x_shape)}")
         progress = None if callback is None else ("x0" if callback_x0 else "step")
         listener_id = next(_LISTENER_IDS)
-        args = self._place((image_keys(seeds, stream), conditions, uncond, x_init, np.int32(listener_id),
-                            np.arange(batch, dtype=np.int32)), batch)
+        args = self._arguments(settings, seeds, conditions, uncond, x_init, listener_id, stream)
         timing = timing if timing is not None else StageTiming()
         timing.steps = settings.steps
         compiled = self._program(settings, x_shape, progress, args, timing, batch)

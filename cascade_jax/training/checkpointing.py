@@ -4,7 +4,9 @@ state (parameters, optimizer state, EMA, step, RNG, adaptive buckets), the data 
 position and the run's config restored together.
 
 The state is stored as a flat ``{name: array}`` mapping (names from the pytree paths), so it
-restores into any mesh: the caller passes the target shardings.
+restores into any mesh: the caller passes the target shardings. The folder may be a ``gs://`` URL:
+Orbax writes there through TensorStore and marks a finished step with a commit file, so a process
+killed during a save resumes from the last complete step.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+
+from cascade_jax import storage
+from cascade_jax.training.storage_errors import quiet_orbax_noise, storage_errors
 
 
 def _name(path) -> str:
@@ -46,18 +51,35 @@ class TrainCheckpointer:
     def __init__(self, directory, *, save_every: int, keep: int, backup_every: int | None, use_async: bool):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=backup_every or None,
                                                save_interval_steps=save_every, enable_async_checkpointing=use_async,
-                                               create=True)
-        self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+                                               create=True, cleanup_tmp_directories=True)  # one trainer: run_lock
+        # A local folder, or a gs:// URL (a string: pathlib folds "//"), which Orbax writes through TensorStore.
+        self.directory = storage.orbax_path(directory, "checkpoint folder") if storage.is_url(directory) else \
+            Path(directory).absolute()
+        # Handlers named up front (not just item names): item_metadata() then reads a step's shapes without restoring it.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self.unquiet = quiet_orbax_noise()  # a full disk is one DiskFullError, not Orbax's per-thread tracebacks
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.saved_step = self.manager.latest_step()  # the last step saved (or being saved) by anyone
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict | None, meta: dict, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(flatten_state(state)),
-            data=ocp.args.JsonSave(data_state or {}),
-            meta=ocp.args.JsonSave(meta)), force=force)
+        with storage_errors(self.directory, self.manager.all_steps):
+            saved = self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(flatten_state(state)),
+                data=ocp.args.JsonSave(data_state or {}),
+                meta=ocp.args.JsonSave(meta)), force=force)
+        if saved:
+            self.saved_step = step
+        return saved
+
+    def save_if_new(self, step: int, state, data_state: dict | None, meta: dict) -> bool:
+        """Save ``step`` now unless it is saved already or nothing has trained (an interrupted run)."""
+        if step == 0 or step == self.saved_step:
+            return False
+        return self.save(step, state, data_state, meta, force=True)
 
     def restore(self, step: int, state_template, shardings):
         """(state, data iterator state, meta) of ``step``, arrays placed with ``shardings`` (a tree like the state)."""
@@ -68,8 +90,26 @@ class TrainCheckpointer:
             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         return unflatten_state(state_template, restored["state"]), restored["data"], restored["meta"]
 
+    def stored_shapes(self, step: int) -> dict[str, tuple]:
+        """``{state entry name: shape}`` of ``step`` as written, read from its metadata (no arrays)."""
+        tree = self.manager.item_metadata(step)["state"]
+        tree = getattr(tree, "tree", tree)
+        return {name: tuple(meta.shape) for name, meta in (tree or {}).items()}
+
     def wait(self):
-        self.manager.wait_until_finished()
+        with storage_errors(self.directory, self.manager.all_steps):
+            self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.close()
+        try:
+            with storage_errors(self.directory, self.manager.all_steps):
+                self.manager.close()
+        finally:
+            self.unquiet()
+
+    def finish(self):
+        """Wait for the saves in flight, then close, even when the wait fails (a full disk)."""
+        try:
+            self.wait()
+        finally:
+            self.close()

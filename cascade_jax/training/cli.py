@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import jax
 
@@ -28,6 +29,8 @@ def parse_args(argv, stage: str):
                         help="call jax.distributed.initialize() (multi-host; automatic on TPU pods/SLURM)")
     parser.add_argument("--export", default=None, help="folder for the trained generator (+EMA) at the end "
                                                          "(default: output_path/experiment_id/export)")
+    parser.add_argument("--force-resume", action="store_true",
+                        help="resume a checkpoint trained with another model, task, batch or data (refused otherwise)")
     return parser.parse_intermixed_args(argv)  # overrides may follow the flags
 
 
@@ -36,7 +39,11 @@ def run_plan(cfg, args) -> int:
     from cascade_jax.accelerators import plan_target
     from cascade_jax.training.plan import DEFAULT_MARGIN, format_table, plan
 
-    target = plan_target(args.plan)
+    try:
+        target = plan_target(args.plan)
+    except (ValueError, RuntimeError) as err:  # an unknown slice name, or no libtpu
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     margin = DEFAULT_MARGIN if args.margin is None else args.margin
     if args.fit:
         from cascade_jax.training.plan_fit import fit, format_fit
@@ -52,16 +59,74 @@ def run_plan(cfg, args) -> int:
 
 
 def main(argv, stage: str) -> int:
+    from cascade_jax.training.interrupt import exit_status
+
     args = parse_args(argv, stage)
+    return exit_status(lambda: reporting_errors(lambda: _main(args, stage)))
+
+
+def config_line(args) -> str:
+    """The start-up line naming the config (file or shipped name) and the overrides given."""
+    from cascade_jax.training.config import training_configs_dir
+
+    path = args.config if os.path.isfile(args.config) else training_configs_dir() / f"{args.config}.yaml"
+    overrides = f"; overrides: {' '.join(args.overrides)}" if args.overrides else ""
+    return f"config: {args.config} ({path}){overrides}"
+
+
+def reporting_errors(body) -> int:
+    """``body()``, with the trainer's own refusals and stops as one ``error:`` line (no traceback): exit 2 for a
+    config or run folder that cannot train, 1 for a run stopped on the way (NaN loss, full disk)."""
+    from cascade_jax.training.finite_guard import NonFiniteError
+    from cascade_jax.training.resume_check import ResumeError
+    from cascade_jax.training.run_lock import RunLockedError
+    from cascade_jax.training.storage_errors import DiskFullError
+    from cascade_jax.training.validation import ConfigError
+    from cascade_jax.weights.checkpoint import CheckpointError
+    from cascade_jax.weights.convert import ConversionError
+
+    try:
+        return body()
+    except (NonFiniteError, DiskFullError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ConfigError, ResumeError, RunLockedError, ConversionError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def load_checked(args, stage: str, *, exports: bool = True):
+    """The config (values checked at load) and the export folder; ``train`` checks the rest against the task
+    and the files before it reads data or builds a model."""
+    from cascade_jax.training import load_config
+    from cascade_jax.training.run_checks import check_export_folder
+    from cascade_jax.training.validation import ConfigError
+
+    try:
+        cfg = load_config(args.config, [f"stage={stage}", *args.overrides])
+    except (ValueError, TypeError) as err:  # the config file and overrides: each message names the key
+        raise ConfigError(str(err)) from None
+    if exports and args.plan is None:  # a plan compiles from shapes: it writes nothing
+        check_export_folder(export_folder(args, cfg))
+    return cfg
+
+
+def export_folder(args, cfg) -> str:
+    return args.export or os.path.join(cfg.output_path, cfg.experiment_id, "export")
+
+
+def _main(args, stage: str) -> int:
     if args.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
-    from cascade_jax.training import export_run, load_config, train
+    from cascade_jax.training import export_run, train
+    from cascade_jax.training.console import say
 
-    cfg = load_config(args.config, [f"stage={stage}", *args.overrides])
+    cfg = load_checked(args, stage)
     if args.plan is not None:
         return run_plan(cfg, args)
-    run = train(cfg)
-    out = args.export or os.path.join(cfg.output_path, cfg.experiment_id, "export")
+    say(config_line(args))
+    out = export_folder(args, cfg)
+    run = train(cfg, export_dir=out, force_resume=args.force_resume)
     if jax.process_index() == 0:
         exported = export_run(run, out)
         report = {k: [str(p) for p in v] for k, v in exported.items()}

@@ -6,7 +6,9 @@ The official ``configs/training/*.yaml`` keys are accepted as they are (``lr``, 
 ``dataset_filters``, the ``*_checkpoint_path`` keys ...); this project's own keys sit beside
 them (``stage``, ``mesh``, ``param_dtype``, ``remat``, ``data``, ``seed``, logging). An unknown
 key is an error naming the closest valid one; ``key=value`` overrides (dotted for nested
-sections: ``mesh.fsdp=8``) are parsed as YAML scalars.
+sections: ``mesh.fsdp=8``) are YAML values (``cascade_jax.training.overrides``: ``1e-4`` is a number,
+brace ranges are text). Every field is read as its annotation says, or refused by name
+(``cascade_jax.data.config_values``): ``lr: "5e-4"`` is a number, ``webdataset_path: /d/x.tar`` one path.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cascade_jax.data.config import DataConfig
+from cascade_jax.data.config_values import coerce_dataclass_fields, coerce_mapping, list_fields
+from cascade_jax.models.config_yaml import load_yaml
+from cascade_jax.training.overrides import apply_overrides
+from cascade_jax.training.validation import ConfigError, check_values
 
 # Accepted for compatibility with the official files, and not used: they configure the official
 # trainer's infrastructure (Weights & Biases, torch FSDP), which a mesh and TensorBoard replace.
@@ -30,6 +38,9 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+
+    def __post_init__(self):
+        coerce_dataclass_fields(self, "mesh.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +65,7 @@ class TrainConfig:
     ema_beta: float | None = None
     shift: float = 1.0  # Stage B configs set 4; the official train_b.py diffuses with shift 1 regardless
     dtype: str | None = None  # official: the dtype of the frozen models; here compute_dtype wins if set
-    webdataset_path: tuple | None = None
+    webdataset_path: tuple[str, ...] | None = None  # one path (official: a string) or a list
     dataset_filters: tuple | None = None
     generator_checkpoint_path: str | None = None
     effnet_checkpoint_path: str | None = None
@@ -64,29 +75,30 @@ class TrainConfig:
     clip_image_model_name: str | None = None
     # Stage B: latent sides that get pyramid-noise octaves (official [1, 16] for 256x256 latents, where the
     # white noise keeps ~82% of the variance; a 32x32 latent needs ~[1, 2] for the same); null: plain Gaussian
-    pyramid_noise_sizes: tuple | None = (1, 16)
+    pyramid_noise_sizes: tuple[int, ...] | None = (1, 16)
     # Previewer: also train the EfficientNet encoder (an autoencoder whose decoder is the Previewer),
     # for a new domain where no pretrained encoder exists (the demo cascade)
     train_effnet: bool = False
     tokenizer_path: str | None = None  # CLIP tokenizer folder; default: the text model's folder, else the released BPE
     # ControlNet (official train_c_controlnet.py; see cascade_jax.training.controlnet)
-    controlnet_blocks: tuple | None = None  # Stage C ResBlock indices that get a residual
+    controlnet_blocks: tuple[int, ...] | None = None  # Stage C ResBlock indices that get a residual
     controlnet_filter: str | None = None  # CannyFilter | InpaintFilter | SREffnetFilter | IdentityFilter
     controlnet_filter_params: dict | None = None
     controlnet_bottleneck_mode: str | None = None  # effnet (default) | simple | large
     controlnet_checkpoint_path: str | None = None
     offset_noise: float | None = None  # std of a per-(sample, channel) constant added to the noise
     # LoRA (official train_c_lora.py; see cascade_jax.training.lora)
-    module_filters: tuple | None = None  # substrings of official module names; None: ['.attn'] as officially
+    module_filters: tuple[str, ...] | None = None  # substrings of official module names; None: ['.attn'] as officially
     rank: int = 4
-    train_tokens: tuple = ()  # [[token or regex, init regex or null], ...]; [x] / <x> adds a new token
+    train_tokens: tuple[tuple, ...] = ()  # [[token or regex, init regex or null], ...]; [x] / <x> adds a new token
     lora_checkpoint_path: str | None = None  # start from this LoRA file
+    lcm: dict | None = None  # stage c_lcm: consistency distillation settings (cascade_jax.training.lcm_config)
     # --- this project's keys ---
-    stage: str = "c"  # c | b | a | previewer | c_lora | c_controlnet
-    model_config: str | None = None  # generator preset/file; default from model_version
+    stage: str = "c"  # c | b | a | previewer | c_lora | c_controlnet | c_lcm
+    model_config: str | dict | None = None  # generator preset/file or its kwargs; default from model_version
     encoders: str | None = None  # pipeline set (e.g. "tiny") for frozen models without checkpoint paths
     init: str = "checkpoint"  # checkpoint | official (from scratch, official init) | scratch (all random: tests)
-    train_filter: tuple = ()  # regexes over official names of the generator; empty: all of it trains
+    train_filter: tuple[str, ...] = ()  # regexes over official names of the generator; empty: all of it trains
     mesh: MeshConfig = MeshConfig()
     sharding_rules: dict | None = None
     param_dtype: str = "float32"  # master weights
@@ -107,8 +119,9 @@ class TrainConfig:
     async_checkpointing: bool = True
     log_every: int = 10
     sample_every: int | None = None  # write a sample collage every N updates (None/0: never; training/samples.py)
-    sample_prompts: tuple | None = None  # Stage C collage prompts (None: samples.DEFAULT_SAMPLE_PROMPTS); their
-    # count is also the number of Stage B reconstructions
+    # Stage C collage prompts (None: captions of the training data); their count is also the number of Stage B
+    # reconstructions (None: samples.SAMPLE_COUNT)
+    sample_prompts: tuple[str, ...] | None = None
     sample_steps: int = 10  # sampler steps per collage (official inference: Stage C 20, Stage B 10)
     loss_smoothing: float = 0.99  # the official "ema_loss" factor
     peak_flops: float | None = None  # per-device peak FLOP/s for the MFU estimate (None: guess from device kind)
@@ -125,30 +138,14 @@ class TrainConfig:
     edge_loss_weight: float = 1.0
 
     def __post_init__(self):
-        if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum_steps "
-                             f"{self.grad_accum_steps} (>= 1)")
-        if self.object_loss_weight < 1:
-            raise ValueError(f"object_loss_weight={self.object_loss_weight}: use 1 (plain MSE) or more")
-        if self.edge_loss_weight < 1:
-            raise ValueError(f"edge_loss_weight={self.edge_loss_weight}: use 1 (no outline weight) or more")
-        for name in ("object_loss_weight", "edge_loss_weight"):
-            if getattr(self, name) != 1 and self.cached_conditions:
-                raise ValueError(f"{name}={getattr(self, name)} needs the images, which cached_conditions batches "
-                                 f"do not carry: set {name}: 1 or cached_conditions: false")
-        if self.init not in ("checkpoint", "official", "scratch"):
-            raise ValueError(f"init={self.init!r}: use 'checkpoint', 'official' (from scratch as the official "
-                             "constructors initialise) or 'scratch' (every parameter random, for tests)")
-        if (self.ema_start_iters is None) != (self.ema_iters is None) or \
-                (self.ema_iters is not None and self.ema_beta is None):
-            raise ValueError("EMA needs all of ema_start_iters, ema_iters and ema_beta (or none of them)")
-        if self.sample_every is not None and (not isinstance(self.sample_every, int) or self.sample_every < 0):
-            raise ValueError(f"sample_every={self.sample_every!r}: use a number of updates >= 0 (0 or null: no samples)")
-        if not isinstance(self.sample_steps, int) or self.sample_steps < 1:
-            raise ValueError(f"sample_steps={self.sample_steps!r}: use a positive number of sampler steps")
-        if self.sample_prompts is not None and (not self.sample_prompts or
-                                                not all(isinstance(p, str) for p in self.sample_prompts)):
-            raise ValueError(f"sample_prompts={self.sample_prompts!r}: use a non-empty list of strings (or null)")
+        coerce_dataclass_fields(self)  # first: the checks below compare numbers, not the text a user typed
+        if self.data is not None:
+            object.__setattr__(self, "data", coerce_mapping(DataConfig, self.data, "data."))
+        if self.lcm is not None:
+            from cascade_jax.training.lcm_config import lcm_config
+
+            lcm_config(self.lcm)  # refused by name at load, before any model is built
+        check_values(self)  # every value check lives there: one place, run before anything is built
 
     @property
     def micro_batch_size(self) -> int:
@@ -181,12 +178,6 @@ def _check_keys(cls, values: dict, where: str):
             raise ValueError(f"{where}: unknown config key {key!r}; {hint}")
 
 
-def _freeze(value):
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
 def config_from_dict(values: dict, where: str = "training config") -> TrainConfig:
     values = {k: v for k, v in values.items() if k not in IGNORED_OFFICIAL_KEYS}
     _check_keys(TrainConfig, values, where)
@@ -196,29 +187,14 @@ def config_from_dict(values: dict, where: str = "training config") -> TrainConfi
     if isinstance(mesh, dict):
         _check_keys(MeshConfig, mesh, f"{where}: mesh")
         mesh = MeshConfig(**mesh)
-    frozen = {k: (v if k in ("data", "sharding_rules", "controlnet_filter_params") else _freeze(v))
-              for k, v in values.items()}
-    return TrainConfig(mesh=mesh, **frozen)
+    try:
+        return TrainConfig(mesh=mesh, **values)
+    except ValueError as err:  # a value read as its type (config_values) or checked (validation): name the file
+        raise ConfigError(f"{where}: {err}") from None
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ValueError(f"override {text!r} is not key=value")
-    key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
-
-
-def apply_overrides(values: dict, overrides) -> dict:
-    values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
-    for text in overrides:
-        path, value = parse_override(text)
-        node = values
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {text!r}: {part!r} is not a section")
-        node[path[-1]] = value
-    return values
+# Keys whose repeated overrides join into one list (an unquoted brace range expanded by the shell).
+LIST_KEYS = frozenset(list_fields(TrainConfig) + [f"data.{name}" for name in list_fields(DataConfig)])
 
 
 def load_config(path_or_name, overrides=()) -> TrainConfig:
@@ -229,10 +205,29 @@ def load_config(path_or_name, overrides=()) -> TrainConfig:
         if not path.is_file():
             names = sorted(p.stem for p in training_configs_dir().glob("*.yaml"))
             raise FileNotFoundError(f"training config {path_or_name!r} is neither a file nor one of {names}")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = read_yaml_file(path)
+    if values is None:
+        raise ValueError(f"{path} is empty: a training config names at least the model and the data; start from "
+                         f"one in {training_configs_dir()} (e.g. tiny_c.yaml, finetune_c_3b.yaml)")
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
-    return config_from_dict(apply_overrides(values, overrides), where=str(path))
+    return config_from_dict(apply_overrides(values, overrides, LIST_KEYS), where=str(path))
+
+
+def read_yaml_file(path: Path):
+    """The parsed file, or a ValueError naming the file and the line and column of a syntax error
+    (PyYAML's own message points at "<unicode string>" when given the text)."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a text file ({err}); a training config is YAML") from None
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = " ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
+        raise ValueError(f"{where}: not valid YAML ({problem or err}); fix the file") from None
 
 
 def training_configs_dir() -> Path:

@@ -41,8 +41,9 @@ from cascade_jax.models.registry import abstract_model
 from cascade_jax.nn.params import named_variables
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
+from cascade_jax.training.run_checks import check_controlnet_filter, check_init
 from cascade_jax.training.stage_c import StageCTask
-from cascade_jax.training.task import TrainModules, load_weights, param_dtype, register_task
+from cascade_jax.training.task import TrainModules, load_weights, param_dtype, register_task, work_dir
 
 # official filter class -> control (hint) name
 FILTERS = {"CannyFilter": "canny", "InpaintFilter": "inpainting", "SREffnetFilter": "super_resolution",
@@ -50,13 +51,8 @@ FILTERS = {"CannyFilter": "canny", "InpaintFilter": "inpainting", "SREffnetFilte
 
 
 def control_of(cfg: TrainConfig) -> str:
-    if cfg.controlnet_filter not in FILTERS:
-        raise ValueError(f"controlnet_filter {cfg.controlnet_filter!r} is not one of {sorted(FILTERS)}")
-    control = FILTERS[cfg.controlnet_filter]
-    if control == "identity":
-        raise ValueError("IdentityFilter training needs face boxes and ArcFace embeddings for every image, which the "
-                         f"data loader does not provide ({hints.identity.FACE_MODELS_MISSING})")
-    return control
+    check_controlnet_filter(cfg)  # a filter that can train (validation.py checked the name at load)
+    return FILTERS[cfg.controlnet_filter]
 
 
 def controlnet_config(cfg: TrainConfig, stage_c) -> dict:
@@ -87,9 +83,15 @@ def init_controlnet(config: dict, effnet, seed: int, dtype: str):
 
 class ControlNetTask(StageCTask):
     generator_model = "controlnet"
+    # generator_checkpoint_path is the frozen Stage C here; init: scratch makes it random (tests). The
+    # ControlNet itself starts from controlnet_checkpoint_path, else from the official init.
+    inits = ("checkpoint", "scratch")
+
+    def checkpoint_model(self, cfg: TrainConfig) -> tuple[str, dict]:
+        return "stage_c", self.generator_config(cfg)
 
     def build(self, cfg: TrainConfig) -> TrainModules:
-        work = Path(cfg.output_path)
+        work = work_dir(cfg)
         self.control = control_of(cfg)
         frozen = self.build_frozen(cfg, work)
         stage_c = self.frozen_stage_c(cfg, work)
@@ -124,11 +126,10 @@ class ControlNetTask(StageCTask):
     def frozen_stage_c(self, cfg: TrainConfig, work: Path):
         """Stage C from ``generator_checkpoint_path`` (random with ``init: scratch``, for tests), in eval mode."""
         config = self.generator_config(cfg)
-        if cfg.init == "scratch" or cfg.generator_checkpoint_path is None:
-            if cfg.init != "scratch":
-                raise ValueError("ControlNet training needs the trained Stage C: set generator_checkpoint_path")
+        if cfg.init == "scratch":
             model = random_model("stage_c", config, seed=cfg.seed + 50, dtype=cfg.param_dtype)
         else:
+            check_init(cfg, self)  # ControlNet training needs the trained Stage C
             model = load_weights("stage_c", config, cfg.generator_checkpoint_path, work, cfg.param_dtype)
         model.eval()  # no dropout: Stage C is a fixed function here
         if cfg.remat:  # the gradient to the ControlNet still runs backwards through Stage C

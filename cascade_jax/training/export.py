@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.models.unet_stack import unstack_units
 from cascade_jax.nn.params import named_variables
 from cascade_jax.weights import checkpoint
@@ -25,10 +26,10 @@ def generator_arrays(graphdef, params, frozen) -> dict[str, np.ndarray]:
 def export_generator(out_dir, model_name: str, config: dict, arrays: dict, *, safetensors_dtype="bfloat16",
                      overwrite: bool = True) -> tuple[Path, Path]:
     """Write ``out_dir`` (converted directory) and ``out_dir.safetensors`` (official names and layouts)."""
-    out_dir = Path(out_dir)
+    out_dir = out_dir if storage.is_url(out_dir) else Path(out_dir)
     dtype = str(next(iter(arrays.values())).dtype) if arrays else "float32"
     meta = {"model": model_name, "config": config, "dtype": dtype, "source": {"path": "cascade_jax training"}}
     checkpoint.save(out_dir, meta, arrays, overwrite=overwrite)
-    file = out_dir.with_suffix(".safetensors")
+    file = storage.with_suffix(out_dir, ".safetensors") if storage.is_url(out_dir) else out_dir.with_suffix(".safetensors")
     export_official(out_dir, file, dtype=safetensors_dtype)
     return out_dir, file

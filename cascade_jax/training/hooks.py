@@ -1,4 +1,4 @@
-"""Things done every N updates: logging (progress bar, TensorBoard) and checkpoints.
+"""Things done every N updates: logging (progress bar, TensorBoard scalars and images) and checkpoints.
 
 A hook is ``Hook(every, fn)``; ``fn(step, state, metrics)`` runs after update ``step`` (1-based)
 when ``step % every == 0``. ``MetricsLogger`` keeps the official smoothed loss
@@ -14,8 +14,8 @@ from typing import Callable
 
 import jax
 
+from cascade_jax import storage
 from cascade_jax.accelerators import peak_flops_for
-
 
 
 @dataclasses.dataclass
@@ -48,7 +48,12 @@ class MetricsLogger:
         if self.main:
             from tensorboardX import SummaryWriter
 
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            if storage.is_url(log_dir):
+                from cascade_jax.storage.tensorboard import register_for
+
+                register_for(log_dir)  # event files in a bucket (rewritten whole per flush)
+            else:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(log_dir))
             if progress:
                 from tqdm import tqdm
@@ -75,6 +80,11 @@ class MetricsLogger:
             self.bar.set_postfix(loss=f"{self.smoothed:.4f}", raw=f"{loss:.4f}", gn=f"{values['grad_norm']:.3f}",
                                  lr=f"{values['lr']:.2e}")
         return logged
+
+    def add_image(self, tag: str, image, step: int):
+        """An (H, W, 3) uint8 image (a sample collage) under ``tag`` in TensorBoard's Images tab."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def close(self):
         if self.writer is not None:

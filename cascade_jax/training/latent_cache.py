@@ -13,6 +13,7 @@ compiles the same shapes as the uncached one.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.loop import host_rng
 from cascade_jax.training.task import get_task
@@ -34,11 +36,19 @@ def write_cache(cfg: TrainConfig, data, out_dir, batches: int) -> Path:
     modules = task.build(cfg)
     graphdef, state = nnx.split(modules)
     encode = jax.jit(lambda state, batch: task.conditions(nnx.merge(graphdef, state), batch))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if storage.is_url(out_dir):
+        out = str(out_dir)
+    else:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
     for step in range(batches):
         arrays = task.host_batch(cfg, next(data), host_rng(cfg, step))
         values = jax.device_get(encode(state, arrays))
+        if storage.is_url(out):  # one object per batch, published whole
+            buffer = io.BytesIO()
+            np.savez(buffer, **{k: np.asarray(v, np.float32) for k, v in zip(task.cached_keys, values)})
+            storage.write_bytes(storage.join(out, f"{step:08d}.npz"), buffer.getvalue())
+            continue
         fd, tmp = tempfile.mkstemp(dir=out, suffix=".npz.tmp")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{k: np.asarray(v, np.float32) for k, v in zip(task.cached_keys, values)})
@@ -50,7 +60,11 @@ class CachedBatches:
     """Cached batches in file order (cycling), with ``get_state``/``set_state`` for exact resume."""
 
     def __init__(self, cache_dir):
-        self.files = sorted(Path(cache_dir).glob("*.npz"))
+        if storage.is_url(cache_dir):
+            self.files = [storage.join(cache_dir, rel) for rel in sorted(storage.listing(cache_dir))
+                          if rel.endswith(".npz") and "/" not in rel]
+        else:
+            self.files = sorted(Path(cache_dir).glob("*.npz"))
         if not self.files:
             raise FileNotFoundError(f"no cached batches (*.npz) in {cache_dir}; run write_cache first")
         self.position = 0
@@ -59,7 +73,7 @@ class CachedBatches:
         return self
 
     def __next__(self) -> dict:
-        with np.load(self.files[self.position % len(self.files)]) as data:
+        with np.load(io.BytesIO(storage.read_bytes(self.files[self.position % len(self.files)]))) as data:
             batch = {k: data[k] for k in data.files}
         self.position += 1
         return batch

@@ -25,11 +25,13 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.models.lora import (DEFAULT_FILTERS, LayerFactors, LoRAParam, LoRAWeights, TokenDeltas, attach_lora,
                                      init_lora, lora_layers)
 from cascade_jax.models.lora_tokens import add_train_tokens, attach_token_rows, init_token_rows, token_deltas, \
     token_embedding
 from cascade_jax.models.unet_stack import unstack_flat
+from cascade_jax.nn.params import official_key
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.stage_c import StageCTask, encode_text
 from cascade_jax.training.task import TrainModules, register_task
@@ -93,10 +95,14 @@ class LoRATask(StageCTask):
         values = {path: np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(params)}
         if getattr(self, "stack_layouts", {}).get("generator"):  # scan_blocks: per-block paths again
             values = unstack_flat(values, self.stack_layouts["generator"], prefix=("generator",))
-        layers = {}
-        for key, alpha in self.alphas.items():
-            path = ("generator", *_path_of(key), "adapters", NAME)
-            layers[key] = LayerFactors(values[(*path, "lora_down")], values[(*path, "lora_up")], alpha)
+        # Matched by official key, not by parsing the key into a path: a Sequential's children are named "0", "1"
+        # (strings) in the state, so "channelwise.0.weight" is not the path (..., "channelwise", 0, "weight").
+        factors = {}
+        for path, value in values.items():
+            if path[0] == "generator" and path[-3:-1] == ("adapters", NAME):
+                factors.setdefault(official_key(path[1:-3]), {})[path[-1]] = value
+        layers = {key: LayerFactors(factors[key]["lora_down"], factors[key]["lora_up"], alpha)
+                  for key, alpha in self.alphas.items()}
         tokens = None
         if self.tokens is not None:
             rows = next(v for p, v in values.items() if p[0] == "text_encoder" and p[-1] == "embeddings")
@@ -109,17 +115,14 @@ class LoRATask(StageCTask):
 
         if jax.process_index() != 0:
             return None
-        folder = Path(cfg.output_path) / cfg.experiment_id / "lora"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = storage.join(cfg.output_path, cfg.experiment_id, "lora")  # a local folder or a bucket URL
+        if not storage.is_url(folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
         lora, model_config = self.lora_weights(params), {"model": "stage_c", "config": self.generator_config_used}
-        path = folder / f"lora_{step}.safetensors"
+        path = storage.join(folder, f"lora_{step}.safetensors")
         save_official(path, lora, model_config)
-        save_official(folder / "lora.safetensors", lora, model_config)
-        return path
-
-
-def _path_of(key: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in key.split("."))
+        save_official(storage.join(folder, "lora.safetensors"), lora, model_config)
+        return path if storage.is_url(path) else Path(path)
 
 
 register_task("c_lora", LoRATask)
@@ -127,19 +130,31 @@ register_task("c_lora", LoRATask)
 
 def main(argv) -> int:
     """``train/train_c_lora.py``: the trainer CLI, plus the LoRA file at every save and at the end."""
-    from cascade_jax.training import load_config, train
-    from cascade_jax.training.cli import parse_args, run_plan
+    from cascade_jax.training.interrupt import exit_status
+
+    return exit_status(lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    from cascade_jax.training import train
+    from cascade_jax.training.cli import config_line, load_checked, parse_args, reporting_errors, run_plan
+    from cascade_jax.training.console import say
     from cascade_jax.training.hooks import Hook
 
     args = parse_args(argv, "c_lora")
-    if args.distributed:
-        jax.distributed.initialize()
-    cfg = load_config(args.config, ["stage=c_lora", *args.overrides])
-    if args.plan is not None:
-        return run_plan(cfg, args)
-    task = LoRATask()
-    hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, state.params, step))
-    run = train(cfg, task=task, hooks=[hook])
-    print(f"LoRA written to {task.write_lora(cfg, run.state.params, cfg.updates)}")
-    return 0
+
+    def run_lora() -> int:
+        if args.distributed:
+            jax.distributed.initialize()
+        cfg = load_checked(args, "c_lora", exports=False)  # the LoRA files are its output, not --export
+        if args.plan is not None:
+            return run_plan(cfg, args)
+        say(config_line(args))
+        task = LoRATask()
+        hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, state.params, step))
+        run = train(cfg, task=task, hooks=[hook], force_resume=args.force_resume)
+        print(f"LoRA written to {task.write_lora(cfg, run.state.params, cfg.updates)}")
+        return 0
+
+    return reporting_errors(run_lora)
 

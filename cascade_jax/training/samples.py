@@ -1,7 +1,9 @@
 """Sample collages during training: every ``sample_every`` updates, a PNG of what the current
 weights make, at ``{output_path}/{experiment_id}/samples/step_{N:08d}.png``.
 
-* Stage C (and LoRA on Stage C): text-to-image latents of the fixed ``sample_prompts`` with the
+* Stage C (and LoRA on Stage C): text-to-image latents of ``SAMPLE_COUNT`` captions drawn from the
+  training data (the first distinct ones of its seeded order: the same after a resume; with a data
+  iterator that cannot say, those of the first batch), or of ``sample_prompts`` when set, with the
   official Stage C sampler (``PRIOR_DEFAULTS``, ``sample_steps`` steps), shown through the
   frozen Previewer when one is loaded (``previewer_checkpoint_path``, or a previewer in the
   ``encoders`` set), else as a false-colour image of the latent channels (their first three
@@ -11,6 +13,8 @@ weights make, at ``{output_path}/{experiment_id}/samples/step_{N:08d}.png``.
   Stage A; the collage shows the originals above the reconstructions. A resumed run takes the
   first batch after the resume point.
 
+Each collage is also logged to TensorBoard (the Images tab, tag ``samples``) when the run logs there.
+
 The weights are the EMA when the run keeps one, else the trained parameters, in the compute
 dtype, with dropout off. Sampling draws its noise from its own key (the same for every
 collage, so collages of a run compare step by step) and only reads the state: the training RNG,
@@ -19,6 +23,7 @@ the data order and resume are untouched. The sampling program is compiled once p
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -31,12 +36,15 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from cascade_jax import storage
 from cascade_jax.diffusion import sample_with_settings
 from cascade_jax.pipelines.cascade import DECODER_DEFAULTS, PRIOR_DEFAULTS
 from cascade_jax.pipelines.images import effnet_pixels
 from cascade_jax.pipelines.sizes import stage_b_latent_hw, stage_c_latent_hw
 from cascade_jax.training import placement
 from cascade_jax.training.config import TrainConfig
+from cascade_jax.training.console import compiling, say
+from cascade_jax.training.interrupt import call_abandonably
 from cascade_jax.training.stage_c import encode_text
 from cascade_jax.training.step import cast_floats
 from cascade_jax.training.task import param_dtype
@@ -44,8 +52,7 @@ from cascade_jax.weights import atomic
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SAMPLE_PROMPTS = ("a red square on a grey background", "a photograph of a cat sitting on a sofa",
-                          "a lighthouse on a cliff at sunset", "a bowl of fruit, oil painting")
+SAMPLE_COUNT = 4  # tiles of a collage unless sample_prompts says otherwise
 TILE_MIN = 128  # tiles are upscaled (nearest, by an integer factor) to at least this many pixels a side
 PAD = 2  # pixels between tiles
 CAPTION_HEIGHT = 14  # the caption strip under the last row
@@ -111,13 +118,20 @@ def collage(rows: list[np.ndarray], captions=None) -> np.ndarray:
     return np.asarray(picture)
 
 
-def write_png(path: Path, image: np.ndarray, metadata: dict) -> Path:
-    """Write ``image`` with ``metadata`` (PNG text chunks) atomically: a temp sibling renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale_temps(path.parent, path.name)
+def write_png(path, image: np.ndarray, metadata: dict):
+    """Write ``image`` with ``metadata`` (PNG text chunks) atomically: a temp sibling renamed into place
+    (for a URL: one object, published whole)."""
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    if storage.is_url(path):
+        encoded = io.BytesIO()
+        Image.fromarray(image).save(encoded, format="PNG", pnginfo=info)
+        storage.write_bytes(path, encoded.getvalue())
+        return path
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(path.parent, path.name)
     tmp = atomic.temp_path(path)
     try:
         with atomic.sigterm_as_exception():
@@ -193,17 +207,24 @@ class SampleCollage:
     """The collage hook's ``fn(step, state, metrics)``; ``train`` passes it each loader batch through
     ``remember`` first (Stage B keeps the first one)."""
 
-    def __init__(self, run, cfg: TrainConfig):
+    def __init__(self, run, cfg: TrainConfig, data=None, log_image=None):
         self.run, self.cfg, self.kind = run, cfg, collage_kind(run, cfg)
-        self.folder = Path(cfg.output_path) / cfg.experiment_id / "samples"
-        self.prompts = list(cfg.sample_prompts or DEFAULT_SAMPLE_PROMPTS)
+        self.folder = storage.join(cfg.output_path, cfg.experiment_id, "samples")
+        self.log_image = log_image  # (tag, image, step): TensorBoard
+        self.count = len(cfg.sample_prompts) if cfg.sample_prompts else SAMPLE_COUNT
         # Training keys are fold_in(key(seed), step): this split is never one of them.
         key = jax.random.key_data(jax.random.split(jax.random.key(cfg.seed))[1])
         self.key = placement.place(key, placement.replicated(run.mesh))
-        self.inputs = self.program = self.captions = self.originals = None
-        self.decoder = "stage_a"
+        self.inputs = self.program = self.compiled = self.captions = self.originals = None
+        self.decoder, self.caption_source = "stage_a", "first batch"
         if self.kind == "c":
-            self._prepare_stage_c()
+            self.decoder = "previewer" if "previewer" in run.task.frozen_specs(cfg) else "false colour (no previewer)"
+            if self.decoder != "previewer":
+                log.warning("sample collages: no previewer (set previewer_checkpoint_path); Stage C samples are "
+                            "shown as false-colour images of their latent channels (first three principal components)")
+            prompts, self.caption_source = _stage_c_prompts(cfg, data, self.count)
+            if prompts:
+                self._prepare_stage_c(prompts)
 
     def _tokens(self, texts: list[str]) -> dict:
         tokens = self.run.task.tokenizer(list(texts) + [""] * len(texts))
@@ -220,24 +241,24 @@ class SampleCollage:
     def _jit(self, program):
         return jax.jit(program, out_shardings=placement.replicated(self.run.mesh))
 
-    def _prepare_stage_c(self):
+    def _prepare_stage_c(self, prompts: list[str]):
         run, cfg = self.run, self.cfg
-        with_previewer = "previewer" in run.task.frozen_specs(cfg)
-        self.decoder = "previewer" if with_previewer else "false colour (no previewer)"
-        if not with_previewer:
-            log.warning("sample collages: no previewer (set previewer_checkpoint_path); Stage C samples are shown "
-                        "as false-colour images of their latent channels (first three principal components)")
         side = math.ceil(cfg.image_size / 32)  # the EfficientNet latents the generator trains on
-        shape = (len(self.prompts), side, side, run.task.generator_config_used["c_in"])
-        self.captions, self.inputs = self.prompts, self._place(self._tokens(self.prompts))
+        shape = (len(prompts), side, side, run.task.generator_config_used["c_in"])
+        self.captions, self.inputs = list(prompts), self._place(self._tokens(prompts))
         settings = PRIOR_DEFAULTS.replace(steps=cfg.sample_steps)
-        self.program = self._jit(stage_c_program(run.graphdef, cfg.compute_dtype, settings, shape, with_previewer))
+        self.program = self._jit(stage_c_program(run.graphdef, cfg.compute_dtype, settings, shape,
+                                                 self.decoder == "previewer"))
 
     def remember(self, loader_batch: dict):
-        """Stage B: keep the first images of the first batch (and their captions) to reconstruct."""
-        if self.kind != "b" or self.inputs is not None:
+        """Stage B: keep the first images of the first batch (and their captions) to reconstruct; Stage C
+        without prompts from the config or the dataset: take the first batch's captions."""
+        if self.inputs is not None:
             return
-        images = np.array(np.asarray(loader_batch["images"])[:len(self.prompts)])  # a copy: buffers may be reused
+        if self.kind == "c":
+            self._prepare_stage_c([str(c) for c in list(loader_batch["captions"])[:self.count]])
+            return
+        images = np.array(np.asarray(loader_batch["images"])[:self.count])  # a copy: buffers may be reused
         self.captions = [str(c) for c in list(loader_batch["captions"])[:len(images)]]
         height, width = images.shape[1:3]
         hc, wc = stage_c_latent_hw(height, width)
@@ -253,9 +274,13 @@ class SampleCollage:
     def images(self, state) -> tuple[list[np.ndarray], np.ndarray]:
         """(collage rows, latents) sampled with the state's EMA (or parameters)."""
         if self.program is None:
-            raise RuntimeError("Stage B sample collage before any batch: call remember(batch) first")
-        params = state.ema if state.ema is not None else state.params
-        latents, decoded = self.program(params, self.run.frozen, self.inputs, self.key)
+            raise RuntimeError("sample collage before any batch (Stage B, or Stage C without prompts): call "
+                               "remember(batch) first")
+        args = (state.ema if state.ema is not None else state.params, self.run.frozen, self.inputs, self.key)
+        if self.compiled is None:
+            with compiling("the sampler of the sample collages"):
+                self.compiled = call_abandonably(lambda: self.program.lower(*args).compile())
+        latents, decoded = self.compiled(*args)
         latents = _host(latents)
         if self.kind == "c":
             return [false_colour(latents) if decoded is None else to_uint8(_host(decoded))], latents
@@ -271,11 +296,15 @@ class SampleCollage:
         rows, _ = self.images(state)
         if jax.process_index() != 0:
             return None
-        meta = {"step": step, "stage": self.kind, "captions": self.captions, "decoder": self.decoder,
-                "weights": "ema" if state.ema is not None else "params", "sampler_steps": self.cfg.sample_steps,
+        meta = {"step": step, "stage": self.kind, "captions": self.captions, "caption_source": self.caption_source,
+                "decoder": self.decoder, "weights": "ema" if state.ema is not None else "params",
+                "sampler_steps": self.cfg.sample_steps,
                 "layout": "generated" if self.kind == "c" else "originals above reconstructions"}
-        path = write_png(self.folder / f"step_{step:08d}.png", collage(rows, self.captions), meta)
-        log.info("sample collage of update %d: %s", step, path)
+        image = collage(rows, self.captions)
+        path = write_png(storage.join(self.folder, f"step_{step:08d}.png"), image, meta)
+        if self.log_image is not None:
+            self.log_image("samples", image, step)
+        say(f"sample collage of update {step}: {path}")
         return path
 
 
@@ -284,6 +313,16 @@ def _host(array) -> np.ndarray:
     return np.asarray(jax.device_get(array.addressable_data(0)))
 
 
-def make_sample_collage(run, cfg: TrainConfig) -> SampleCollage | None:
-    """The collage hook's function when ``sample_every`` is set, else None."""
-    return SampleCollage(run, cfg) if cfg.sample_every else None
+def _stage_c_prompts(cfg: TrainConfig, data, count: int) -> tuple[list[str] | None, str]:
+    """(prompts, where they come from): ``sample_prompts``, else captions of the dataset, else None (the
+    first batch's captions are taken when it comes)."""
+    if cfg.sample_prompts:
+        return list(cfg.sample_prompts), "sample_prompts"
+    captions = data.sample_captions(count) if hasattr(data, "sample_captions") else None
+    return (captions, "dataset") if captions else (None, "first batch")
+
+
+def make_sample_collage(run, cfg: TrainConfig, data=None, log_image=None) -> SampleCollage | None:
+    """The collage hook's function when ``sample_every`` is set, else None. ``data``: the training data
+    iterator (Stage C prompts with its captions); ``log_image(tag, image, step)``: e.g. TensorBoard's."""
+    return SampleCollage(run, cfg, data, log_image) if cfg.sample_every else None

@@ -20,7 +20,6 @@ shift into the trained model so that ``encode`` gives the Stage B target unit va
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -31,7 +30,7 @@ from flax import nnx
 from cascade_jax.models.registry import load_config
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
-from cascade_jax.training.task import LossAux, Task, TrainModules, param_dtype, register_task
+from cascade_jax.training.task import LossAux, Task, TrainModules, param_dtype, register_task, work_dir
 
 
 def per_sample_mean(x):
@@ -76,6 +75,7 @@ class ReconstructionTask(Task):
 
     adaptive_loss_weight = False
     default_preset: str = ""
+    inits = ("checkpoint", "scratch")  # the official rules (training/init.py) are Stage B's and C's
 
     def generator_config(self, cfg: TrainConfig) -> dict:
         if isinstance(cfg.model_config, dict):
@@ -83,7 +83,7 @@ class ReconstructionTask(Task):
         return load_config(cfg.model_config or self.default_preset)[1]
 
     def build(self, cfg: TrainConfig) -> TrainModules:
-        work = Path(cfg.output_path)
+        work = work_dir(cfg)
         self.check_options(cfg)
         return TrainModules(generator=self.build_generator(cfg, work), **self.build_frozen(cfg, work))
 

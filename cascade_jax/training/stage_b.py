@@ -13,7 +13,6 @@ at the EfficientNet size its step drew.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ import numpy as np
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.stage_c import TEXT_TOKENS, encode_text, tokenize_with_drop
-from cascade_jax.training.task import Task, TrainModules, param_dtype, register_task
+from cascade_jax.training.task import Task, TrainModules, param_dtype, register_task, work_dir
 
 EFFNET_KEEP = 0.9  # official: rand <= 0.9 gets EfficientNet latents, the rest zeros
 
@@ -43,7 +42,7 @@ class StageBTask(Task):
     cached_keys = ("x0", "effnet", "clip_text_pooled")
 
     def build(self, cfg: TrainConfig) -> TrainModules:
-        work = Path(cfg.output_path)
+        work = work_dir(cfg)
         modules = TrainModules(generator=self.build_generator(cfg, work), **self.build_frozen(cfg, work))
         if not cfg.cached_conditions:
             self.tokenizer = self.tokenizer_for(cfg)

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cascade_jax import storage
 from cascade_jax.data.clip_preprocess import preprocess_images
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
-from cascade_jax.training.task import Task, TrainModules, frozen_model, param_dtype, register_task
+from cascade_jax.training.task import Task, TrainModules, frozen_model, param_dtype, register_task, work_dir
 
 CAPTION_DROP = 0.05  # official: rand > 0.05 keeps the caption
 IMAGE_EMBED_SHARE = 0.1  # official: rand > 0.9 gets a CLIP image embedding
@@ -77,7 +78,7 @@ class StageCTask(Task):
         if self.wanted_previewer(cfg):
             model, preset, path_key = self.optional_frozen["previewer"]
             path = getattr(cfg, path_key)
-            if path is not None and not Path(path).exists():
+            if path is not None and not storage.exists(path):
                 raise FileNotFoundError(f"{path_key}={path}: no such file or folder; name the previewer weights, or "
                                         f"set {path_key}: null to show sample latents in false colour")
             # Seeded after the other frozen models, so their random test weights do not depend on sampling.
@@ -86,7 +87,7 @@ class StageCTask(Task):
         return models
 
     def build(self, cfg: TrainConfig) -> TrainModules:
-        work = Path(cfg.output_path)
+        work = work_dir(cfg)
         modules = TrainModules(generator=self.build_generator(cfg, work), **self.build_frozen(cfg, work))
         if not cfg.cached_conditions:
             self.tokenizer = self.tokenizer_for(cfg)

@@ -36,9 +36,16 @@ def split_micro_batches(batch, accum: int):
 
 
 def make_loss_fn(task, cfg: TrainConfig, graphdef):
-    def loss_fn(params, frozen, micro_batch, key, loss_state):
+    def loss_fn(params, frozen, micro_batch, key, loss_state, ema=None):
         modules = nnx.merge(graphdef, cast_floats(params, cfg.compute_dtype), frozen)
-        return task.loss(modules, micro_batch, key, loss_state, cfg)
+        if not getattr(task, "uses_ema_target", False):
+            return task.loss(modules, micro_batch, key, loss_state, cfg)
+        # A task that learns against its own EMA (consistency distillation's target network) gets the models
+        # with the EMA in place of the trained values (the trained values themselves without an EMA, as the
+        # LCM-LoRA reference does), constant: no gradient flows through the target.
+        source = params if ema is None else ema
+        target = nnx.merge(graphdef, cast_floats(jax.lax.stop_gradient(source), cfg.compute_dtype), frozen)
+        return task.loss(modules, micro_batch, key, loss_state, cfg, target=target)
 
     return loss_fn
 
@@ -51,7 +58,8 @@ def train_step(state: TrainState, frozen, batch, *, task, cfg: TrainConfig, grap
     def micro_step(carry, inputs):
         grads, loss_state = carry
         index, micro_batch = inputs
-        (loss, aux), g = grad_fn(state.params, frozen, micro_batch, jax.random.fold_in(key, index), loss_state)
+        (loss, aux), g = grad_fn(state.params, frozen, micro_batch, jax.random.fold_in(key, index), loss_state,
+                                  state.ema)
         if loss_state is not None:
             loss_state = adaptive_loss_weight_update(loss_state, aux.logsnr, aux.per_sample_loss)
         return (jax.tree.map(jnp.add, grads, g), loss_state), (loss, jnp.mean(aux.per_sample_loss))

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.diffusion import adaptive_loss_weight_init
 from cascade_jax.models.clip import CLIPEncoder
 from cascade_jax.models.random_init import random_model
@@ -95,6 +96,12 @@ class Task:
     # The frozen encoders' outputs a latent cache stores (``latent_cache.write_cache``), in the order
     # ``conditions`` returns them; a cached batch carries exactly these.
     cached_keys: tuple[str, ...] = ()
+    # The ``init`` values the task understands (``official``: the official constructors' from-scratch rules).
+    inits: tuple[str, ...] = ("checkpoint", "official", "scratch")
+
+    def checkpoint_model(self, cfg: TrainConfig) -> tuple[str, dict]:
+        """(model name, constructor config) that ``generator_checkpoint_path`` must hold (checked at load)."""
+        return self.generator_model, self.generator_config(cfg)
 
     def read_cached(self, batch: dict) -> dict:
         """``host_batch`` of a cached batch: its conditions, checked; the random choices (captions -> "",
@@ -155,7 +162,7 @@ class Task:
         for i, (attr, (model, preset, path_key)) in enumerate(self.frozen.items()):
             path = getattr(cfg, path_key)
             # Official CLIP keys name Hugging Face repositories; only local paths are read here.
-            path = path if path is not None and Path(path).exists() else None
+            path = path if path is not None and storage.exists(path) else None
             models[attr] = frozen_model(model, cfg, path, attr, work_dir, preset=preset, seed_offset=i + 1)
         return models
 
@@ -196,13 +203,16 @@ class Task:
     def build_generator(self, cfg: TrainConfig, work_dir: Path):
         config = self.generator_config(cfg)
         self.generator_config_used = config
-        if cfg.init in ("official", "scratch") or cfg.generator_checkpoint_path is None:
+        if cfg.init in ("official", "scratch"):
             model = random_model(self.generator_model, config, seed=cfg.seed, dtype=cfg.param_dtype)
             if cfg.init == "official":
                 from cascade_jax.training.init import official_init
 
                 official_init(model, self.generator_model, config, seed=cfg.seed)
         else:
+            from cascade_jax.training.run_checks import check_init
+
+            check_init(cfg, self)  # never random weights for init: checkpoint without a path
             model = load_weights(self.generator_model, config, cfg.generator_checkpoint_path, work_dir,
                                  cfg.param_dtype)
         if cfg.remat:
@@ -249,7 +259,9 @@ def load_weights(model_name: str, config, path, work_dir: Path, dtype: str):
     from cascade_jax.weights.checkpoint import META_FILE, load_model
     from cascade_jax.weights.convert import convert_checkpoint
 
-    path = Path(path)
+    if storage.is_url(path) and storage.isfile(storage.join(path, META_FILE)):
+        return load_model(path, dtype=dtype)  # a converted directory in a bucket: restored in place
+    path = storage.local_copy(path) if storage.is_url(path) and storage.exists(path) else Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{model_name}: checkpoint {path} does not exist; give a converted directory, "
                                 "an official .safetensors file or a diffusers/transformers folder")
@@ -283,6 +295,12 @@ def param_dtype(module: nnx.Module):
     for _, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
         return var.dtype
     return np.float32
+
+
+def work_dir(cfg: TrainConfig) -> Path:
+    """The local folder where checkpoints given as official files are converted on first use:
+    ``output_path``, or the local cache when that is a bucket URL."""
+    return storage.cache_root() / "training" if storage.is_url(cfg.output_path) else Path(cfg.output_path)
 
 
 def compute_dtype(cfg: TrainConfig) -> str:

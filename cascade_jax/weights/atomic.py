@@ -83,7 +83,9 @@ def remove(path: Path, settle_s: float = 0.3, timeout_s: float = 30.0):
 def sigterm_as_exception():
     """Within the block, SIGTERM raises :class:`Interrupted` (a KeyboardInterrupt) in the main thread,
     so ``finally`` clauses clean up as on Ctrl-C. Outside the main thread signals cannot be handled."""
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or \
+            getattr(signal.getsignal(signal.SIGTERM), "graceful", False):
+        # A graceful handler (the trainer's, training/interrupt.py) lets the write finish, or raises as this would.
         yield
         return
 

@@ -7,6 +7,7 @@ directory can be restored straight into any sharding and exported back exactly.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zlib
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.models.registry import abstract_model
 from cascade_jax.nn.params import named_variables
 from cascade_jax.sharding import logical_sharding, make_mesh
@@ -38,8 +40,11 @@ def save(out_dir, meta: dict, arrays: dict, *, overwrite: bool = False):
 
     ``overwrite`` replaces only a directory this project wrote (it holds ``cascade_model.json`` and
     nothing foreign); the old one is renamed aside before the new one takes its place, then removed.
-    A per-tensor CRC32 goes into the metadata; :func:`load_model` checks it.
+    A per-tensor CRC32 goes into the metadata; :func:`load_model` checks it. ``out_dir`` may be a gs:// URL
+    (see :func:`_save_remote`).
     """
+    if storage.is_url(out_dir):
+        return _save_remote(out_dir, meta, arrays, overwrite=overwrite)
     out_dir = check_output(out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temps(out_dir.parent, out_dir.name)
@@ -64,29 +69,70 @@ def save(out_dir, meta: dict, arrays: dict, *, overwrite: bool = False):
                 atomic.remove(leftover)
 
 
-def check_output(out_dir, *, overwrite: bool) -> Path:
-    """``out_dir`` resolved, or a clear error now (before minutes of work) if it cannot be written."""
+def check_output(out_dir, *, overwrite: bool, advice: str | None = None) -> Path:
+    """``out_dir`` resolved, or a clear error now (before minutes of work) if it cannot be written.
+
+    ``advice`` replaces the convert-specific advice (its --output / --overwrite flags) for other callers."""
+    if storage.is_url(out_dir):
+        return _check_remote_output(out_dir, overwrite=overwrite)
     out_dir = Path(out_dir).resolve()
     if os.path.lexists(out_dir):
         if not overwrite:
-            raise FileExistsError(f"{out_dir} already exists; remove it or pass overwrite=True (--overwrite)")
-        _check_replaceable(out_dir)
+            raise FileExistsError(f"{out_dir} already exists; {advice or 'remove it or pass overwrite=True (--overwrite)'}")
+        _check_replaceable(out_dir, advice)
     existing = next(p for p in (out_dir.parent, *out_dir.parent.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {out_dir}: {existing} is not a writable folder; choose another output")
+        raise PermissionError(f"cannot write {out_dir}: {existing} is not a writable folder; "
+                              f"{advice or 'choose another output'}")
     return out_dir
 
 
-def _check_replaceable(out_dir: Path):
+def _save_remote(out_dir: str, meta: dict, arrays: dict, *, overwrite: bool):
+    """A directory in a bucket, which has no rename: Orbax writes ``weights/`` in place (its commit file marks
+    it complete), then ``cascade_model.json``, written last in one PUT, makes it a converted directory.
+    Replacing one removes its ``cascade_model.json`` first, so an interrupted write is never read as one."""
+    out_dir = _check_remote_output(out_dir, overwrite=overwrite)
+    meta = {"format_version": FORMAT_VERSION, **meta, "checksums": {k: checksum(v) for k, v in arrays.items()}}
+    meta_url, weights = storage.join(out_dir, META_FILE), storage.join(out_dir, WEIGHTS_DIR)
+    storage.remove(meta_url)
+    storage.remove(weights, recursive=True)
+    checkpointer = _host_array_checkpointer()
+    try:
+        checkpointer.save(weights, args=ocp.args.PyTreeSave(arrays))
+    finally:
+        checkpointer.close()
+    meta["file_sizes"] = {rel: st["size"] for rel, st in storage.listing(weights).items()}
+    storage.write_text(meta_url, json.dumps(meta, indent=1))
+
+
+def _check_remote_output(out_dir: str, *, overwrite: bool) -> str:
+    """As :func:`check_output` for a URL: the bucket writable, an existing directory replaced only with
+    ``overwrite`` and only when it holds nothing but what convert writes."""
+    out_dir = storage.orbax_path(out_dir, "converted model directory")
+    storage.check_writable(storage.parent(out_dir), "output")
+    present = storage.listing(out_dir)
+    if not present:
+        return out_dir
+    foreign = sorted({rel.split("/")[0] for rel in present} - {META_FILE, WEIGHTS_DIR})
+    if foreign:
+        raise FileExistsError(f"{out_dir} holds files convert did not write ({foreign[:5]}); refusing to replace it. "
+                              "Choose a new --output")
+    if not overwrite:
+        state = "already exists" if META_FILE in present else f"holds an interrupted earlier write (no {META_FILE})"
+        raise FileExistsError(f"{out_dir} {state}; pass overwrite=True (--overwrite) to replace it")
+    return out_dir
+
+
+def _check_replaceable(out_dir: Path, advice: str | None = None):
     """Refuse to replace anything but a converted model directory: --overwrite once emptied '.'."""
     ours = {META_FILE, WEIGHTS_DIR}
     if out_dir.is_symlink() or not out_dir.is_dir() or not (out_dir / META_FILE).is_file():
         raise FileExistsError(f"{out_dir} exists and is not a converted model directory (no {META_FILE}); "
-                              "--overwrite only replaces what convert wrote. Choose a new --output")
+                              + (advice or "--overwrite only replaces what convert wrote. Choose a new --output"))
     foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
     if foreign:
         raise FileExistsError(f"{out_dir} holds files convert did not write ({foreign[:5]}); refusing to replace "
-                              "it. Move them away or choose a new --output")
+                              f"it. {advice or 'Move them away or choose a new --output'}")
     if Path.cwd().resolve().is_relative_to(out_dir):
         raise FileExistsError(f"{out_dir} contains the working directory; refusing to replace it")
 
@@ -95,11 +141,20 @@ def _file_sizes(weights: Path) -> dict[str, int]:
     return {p.relative_to(weights).as_posix(): p.stat().st_size for p in sorted(weights.rglob("*")) if p.is_file()}
 
 
-def _check_files(path: Path, expected: dict | None):
+def weights_path(model_dir):
+    """The Orbax checkpoint of a converted directory: a local Path, or a gs:// URL read in place."""
+    if storage.is_url(model_dir):
+        return storage.join(storage.orbax_path(model_dir, "converted model directory"), WEIGHTS_DIR)
+    return Path(model_dir).resolve() / WEIGHTS_DIR
+
+
+def _check_files(path, expected: dict | None):
     """Truncated or missing files fail here, by name, instead of as Orbax read errors mid-restore."""
+    if storage.is_url(path):
+        found = {rel: st["size"] for rel, st in storage.listing(path).items()} if expected else {}
     for name, size in (expected or {}).items():
-        file = path / name
-        actual = file.stat().st_size if file.is_file() else None
+        file = None if storage.is_url(path) else path / name
+        actual = found.get(name) if file is None else (file.stat().st_size if file.is_file() else None)
         if actual != size:
             state = "is missing" if actual is None else f"has {actual} bytes, {size} were written"
             raise CheckpointError(f"{path}: {name} {state} (a damaged or incomplete copy); convert the model again")
@@ -120,7 +175,18 @@ def _host_array_checkpointer() -> ocp.Checkpointer:
     """
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry))
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(_without_array_metadata_warning)
+    try:
+        return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry))
+    finally:
+        absl_logger.removeFilter(_without_array_metadata_warning)
+
+
+def _without_array_metadata_warning(record: logging.LogRecord) -> bool:
+    """Drops Orbax's "No jax.Array in TypeHandlerRegistry: ArrayMetadata persistence is disabled" warning,
+    which a registry of numpy handlers only (this writer's, on purpose) triggers on every save."""
+    return not str(record.msg).startswith("No jax.Array in TypeHandlerRegistry")
 
 
 META_KEYS = {"model": str, "config": dict, "dtype": str}
@@ -128,12 +194,12 @@ META_KEYS = {"model": str, "config": dict, "dtype": str}
 
 def read_meta(model_dir) -> dict:
     """The checked contents of ``cascade_model.json``; every defect is one error naming the file."""
-    path = Path(model_dir) / META_FILE
-    if not path.is_file():
+    path = storage.join(model_dir, META_FILE)
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{model_dir} is not a converted model directory (no {META_FILE}); "
                                 "create one with convert/convert.py")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(storage.read_text(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is damaged ({e}); convert the model again") from e
     if not isinstance(meta, dict):
@@ -191,7 +257,7 @@ def load_model(model_dir, dtype=None, sharding=None, *, rules: dict | None = Non
     model = abstract_model(meta["model"], meta["config"])
     variables = named_variables(model)
     param_dtype = parse_dtype(dtype or meta["dtype"])
-    path = Path(model_dir).resolve() / WEIGHTS_DIR
+    path = weights_path(model_dir)
     _check_files(path, meta.get("file_sizes"))
     stored = _stored_metadata(path)
     _check_stored(path, stored, variables)
@@ -221,8 +287,8 @@ def _verify(path, key, value: jax.Array, expected):
                               "files are damaged); convert the model again")
 
 
-def _stored_metadata(path: Path) -> dict:
-    if not (path.is_dir() and any(path.iterdir())):
+def _stored_metadata(path) -> dict:
+    if not (storage.isdir(path) if storage.is_url(path) else (path.is_dir() and any(path.iterdir()))):
         raise CheckpointError(f"{path}: the Orbax checkpoint is missing or empty; convert the model again")
     try:
         with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
@@ -259,7 +325,7 @@ def _read(path: Path, target: dict) -> dict:
 def load_arrays(model_dir) -> dict[str, np.ndarray]:
     """All stored arrays as numpy, in their stored dtype (for export), checked against their checksums."""
     meta = read_meta(model_dir)
-    path = Path(model_dir).resolve() / WEIGHTS_DIR
+    path = weights_path(model_dir)
     _check_files(path, meta.get("file_sizes"))
     stored = _stored_metadata(path)
     target = {k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for k, m in stored.items()}

@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.models.registry import abstract_model
+from cascade_jax.models.structure import describe_unet
 from cascade_jax.weights import checkpoint
 from cascade_jax.weights.dtypes import parse_dtype  # noqa: F401  (also imported from here)
 from cascade_jax.weights.formats import detect_format
@@ -49,8 +51,32 @@ def _check_plan(model_name, src, fmt, plan, variables, reader):
     if problems:
         raise ConversionError(
             f"{src} ({fmt.name} format) does not match model {model_name!r} with this config:\n  "
-            + "\n  ".join(problems) + "\nCheck --model and --config (a lite checkpoint needs the *_lite preset).")
+            + "\n  ".join(problems) + _structures(plan, expected, reader)
+            + "\nCheck --model and --config (the config must describe the checkpoint's sizes).")
     return expected
+
+
+def _structures(plan, expected, reader) -> str:
+    """Both sides' ResBlocks and widths per level (U-Nets), so a size mismatch reads at a glance."""
+    in_file = describe_unet({k: reader.shape(r.sources[0]) for k, r in plan.items() if len(r.sources) == 1})
+    in_config = describe_unet(expected)
+    if not in_file or not in_config or in_file == in_config:
+        return ""
+    return f"\n  the file: {in_file}\n  the config: {in_config}"
+
+
+def check_source(model_name: str, config, src, fmt: str | None = None):
+    """Check from the file's header alone (no tensor read) that ``src`` fits ``model_name`` with ``config``:
+    a :class:`ConversionError` listing every offending tensor, or (reader, config, variables, format, plan,
+    expected torch shapes) for the conversion."""
+    reader = open_source(src)
+    config = resolve_config(model_name, config, src)
+    variables = named_variables(abstract_model(model_name, config))
+    keys = set(reader.keys())
+    source_format = detect_format(model_name, keys, fmt)
+    plan = source_format.plan(keys)
+    expected = _check_plan(model_name, src, source_format, plan, variables, reader)
+    return reader, config, variables, source_format, plan, expected
 
 
 def convert_checkpoint(model_name: str, config, src, out_dir, *, dtype="float32", fmt: str | None = None,
@@ -61,13 +87,8 @@ def convert_checkpoint(model_name: str, config, src, out_dir, *, dtype="float32"
     """
     target_dtype = parse_dtype(dtype)
     checkpoint.check_output(out_dir, overwrite=overwrite)
-    reader = open_source(src)
-    config = resolve_config(model_name, config, src)
-    variables = named_variables(abstract_model(model_name, config))
-    keys = set(reader.keys())
-    source_format = detect_format(model_name, keys, fmt)
-    plan = source_format.plan(keys)
-    expected = _check_plan(model_name, src, source_format, plan, variables, reader)
+    origin, src = src, storage.local_copy(src)  # a file or folder in a bucket is converted from a local copy
+    reader, config, variables, source_format, plan, expected = check_source(model_name, config, src, fmt)
 
     arrays, source_dtypes = {}, {}
     for key, var in variables.items():
@@ -86,6 +107,6 @@ def convert_checkpoint(model_name: str, config, src, out_dir, *, dtype="float32"
             reader.release(source)
         source_dtypes[key] = str(reader.dtype(recipe.sources[0]))
     meta = {"model": model_name, "config": config, "dtype": target_dtype.name,
-            "source": {"path": str(src), "format": source_format.name, "dtypes": source_dtypes}}
+            "source": {"path": str(origin), "format": source_format.name, "dtypes": source_dtypes}}
     checkpoint.save(out_dir, meta, arrays, overwrite=overwrite)
     return out_dir

@@ -111,7 +111,7 @@ def official_config_from_diffusers(config: dict) -> dict:
                          list(cfg["up_blocks_repeat_mappers"] or [1] * levels)],
         "level_config": [_level_letters(types) for types in cfg["block_types_per_layer"]],
         "c_clip_seq": cfg["clip_seq"], "kernel_size": cfg["kernel_size"],
-        "dropout": _per_level_list(cfg["dropout"], levels), "self_attn": cfg["self_attn"],
+        "dropout": cfg["dropout"], "self_attn": cfg["self_attn"],  # a scalar or per level, in both
         "t_conds": list(cfg["timestep_conditioning_type"]),
     }
     if diffusers_unet_model_name(cfg) == "stage_b":
@@ -145,7 +145,3 @@ def _level_letters(block_types) -> str:
     if unknown:
         raise ValueError(f"diffusers block types {unknown} have no official equivalent; known: {list(_BLOCK_LETTERS)}")
     return "".join(_BLOCK_LETTERS[t] for t in block_types)
-
-
-def _per_level_list(value, levels: int) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value] * levels

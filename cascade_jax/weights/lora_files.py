@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 
+import jax.numpy as jnp
 import numpy as np
 
 from cascade_jax.models.lora import (DEFAULT_FILTERS, LayerFactors, LoRAMismatchError, LoRAWeights, TokenDeltas,
@@ -256,11 +257,34 @@ def read_comfyui(tensors: dict, info: dict | None, model) -> LoRAWeights:
     return lora
 
 
+def check_lora_keys(keys, path):
+    """Refuse a file that holds no LoRA factors at all (e.g. a full Stage C passed as a LoRA), from its
+    tensor names alone, before any tensor is read."""
+    keys = sorted(keys)
+    if not keys:
+        raise ValueError(f"{path} holds no tensors: not a LoRA file")
+    if not any("lora" in k or k.startswith("embeddings.") or k.endswith(".alpha") for k in keys):
+        raise ValueError(f"{path} is not a LoRA file: none of its {len(keys)} tensors is a LoRA factor (lora_down / "
+                         f"lora_up); names such as {keys[:3]} are a full model's weights. A full Stage C is loaded "
+                         "as weights (sample/generate.py --weights, convert/convert.py), not with --lora")
+
+
+def _finite_tensors(tensors: dict, path) -> dict:
+    """A non-finite factor would make a NaN model: refuse it by name."""
+    bad = [k for k, v in tensors.items() if jnp.issubdtype(v.dtype, jnp.floating) and not np.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: tensors {bad[:5]} hold NaN or inf values (a diverged training run?); "
+                         "this LoRA cannot be applied")
+    return tensors
+
+
 def load_lora(path, model) -> LoRAWeights:
     """Read an official or ComfyUI LoRA file for ``model`` (an abstract model is enough); the
     result is checked to fit, with an error naming every mismatched key and both shapes."""
-    tensors, metadata = read_tensors(path)
-    info = file_info(metadata)
+    reader = SafetensorsReader(path)
+    check_lora_keys(reader.keys(), path)
+    tensors = _finite_tensors({k: np.array(reader.get(k)) for k in reader.keys()}, path)
+    info = file_info(dict(reader.metadata))
     reader = read_official if detect_format(tensors) == "official" else read_comfyui
     try:
         return reader(tensors, info, model)

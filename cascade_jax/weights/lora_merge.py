@@ -13,14 +13,16 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 
-from cascade_jax.models.lora import adapted_weights, attach_lora
+from cascade_jax.models.lora import adapted_weights, attach_lora, check_strength
 from cascade_jax.models.registry import abstract_model, load_config
 from cascade_jax.weights import checkpoint
 from cascade_jax.weights.lora_files import load_lora, model_config_of, save_lora
 
 
 def merge_loras_into_directory(model_dir, loras, out_dir, *, overwrite: bool = False):
-    """``loras``: [(path, strength), ...]; writes ``out_dir`` and returns it."""
+    """``loras``: [(path, strength), ...]; writes ``out_dir`` and returns it. Each strength is checked (finite,
+    within +-MAX_STRENGTH) before any work, and a merged weight that is not finite is never written."""
+    loras = [(path, check_strength(f"LoRA {path} strength", strength)) for path, strength in loras]
     meta = checkpoint.read_meta(model_dir)
     if meta["model"] != "stage_c":
         raise ValueError(f"{model_dir} holds {meta['model']!r}; LoRAs apply to a Stage C directory")
@@ -35,6 +37,9 @@ def merge_loras_into_directory(model_dir, loras, out_dir, *, overwrite: bool = F
     for key, weight in adapted_weights(model):
         weight.original.set_value(jnp.asarray(arrays[key]))
         arrays[key] = np.asarray(weight.compute())
+        if not np.isfinite(arrays[key].astype(np.float32)).all():
+            raise ValueError(f"merging {[f'{p}:{s:g}' for p, s in loras]} makes {key} overflow to NaN or inf; "
+                             f"lower the strengths. Nothing was written to {out_dir}")
     out_meta = {k: v for k, v in meta.items() if k != "format_version"}
     out_meta["loras"] = [{"path": str(p), "strength": float(s)} for p, s in loras]
     checkpoint.save(out_dir, out_meta, arrays, overwrite=overwrite)

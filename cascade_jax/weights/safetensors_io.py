@@ -17,6 +17,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from cascade_jax import storage
 from cascade_jax.weights import atomic
 
 DTYPES = {
@@ -64,7 +65,7 @@ class SafetensorsReader:
     """
 
     def __init__(self, path):
-        self.path = Path(path)
+        self.path = storage.local_copy(path)  # a URL is read from a local copy (memory-mapped), fetched once
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such file")
         size = self.path.stat().st_size
@@ -186,6 +187,10 @@ def write_safetensors(path, specs, fetch, metadata: dict | None = None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
+    if storage.is_url(path):  # streamed into one object, which appears only when complete
+        with atomic.sigterm_as_exception(), storage.open_write(path) as f:
+            _write_body(f, blob, entries, fetch)
+        return
     path = Path(path).resolve()
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; name the .safetensors file to write")
@@ -193,14 +198,18 @@ def write_safetensors(path, specs, fetch, metadata: dict | None = None):
     tmp = atomic.temp_path(path)
     try:
         with atomic.sigterm_as_exception(), open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for key, dtype, shape, _, _ in entries:
-                arr = np.asarray(fetch(key), order="C")
-                if arr.dtype != dtype or tuple(arr.shape) != shape:
-                    raise ValueError(f"{key}: produced {arr.dtype}{arr.shape}, announced {dtype}{shape}")
-                f.write(arr.tobytes())
+            _write_body(f, blob, entries, fetch)
         os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):
             tmp.unlink()
+
+
+def _write_body(f, blob: bytes, entries, fetch):
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for key, dtype, shape, _, _ in entries:
+        arr = np.asarray(fetch(key), order="C")
+        if arr.dtype != dtype or tuple(arr.shape) != shape:
+            raise ValueError(f"{key}: produced {arr.dtype}{arr.shape}, announced {dtype}{shape}")
+        f.write(arr.tobytes())

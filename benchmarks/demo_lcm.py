@@ -1,0 +1,114 @@
+"""demo-lcm (the demo's Stage C distilled by the c_lcm task) against the demo's default sampling, side by side in
+one process: per-attribute accuracy on the held-out combinations (the demo's scorer, benchmarks/demo_accuracy.py)
+and wall time per image after compilation.
+
+    python benchmarks/demo_lcm.py                      # 40 held-out combinations x 2 images per setting
+    python benchmarks/demo_lcm.py --combos 126 --per-combo 4
+
+Settings: the demo's defaults (20 Stage C + 10 Stage B steps, its sampling.json), the same in 4+2 steps (what the
+distillation adds), and demo-lcm's (its sampling.json: the LCM sampler without guidance on Stage C) at 4+2, 2+2
+and 1+1 steps. Each setting first draws
+one untimed batch (compiling its sampling loops), then the timed, scored images. Writes ``--out`` (JSON) and a
+markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR.parent) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR.parent))
+
+from benchmarks.common import write_text  # noqa: E402
+from benchmarks.demo_accuracy import evaluate_pipeline, sample_split_combos  # noqa: E402
+from cascade_jax.data import shapes  # noqa: E402
+
+DEFAULT_OUT = BENCH_DIR / "results" / "demo_lcm.json"
+LCM_STEPS = ((4, 2), (2, 2), (1, 1))
+FIELDS = ("steps", "cfg", "shift", "sampler", "t_start")
+
+
+def settings(demo_pipe, lcm_pipe) -> list:
+    """(label, pipeline, prior settings, decoder settings) of every compared setting."""
+    rows = [("demo 20+10", demo_pipe, demo_pipe.prior_defaults, demo_pipe.decoder_defaults),
+            # the undistilled demo in demo-lcm's default steps: what the distillation adds
+            ("demo 4+2 (not distilled)", demo_pipe, demo_pipe.prior_defaults.replace(steps=4),
+             demo_pipe.decoder_defaults.replace(steps=2))]
+    for prior_steps, decoder_steps in LCM_STEPS:
+        rows.append((f"demo-lcm {prior_steps}+{decoder_steps}", lcm_pipe,
+                     lcm_pipe.prior_defaults.replace(steps=prior_steps),
+                     lcm_pipe.decoder_defaults.replace(steps=decoder_steps)))
+    return rows
+
+
+def measure(label, pipe, prior, decoder, combos, args) -> dict:
+    warm = combos[:1] * args.batch_size
+    evaluate_pipeline(pipe, warm[:args.batch_size], 1, 10_000, batch_size=args.batch_size, prior=prior,
+                      decoder=decoder)  # compiles this setting's loops: untimed
+    result = evaluate_pipeline(pipe, combos, args.per_combo, args.seed, batch_size=args.batch_size, prior=prior,
+                               decoder=decoder)
+    n_batches = -(-result["n_images"] // args.batch_size)
+    row = {"label": label, "prior": {f: getattr(prior, f) for f in FIELDS},
+           "decoder": {f: getattr(decoder, f) for f in FIELDS}, "n_images": result["n_images"],
+           "accuracy": result["accuracy"], "wall_s": result["wall_s"],
+           # every batch is full (the last padded), so a drawn image costs wall / (batches x batch size)
+           "s_per_image": result["wall_s"] / (n_batches * args.batch_size)}
+    print(json.dumps({k: v for k, v in row.items() if k not in ("prior", "decoder")}), flush=True)
+    return row
+
+
+def markdown(report: dict) -> str:
+    columns = (*shapes.ATTRIBUTES, "exact")
+    base = report["rows"][0]["s_per_image"]
+    lines = [f"# demo-lcm vs the demo's default sampling ({report['date']})", "",
+             f"Held-out combinations: {report['combos']} x {report['per_combo']} image(s), seed {report['seed']}, "
+             f"batch {report['batch_size']}, {report['size']}x{report['size']}, backend {report['backend']}.", "",
+             "| setting | images | " + " | ".join(columns) + " | s / image | speed-up |",
+             "|---" * (len(columns) + 4) + "|"]
+    for row in report["rows"]:
+        cells = " | ".join(f"{row['accuracy'][c]:.3f}" for c in columns)
+        lines.append(f"| {row['label']} | {row['n_images']} | {cells} | {row['s_per_image']:.4f} | "
+                     f"{base / row['s_per_image']:.1f}x |")
+    lines += ["", "Wall time per image after compilation (each setting's loops compiled by an untimed batch first), "
+              "end to end: text encoding, Stage C, Stage B, Stage A decode.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--combos", type=int, default=40, help="held-out combinations (126: all of them)")
+    p.add_argument("--per-combo", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lcm-weights", default="demo-lcm", help="the distilled weights (default: the shipped demo-lcm)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    if min(args.combos, args.per_combo, args.batch_size) < 1:
+        p.error(f"--combos, --per-combo and --batch-size must be >= 1, got {args.combos}, {args.per_combo}, "
+                f"{args.batch_size}")
+    import jax
+
+    from cascade_jax.pipelines.cascade import StableCascadePipeline
+
+    demo_pipe = StableCascadePipeline.from_pretrained("demo", dtype="float32")
+    lcm_pipe = StableCascadePipeline.from_pretrained(args.lcm_weights, dtype="float32")
+    combos = sample_split_combos("heldout", args.combos, args.seed)
+    rows = [measure(*row, combos, args) for row in settings(demo_pipe, lcm_pipe)]
+    report = {"combos": len(combos), "per_combo": args.per_combo, "seed": args.seed, "batch_size": args.batch_size,
+              "size": 128, "backend": jax.default_backend(), "lcm_weights": args.lcm_weights,
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rows": rows}
+    write_text(args.out, json.dumps(report, indent=1) + "\n")
+    table = markdown(report)
+    write_text(args.out.with_suffix(".md"), table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

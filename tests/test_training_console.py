@@ -1,0 +1,38 @@
+"""What the trainer prints (``training/console.py``): the data line of a folder with a captionless
+image, the config line of the scripts, and no Orbax ArrayMetadata warning. The start-up lines of a
+whole tiny run are checked in test_training_interrupt.py (whose runs print them anyway)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from data_testing import write_folder
+
+from cascade_jax.data import make_train_loader
+from cascade_jax.training.cli import config_line
+from cascade_jax.training.config import training_configs_dir
+from cascade_jax.training.console import data_line
+from cascade_jax.weights import checkpoint
+
+
+def test_data_and_config_lines(tmp_path):
+    folder = write_folder(tmp_path / "images", 4, skip_caption={3})
+    it = iter(make_train_loader({"source": "folder", "paths": [str(folder)]}, global_batch_size=2, image_size=32))
+    assert data_line(it) == (f"data: 4 images in {folder} (folder); 1 without a caption will be skipped "
+                             f"(e.g. {folder / 'sub' / 'img_003.png'})")
+    next(it), next(it)  # 4 usable samples out of 3 per epoch: the captionless one has been met
+    assert data_line(it).endswith("; skipped so far: no_caption 1")
+    it.close()
+    args = argparse.Namespace(config="tiny_c", overrides=["updates=3", "lr=2e-4"])
+    path = training_configs_dir() / "tiny_c.yaml"
+    assert config_line(args) == f"config: tiny_c ({path}); overrides: updates=3 lr=2e-4"
+
+
+def test_weights_writer_has_no_array_metadata_warning(caplog):
+    """Orbax warns on every numpy-only writer (every export): the warning, and only it, is dropped."""
+    with caplog.at_level(logging.WARNING):
+        checkpoint._host_array_checkpointer()
+        logging.getLogger("absl").warning("another warning")
+    assert "ArrayMetadata" not in caplog.text and "another warning" in caplog.text
+    assert not logging.getLogger("absl").filters
