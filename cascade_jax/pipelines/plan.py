@@ -27,7 +27,7 @@ from cascade_jax.accelerators import Target
 from cascade_jax.diffusion import SamplerSettings
 from cascade_jax.models.registry import abstract_model
 from cascade_jax.pipelines.sizes import latent_shapes
-from cascade_jax.pipelines.stage_runner import _run
+from cascade_jax.pipelines.stage_runner import _run, program_settings
 from cascade_jax.sharding import batch_axes, make_mesh, variable_shardings
 
 TEXT_TOKENS = 77
@@ -65,11 +65,21 @@ class _Placer:
         return jax.tree.map(place, tree)
 
 
-def _stage_args(batch: int, conditions: dict, placer: _Placer):
+def _stage_args(batch: int, conditions: dict, steps: int, placer: _Placer):
+    """The loop's array arguments as ``StageRunner._arguments`` makes them: keys, conditions, unconditional
+    ones, no x_init, listener id, positions, then the per-step guidance scales (replicated)."""
     keys = jax.ShapeDtypeStruct((batch,), jax.random.key(0).dtype)
     scalars = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32))
-    args = (keys, conditions, jax.tree.map(lambda x: x, conditions), None, *scalars)
-    return placer.batched(args, batch)
+    args = placer.batched((keys, conditions, jax.tree.map(lambda x: x, conditions), None, *scalars), batch)
+    cfg_scale = jax.ShapeDtypeStruct((steps,), jnp.float32, sharding=NamedSharding(placer.mesh, PartitionSpec()))
+    return (*args, cfg_scale)
+
+
+def _compile_loop(graphdef, settings: SamplerSettings, x_shape: tuple, state, conditions: dict, placer: _Placer):
+    batch = next(iter(conditions.values())).shape[0]
+    args = _stage_args(batch, conditions, settings.steps, placer)
+    return jax.jit(_run, static_argnums=(0, 1, 2, 3)).lower(graphdef, program_settings(settings), x_shape, None,
+                                                            state, *args).compile()
 
 
 def compile_stage(name: str, model: tuple, settings: SamplerSettings, x_shape: tuple, conditions: dict,
@@ -78,13 +88,12 @@ def compile_stage(name: str, model: tuple, settings: SamplerSettings, x_shape: t
     model_name, config, dtype = model
     graphdef, state = abstract_weights(model_name, config, dtype)
     batch = next(iter(conditions.values())).shape[0]
-    state, args = placer.state(state), _stage_args(batch, conditions, placer)
+    state = placer.state(state)
     start = time.perf_counter()
-    loop = jax.jit(_run, static_argnums=(0, 1, 2, 3)).lower(graphdef, settings, x_shape, None, state, *args).compile()
+    loop = _compile_loop(graphdef, settings, x_shape, state, conditions, placer)
     compile_s = time.perf_counter() - start
     one_step = dataclasses.replace(settings, steps=1)
-    single = loop if settings.steps == 1 else jax.jit(_run, static_argnums=(0, 1, 2, 3)).lower(
-        graphdef, one_step, x_shape, None, state, *args).compile()
+    single = loop if settings.steps == 1 else _compile_loop(graphdef, one_step, x_shape, state, conditions, placer)
     step_s = compile_report.xla_cost(single)["optimal_seconds"]
     memory = compile_report.xla_memory(loop) or {}
     return {"stage": name, "steps": settings.steps, "cfg_batch": batch * (2 if settings.cfg is not None else 1),
