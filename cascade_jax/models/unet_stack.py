@@ -87,10 +87,10 @@ def stack_units(model) -> dict:
 
 
 def unstack_units(model):
-    """The inverse of :func:`stack_units`, in place: per-block modules under their official keys again (a model
-    without U-Net levels, e.g. a ControlNet, is returned as it is)."""
+    """The inverse of :func:`stack_units` (on a Stage B / C U-Net), in place: per-block modules under their
+    official keys again."""
     for attr in LEVEL_LISTS:
-        levels = getattr(model, attr, ())
+        levels = getattr(model, attr)
         for i in range(len(levels)):
             blocks = []
             for element in levels[i]:

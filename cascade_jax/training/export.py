@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from cascade_jax import storage
+from cascade_jax.models.unet import CascadeUNet
 from cascade_jax.models.unet_stack import unstack_units
 from cascade_jax.nn.params import named_variables
 from cascade_jax.weights import checkpoint
@@ -19,7 +20,8 @@ from cascade_jax.weights.export import export_official
 def generator_arrays(graphdef, params, frozen) -> dict[str, np.ndarray]:
     """The generator's ``{official key: host array}`` with ``params`` (trained or EMA) merged in."""
     modules = nnx.merge(graphdef, jax.device_get(params), jax.device_get(frozen))
-    unstack_units(modules.generator)  # scan_blocks trained it stacked; the official keys are per block
+    if isinstance(modules.generator, CascadeUNet):  # scan_blocks trained it stacked; official keys are per block
+        unstack_units(modules.generator)
     return {k: np.asarray(v[...]) for k, v in named_variables(modules.generator).items()}
 
 
