@@ -48,8 +48,13 @@ def depth_extrapolated_seconds(trace, cfg: TrainConfig, task, mesh, batch_specs,
     """``{"estimated_step_s", "estimate_points"}`` from two shallow compiles; None values when the backend
     gives no estimate or the depth does not change the FLOPs. ``trace``: ``plan.traced_step``."""
     points = [compiled_point(trace, shallow_config(cfg, task, scale), mesh, batch_specs) for scale in (1, 2)]
+    return {"estimated_step_s": extrapolate(points, full_flops),
+            "estimate_points": [{"optimal_seconds": t, "flops": f} for t, f in points]}
+
+
+def extrapolate(points, full_flops: float) -> float | None:
+    """The formula above from ``[(T_A, F_A), (T_B, F_B)]``; None without two estimates that differ in FLOPs."""
     (t1, f1), (t2, f2) = points
     if t1 is None or t2 is None or f2 <= f1:
-        return {"estimated_step_s": None, "estimate_points": points}
-    seconds = t1 + (full_flops - f1) * (t2 - t1) / (f2 - f1)
-    return {"estimated_step_s": seconds, "estimate_points": [{"optimal_seconds": t, "flops": f} for t, f in points]}
+        return None
+    return t1 + (full_flops - f1) * (t2 - t1) / (f2 - f1)
