@@ -1,6 +1,16 @@
+from importlib import metadata
 from pathlib import Path
 
 from setuptools import find_packages, setup
+
+
+def jax_tpu() -> str:
+    """jax[tpu] at the installed jax's version (libtpu must match it exactly); else the tested one."""
+    try:
+        return f"jax[tpu]=={metadata.version('jax')}"
+    except metadata.PackageNotFoundError:
+        return "jax[tpu]==0.10.2"
+
 
 # configs/ stays at the top of the repository (the design card puts it there) and is installed as
 # cascade_jax/configs, where cascade_jax.models.registry.configs_root finds it with importlib.resources.
@@ -53,6 +63,8 @@ setup(
             "fsspec", "gcsfs", "s3fs", "moto[server]>=5", "gcp-storage-emulator",
             # The app tests (same as the `app` extra); playwright drives Debian's chromium, no browser download.
             "gradio>=6.31,<7", "gradio_client>=2.7,<3", "playwright>=1.65,<2",
+            # The planning tests compile for a v5e-4 topology (same as the `tpu` extra).
+            jax_tpu(),
         ],
         # sample/app.py, the web app (the library itself never imports gradio).
         "app": ["gradio>=6.31,<7", "gradio_client>=2.7,<3"],
@@ -70,6 +82,8 @@ setup(
             "tensorboardX>=2.6",
             "tqdm",
         ],
+        # --plan TOPOLOGY: libtpu compiles for TPU slices on any machine (no TPU needed); runtime never needs it.
+        "tpu": [jax_tpu()],
         # Paths that are gs://, s3:// or other fsspec URLs (cascade_jax/storage); local paths need none of it.
         "cloud": ["fsspec", "gcsfs", "s3fs"],
         # ControlNet hint filters: the canny hint calls cv2.Canny as the official filter does.

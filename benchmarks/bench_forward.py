@@ -19,24 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from common import alternate, free_memory, log, other_cpu_load, ratio, rss_gb, skipped, summarize, timed
+from cascade_jax.compile_report import xla_cost
 from cascade_jax.models.registry import abstract_model
 from flax import nnx
 
 # 1024x1024 images: Stage C latent 24x24x16, Stage B latent 256x256x4.
 STAGE_SHAPES = {"stage_c": (24, 24, 16), "stage_b": (256, 256, 4)}
 TEXT_TOKENS = 77
-
-
-def compiled_flops(compiled) -> float | None:
-    """Flops of a compiled (or lowered) computation from XLA's cost analysis."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception as e:  # noqa: BLE001 - cost analysis is optional on some backends
-        log(f"cost analysis unavailable: {type(e).__name__}: {e}")
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return float(cost.get("flops", 0.0)) or None
 
 
 def draw_inputs(model_name: str, config: dict, batch: int, shape: tuple, seed: int = 0) -> dict:
@@ -89,7 +78,7 @@ def jax_forward(model: nnx.Module, args: tuple):
 
     start = time.perf_counter()
     compiled = jax.jit(forward).lower(state, *args).compile()
-    return compiled, state, time.perf_counter() - start, compiled_flops(compiled)
+    return compiled, state, time.perf_counter() - start, xla_cost(compiled)["flops"]
 
 
 def _depthwise_as_shifted_sum(original):
@@ -236,7 +225,7 @@ def _abstract_cost(model_name: str, config: dict, batch: int, shape: tuple) -> t
     inputs = draw_inputs(model_name, config, 1, shape)
     args = tuple(jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype) for a in jax_args(model_name, inputs, jnp.float32))
     lowered = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a)).lower(state, *args)
-    return compiled_flops(lowered), lowered.as_text().count("\n")
+    return xla_cost(lowered)["flops"], lowered.as_text().count("\n")
 
 
 def run_forward_section(cases: list[dict], budget, throughput_gflops: float, log_prefix="forward") -> list[dict]:

@@ -101,9 +101,9 @@ def write_random_cache(cfg, out_dir) -> Path:
     """One cached batch of the shapes ``write_cache`` writes, random values (no encoders run)."""
     import numpy as np
 
-    from cascade_jax.training.plan import default_batch_specs
+    from cascade_jax.training import get_task
 
-    specs = default_batch_specs(cfg.stage, cfg)
+    specs = get_task(cfg.stage).plan_batch(cfg)
     rng = np.random.default_rng(cfg.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,9 +124,9 @@ def lower_step(run, batch, graphdef=None):
 
 
 def flops_of(lowered_or_compiled) -> float | None:
-    from bench_forward import compiled_flops
+    from cascade_jax.compile_report import xla_cost
 
-    return compiled_flops(lowered_or_compiled)
+    return xla_cost(lowered_or_compiled)["flops"]
 
 
 def model_flops(run, batch, lowered) -> float | None:
@@ -142,12 +142,9 @@ def model_flops(run, batch, lowered) -> float | None:
 
 
 def xla_memory_gb(compiled) -> dict | str:
-    try:
-        mem = compiled.memory_analysis()
-        return {k: getattr(mem, f"{k}_size_in_bytes") / GIB for k in ("argument", "output", "temp", "alias")
-                if getattr(mem, f"{k}_size_in_bytes", None) is not None}
-    except Exception as e:  # noqa: BLE001 - optional on some backends
-        return f"unavailable: {type(e).__name__}"
+    from cascade_jax.compile_report import xla_memory
+
+    return xla_memory(compiled) or "unavailable on this backend"
 
 
 def time_steps(run, compiled, batch, steps: int, deadline: float) -> tuple[list, list]:

@@ -111,7 +111,7 @@ def train_variant(label, config_name, batch, image_size, remat, cached, *, mode:
 
     lite = label.startswith("lite")
     # Lite: float32 compute, and the real-size encoders (there is no tiny encoder of their widths).
-    extra = ["compute_dtype=float32", "encoders=lite"] if lite else []
+    extra = ["compute_dtype=float32", "encoders=lite", "scan_blocks=false"] if lite else []
     cfg = variant_config(config_name, batch=batch, image_size=image_size, remat=remat, cached=cached, extra=extra)
     task = get_task(cfg.stage)
     generator = task.generator_config(cfg)

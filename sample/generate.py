@@ -6,6 +6,7 @@
   python sample/generate.py variation --weights WEIGHTS_DIR --image photo.png
   python sample/generate.py img2img --weights WEIGHTS_DIR --image photo.png --prompt "oil painting" --strength 0.7
   python sample/generate.py reconstruct --weights WEIGHTS_DIR --image photo.png
+  python sample/generate.py text2img --plan v5e-1 --num-images 4   # does the cascade fit one v5e chip?
 
 WEIGHTS_DIR holds converted directories, the official safetensors (stage_c_bf16.safetensors, ...,
 text_encoder/, tokenizer/), the diffusers folders or a trainer's export; several --weights combine folders
@@ -110,6 +111,12 @@ def build_parser():
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="Stage C LoRA file (official or ComfyUI format), strength default 1 (finite, within "
                         "+-100); repeatable. A file named like x:2 is written x:2:1")
+    p.add_argument("--plan", default=None, metavar="TOPOLOGY",
+                   help="load nothing and generate nothing: compile the Stage C / Stage B loops and Stage A decode at "
+                        "this size, batch (--num-images) and dtype for a TPU slice (v5e-1, v6e-1, v5p-8, v5e:2x2 ...; "
+                        "needs the tpu extra) or cpu-N, and print whether the cascade fits and the estimated seconds "
+                        "per image. Model sizes: --random SET, else the full (--lite: lite) release")
+    p.add_argument("--margin", type=float, default=0.1, help="with --plan: share of each chip's HBM kept free")
     return p
 
 
@@ -180,6 +187,8 @@ def validate(args):
     args.height = default_h if args.height is None else args.height
     args.width = default_w if args.width is None else args.width
     check_image_size(args.height, args.width)
+    if args.plan is not None:
+        return  # nothing is written
     check_output_dir(args.out)
     args.paths = output_paths(args.out, args.mode, args.seeds, overwrite=args.overwrite)
     args.preview_paths = output_paths(args.out, "preview", args.seeds, overwrite=args.overwrite)
@@ -235,8 +244,33 @@ def metadata(args) -> dict:
     return {**meta, "strength": args.strength} if args.mode == "img2img" else meta
 
 
+def plan_command(args) -> int:
+    """``--plan TOPOLOGY``: the sampling plan of these settings (JSON, then a summary); 1 if it does not fit."""
+    import json
+
+    from cascade_jax.accelerators import plan_target
+    from cascade_jax.pipelines import PRIOR_DEFAULTS as prior, DECODER_DEFAULTS as decoder
+    from cascade_jax.pipelines.loading import pipeline_set
+    from cascade_jax.pipelines.plan import format_sampling, plan_sampling
+
+    set_name = args.random or ("demo" if args.weights in (demo.NAME, demo.LCM_NAME) else "lite" if args.lite else "full")
+    dtype = args.dtype or ("float32" if set_name in ("demo", "tiny") or args.random else "bfloat16")
+    try:
+        report = plan_sampling(pipeline_set(set_name), plan_target(args.plan), height=args.height, width=args.width,
+                               batch=len(args.seeds), dtype=dtype, prior=prior.replace(**args.prior_changes),
+                               decoder=decoder.replace(**args.decoder_changes), mesh=args.mesh, margin=args.margin)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"models": set_name, **report}, indent=1))
+    print(format_sampling(report))
+    return 0 if report["fits"] is not False else 1
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan is not None:
+        return plan_command(args)
     enable_compilation_cache()
     start = time.perf_counter()
     try:

@@ -5,6 +5,10 @@ import pytest
 
 # Keep the CPU suite deterministic and able to test sharding on 8 virtual devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite runs on the CPU backend also where libtpu (the `tpu` extra, for --plan) is installed: JAX would
+# otherwise try to start a TPU backend. Planning for a TPU slice opens its topology explicitly
+# (cascade_jax.accelerators), which this does not affect; scripts run by tests inherit the variable.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Scripts run by tests (generate.py, the app) compile afresh rather than share ~/.cache/cascade_jax/xla.
 os.environ.setdefault("CASCADE_JAX_COMPILATION_CACHE", "0")
 

@@ -1,4 +1,4 @@
-"""Train a Stage C ControlNet: `python train/train_c_controlnet.py CONFIG [key=value ...]`.
+"""Train a Stage C ControlNet: `python train/train_c_controlnet.py CONFIG [key=value ...] [--plan TOPOLOGY [--fit]]`.
 
 CONFIG: configs/training/controlnet_c_3b_{canny,inpainting,sr,identity}.yaml (official values) or
 controlnet_tiny; see cascade_jax.training.controlnet for what trains and what is frozen.
@@ -10,8 +10,4 @@ import cascade_jax.training.controlnet  # noqa: F401  (registers the c_controlne
 from cascade_jax.training.cli import main
 
 if __name__ == "__main__":
-    if {"--dry-run", "--plan"} & set(sys.argv[1:]):
-        # The planner builds the trained model as the U-Net it compiles for; a ControlNet task needs its own.
-        sys.exit("--dry-run is not supported for ControlNet training yet (cascade_jax.training.plan builds only "
-                 "U-Net generators); run a few updates of a small config instead")
     sys.exit(main(sys.argv[1:], stage="c_controlnet"))

@@ -89,11 +89,40 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
+    stacked = 0  # stack_layers(): the layers as one, its parameters stacked over this many
+    unroll_stacked = False  # run them as straight-line code: planning's estimate only
+
     def __init__(self, num_hidden_layers, *layer_args, rngs):
         self.layers = nnx.List([CLIPEncoderLayer(*layer_args, rngs=rngs) for _ in range(num_hidden_layers)])
 
+    def stack_layers(self):
+        """Keep the layers as one layer with stacked parameters, run as a scan: the same outputs, one layer's
+        program to compile (scan_blocks training; frozen encoders only: keys change while stacked)."""
+        from cascade_jax.models.unet_stack import stack_block
+
+        if not self.stacked:
+            self.stacked = len(self.layers)
+            self.layers = nnx.List([stack_block(list(self.layers))])
+
+    def unstack_layers(self):
+        """The inverse of :meth:`stack_layers`: per-layer modules under their official keys again."""
+        from cascade_jax.models.unet_stack import unstack_block
+
+        if self.stacked:
+            self.layers = nnx.List(unstack_block(self.layers[0], self.stacked))
+            self.stacked = 0
+
     def __call__(self, x, mask=None, is_causal=False):
         """All hidden states: the input, then each layer's output (transformers' ``hidden_states``)."""
+        if self.stacked:
+            graphdef, state = nnx.split(self.layers[0])
+
+            def body(h, layer_state):
+                h = nnx.merge(graphdef, layer_state)(h, mask, is_causal)
+                return h, h
+
+            _, outputs = jax.lax.scan(body, x, state, unroll=self.unroll_stacked)
+            return [x, *(outputs[i] for i in range(self.stacked))]
         states = [x]
         for layer in self.layers:
             states.append(layer(states[-1], mask, is_causal))

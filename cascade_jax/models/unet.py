@@ -14,6 +14,8 @@ Training options, neither of which changes the parameters or the checkpoint keys
 * remat: ``remat=`` at construction or :meth:`CascadeUNet.set_remat` recomputes every block
   in the backward pass (``jax.checkpoint`` per block) under a named ``jax.checkpoint_policies``
   policy; ``"full"`` (or True) saves nothing inside a block.
+* scan: :meth:`CascadeUNet.set_scan_blocks` runs each level's repeated units as one ``lax.scan``
+  (``unet_scan``): same parameters and results, a much smaller program to compile.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from cascade_jax.models.config_forms import FLAG, INT, NUMBER, TEXT, DownUp, Eit
     per_level, scalar_or_per_level
 from cascade_jax.nn.blocks import AttnBlock, FeedForwardBlock, ResBlock, TimestepBlock, clip_norm, r_embedding
 from cascade_jax.nn.functional import resize_bilinear_align_corners
+from cascade_jax.models.unet_scan import runs, scan_stacked, scan_units, unit_period
+from cascade_jax.models.unet_stack import StackedUnits
 from cascade_jax.nn.layers import Conv2d, Identity, LayerNorm2d, PixelShuffle, PixelUnshuffle, Sequential
 
 
@@ -92,11 +96,18 @@ class CascadeUNet(nnx.Module):
     """Base of StageB/StageC: patch embedding, level ladder, output head and their forward loops."""
 
     remat = None
+    scan_blocks = False
+    unroll_stacked = False  # run stacked units (unet_stack) as straight-line code: planning's estimate only
 
     def set_remat(self, remat):
         """Recompute each block in the backward pass (see :func:`remat_policy` for the values)."""
         remat_policy(remat)
         self.remat = remat
+
+    def set_scan_blocks(self, scan: bool = True):
+        """Run each level's repeated units as one scan over their stacked parameters (``unet_scan``): the same
+        results, a program (and compile) the size of one unit per run instead of all of them."""
+        self.scan_blocks = bool(scan)
 
     def _init_io(self, c_in, c_out, c_hidden0, patch_size, *, rngs):
         self.embedding = Sequential(PixelUnshuffle(patch_size),
@@ -162,10 +173,7 @@ class CascadeUNet(nnx.Module):
             x = downscaler(x)
             # block_repeat: the same blocks run again, a 1x1 mapper between passes.
             for rep in range(len(repeat_mappers) + 1):
-                for block in level_blocks:
-                    if isinstance(block, ResBlock):
-                        x = _add_control(x, residuals)
-                    x = run(block, x, r_embed, clip)
+                x = self._level_pass(list(level_blocks), x, r_embed, clip, residuals, run)
                 if rep < len(repeat_mappers):
                     x = repeat_mappers[rep](x)
             level_outputs.insert(0, x)
@@ -175,18 +183,42 @@ class CascadeUNet(nnx.Module):
         x = level_outputs[0]
         for i, (level_blocks, upscaler, repeat_mappers) in enumerate(zip(self.up_blocks, self.up_upscalers,
                                                                          self.up_repeat_mappers)):
+            # Every level but the deepest hands its first block (a ResBlock) the skip connection.
+            skip = level_outputs[i] if i > 0 and isinstance(level_blocks[0], ResBlock) else None
             for rep in range(len(repeat_mappers) + 1):
-                for k, block in enumerate(level_blocks):
-                    skip = level_outputs[i] if isinstance(block, ResBlock) and k == 0 and i > 0 else None
-                    if skip is not None and x.shape[1:3] != skip.shape[1:3]:
-                        # Odd sizes: the upscaled map is one pixel off its skip connection.
-                        x = resize_bilinear_align_corners(x, skip.shape[1:3])
-                    if isinstance(block, ResBlock):
-                        x = _add_control(x, residuals)
-                    x = run(block, x, r_embed, clip, skip)
+                x = self._level_pass(list(level_blocks), x, r_embed, clip, residuals, run, skip)
                 if rep < len(repeat_mappers):
                     x = repeat_mappers[rep](x)
             x = upscaler(x)
+        return x
+
+    def _level_pass(self, blocks: list, x, r_embed, clip, residuals: Iterator | None, run, skip=None):
+        """One pass over a level's blocks (``skip`` goes to the first); with ``scan_blocks``, runs of
+        identical units as scans (``unet_scan``)."""
+        apply = lambda b, h, index: run.apply(b, h, r_embed, clip, None, index)  # noqa: E731
+        if any(isinstance(b, StackedUnits) for b in blocks):  # unet_stack.stack_units: stacked parameters
+            for k, element in enumerate(blocks):
+                if not isinstance(element, StackedUnits):
+                    x = _visit(element, x, r_embed, clip, residuals, run, skip if k == 0 else None)
+                    continue
+                splits = [nnx.split(b) for b in element.blocks]
+                x = scan_stacked([g for g, _ in splits], [s for _, s in splits], element.count,
+                                 [isinstance(b, ResBlock) for b in element.blocks], x, residuals, run, apply,
+                                 _add_control, unroll=self.unroll_stacked)
+            return x
+        if not self.scan_blocks:
+            for k, block in enumerate(blocks):
+                x = _visit(block, x, r_embed, clip, residuals, run, skip if k == 0 else None)
+            return x
+        period = unit_period(blocks)
+        for first, count in runs(blocks, period, first_alone=skip is not None):
+            part = blocks[first * period:(first + count) * period]
+            if count == 1:
+                for k, block in enumerate(part):
+                    x = _visit(block, x, r_embed, clip, residuals, run, skip if first == k == 0 else None)
+                continue
+            units = [part[u * period:(u + 1) * period] for u in range(count)]
+            x = scan_units(units, x, residuals, run, apply, _add_control, lambda b: isinstance(b, ResBlock))
         return x
 
 
@@ -206,15 +238,37 @@ def _repeat_mappers(c, repeats, rngs):
     return nnx.List([Conv2d(c, c, 1, rngs=rngs) for _ in range(repeats - 1)])
 
 
+def _visit(block, x, r_embed, clip, residuals: Iterator | None, run, skip=None):
+    """One block of a level pass, unrolled: the skip's size fixed, its ControlNet residual added."""
+    if skip is not None and x.shape[1:3] != skip.shape[1:3]:
+        # Odd sizes: the upscaled map is one pixel off its skip connection.
+        x = resize_bilinear_align_corners(x, skip.shape[1:3])
+    if isinstance(block, ResBlock):
+        x = _add_control(x, residuals)
+    return run(block, x, r_embed, clip, skip)
+
+
 class _BlockRunner:
-    """Calls one block: hands it its dropout key and, with remat, runs it under ``jax.checkpoint``."""
+    """Calls one block: hands it its dropout key (``fold_in(key, visiting index)``) and, with remat, runs it
+    under ``jax.checkpoint``."""
 
     def __init__(self, key, remat):
         self.key, self.count = key, itertools.count()
         self.remat, self.policy = remat_policy(remat)
 
+    def advance(self, n: int) -> int:
+        """Reserve the next ``n`` visiting indices (a scanned run); returns the first."""
+        first = next(self.count)
+        for _ in range(n - 1):
+            next(self.count)
+        return first
+
     def __call__(self, block, x, r_embed, clip, skip=None):
-        key = jax.random.fold_in(self.key, next(self.count)) if self.key is not None else None
+        return self.apply(block, x, r_embed, clip, skip, next(self.count))
+
+    def apply(self, block, x, r_embed, clip, skip, index):
+        """``block`` at visiting ``index`` (an int, or a traced int32 inside a scan)."""
+        key = jax.random.fold_in(self.key, index) if self.key is not None else None
         if not self.remat:
             return _apply(block, x, r_embed, clip, skip, key)
         graphdef, state = nnx.split(block)

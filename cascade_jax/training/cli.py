@@ -1,4 +1,4 @@
-"""What ``train/train_c.py`` and ``train/train_b.py`` run: parse, (multi-host init), train or plan, export."""
+"""What ``train/train_*.py`` run: parse, (multi-host init), train or plan (``--plan TOPOLOGY [--fit]``), export."""
 
 from __future__ import annotations
 
@@ -15,8 +15,16 @@ def parse_args(argv, stage: str):
     parser.add_argument("config", help="a YAML file or a name in configs/training (e.g. finetune_c_3b, tiny_c)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted for sections: mesh.fsdp=8; "
                                                     "sample_every=500 writes sample collages)")
-    parser.add_argument("--dry-run", "--plan", action="store_true", dest="dry_run",
-                        help="compile the step for the configured mesh from shapes only; print memory and FLOPs")
+    parser.add_argument("--plan", nargs="?", const="", default=None, metavar="TOPOLOGY",
+                        help="compile the step from shapes only (no weights, no data) for a TPU slice (v5p-16, v4-8, "
+                             "v5e-16, v6e-8, v5e:2x2 ...; needs the tpu extra) or cpu-N simulated devices, and "
+                             "print per-chip memory, whether it fits, FLOPs and the compiler's step-time estimate; "
+                             "without TOPOLOGY: this machine's devices")
+    parser.add_argument("--dry-run", action="store_const", const="", dest="plan", help="--plan without TOPOLOGY")
+    parser.add_argument("--fit", action="store_true",
+                        help="with --plan: search the largest batch per chip, cheapest remat and mesh that fit")
+    parser.add_argument("--margin", type=float, default=None,
+                        help="with --plan: share of each chip's HBM to keep free (default 0.1)")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() (multi-host; automatic on TPU pods/SLURM)")
     parser.add_argument("--export", default=None, help="weights folder written at the end: the trained model (+EMA) "
@@ -25,7 +33,31 @@ def parse_args(argv, stage: str):
                         "run's earlier export)")
     parser.add_argument("--force-resume", action="store_true",
                         help="resume a checkpoint trained with another model, task, batch or data (refused otherwise)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may follow the flags
+
+
+def run_plan(cfg, args) -> int:
+    """``--plan [TOPOLOGY] [--fit]``: print the plan (JSON, then a short table); 1 when it does not fit."""
+    from cascade_jax.accelerators import plan_target
+    from cascade_jax.training.plan import DEFAULT_MARGIN, format_table, plan
+
+    try:
+        target = plan_target(args.plan)
+    except (ValueError, RuntimeError) as err:  # an unknown slice name, or no libtpu
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    margin = DEFAULT_MARGIN if args.margin is None else args.margin
+    if args.fit:
+        from cascade_jax.training.plan_fit import fit, format_fit
+
+        report = fit(cfg, target, margin=margin)
+        text = format_fit(report)
+    else:
+        report = plan(cfg, target, margin=margin)
+        text = format_table(report)
+    print(json.dumps(report, indent=1))
+    print(text)
+    return 0 if (report.get("fits") is not False) else 1
 
 
 def main(argv, stage: str) -> int:
@@ -76,7 +108,7 @@ def load_checked(args, stage: str, *, exports: bool = True):
         cfg = load_config(args.config, [f"stage={stage}", *args.overrides])
     except (ValueError, TypeError) as err:  # the config file and overrides: each message names the key
         raise ConfigError(str(err)) from None
-    if exports and not args.dry_run:  # a plan compiles from shapes: it writes nothing
+    if exports and args.plan is None:  # a plan compiles from shapes: it writes nothing
         check_export_folder(export_folder(args, cfg), cfg)
     return cfg
 
@@ -91,12 +123,10 @@ def _main(args, stage: str) -> int:
     from cascade_jax import storage
     from cascade_jax.training import export_run, train
     from cascade_jax.training.console import say
-    from cascade_jax.training.plan import plan
 
     cfg = load_checked(args, stage)
-    if args.dry_run:
-        print(json.dumps(plan(cfg), indent=1))
-        return 0
+    if args.plan is not None:
+        return run_plan(cfg, args)
     say(config_line(args))
     out = export_folder(args, cfg)
     run = train(cfg, export_dir=out, force_resume=args.force_resume)

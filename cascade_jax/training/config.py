@@ -105,6 +105,9 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"
     moment_dtype: str | None = None  # "bfloat16" stores the first AdamW moment in bf16
     remat: Any = None  # None | "full" | a jax.checkpoint_policies name
+    # Stage B / C: run each level's repeated blocks as one scan (same parameters and results; the step compiles
+    # in minutes for a 3.6B model instead of not at all; XLA:CPU runs loops slower, so off for CPU runs)
+    scan_blocks: bool = False
     dropout: bool = True  # train with the model's configured dropout (official 0.1 for Stage C)
     cached_conditions: bool = False  # batches carry precomputed latents/embeddings: no frozen encoders run
     weight_decay: float = 0.01  # torch AdamW default (the official trainer leaves it)

@@ -37,6 +37,7 @@ from flax import nnx
 from cascade_jax.data import hints
 from cascade_jax.models.controlnet import adapt_stem_weight
 from cascade_jax.models.random_init import random_model
+from cascade_jax.models.registry import abstract_model
 from cascade_jax.nn.params import named_variables
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
@@ -104,6 +105,23 @@ class ControlNetTask(StageCTask):
         self.tokenizer = self.tokenizer_for(cfg)
         self.clip_image_size = modules.image_encoder.vision_model.embeddings.image_size
         return modules
+
+    def abstract_modules(self, cfg: TrainConfig) -> TrainModules:
+        """As ``build``, shapes only: the ControlNet (trained) beside the frozen Stage C (eval mode, remat)."""
+        stage_c = abstract_model("stage_c", self.generator_config(cfg))
+        if cfg.remat:
+            stage_c.set_remat(cfg.remat)
+        self.control = control_of(cfg)
+        self.controlnet_config = controlnet_config(cfg, stage_c)
+        frozen = {name: abstract_model(*spec) for name, spec in self.frozen_specs(cfg).items()}
+        return TrainModules(generator=abstract_model("controlnet", self.controlnet_config), stage_c=stage_c, **frozen)
+
+    def plan_batch(self, cfg: TrainConfig) -> dict:
+        specs = super().plan_batch(cfg)
+        if control_of(cfg) in ("canny", "inpainting"):  # made on the host; super-resolution's inside the step
+            b, s = cfg.batch_size, cfg.image_size
+            specs["hint"] = ((b, s, s, hints.HINT_CHANNELS[control_of(cfg)]), np.float32)
+        return specs
 
     def frozen_stage_c(self, cfg: TrainConfig, work: Path):
         """Stage C from ``generator_checkpoint_path`` (random with ``init: scratch``, for tests), in eval mode."""

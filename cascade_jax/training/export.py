@@ -44,6 +44,9 @@ import numpy as np
 from flax import nnx
 
 from cascade_jax import storage
+from cascade_jax.models.clip import CLIPEncoder
+from cascade_jax.models.unet import CascadeUNet
+from cascade_jax.models.unet_stack import unstack_units
 from cascade_jax.nn.params import named_variables
 from cascade_jax.training.task import RandomSource, work_dir
 from cascade_jax.weights import atomic, checkpoint
@@ -57,6 +60,8 @@ MANIFEST_FORMAT = 1
 def generator_arrays(graphdef, params, frozen) -> dict[str, np.ndarray]:
     """The generator's ``{official key: host array}`` with ``params`` (trained or EMA) merged in."""
     modules = nnx.merge(graphdef, jax.device_get(params), jax.device_get(frozen))
+    if isinstance(modules.generator, CascadeUNet):  # scan_blocks trained it stacked; official keys are per block
+        unstack_units(modules.generator)
     return {k: np.asarray(v[...]) for k, v in named_variables(modules.generator).items()}
 
 
@@ -201,8 +206,15 @@ def _all_float32(module) -> bool:
 
 
 def _merged(run):
+    """The run's models with the EMA (else trained) weights, unstacked (scan_blocks) to their official keys."""
     ema = run.state.ema if run.state.ema is not None else run.state.params
-    return nnx.merge(run.graphdef, jax.device_get(ema), jax.device_get(run.frozen))
+    modules = nnx.merge(run.graphdef, jax.device_get(ema), jax.device_get(run.frozen))
+    for node in [node for _, node in nnx.iter_graph(modules)]:
+        if isinstance(node, CascadeUNet):
+            unstack_units(node)
+        elif isinstance(node, CLIPEncoder):
+            node.unstack_layers()
+    return modules
 
 
 def _spec(task, cfg, name: str, source) -> tuple[str, dict]:

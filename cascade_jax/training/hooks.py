@@ -15,10 +15,7 @@ from typing import Callable
 import jax
 
 from cascade_jax import storage
-
-# Dense bf16 peak FLOP/s per chip, for the MFU estimate (unknown devices: no MFU).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+from cascade_jax.accelerators import peak_flops_for
 
 
 @dataclasses.dataclass
@@ -34,8 +31,7 @@ class Hook:
 def peak_flops_per_device(override: float | None = None) -> float | None:
     if override:
         return float(override)
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
+    return peak_flops_for(jax.devices()[0].device_kind)
 
 
 class MetricsLogger:

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from cascade_jax import storage
+from cascade_jax.compile_report import xla_cost
 from cascade_jax.sharding import make_mesh
 from cascade_jax.training import console, placement
 from cascade_jax.training.checkpointing import TrainCheckpointer
@@ -32,7 +33,7 @@ from cascade_jax.training.run_checks import check_run
 from cascade_jax.training.run_lock import run_lock
 from cascade_jax.training.state import TrainState, init_state
 from cascade_jax.training.step import cast_floats, jit_train_step
-from cascade_jax.training.task import Task, get_task
+from cascade_jax.training.task import Task, get_task, stack_for_scan
 
 
 @dataclasses.dataclass
@@ -65,16 +66,14 @@ class Run:
 
     def step_flops(self) -> float | None:
         for compiled in self.compiled.values():
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            return float(cost.get("flops", 0.0)) or None
+            return xla_cost(compiled)["flops"]
         return None
 
 
 def build_run(cfg: TrainConfig, task: Task | None = None, mesh=None) -> Run:
     task = task or get_task(cfg.stage)
     mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    modules = task.build(cfg)
+    modules = stack_for_scan(task, task.build(cfg), cfg)
     graphdef, params, frozen = nnx.split(modules, task.trainable(cfg), ...)
     if not jax.tree.leaves(params):
         raise ValueError(f"the {type(task).__name__} filter selects no trainable parameters (train_filter="

@@ -30,6 +30,7 @@ from cascade_jax.models.lora import (DEFAULT_FILTERS, LayerFactors, LoRAParam, L
                                      init_lora, lora_layers)
 from cascade_jax.models.lora_tokens import add_train_tokens, attach_token_rows, init_token_rows, token_deltas, \
     token_embedding
+from cascade_jax.models.unet_stack import unstack_flat
 from cascade_jax.nn.params import official_key
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.stage_c import StageCTask, encode_text
@@ -92,6 +93,8 @@ class LoRATask(StageCTask):
     def lora_weights(self, params) -> LoRAWeights:
         """The LoRA held by the trainable ``params`` (an ``nnx.State`` of LoRAParam, host or device)."""
         values = {path: np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(params)}
+        if getattr(self, "stack_layouts", {}).get("generator"):  # scan_blocks: per-block paths again
+            values = unstack_flat(values, self.stack_layouts["generator"], prefix=("generator",))
         # Matched by official key, not by parsing the key into a path: a Sequential's children are named "0", "1"
         # (strings) in the state, so "channelwise.0.weight" is not the path (..., "channelwise", 0, "weight").
         factors = {}
@@ -133,13 +136,10 @@ def main(argv) -> int:
 
 
 def _main(argv) -> int:
-    import json
-
     from cascade_jax.training import train
-    from cascade_jax.training.cli import config_line, load_checked, parse_args, reporting_errors
+    from cascade_jax.training.cli import config_line, load_checked, parse_args, reporting_errors, run_plan
     from cascade_jax.training.console import say
     from cascade_jax.training.hooks import Hook
-    from cascade_jax.training.plan import plan
 
     args = parse_args(argv, "c_lora")
 
@@ -147,9 +147,8 @@ def _main(argv) -> int:
         if args.distributed:
             jax.distributed.initialize()
         cfg = load_checked(args, "c_lora", exports=False)  # the LoRA files are its output, not --export
-        if args.dry_run:
-            print(json.dumps(plan(cfg), indent=1))
-            return 0
+        if args.plan is not None:
+            return run_plan(cfg, args)
         say(config_line(args))
         task = LoRATask()
         hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, state.params, step))

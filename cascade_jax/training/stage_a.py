@@ -84,11 +84,19 @@ class ReconstructionTask(Task):
 
     def build(self, cfg: TrainConfig) -> TrainModules:
         work = work_dir(cfg)
+        self.check_options(cfg)
+        return TrainModules(generator=self.build_generator(cfg, work), **self.build_frozen(cfg, work))
+
+    def abstract_modules(self, cfg: TrainConfig) -> TrainModules:
+        self.check_options(cfg)
+        return super().abstract_modules(cfg)
+
+    def check_options(self, cfg: TrainConfig):
+        """Clear errors for options these generators lack, before anything is built."""
         if cfg.remat:
             raise ValueError(f"remat={cfg.remat!r}: the {self.generator_model} generator has no remat option; "
                              "leave it unset")
-        self.initial_loss_state(cfg)  # a clear error for adaptive_loss_weight before anything is built
-        return TrainModules(generator=self.build_generator(cfg, work), **self.build_frozen(cfg, work))
+        self.initial_loss_state(cfg)  # refuses adaptive_loss_weight
 
     def host_batch(self, cfg: TrainConfig, batch: dict, rng: np.random.Generator) -> dict:
         return {"images": np.asarray(batch["images"])}

@@ -20,7 +20,7 @@ import numpy as np
 
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
-from cascade_jax.training.stage_c import encode_text, tokenize_with_drop
+from cascade_jax.training.stage_c import TEXT_TOKENS, encode_text, tokenize_with_drop
 from cascade_jax.training.task import Task, TrainModules, param_dtype, register_task, work_dir
 
 EFFNET_KEEP = 0.9  # official: rand <= 0.9 gets EfficientNet latents, the rest zeros
@@ -57,6 +57,18 @@ class StageBTask(Task):
         keep = rng.random(len(images)) <= EFFNET_KEEP
         return {"images": images, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
                 "effnet_images": losses.resize_nearest(images, size), "effnet_keep": keep.astype(np.float32)}
+
+    def plan_batch(self, cfg: TrainConfig) -> dict:
+        """At the largest EfficientNet size of the bucket (resize factor 1), the costliest step."""
+        b, s, generator = cfg.batch_size, cfg.image_size, self.generator_config(cfg)
+        e = (s // 32) * 32
+        if cfg.cached_conditions:  # Stage A latents 4x smaller, EfficientNet's 32x smaller than its input
+            return {"x0": ((b, s // 4, s // 4, generator.get("c_in", 4)), jnp.float32),
+                    "effnet": ((b, e // 32, e // 32, generator.get("c_effnet", 16)), jnp.float32),
+                    "clip_text_pooled": ((b, 1, generator.get("c_clip", 1280)), jnp.float32)}
+        return {**super().plan_batch(cfg), "input_ids": ((b, TEXT_TOKENS), np.int32),
+                "attention_mask": ((b, TEXT_TOKENS), np.int32), "effnet_images": ((b, e, e, 3), np.uint8),
+                "effnet_keep": ((b,), np.float32)}
 
     def conditions(self, modules, batch):
         """(x0 Stage A latents, EfficientNet latents, pooled CLIP text) from a device batch, without gradients."""

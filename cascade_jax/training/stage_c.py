@@ -25,6 +25,7 @@ from cascade_jax.training.task import (Task, TrainModules, frozen_model, frozen_
 
 CAPTION_DROP = 0.05  # official: rand > 0.05 keeps the caption
 IMAGE_EMBED_SHARE = 0.1  # official: rand > 0.9 gets a CLIP image embedding
+TEXT_TOKENS = 77  # CLIP's context: what the tokenizer pads every caption to
 
 
 def tokenize_with_drop(tokenizer, captions, rng: np.random.Generator, drop: float = CAPTION_DROP) -> dict:
@@ -104,6 +105,19 @@ class StageCTask(Task):
             self.tokenizer = self.tokenizer_for(cfg)
             self.clip_image_size = modules.image_encoder.vision_model.embeddings.image_size
         return modules
+
+    def plan_batch(self, cfg: TrainConfig) -> dict:
+        b, s = cfg.batch_size, cfg.image_size
+        if cfg.cached_conditions:
+            side, generator = -(-s // 32), self.generator_config(cfg)  # EfficientNet latents: 32x smaller
+            return {"x0": ((b, side, side, generator.get("c_in", 16)), jnp.float32),
+                    "clip_text": ((b, TEXT_TOKENS, generator.get("c_clip_text", 1280)), jnp.bfloat16),
+                    "clip_text_pooled": ((b, 1, generator.get("c_clip_text_pooled", 1280)), jnp.bfloat16),
+                    "clip_img": ((b, 1, generator.get("c_clip_img", 768)), jnp.bfloat16)}
+        clip = self.frozen_specs(cfg)["image_encoder"][1].get("image_size", 224)
+        return {**super().plan_batch(cfg), "input_ids": ((b, TEXT_TOKENS), np.int32),
+                "attention_mask": ((b, TEXT_TOKENS), np.int32), "clip_pixels": ((b, clip, clip, 3), np.float32),
+                "use_image": ((b,), np.float32)}
 
     def host_batch(self, cfg: TrainConfig, batch: dict, rng: np.random.Generator) -> dict:
         if cfg.cached_conditions:

@@ -34,8 +34,11 @@ from flax import nnx
 
 from cascade_jax import storage
 from cascade_jax.diffusion import adaptive_loss_weight_init
+from cascade_jax.models.clip import CLIPEncoder
 from cascade_jax.models.random_init import random_model
-from cascade_jax.models.registry import load_config
+from cascade_jax.models.unet import CascadeUNet
+from cascade_jax.models.unet_stack import stack_units
+from cascade_jax.models.registry import abstract_model, load_config
 from cascade_jax.nn.params import official_key
 from cascade_jax.training.config import TrainConfig
 
@@ -138,6 +141,20 @@ class Task:
         """For the dry run: add to the abstract models what ``build`` adds beyond them (LoRA adapters)."""
         return modules
 
+    def abstract_modules(self, cfg: TrainConfig) -> TrainModules:
+        """What ``build`` makes, as shapes only (no weights): for planning (``training/plan.py``)."""
+        generator = abstract_model(self.generator_model, self.generator_config(cfg))
+        if cfg.remat:
+            generator.set_remat(cfg.remat)
+        if cfg.dropout:
+            generator.train()
+        frozen = {name: abstract_model(*spec) for name, spec in self.frozen_specs(cfg).items()}
+        return self.adapt_abstract(TrainModules(generator=generator, **frozen), cfg)
+
+    def plan_batch(self, cfg: TrainConfig) -> dict:
+        """name -> (global shape, dtype) of a batch of ``image_size`` squares as ``host_batch`` makes it (planning)."""
+        return {"images": ((cfg.batch_size, cfg.image_size, cfg.image_size, 3), np.uint8)}
+
     def frozen_sources(self, cfg: TrainConfig, work_dir: Path) -> dict:
         """attribute -> where each frozen model comes from (a converted directory, or a :class:`RandomSource`),
         also for a run that does not build them (``cached_conditions``): what an export copies."""
@@ -218,6 +235,38 @@ class Task:
         if cfg.dropout:
             model.train()
         return model
+
+
+def unroll_stacked(modules: TrainModules):
+    """Stacked units and layers run as straight-line code (no loops): the same program as scanned for XLA's
+    cost model, which has no estimate for a loop (``training/plan_estimate.py``)."""
+    for _, node in nnx.iter_graph(modules):
+        if isinstance(node, (CascadeUNet, CLIPEncoder)):
+            node.unroll_stacked = True
+    return modules
+
+
+def stack_for_scan(task: Task, modules: TrainModules, cfg: TrainConfig) -> TrainModules:
+    """With ``scan_blocks``: every U-Net of the task (the trained one, a ControlNet's frozen Stage C) keeps its
+    repeated units stacked (``models/unet_stack.py``), in place; ``task.stack_layouts[attribute]`` says how,
+    for what reads parameters by path (the LoRA writer). Exports unstack (``training/export.py``)."""
+    task.stack_layouts = {}
+    if not cfg.scan_blocks:
+        return modules
+    if cfg.train_filter:
+        raise ValueError(f"train_filter={list(cfg.train_filter)} selects blocks by official name, which scan_blocks "
+                         "stacks into one array per run of identical blocks: use one of them, not both")
+    unets = {name: getattr(modules, name) for name in modules.names if isinstance(getattr(modules, name), CascadeUNet)}
+    if not unets:
+        raise ValueError(f"scan_blocks applies to the Stage B / C U-Nets; stage {cfg.stage!r} has none: leave it unset")
+    for name, unet in unets.items():
+        task.stack_layouts[name] = stack_units(unet)
+    # The frozen CLIP encoders' layers too (nothing reads their parameters by key).
+    encoders = [node for name in modules.names if name != "generator"
+                for _, node in nnx.iter_graph(getattr(modules, name)) if isinstance(node, CLIPEncoder)]
+    for encoder in encoders:
+        encoder.stack_layers()
+    return modules
 
 
 class RandomSource(NamedTuple):

@@ -1,0 +1,239 @@
+"""The README's "Sizing a TPU run" table: the released training configs planned for TPU slices (libtpu, no TPU).
+
+Each cell compiles the real step (``cascade_jax.training.plan``) for full FSDP over the slice (parameters and
+AdamW moments sharded over every chip, remat full), finds the largest batch per chip that fits with a 10%
+margin (two compiles give the memory slope, a third confirms; ``plan_fit.largest_batch``) and plans that
+batch: per-chip peak against the HBM, the compiler's step-time estimate (for a scanned step:
+``plan_estimate``'s two shallow compiles) and the MFU it implies. Plus the whole sampling cascade (1024², 4
+images, bf16) on one v5e and one v6e chip. Every compile runs in its own process under a host-memory watchdog
+(``bounded.py``) and a time limit; a cell that is not run says why. All times are compiler estimates, not
+measurements.
+
+    python benchmarks/sizing.py                               # every cell: hours on a 2-core machine
+    python benchmarks/sizing.py --only "Stage C 3.6B full" --slices v5p-16
+    python benchmarks/sizing.py --tiny                        # smoke test: tiny configs on a v5e-4
+Writes results/sizing.json and results/sizing.md, and the README section between its markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+from bounded import run_bounded  # noqa: E402
+
+# (label, config, overrides): the released configs at their official image sizes.
+TRAINING = [("Stage C 3.6B full finetune", "finetune_c_3b", []),
+            ("Stage C 3.6B LoRA", "finetune_c_3b_lora", []),
+            ("ControlNet (canny) on Stage C 3.6B", "controlnet_c_3b_canny", []),
+            ("Stage B 1.5B", "finetune_b_3b", []),
+            ("Stage B 700M", "finetune_b_700m", [])]
+SLICES = ["v4-8", "v5e-16", "v5p-16", "v5p-128", "v6e-8", "v6e-256"]
+SAMPLING = [("cascade 1024², 4 images, bf16", "full", 1024, 4, slice_) for slice_ in ("v5e-1", "v6e-1")]
+TINY_TRAINING = [("tiny Stage C", "tiny_c", ["cached_conditions=true", "scan_blocks=true"])]
+TINY_SLICES = ["v5e-4"]
+TINY_SAMPLING = [("tiny cascade 128²", "tiny", 128, 2, "v5e-1")]
+MARKERS = ("<!-- sizing:start -->", "<!-- sizing:end -->")
+
+
+class ChildSearch:
+    """``plan_fit.largest_batch``'s search with every compile in its own process under the watchdog (a process
+    keeps the host memory of its compiles: two 3.6B compiles in one went past 8 GiB)."""
+
+    def __init__(self, config: str, overrides: list, target, limit_gib: float, timeout_s: float, folder: Path):
+        self.config, self.overrides, self.target, self.margin, self.tried = config, overrides, target, 0.10, []
+        self.limits, self.folder = (limit_gib, timeout_s), folder
+
+    def compile(self, per_chip: int, remat, data: int, fsdp: int) -> dict:
+        candidate = {"batch_per_chip": per_chip, "remat": remat or "none", "mesh": {"data": data, "fsdp": fsdp}}
+        report = self.child("plan", per_chip, remat, data, fsdp)
+        candidate.update({k: report.get(k) for k in ("fits", "peak_gib_per_device", "error", "compile_s",
+                                                     "child_peak_rss_gib", "child_cpu_s")})
+        self.tried.append(candidate)
+        print(f"sizing:   {candidate}", file=sys.stderr, flush=True)
+        return {**candidate, "report": report}
+
+    def fits(self, candidate: dict) -> bool:
+        return candidate.get("error") is None and candidate.get("fits") is not False
+
+    def child(self, kind: str, per_chip: int, remat, data: int, fsdp: int) -> dict:
+        overrides = [*self.overrides, f"batch_size={per_chip * data * fsdp}", "grad_accum_steps=1",
+                     f"remat={remat or 'null'}", f"mesh.data={data}", f"mesh.fsdp={fsdp}", "mesh.tensor=1"]
+        return run_child(kind, [self.config, overrides, self.target.name], *self.limits, self.folder)
+
+
+def training_cell(config: str, overrides: list, slice_name: str, limit_gib: float, timeout_s: float,
+                  folder: Path) -> dict:
+    """The largest batch per chip at full FSDP and remat full, then that batch's plan and step-time estimate
+    (``plan_estimate``'s two shallow compiles and the step's FLOPs, each in its own process)."""
+    from cascade_jax.accelerators import plan_target
+    from cascade_jax.training.plan_estimate import extrapolate
+    from cascade_jax.training.plan_fit import largest_batch
+
+    target = plan_target(slice_name)
+    search = ChildSearch(config, overrides, target, limit_gib, timeout_s, folder)
+    best = largest_batch(search, "full", 1, target.device_count)
+    if best is None:
+        return {"tried": search.tried, "fits": False, "batch_per_chip": 0, "error": "one image per chip does not fit"}
+    args = (best["batch_per_chip"], "full", 1, target.device_count)
+    report, flops = best["report"], search.child("flops", *args)
+    points = [search.child(f"point{scale}", *args) for scale in (1, 2)]
+    seconds = report.get("estimated_step_s")
+    if seconds is None and "error" not in flops and all("error" not in p for p in points):
+        seconds = extrapolate([(p["optimal_seconds"], p["flops"]) for p in points], flops["hardware_flops"])
+    model_flops = flops.get("model_flops", 0) / target.device_count
+    return {**report, "tried": search.tried, "batch_per_chip": best["batch_per_chip"], "estimated_step_s": seconds,
+            "flops_per_step_per_device": model_flops or report.get("flops_per_step_per_device"),
+            "estimated_mfu": model_flops / (seconds * target.peak_flops) if seconds and model_flops else None,
+            "estimate_points": points}
+
+
+def child_plan(kind: str, config: str, overrides: list, slice_name: str) -> dict:
+    """One compile (``plan``: the step; ``pointN``: the shallow step N of plan_estimate) or trace (``flops``)."""
+    import dataclasses
+
+    import cascade_jax.training.controlnet  # noqa: F401  (registers the c_controlnet task)
+    import cascade_jax.training.lora  # noqa: F401  (registers the c_lora task)
+    from cascade_jax import compile_report
+    from cascade_jax.accelerators import plan_target
+    from cascade_jax.training import get_task, load_config
+    from cascade_jax.training.plan import plan, plan_mesh, traced_step
+    from cascade_jax.training.plan_estimate import compiled_point, shallow_config
+
+    target, cfg = plan_target(slice_name), load_config(config, overrides)
+    if kind == "plan":
+        return plan(cfg, target, with_model_flops=False)
+    mesh = plan_mesh(cfg, target)
+    if kind == "flops":
+        step, _ = traced_step(cfg, mesh)
+        model, _ = traced_step(dataclasses.replace(cfg, remat=None), mesh)
+        return {"hardware_flops": compile_report.jaxpr_flops(step.jaxpr),
+                "model_flops": compile_report.jaxpr_flops(model.jaxpr)}
+    seconds, flops = compiled_point(traced_step, shallow_config(cfg, get_task(cfg.stage), int(kind[5:])), mesh, None)
+    return {"optimal_seconds": seconds, "flops": flops, "host_peak_rss_gib": compile_report.host_peak_rss_gib()}
+
+
+def sampling_cell(set_name: str, size: int, batch: int, slice_name: str) -> dict:
+    from cascade_jax.accelerators import plan_target
+    from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS
+    from cascade_jax.pipelines.loading import pipeline_set
+    from cascade_jax.pipelines.plan import plan_sampling
+
+    dtype = "float32" if set_name == "tiny" else "bfloat16"
+    return plan_sampling(pipeline_set(set_name), plan_target(slice_name), height=size, width=size, batch=batch,
+                         dtype=dtype, prior=PRIOR_DEFAULTS, decoder=DECODER_DEFAULTS)
+
+
+def run_child(kind: str, args: list, limit_gib: float, timeout_s: float, folder: Path) -> dict:
+    """``kind`` (a training compile, ``sampling``) in a child process under the watchdog; its JSON, or why
+    there is none."""
+    out = folder / f".sizing_child_{os.getpid()}.json"
+    command = [sys.executable, __file__, "--child", kind, str(out), json.dumps(args)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = run_bounded(command, limit_gib, timeout_s=timeout_s, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    cell = {"child_wall_s": result["wall_s"], "child_cpu_s": result["cpu_s"],
+            "child_peak_rss_gib": result["peak_rss_gib"]}
+    if result["killed"]:
+        return {**cell, "error": f"stopped: {result['killed']} limit ({limit_gib} GiB, {timeout_s:.0f} s)"}
+    if result["rc"] != 0 or not out.is_file():
+        return {**cell, "error": f"exit {result['rc']}"}
+    data = json.loads(out.read_text())
+    out.unlink()
+    return {**cell, **data}
+
+
+def markdown(report: dict) -> str:
+    num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = [f"Compiled {report['date']} with jax {report['jax']} and libtpu {report['libtpu']} on a CPU (no TPU): "
+             "full FSDP over the slice, remat full, AdamW state float32, bf16 compute, the config's image size; "
+             "the largest batch per chip that fits with a 10% HBM margin; step time and MFU are the TPU compiler's "
+             "estimates, not measurements.", "",
+             "| run | slice | fits | peak / HBM per chip (GiB) | largest batch per chip | est. step s | est. MFU |",
+             "|---|---|---|---|---|---|---|"]
+    for c in report["training"]:
+        if "error" in c:
+            lines.append(f"| {c['label']} | {c['slice']} | not run: {c['error']} | | | | |")
+            continue
+        lines.append(f"| {c['label']} | {c['slice']} | {'yes' if c.get('fits') else 'no'} | "
+                     f"{num(c.get('peak_gib_per_device'), '.1f')} / {num(c.get('hbm_gib_per_device'), 'g')} | "
+                     f"{c.get('batch_per_chip', 0)} | {num(c.get('estimated_step_s'), '.3g')} | "
+                     f"{num(c.get('estimated_mfu'), '.0%')} |")
+    lines += ["", "| sampling | chip | fits | peak / HBM (GiB) | est. s per image |", "|---|---|---|---|---|"]
+    for c in report["sampling"]:
+        if "error" in c:
+            lines.append(f"| {c['label']} | {c['slice']} | not run: {c['error']} | | |")
+            continue
+        lines.append(f"| {c['label']} | {c['slice']} | {c['verdict']} | "
+                     f"{c['cascade_peak_gib_per_device']:.1f} / {num(c['hbm_gib_per_device'], 'g')} | "
+                     f"{num(c['estimated_s_per_image'], '.3g')} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str, readme: Path = REPO / "README.md"):
+    text = readme.read_text()
+    start, end = MARKERS
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        readme.write_text(head + start + "\n" + table + end + rest.split(end, 1)[1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--tiny", action="store_true", help="tiny configs on a v5e-4 (smoke test)")
+    p.add_argument("--only", default=None, help="run the cells whose label contains this text")
+    p.add_argument("--slices", nargs="*", default=None, help="these slices only")
+    p.add_argument("--limit-gib", type=float, default=8.0, help="host memory a cell may take")
+    p.add_argument("--timeout-s", type=float, default=3600.0, help="seconds a cell may take")
+    p.add_argument("--out", default=str(BENCH_DIR / "results" / "sizing.json"))
+    p.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
+    args = p.parse_args(argv)
+    if args.child:
+        kind, out, cell_args = args.child
+        cell = sampling_cell(*json.loads(cell_args)) if kind == "sampling" else child_plan(kind, *json.loads(cell_args))
+        Path(out).write_text(json.dumps(cell, default=str))
+        return 0
+    training, slices, sampling = (TINY_TRAINING, TINY_SLICES, TINY_SAMPLING) if args.tiny else (
+        TRAINING, SLICES, SAMPLING)
+    slices = args.slices or slices
+    wanted = lambda label: args.only is None or args.only in label  # noqa: E731
+    report = {"date": time.strftime("%Y-%m-%d"), "training": [], "sampling": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import jax
+    from importlib import metadata
+    report.update(jax=jax.__version__, libtpu=metadata.version("libtpu"))
+    for label, config, overrides in training:
+        for slice_ in slices if wanted(label) else []:
+            print(f"sizing: {label} on {slice_}", file=sys.stderr, flush=True)
+            cell = training_cell(config, overrides, slice_, args.limit_gib, args.timeout_s, out.parent)
+            report["training"].append({"label": label, "config": config, "slice": slice_, **cell})
+    for label, set_name, size, batch, slice_ in sampling:
+        if wanted(label) and (args.slices is None or slice_ in args.slices):
+            print(f"sizing: {label} on {slice_}", file=sys.stderr, flush=True)
+            cell = run_child("sampling", [set_name, size, batch, slice_], args.limit_gib, args.timeout_s, out.parent)
+            report["sampling"].append({"label": label, "slice": slice_, **cell})
+    out.write_text(json.dumps(report, indent=1, default=str))
+    table = markdown(report)
+    out.with_suffix(".md").write_text(table)
+    if not args.tiny and not args.no_readme and args.only is None and args.slices is None:
+        update_readme(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
