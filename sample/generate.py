@@ -18,7 +18,7 @@ kept (new names get a -N suffix) unless --overwrite is given.
 """
 
 import argparse
-import dataclasses
+import json
 import sys
 import time
 
@@ -26,17 +26,12 @@ from tqdm import tqdm
 
 from cascade_jax import demo
 from cascade_jax.named_weights import lookup
-from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline, check_image_size
-from cascade_jax.pipelines import arguments as checks
-from cascade_jax.pipelines.images import load_image, round_size
-from cascade_jax.pipelines.lora import check_lora_files
+from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline
 from cascade_jax.pipelines.outputs import check_output_dir, output_paths, save_images, timing_report
+from cascade_jax.pipelines.request import MODES, STAGE_KEYS, SamplingRequest
+from cascade_jax.pipelines.sources import default_size
 from cascade_jax.sharding import parse_mesh_spec
 from cascade_jax.weights.cache import enable_compilation_cache
-
-IMAGE_MODES = ("variation", "img2img", "reconstruct")
-STAGE_FLAGS = ("steps", "cfg", "shift", "t_start", "sampler")
-
 
 def stage_args(p, name, defaults):
     """--NAME-steps/cfg/shift/t-start/sampler; unset ones are the weights' defaults (their sampling.json,
@@ -77,7 +72,7 @@ def rgb(text):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["text2img", *IMAGE_MODES])
+    p.add_argument("mode", choices=MODES)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--weights", action="append", help="weights folder, Hugging Face repository id, or \"demo\" "
                      "(the embedded 128x128 shapes cascade; the default) / \"demo-lcm\" (the demo distilled for "
@@ -121,87 +116,59 @@ def build_parser():
 
 
 def stage_changes(args, name) -> dict:
-    """The stage's flags that were given, as SamplerSettings changes; an impossible value fails naming its
-    flag (e.g. --prior-shift), checked against the official settings before any model loads."""
-    changes = {k: getattr(args, f"{name}_{k}") for k in STAGE_FLAGS if getattr(args, f"{name}_{k}") is not None}
-    if changes.get("cfg") == NO_GUIDANCE:
-        changes["cfg"] = None
-    try:
-        (PRIOR_DEFAULTS if name == "prior" else DECODER_DEFAULTS).replace(**changes)
-    except ValueError as e:
-        raise ValueError(f"--{name}-{str(e).replace('t_start', 't-start')}") from None
-    return changes
+    """The stage's flags that were given, as SamplerSettings changes ("none" guidance: cfg None)."""
+    changes = {k: getattr(args, f"{name}_{k}") for k in STAGE_KEYS if getattr(args, f"{name}_{k}") is not None}
+    return {**changes, "cfg": None} if changes.get("cfg") == NO_GUIDANCE else changes
 
 
-def resolve_settings(args, pipe):
-    """args.prior / args.decoder: the pipeline's default SamplerSettings (its weights' sampling.json, else the
-    official ones) with the given flags."""
-    for name, base in (("prior", pipe.prior_defaults), ("decoder", pipe.decoder_defaults)):
-        try:
-            setattr(args, name, base.replace(**getattr(args, f"{name}_changes")))
-        except ValueError as e:  # a flag that only conflicts with these weights' defaults
-            raise ValueError(f"--{name}-{e} (with these weights' {name} defaults)") from None
+def weights_of(args):
+    """The weights to load: the --weights given (one folder as a plain path, as from_pretrained takes it), the
+    embedded demo without --weights and --random, None with --random."""
+    if args.random is not None:
+        return None
+    if args.weights is None:
+        return demo.NAME
+    return args.weights[0] if len(args.weights) == 1 else args.weights
 
 
-def describe(settings, title: str) -> str:
-    text = f"{title}: {settings.steps} steps, cfg {settings.cfg}, shift {settings.shift}, {settings.sampler}"
-    return text + (f", t_start {settings.t_start}" if settings.t_start != 1.0 else "")
+def request_of(args) -> SamplingRequest:
+    """The command line's request (its flags are the request's fields)."""
+    return SamplingRequest(args.mode, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                           long_prompts=args.long_prompts, image=args.image, background=args.background,
+                           strength=args.strength, height=args.height, width=args.width, num_images=args.num_images,
+                           seed=args.seed, prior=stage_changes(args, "prior"),
+                           decoder=stage_changes(args, "decoder"), loras=tuple(args.lora))
 
 
-def validate(args):
-    """Everything that can be checked without a model, in a second: raises ValueError with the flag's name."""
-    if args.mode in IMAGE_MODES and not args.image:
-        raise ValueError(f"{args.mode} needs --image")
-    if args.mode == "img2img":
-        try:
-            checks.check_strength(args.strength)
-        except ValueError as e:
-            raise ValueError(f"--{e}") from None
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
-    count = args.num_images if args.mode in ("text2img", "variation") else 1
-    try:
-        args.seeds = checks.seeds_for(args.seed, count)
-    except ValueError as e:
-        raise ValueError(f"--{e}") from None
-    args.prior_changes, args.decoder_changes = stage_changes(args, "prior"), stage_changes(args, "decoder")
-    try:
-        check_lora_files(args.lora)
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(str(e) if str(e).startswith("--lora") else f"--lora: {e}") from None
-    if args.mesh is not None:
-        try:
-            parse_mesh_spec(args.mesh)
-        except ValueError as e:
-            raise ValueError(f"--{e}") from None
-    args.image_array = load_image(args.image, args.background) if args.mode in IMAGE_MODES else None
-    if args.weights is None and args.random is None:
-        args.weights = demo.NAME
-    elif args.weights is not None and len(args.weights) == 1:
-        args.weights = args.weights[0]  # one folder: a plain path, as from_pretrained takes it
-    if args.mode in ("text2img", "variation"):
-        named = lookup(args.weights)
-        default_h = default_w = named.image_size if named is not None and named.image_size else 1024
-    else:  # the image's size unless given
-        default_h, default_w = (round_size(side) for side in args.image_array.shape[:2])
-    args.height = default_h if args.height is None else args.height
-    args.width = default_w if args.width is None else args.width
-    check_image_size(args.height, args.width)
-    if args.plan is not None:
-        return  # nothing is written
-    check_output_dir(args.out)
-    args.paths = output_paths(args.out, args.mode, args.seeds, overwrite=args.overwrite)
-    args.preview_paths = output_paths(args.out, "preview", args.seeds, overwrite=args.overwrite)
+class Run:
+    """A parsed and checked command line: the arguments as given, the weights to load, the checked request and
+    the result paths (None with --plan: nothing is written)."""
+
+    def __init__(self, args, weights, checked, paths=None, preview_paths=None):
+        self.args, self.weights, self.checked = args, weights, checked
+        self.paths, self.preview_paths = paths, preview_paths
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> Run:
+    """Everything that can be checked without a model, in a second; a bad value exits 2 naming its flag."""
     p = build_parser()
     args = p.parse_args(argv)
     try:
-        validate(args)
+        if args.mesh is not None:
+            try:
+                parse_mesh_spec(args.mesh)
+            except ValueError as e:
+                raise ValueError(f"--{e}") from None
+        weights = weights_of(args)
+        checked = request_of(args).check(default_size(weights))
+        if args.plan is not None:
+            return Run(args, weights, checked)
+        check_output_dir(args.out)
+        paths, preview_paths = (output_paths(args.out, prefix, checked.seeds, overwrite=args.overwrite)
+                                for prefix in (args.mode, "preview"))
     except ValueError as e:
         p.error(str(e))
-    return args
+    return Run(args, weights, checked, paths, preview_paths)
 
 
 class ProgressBars:
@@ -218,47 +185,20 @@ class ProgressBars:
             self.bar.close()
 
 
-def run(args, pipe):
-    common = dict(seed=args.seed, callback=None if args.no_progress else ProgressBars())
-    size = dict(height=args.height, width=args.width)
-    text = dict(long_prompts=args.long_prompts)
-    if args.mode == "text2img":
-        return pipe.text_to_image(args.prompt, args.negative_prompt, num_images_per_prompt=args.num_images,
-                                  prior=args.prior, decoder=args.decoder, **size, **text, **common)
-    if args.mode == "variation":
-        return pipe.image_variation(args.image_array, prompt=args.prompt, num_images_per_prompt=args.num_images,
-                                    prior=args.prior, decoder=args.decoder, **size, **text, **common)
-    if args.mode == "img2img":
-        return pipe.image_to_image(args.image_array, args.prompt, args.negative_prompt, strength=args.strength,
-                                   prior=args.prior, decoder=args.decoder, **size, **text, **common)
-    return pipe.reconstruct(args.image_array, prompt=args.prompt, decoder=args.decoder, **size, **common)
-
-
-def metadata(args) -> dict:
-    fields = ("steps", "cfg", "shift", "sampler", "t_start", "cfg_rho", "cfg_std_per_sample")
-    stage = lambda s: {k: v for k, v in dataclasses.asdict(s).items() if k in fields}
-    meta = {"mode": args.mode, "prompt": args.prompt, "negative_prompt": args.negative_prompt or "",
-            "prior": stage(args.prior), "decoder": stage(args.decoder), "height": args.height, "width": args.width,
-            "weights": args.weights or f"random:{args.random}", "dtype": args.dtype or "",
-            "long_prompts": args.long_prompts, "loras": args.lora}
-    return {**meta, "strength": args.strength} if args.mode == "img2img" else meta
-
-
-def plan_command(args) -> int:
+def plan_command(run: Run) -> int:
     """``--plan TOPOLOGY``: the sampling plan of these settings (JSON, then a summary); 1 if it does not fit."""
-    import json
-
     from cascade_jax.accelerators import plan_target
-    from cascade_jax.pipelines import PRIOR_DEFAULTS as prior, DECODER_DEFAULTS as decoder
     from cascade_jax.pipelines.loading import pipeline_set
     from cascade_jax.pipelines.plan import format_sampling, plan_sampling
 
-    set_name = args.random or ("demo" if args.weights in (demo.NAME, demo.LCM_NAME) else "lite" if args.lite else "full")
+    args, request = run.args, run.checked.request
+    set_name = args.random or ("demo" if run.weights in (demo.NAME, demo.LCM_NAME) else "lite" if args.lite else "full")
     dtype = args.dtype or ("float32" if set_name in ("demo", "tiny") or args.random else "bfloat16")
+    prior, decoder = run.checked.official_settings()
     try:
-        report = plan_sampling(pipeline_set(set_name), plan_target(args.plan), height=args.height, width=args.width,
-                               batch=len(args.seeds), dtype=dtype, prior=prior.replace(**args.prior_changes),
-                               decoder=decoder.replace(**args.decoder_changes), mesh=args.mesh, margin=args.margin)
+        report = plan_sampling(pipeline_set(set_name), plan_target(args.plan), height=request.height,
+                               width=request.width, batch=len(run.checked.seeds), dtype=dtype, prior=prior,
+                               decoder=decoder, mesh=args.mesh, margin=args.margin)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -267,35 +207,39 @@ def plan_command(args) -> int:
     return 0 if report["fits"] is not False else 1
 
 
+def load_pipeline(run: Run):
+    args = run.args
+    if args.random:
+        print(f"Using RANDOM weights ({args.random} configuration): the images will be noise-like patterns, "
+              "not pictures. Pass --weights to use real Stable Cascade weights.")
+        return StableCascadePipeline.random(args.random, dtype=args.dtype or "float32", mesh=args.mesh)
+    named = lookup(run.weights)
+    default_dtype = named.dtype if named is not None else "bfloat16"
+    return StableCascadePipeline.from_pretrained(run.weights, lite=args.lite, dtype=args.dtype or default_dtype,
+                                                 mesh=args.mesh)
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    run = parse_args(argv)
+    args, checked = run.args, run.checked
     if args.plan is not None:
-        return plan_command(args)
+        return plan_command(run)
     enable_compilation_cache()
     start = time.perf_counter()
     try:
-        if args.random:
-            print(f"Using RANDOM weights ({args.random} configuration): the images will be noise-like patterns, "
-                  "not pictures. Pass --weights to use real Stable Cascade weights.")
-            pipe = StableCascadePipeline.random(args.random, dtype=args.dtype or "float32", mesh=args.mesh)
-        else:
-            named = lookup(args.weights)
-            default_dtype = named.dtype if named is not None else "bfloat16"
-            pipe = StableCascadePipeline.from_pretrained(args.weights, lite=args.lite,
-                                                         dtype=args.dtype or default_dtype, mesh=args.mesh)
+        pipe = load_pipeline(run)
         if args.lora:
             pipe.load_loras(args.lora)
             print("\n".join(applied.describe() for applied in pipe.loras))
-        resolve_settings(args, pipe)
-        print(f"models ready in {time.perf_counter() - start:.1f}s; running {args.mode} "
-              f"({describe(args.prior, 'Stage C') + '; ' if args.mode != 'reconstruct' else ''}"
-              f"{describe(args.decoder, 'Stage B')})")
-        result = run(args, pipe)
+        settings = checked.settings(pipe)
+        print(f"models ready in {time.perf_counter() - start:.1f}s; running {args.mode} ({checked.describe(settings)})")
+        result = checked.run(pipe, settings, callback=None if args.no_progress else ProgressBars())
         print(timing_report(result.timings))
-        paths = save_images(args.paths, result.images, seeds=result.seeds, metadata=metadata(args))
+        meta = checked.metadata(settings, weights=run.weights or f"random:{args.random}", dtype=args.dtype or "")
+        paths = save_images(run.paths, result.images, seeds=result.seeds, metadata=meta)
         if args.preview:
-            paths += save_images(args.preview_paths, pipe.preview(result.stage_c_latents), seeds=result.seeds,
-                                 metadata=metadata(args))
+            paths += save_images(run.preview_paths, pipe.preview(result.stage_c_latents), seeds=result.seeds,
+                                 metadata=meta)
     except (ValueError, OSError, FloatingPointError) as e:
         lora_hint = f" The LoRAs in use ({', '.join(args.lora)}) may overflow at these strengths: try lower ones." \
             if isinstance(e, FloatingPointError) and args.lora else ""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 import types
 from pathlib import Path
@@ -16,12 +15,11 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from cascade_jax.app import fields as page_fields, service as app_service, startup, uploads
 from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS
 from cascade_jax.pipelines.outputs import read_png_metadata
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample"))
-import app_parts  # noqa: E402
-import app_testing  # noqa: E402
+import app_testing
 
 REQUEST_TIMEOUT_S = 300
 
@@ -125,7 +123,7 @@ PIPE_DEFAULTS = types.SimpleNamespace(prior_defaults=PRIOR_DEFAULTS,
 def service(tmp_path, **settings):
     lora = tmp_path / "style.safetensors"
     lora.touch()  # a request checks that the file exists; its content is read only when it is applied
-    return app_parts.Service(PIPE_DEFAULTS, source_argv=["--random", "tiny"], out_dir=tmp_path / "results",
+    return app_service.Service(PIPE_DEFAULTS, weights_label="random:tiny", out_dir=tmp_path / "results",
                              max_images=2, loras={"style.safetensors": str(lora)}, **settings)
 
 
@@ -133,17 +131,18 @@ def test_requests_are_checked_as_the_command_line_checks_them(tmp_path):
     fields = {"prompt": "--looks like a flag", "height": 128, "width": 136.0, "num_images": 2, "seed": 4,
               "prior_steps": 3, "prior_sampler": "ddim", "lora_1": "style.safetensors", "lora_1_strength": 0.5}
     app = service(tmp_path)
-    args = app.generate_args("text2img", fields)
-    assert args.prompt == "--looks like a flag" and (args.height, args.width) == (128, 136)
-    assert args.seeds == [4, 5] and args.prior.steps == 3 and args.prior.sampler == "ddim"
-    assert args.prior.cfg == PRIOR_DEFAULTS.cfg and (args.decoder.t_start, args.decoder.cfg) == (0.9, 3.0)
-    assert app.generate_args("text2img", {**fields, "decoder_cfg": 1.5}).decoder == \
+    job = app.job("text2img", fields)
+    request, (prior, decoder) = job.checked.request, job.settings
+    assert request.prompt == "--looks like a flag" and (request.height, request.width) == (128, 136)
+    assert job.checked.seeds == (4, 5) and prior.steps == 3 and prior.sampler == "ddim"
+    assert prior.cfg == PRIOR_DEFAULTS.cfg and (decoder.t_start, decoder.cfg) == (0.9, 3.0)
+    assert app.job("text2img", {**fields, "decoder_cfg": 1.5}).settings.decoder == \
         PIPE_DEFAULTS.decoder_defaults.replace(cfg=1.5)
-    assert args.lora == [f"{tmp_path / 'style.safetensors'}:0.5"]
-    other = app.generate_args("text2img", fields)
-    assert other.paths[0].parent != args.paths[0].parent  # a folder per request: no shared file names
-    # Results are served by path: the folder names are unguessable (issue 30), and made only for results.
-    assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{16}", args.paths[0].parent.name), args.paths[0]
+    assert request.loras == (f"{tmp_path / 'style.safetensors'}:0.5",)
+    other = app.job("text2img", fields)
+    assert other.paths[0].parent != job.paths[0].parent  # a folder per request: no shared file names
+    # Results are served by path: the folder names are unguessable, and made only for results.
+    assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{16}", job.paths[0].parent.name), job.paths[0]
     assert not (tmp_path / "results").exists()
 
     for bad, message in (({"height": 100}, "nearest valid size is 96x136"), ({"num_images": 3}, "at most 2 images"),
@@ -151,9 +150,9 @@ def test_requests_are_checked_as_the_command_line_checks_them(tmp_path):
                          ({"prior_steps": 0}, "--prior-steps"),
                          ({"lora_1_strength": float("nan")}, "LoRA .*style.safetensors strength must be a finite")):
         with pytest.raises(ValueError, match=message):
-            service(tmp_path).generate_args("text2img", {**fields, **bad})
+            service(tmp_path).job("text2img", {**fields, **bad})
     with pytest.raises(ValueError, match="img2img needs an input image"):
-        service(tmp_path).generate_args("img2img", {"prompt": "x", "seed": 0})
+        service(tmp_path).job("img2img", {"prompt": "x", "seed": 0})
 
 
 def test_requests_over_the_size_cap_are_refused_before_any_work(tmp_path):
@@ -161,13 +160,13 @@ def test_requests_over_the_size_cap_are_refused_before_any_work(tmp_path):
     app = service(tmp_path, max_side=256)
     with pytest.raises(ValueError, match=r"512x256 \(HxW\) has a side over this server's --max-side of 256 pixels; "
                                          r"the largest size of that shape within it is 256x128$"):
-        app.generate_args("text2img", {"prompt": "x", "seed": 0, "height": 512, "width": 256})
+        app.job("text2img", {"prompt": "x", "seed": 0, "height": 512, "width": 256})
     Image.new("RGB", (400, 304)).save(tmp_path / "photo.png")
     with pytest.raises(ValueError, match="304x400 .*; untick \"use the input image's size\" and set a size"):
-        app.generate_args("img2img", {"prompt": "x", "seed": 0, "image": str(tmp_path / "photo.png"),
+        app.job("img2img", {"prompt": "x", "seed": 0, "image": str(tmp_path / "photo.png"),
                                       "use_image_size": True})
 
-    app.controlnets = {"canny": app_parts.ControlNetEntry(pipeline=None, source="random")}
+    app.controlnets = {"canny": app_service.ControlNetEntry(pipeline=None, source="random")}
     fields = {"control": "canny", "seed": 0, "prior_steps": 2, "decoder_steps": 2, "use_image_size": True,
               "control_strength": 1.0}
     huge = np.zeros((4004, 4004, 3), np.uint8)  # pages the OS never touches: no memory used
@@ -187,8 +186,8 @@ def test_uploads_are_checked_from_their_header_with_the_users_file_name(tmp_path
     Image.new("1", (5000, 5000)).save(tmp_path / "big.png")  # 25 megapixels, a few kB
     (tmp_path / "notes.png").write_text("not an image")
     upload = lambda path, name: types.SimpleNamespace(path=str(path), orig_name=name)
-    app_parts.check_upload(upload(tmp_path / "big.png", "big.png"), 30_000_000)
-    app_parts.check_upload(None, 1)
+    uploads.check_upload(upload(tmp_path / "big.png", "big.png"), 30_000_000)
+    uploads.check_upload(None, 1)
     for payload, message in [
             (upload(tmp_path / "big.png", "big.png"), "the uploaded file big.png is 5000x5000 = 25.0 megapixels, over "
                                                       "the limit of 24.0 megapixels"),
@@ -198,38 +197,40 @@ def test_uploads_are_checked_from_their_header_with_the_users_file_name(tmp_path
             (types.SimpleNamespace(background=(tmp_path / "notes.png").read_bytes(), composite=None, layers=[]),
              "the uploaded file the drawn image: not an image")]:
         with pytest.raises(ValueError, match=message):
-            app_parts.check_upload(payload, 24_000_000, 60)
+            uploads.check_upload(payload, 24_000_000, 60)
 
 
 def test_random_seed_size_hint_and_drawn_mask():
-    seeds = {app_parts.pick_seed(0, True, 4) for _ in range(20)}
+    seeds = {page_fields.pick_seed(0, True, 4) for _ in range(20)}
     assert len(seeds) > 1 and all(0 <= s <= 2**32 - 4 for s in seeds)
-    assert app_parts.pick_seed(7.0, False, 1) == 7
-    assert "Stage C latent 3x3, Stage B latent 32x32" in app_parts.size_hint(128, 128)
-    assert "nearest valid size is 720x1280" in app_parts.size_hint(721, 1281)
+    assert page_fields.pick_seed(7.0, False, 1) == 7
+    assert "Stage C latent 3x3, Stage B latent 32x32" in page_fields.size_hint(128, 128)
+    assert "nearest valid size is 720x1280" in page_fields.size_hint(721, 1281)
 
     layer = np.zeros((8, 8, 4), np.uint8)
     layer[2:4, 5:7, 3] = 255
     background = np.full((8, 8, 4), 200, np.uint8)
-    mask = app_parts.mask_from_editor({"background": background, "layers": [layer], "composite": background})
+    mask = page_fields.mask_from_editor({"background": background, "layers": [layer], "composite": background})
     assert mask.dtype == np.uint8 and mask.sum() == 4 * 255 and mask[2, 5] == 255
-    assert app_parts.mask_from_editor({"background": background, "layers": [np.zeros_like(layer)]}) is None
-    assert app_parts.image_from_editor({"background": background}).shape == (8, 8, 3)
+    assert page_fields.mask_from_editor({"background": background, "layers": [np.zeros_like(layer)]}) is None
+    assert page_fields.image_from_editor({"background": background}).shape == (8, 8, 3)
 
 
 def test_without_weights_the_app_uses_the_demo_or_says_what_to_pass(monkeypatch):
-    import app as app_script  # sample/app.py (gradio is imported only when the page is built)
-
     asked = []
 
     def missing(source, **kwargs):
         asked.append((source, kwargs))
         raise FileNotFoundError(f"{source}: no such folder")
 
-    monkeypatch.setattr(app_script.StableCascadePipeline, "from_pretrained", missing)
-    with pytest.raises(SystemExit, match=r"(?s)demo weights cannot be loaded.*Pass --weights DIR.*or --random tiny"):
-        app_script.load_pipeline(app_script.build_parser().parse_args([]))
+    monkeypatch.setattr(startup.StableCascadePipeline, "from_pretrained", missing)
+    with pytest.raises(ValueError, match=r"(?s)^the demo weights cannot be loaded.*Pass --weights DIR.*or --random tiny"):
+        startup.load_pipeline(None, None)
     assert asked == [("demo", {"lite": False, "dtype": "float32"})]
-    with pytest.raises(SystemExit, match="^error: /w: no such folder$"):
-        app_script.load_pipeline(app_script.build_parser().parse_args(["--weights", "/w"]))
+    with pytest.raises(ValueError, match="^/w: no such folder$"):
+        startup.load_pipeline("/w", None)
     assert asked[-1] == ("/w", {"lite": False, "dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="say which control it is, TYPE=FILE"):
+        startup.control_kinds("depth.safetensors")
+    assert startup.control_kinds("random") == (list(startup.APP_CONTROLS), "random")
+    assert startup.control_kinds("canny=/w/c.safetensors") == (["canny"], "/w/c.safetensors")

@@ -189,10 +189,11 @@ def test_generate_selects_the_lcm_sampler_and_no_guidance_from_flags():
     spec = importlib.util.spec_from_file_location("generate_script", REPO / "sample" / "generate.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    args = script.parse_args(["text2img", "--random", "tiny", "--sampler", "lcm", "--prior-steps", "4",
-                              "--prior-cfg", "none"])
-    script.resolve_settings(args, types.SimpleNamespace(prior_defaults=PRIOR_DEFAULTS, decoder_defaults=DECODER_DEFAULTS))
-    assert (args.prior.sampler, args.prior.steps, args.prior.cfg) == ("lcm", 4, None)
+    run = script.parse_args(["text2img", "--random", "tiny", "--sampler", "lcm", "--prior-steps", "4",
+                             "--prior-cfg", "none"])
+    prior, _ = run.checked.settings(types.SimpleNamespace(prior_defaults=PRIOR_DEFAULTS,
+                                                          decoder_defaults=DECODER_DEFAULTS))
+    assert (prior.sampler, prior.steps, prior.cfg) == ("lcm", 4, None)
     with pytest.raises(SystemExit):
         script.parse_args(["text2img", "--random", "tiny", "--prior-cfg", "strong"])
 

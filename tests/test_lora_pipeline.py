@@ -119,9 +119,9 @@ def test_generate_script_lora_flag(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit):  # before any model loads
             script.parse_args(["text2img", "--random", "tiny", "--lora", lora])
         assert message in capsys.readouterr().err
-    args = script.parse_args(["text2img", "--random", "tiny", "--lora", "a.safetensors:0.5", "--lora", "b.safetensors"])
-    assert [parse_lora_spec(s) for s in args.lora] == [parse_lora_spec(("a.safetensors", 0.5)),
-                                                       parse_lora_spec(("b.safetensors", 1.0))]
+    run = script.parse_args(["text2img", "--random", "tiny", "--lora", "a.safetensors:0.5", "--lora", "b.safetensors"])
+    assert [parse_lora_spec(s) for s in run.checked.request.loras] == [parse_lora_spec(("a.safetensors", 0.5)),
+                                                                      parse_lora_spec(("b.safetensors", 1.0))]
     pipe = types.SimpleNamespace(prior_defaults=PRIOR_DEFAULTS, decoder_defaults=DECODER_DEFAULTS)  # no model
-    script.resolve_settings(args, pipe)
-    assert script.metadata(args)["loras"] == ["a.safetensors:0.5", "b.safetensors"]
+    settings = run.checked.settings(pipe)
+    assert run.checked.metadata(settings, weights="random:tiny")["loras"] == ["a.safetensors:0.5", "b.safetensors"]

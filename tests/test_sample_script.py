@@ -138,8 +138,8 @@ def test_earlier_results_are_kept_unless_overwrite(tmp_path, capsys):
     assert "Stage C" in err and "Stage B" in err and "2/2" in err  # the per-stage progress bars
     assert (out / "text2img_00_seed3.png").read_bytes() == b"earlier result"
     assert np.asarray(Image.open(out / "text2img_00_seed3-1.png")).shape == (64, 64, 3)
-    args = script.parse_args([*argv, "--overwrite"])
-    assert [p.name for p in args.paths] == ["text2img_00_seed3.png"]
+    run = script.parse_args([*argv, "--overwrite"])
+    assert [p.name for p in run.paths] == ["text2img_00_seed3.png"]
 
 
 def test_a_failed_run_leaves_no_output_folder(tmp_path, capsys):
