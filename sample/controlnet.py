@@ -20,10 +20,12 @@ import argparse
 import sys
 import time
 
-from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS
 from cascade_jax.pipelines.control_request import ControlNetRequest
 from cascade_jax.pipelines.controlnet import CONTROLS, ControlNetPipeline
 from cascade_jax.pipelines.outputs import check_output_dir, output_paths, save_images, timing_report
+
+
+DEFAULTS = ControlNetRequest("canny")  # the request's defaults are the flags' (the official values)
 
 
 def build_parser():
@@ -38,22 +40,26 @@ def build_parser():
     p.add_argument("--mask", help="inpainting: mask image, white = generate")
     p.add_argument("--saliency", help="inpainting without --mask: the official saliency net (converted dir or "
                                       "saliency_model.pt re-saved as .safetensors) makes the mask")
-    p.add_argument("--mask-threshold", type=float, default=0.2, help="with --saliency: saliency above this is masked")
+    p.add_argument("--mask-threshold", type=float, default=DEFAULTS.mask_threshold,
+                   help="with --saliency: saliency above this is masked")
     p.add_argument("--outpaint", action="store_true", help="with --saliency: invert the mask (generate around)")
     p.add_argument("--faces", help="identity: .npz with 'boxes' (N, 4) and 'embeddings' (N, 512)")
     p.add_argument("--prompt", default="")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--height", type=int, default=None, help="default: the image's (2x for super_resolution)")
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strength", type=float, default=1.0, help="control strength (official cnet_multiplier)")
-    p.add_argument("--control-start", type=int, default=0, help="first Stage C step with control")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--strength", type=float, default=DEFAULTS.strength,
+                   help="control strength (official cnet_multiplier)")
+    p.add_argument("--control-start", type=int, default=DEFAULTS.control_start,
+                   help="first Stage C step with control")
     p.add_argument("--control-stop", type=int, default=None, help="first Stage C step without it (default: none)")
-    p.add_argument("--t-start", type=float, default=1.0, help="inpainting: noise level Stage C starts from (0-1]")
+    p.add_argument("--t-start", type=float, default=DEFAULTS.t_start,
+                   help="inpainting: noise level Stage C starts from (0-1]")
     p.add_argument("--no-keep-unmasked", action="store_true", help="inpainting: do not paste back unmasked pixels")
-    p.add_argument("--prior-steps", type=int, default=PRIOR_DEFAULTS.steps)
+    p.add_argument("--prior-steps", type=int, default=DEFAULTS.prior_steps)
     p.add_argument("--prior-cfg", type=float, default=None, help="default: 4 (1 for super_resolution)")
-    p.add_argument("--decoder-steps", type=int, default=DECODER_DEFAULTS.steps)
+    p.add_argument("--decoder-steps", type=int, default=DEFAULTS.decoder_steps)
     p.add_argument("--out", default="out", help="folder for the PNGs")
     return p
 

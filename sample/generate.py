@@ -17,7 +17,10 @@ Every argument and the input image are checked before any model loads. Earlier r
 kept (new names get a -N suffix) unless --overwrite is given.
 """
 
+from __future__ import annotations
+
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -25,11 +28,10 @@ import time
 from tqdm import tqdm
 
 from cascade_jax import demo
-from cascade_jax.named_weights import lookup
 from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline
 from cascade_jax.pipelines.outputs import check_output_dir, output_paths, save_images, timing_report
-from cascade_jax.pipelines.request import MODES, STAGE_KEYS, SamplingRequest
-from cascade_jax.pipelines.sources import default_size
+from cascade_jax.pipelines.request import MODES, STAGE_KEYS, CheckedRequest, SamplingRequest
+from cascade_jax.pipelines.sources import default_dtype, default_size
 from cascade_jax.sharding import parse_mesh_spec
 from cascade_jax.weights.cache import enable_compilation_cache
 
@@ -70,6 +72,9 @@ def rgb(text):
     return tuple(int(p) for p in parts)
 
 
+DEFAULTS = SamplingRequest("text2img")  # the request's defaults are the flags'
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=MODES)
@@ -87,13 +92,14 @@ def build_parser():
     p.add_argument("--long-prompts", action="store_true",
                    help="encode prompts past CLIP's 77 tokens in 75-token windows instead of truncating them")
     p.add_argument("--image", help="input image (variation, img2img, reconstruct)")
-    p.add_argument("--background", type=rgb, default=(255, 255, 255),
+    p.add_argument("--background", type=rgb, default=DEFAULTS.background,
                    help="R,G,B that transparent pixels of --image become (default white)")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: how far to noise the image (0-1]")
+    p.add_argument("--strength", type=float, default=DEFAULTS.strength,
+                   help="img2img: how far to noise the image (0-1]")
     p.add_argument("--height", type=int, default=None, help="default 1024 (128 for the demo); img2img/reconstruct: the image's")
     p.add_argument("--width", type=int, default=None, help="default 1024 (128 for the demo); img2img/reconstruct: the image's")
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="0 .. 2**32 - 1; image i gets seed + i")
+    p.add_argument("--num-images", type=int, default=DEFAULTS.num_images)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="0 .. 2**32 - 1; image i gets seed + i")
     stage_args(p, "prior", PRIOR_DEFAULTS)
     stage_args(p, "decoder", DECODER_DEFAULTS)
     p.add_argument("--out", default="out", help="folder for the PNGs")
@@ -140,13 +146,16 @@ def request_of(args) -> SamplingRequest:
                            decoder=stage_changes(args, "decoder"), loras=tuple(args.lora))
 
 
+@dataclasses.dataclass(frozen=True)
 class Run:
     """A parsed and checked command line: the arguments as given, the weights to load, the checked request and
     the result paths (None with --plan: nothing is written)."""
 
-    def __init__(self, args, weights, checked, paths=None, preview_paths=None):
-        self.args, self.weights, self.checked = args, weights, checked
-        self.paths, self.preview_paths = paths, preview_paths
+    args: argparse.Namespace
+    weights: str | list | None
+    checked: CheckedRequest
+    paths: list | None = None
+    preview_paths: list | None = None
 
 
 def parse_args(argv=None) -> Run:
@@ -208,15 +217,14 @@ def plan_command(run: Run) -> int:
 
 
 def load_pipeline(run: Run):
+    """The pipeline of --random or the weights (a named set, e.g. the demo, in its own dtype)."""
     args = run.args
     if args.random:
         print(f"Using RANDOM weights ({args.random} configuration): the images will be noise-like patterns, "
               "not pictures. Pass --weights to use real Stable Cascade weights.")
         return StableCascadePipeline.random(args.random, dtype=args.dtype or "float32", mesh=args.mesh)
-    named = lookup(run.weights)
-    default_dtype = named.dtype if named is not None else "bfloat16"
-    return StableCascadePipeline.from_pretrained(run.weights, lite=args.lite, dtype=args.dtype or default_dtype,
-                                                 mesh=args.mesh)
+    return StableCascadePipeline.from_pretrained(run.weights, lite=args.lite,
+                                                 dtype=args.dtype or default_dtype(run.weights), mesh=args.mesh)
 
 
 def main(argv=None):

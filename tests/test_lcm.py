@@ -24,6 +24,7 @@ from cascade_jax.sharding import make_mesh
 from cascade_jax.training import build_run, get_task, load_config
 from cascade_jax.training.lcm_config import lcm_config
 from cascade_jax.weights.lora_files import save_official
+from cascade_jax.weights.lora_weights import LoRAWeights
 
 UPDATES = 12
 
@@ -164,7 +165,7 @@ def test_the_lcm_lora_file_loads_as_lora_does_and_stacks_with_another(lora_run, 
         down = weight.adapters["other"].lora_down
         down.set_value(np.random.default_rng(1).normal(size=down.shape).astype(np.float32) * 0.05)
     other_file = tmp_path / "other.safetensors"
-    save_official(other_file, L.LoRAWeights(L.lora_layers(other, "other")))
+    save_official(other_file, LoRAWeights(L.lora_layers(other, "other")))
 
     def stage_c(loras):
         pipe.load_loras(loras)  # what generate.py's --lora calls

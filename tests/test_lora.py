@@ -16,6 +16,7 @@ from cascade_jax.models.lora_tokens import attach_token_rows
 from cascade_jax.models.registry import abstract_model, load_config
 from cascade_jax.nn.layers import Embedding
 from cascade_jax.weights.lora_files import file_info, load_lora, read_tensors, save_comfyui, save_official
+from cascade_jax.weights.lora_weights import LoRAMismatchError, LoRAWeights, attach_lora
 
 PARITY = 1e-4  # max|Δ| / max|ref| against the official float32 outputs
 FP32_ROUNDING = 1e-6
@@ -46,7 +47,7 @@ def _params(model) -> dict:
 def test_fixture_output_and_bit_exact_removal(official):
     model, inputs, io, lora_io, path, _ = official
     before = _params(model)
-    L.attach_lora(model, "fixture", load_lora(path, model))
+    attach_lora(model, "fixture", load_lora(path, model))
     unmerged = nhwc_to_nchw(run(model, inputs))
     merged = nhwc_to_nchw(run(L.merged_model(model), inputs))  # the plain structure: the base's compiled program
     err, err_merged = (relative_error(out, lora_io["out_with_lora"]) for out in (unmerged, merged))
@@ -89,14 +90,14 @@ def test_write_back_identical_tensors(official, tmp_path):
     assert info["modules"] == list(lora.layers) and info["rank"] == 4 and info["module_filters"] == [".attn"]
 
 
-def _random_lora(model, seed, rank) -> L.LoRAWeights:
+def _random_lora(model, seed, rank) -> LoRAWeights:
     rng = np.random.default_rng(seed)
     layers = {}
     for target in L.lora_targets(model):
         d0, d1 = target.torch_dims()
         layers[target.key] = L.LayerFactors(rng.normal(size=(rank, d1)).astype(np.float32) * 0.05,
                                             rng.normal(size=(d0, rank)).astype(np.float32))
-    return L.LoRAWeights(layers)
+    return LoRAWeights(layers)
 
 
 def test_strength_zero_and_two_loras_sum(official):
@@ -106,9 +107,9 @@ def test_strength_zero_and_two_loras_sum(official):
     base = forward()
     a, b = 0.7, -0.4
     first, second = _random_lora(model, 1, 4), _random_lora(model, 2, 3)
-    L.attach_lora(model, "first", first, 0.0)
+    attach_lora(model, "first", first, 0.0)
     assert np.array_equal(forward(), base)
-    L.attach_lora(model, "second", second, b)
+    attach_lora(model, "second", second, b)
     L.set_strength(model, "first", a)
     stacked = forward()
     L.remove_lora(model)
@@ -118,7 +119,7 @@ def test_strength_zero_and_two_loras_sum(official):
         f, s = first.layers[key], second.layers[key]
         up = np.concatenate([f.up * (a * 7 / 4), s.up * (b * 7 / 3)], axis=1)
         combined[key] = L.LayerFactors(np.concatenate([f.down, s.down]), up.astype(np.float32))
-    L.attach_lora(model, "sum", L.LoRAWeights(combined))
+    attach_lora(model, "sum", LoRAWeights(combined))
     summed = forward()
     L.set_enabled(model, "sum", False)
     disabled = forward()
@@ -174,12 +175,12 @@ def test_lite_lora_on_full_model_is_refused(tmp_path):
         layers[target.key] = L.LayerFactors(np.zeros((4, d1), np.float32), np.zeros((d0, 4), np.float32))
     for with_metadata in (True, False):
         path = tmp_path / f"lite_{with_metadata}.safetensors"
-        save_official(path, L.LoRAWeights(layers))
+        save_official(path, LoRAWeights(layers))
         if not with_metadata:
             tensors, _ = read_tensors(path)
             from cascade_jax.weights.safetensors_io import save_safetensors
             save_safetensors(path, tensors)
-        with pytest.raises(L.LoRAMismatchError) as e:
+        with pytest.raises(LoRAMismatchError) as e:
             load_lora(path, full)
         message = str(e.value)
         assert "down_blocks.0.2.attention.attn.out_proj.weight" in message
@@ -277,4 +278,4 @@ def test_bad_strengths_and_full_models_are_refused_by_name_before_any_work(offic
     assert not (tmp_path / "x").exists()
     model = abstract_model("stage_c", fixture(fixtures_dir, "stage_c")[0]["config"])
     with pytest.raises(ValueError, match="strength must be a finite number"):
-        L.attach_lora(model, "a", load_lora(path, model), float("inf"))
+        attach_lora(model, "a", load_lora(path, model), float("inf"))

@@ -17,6 +17,7 @@ from cascade_jax.models.lora_tokens import add_train_tokens, token_embedding
 from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline
 from cascade_jax.pipelines.lora import LoRASpec, check_lora_files, parse_lora_spec
 from cascade_jax.weights.lora_files import save_official
+from cascade_jax.weights.lora_weights import LoRAWeights
 
 TRAIN_TOKENS = [("[fernando]", "^dog</w>")]
 PRIOR = dataclasses.replace(PRIOR_DEFAULTS, steps=2)
@@ -43,7 +44,7 @@ def lora_file(pipe, tmp_path_factory):
     tokenizer, embedding = copy.deepcopy(pipe.text.tokenizer), token_embedding(pipe.text.text_encoder)
     ids = add_train_tokens(tokenizer, embedding, TRAIN_TOKENS)
     rows = rng.normal(size=(1, embedding.weight.shape[1])).astype(np.float32)
-    lora = L.LoRAWeights(L.lora_layers(stage_c, "made"), L.TokenDeltas(np.asarray(ids), rows, ["[fernando]"]),
+    lora = LoRAWeights(L.lora_layers(stage_c, "made"), L.TokenDeltas(np.asarray(ids), rows, ["[fernando]"]),
                          train_tokens=TRAIN_TOKENS)
     path = tmp_path_factory.mktemp("lora") / "fernando.safetensors"
     save_official(path, lora)

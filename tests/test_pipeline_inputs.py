@@ -14,7 +14,9 @@ from PIL import Image
 
 from cascade_jax.conditioning import PromptTruncatedWarning
 from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline
+from cascade_jax.pipelines.control_request import ControlNetRequest
 from cascade_jax.pipelines.images import as_uint8_batch, to_rgb_uint8
+from cascade_jax.pipelines.request import SamplingRequest
 from cascade_jax.pipelines.stage_runner import _noise, image_keys
 
 S = 64
@@ -172,3 +174,42 @@ def test_long_prompts_warn_when_truncated_and_can_be_encoded_in_windows(pipe):
     assert cond.clip_text.shape == uncond.clip_text.shape
     out = t2i(pipe, LONG, long_prompts=True)
     assert np.isfinite(out.stage_b_latents).all()
+
+
+# ---- one request for the command line and the app ---------------------------------------------------
+def test_a_request_samples_as_the_pipeline_call_and_is_refused_by_flag_name(pipe):
+    request = SamplingRequest("text2img", prompt="a red cube", height=S, width=S, seed=5, prior={"steps": 2},
+                              decoder={"steps": 2})
+    checked = request.check()
+    settings = checked.settings(pipe)  # the official settings of these random weights, with 2 + 2 steps
+    assert settings == (PRIOR, DECODER) and checked.seeds == (5,)
+    np.testing.assert_array_equal(checked.run(pipe, settings).images, t2i(pipe, seed=5).images)
+    assert SamplingRequest(**{**vars(request), "num_images": 3}).check().seeds == (5, 6, 7)
+    meta = checked.metadata(settings, weights="random:tiny")
+    assert (meta["mode"], meta["prior"]["steps"], meta["height"], meta["loras"]) == ("text2img", 2, S, [])
+    for changes, message in [(dict(mode="sketch"), "unknown mode 'sketch'"),
+                             (dict(mode="variation"), "^variation needs --image$"),
+                             (dict(num_images=0), "^--num-images must be at least 1"),
+                             (dict(seed=(1 << 32) - 1, num_images=2), r"^--seed must be an integer in \[0, 2\*\*32 - 2\]"),
+                             (dict(prior={"steps": 0}), "^--prior-steps must be a positive integer"),
+                             (dict(decoder={"t_start": 1.5}), "^--decoder-t-start must be"),
+                             (dict(decoder={"stepz": 3}), r"unknown decoder setting\(s\) \['stepz'\]"),
+                             (dict(height=100), "nearest valid size")]:
+        with pytest.raises(ValueError, match=message):
+            SamplingRequest(**{**vars(request), **changes}).check()
+
+
+def test_a_controlnet_request_has_the_official_defaults_and_checks_before_any_model():
+    image = np.zeros((64, 96, 3), np.uint8)
+    canny = ControlNetRequest("canny", image_array=image)
+    upscale = ControlNetRequest("super_resolution", image_array=image)
+    assert canny.settings() == (PRIOR_DEFAULTS.replace(cfg=4.0), DECODER_DEFAULTS)
+    assert upscale.settings().prior == PRIOR_DEFAULTS.replace(cfg=None)  # super-resolution: no guidance
+    assert (canny.check(), upscale.check()) == ((64, 96), (128, 192))
+    for request, message in [(ControlNetRequest("inpainting", image_array=image), "inpainting needs --mask"),
+                             (ControlNetRequest("canny"), "needs a control image"),
+                             (ControlNetRequest("canny", image_array=image, prior_steps=0), "--prior-steps and"),
+                             (ControlNetRequest("canny", image_array=image, control_start=20),
+                              "control start 20 is past")]:
+        with pytest.raises(ValueError, match=message):
+            request.check()

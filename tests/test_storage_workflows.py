@@ -170,6 +170,7 @@ def test_lora_from_a_bucket(object_stores, tiny, tmp_path, monkeypatch):  # noqa
     from cascade_jax.models import lora as L
     from cascade_jax.pipelines.lora import parse_lora_spec
     from cascade_jax.weights.lora_files import load_lora, save_official
+    from cascade_jax.weights.lora_weights import LoRAWeights
 
     monkeypatch.setenv("CASCADE_JAX_CACHE", str(tmp_path / "cache"))
     stage_c = tiny["stage_c"][2]
@@ -178,7 +179,7 @@ def test_lora_from_a_bucket(object_stores, tiny, tmp_path, monkeypatch):  # noqa
                                     rng.normal(size=(t.torch_dims()[0], 2)).astype(np.float32))
               for t in L.lora_targets(stage_c)}
     bucket = object_stores.bucket("s3")
-    save_official(f"{bucket}/loras/style.safetensors", L.LoRAWeights(layers))
+    save_official(f"{bucket}/loras/style.safetensors", LoRAWeights(layers))
     spec = parse_lora_spec(f"{bucket}/loras/style.safetensors:0.7")
     assert (spec.path, spec.strength) == (f"{bucket}/loras/style.safetensors", 0.7)
     lora = load_lora(spec.path, stage_c)

@@ -56,8 +56,9 @@ def sampling_request(mode: str, fields: dict, *, seed: int, loras: list[str]) ->
     size = {}
     if not (mode in IMAGE_MODES and fields.get("use_image_size")):
         size = dict(height=whole(fields.get("height"), "height"), width=whole(fields.get("width"), "width"))
-    return SamplingRequest(mode, prompt=fields.get("prompt") or "", negative_prompt=fields.get("negative_prompt") or None,
-                           image=fields.get("image") or None, strength=float(fields.get("strength", 0.8)),
+    return SamplingRequest(mode, prompt=fields.get("prompt") or "",
+                           negative_prompt=fields.get("negative_prompt") or None, image=fields.get("image") or None,
+                           strength=float(fields.get("strength", SamplingRequest.strength)),
                            num_images=image_count(mode, fields), seed=seed, prior=stage_fields("prior", fields),
                            decoder=stage_fields("decoder", fields), loras=tuple(loras), **size)
 
@@ -69,7 +70,7 @@ def control_request(fields: dict, image: np.ndarray, mask: np.ndarray | None, *,
         size = dict(height=whole(fields.get("height"), "height"), width=whole(fields.get("width"), "width"))
     return ControlNetRequest(fields.get("control"), image_array=image, mask_array=mask,
                              prompt=fields.get("prompt") or "", negative_prompt=fields.get("negative_prompt") or None,
-                             seed=seed, strength=float(fields.get("control_strength", 1.0)),
+                             seed=seed, strength=float(fields.get("control_strength", ControlNetRequest.strength)),
                              prior_steps=whole(fields.get("prior_steps"), "prior steps"),
                              decoder_steps=whole(fields.get("decoder_steps"), "decoder steps"), **size)
 
@@ -81,7 +82,8 @@ def size_hint(height, width) -> str:
         check_image_size(height, width)
     except (TypeError, ValueError):
         try:
-            return f"Not a valid size: the nearest valid size is {nearest_valid(int(height))}x{nearest_valid(int(width))}."
+            nearest = f"{nearest_valid(int(height))}x{nearest_valid(int(width))}"
+            return f"Not a valid size: the nearest valid size is {nearest}."
         except (TypeError, ValueError):
             return "Height and width must be whole numbers of pixels."
     (hc, wc), (hb, wb) = stage_c_latent_hw(height, width), stage_b_latent_hw(height, width)

@@ -6,9 +6,10 @@ The official rules, reproduced here:
   module) and owns a ``weight`` parameter, or else an ``in_proj_weight``, gets a LoRA: the weight
   becomes W + lora_up @ lora_down · alpha / rank (the product broadcast over conv kernel taps);
   alpha is 1; ``lora_down`` starts at zeros and ``lora_up`` at N(0, 1);
-* the official file lists the factors as ``weights.{k}`` in ``generator.modules()`` order. A torch
-  parametrization is registered as the *last child* of its module, so a module's LoRA comes after
-  the LoRAs of its children: in an attention block, ``out_proj`` before the packed ``in_proj``.
+* the adapted weights are visited in ``generator.modules()`` order (the order of the factors in an
+  official file: ``weights/lora_files.py``). A torch parametrization is registered as the *last child*
+  of its module, so a module's LoRA comes after the LoRAs of its children: in an attention block,
+  ``out_proj`` before the packed ``in_proj``. Models declare their children's official order.
 
 How it is done here: the adapted attribute (``Linear.weight``, ``MultiheadAttention.in_proj_weight``,
 ``Embedding.weight``) is replaced by an :class:`AdaptedWeight`. Layers read it as before (``w[...]``)
@@ -18,6 +19,8 @@ the base back bit for bit, never by subtraction. Factors and token-row deltas ar
 :class:`LoRAParam` variables, so ``nnx.state(model, LoRAParam)`` is exactly what a LoRA trainer
 updates. Strengths are :class:`LoRAStrength` scalars: traced, so changing one does not recompile.
 Several LoRAs live side by side under their names; each can be switched off (``set_enabled``).
+A LoRA as a file holds it (``LoRAWeights``), checked against a model and attached to it, is
+``weights/lora_weights.py``; reading and writing the files, ``weights/lora_files.py``.
 """
 
 from __future__ import annotations
@@ -84,17 +87,6 @@ class TokenDeltas:
     indices: np.ndarray  # (N,) int64 token ids
     rows: np.ndarray  # (N, D)
     tokens: list  # the token string of each row, None where unknown (official files do not store them)
-
-
-@dataclasses.dataclass
-class LoRAWeights:
-    """A LoRA as plain arrays: ``layers`` maps the official key of each adapted weight (e.g.
-    ``down_blocks.0.2.attention.attn.in_proj_weight``) to its factors, in official module order."""
-
-    layers: dict
-    tokens: TokenDeltas | None = None
-    module_filters: tuple | None = DEFAULT_FILTERS
-    train_tokens: list = dataclasses.field(default_factory=list)  # official [[token or regex, init regex]]
 
 
 # ------------------------------------------------------------------------------- adapters
@@ -226,22 +218,13 @@ class Target:
         return _torch_dims(tuple(self.base.shape), self.base.get_metadata()["torch_layout"])
 
 
-# NNX keeps attributes sorted by name, not in assignment order, so the official registration order
-# of child modules (which fixes the order of LoRA factors in official files) is written down here
-# where it is not alphabetical. Containers (nnx.List) go by index.
-_OFFICIAL_CHILD_ORDER = {
-    "StageC": ("clip_txt_mapper", "clip_txt_pooled_mapper", "clip_img_mapper", "embedding", "down_blocks",
-               "down_downscalers", "down_repeat_mappers", "up_blocks", "up_upscalers", "up_repeat_mappers", "clf"),
-    "StageB": ("effnet_mapper", "pixels_mapper", "clip_mapper", "embedding", "down_blocks", "down_downscalers",
-               "down_repeat_mappers", "up_blocks", "up_upscalers", "up_repeat_mappers", "clf"),
-    "ResBlock": ("depthwise", "norm", "channelwise"),
-}
-
-
 def _child_order(module) -> tuple:
-    if type(module).__name__ == "TimestepBlock":  # mapper, then one mapper per condition in order
-        return ("mapper",) + tuple(f"mapper_{c}" for c in module.conds)
-    return _OFFICIAL_CHILD_ORDER.get(type(module).__name__, ())
+    """The official registration order of ``module``'s children, which fixes the order of LoRA factors in
+    official files. NNX keeps attributes sorted by name, not in assignment order, so a module whose official
+    order is not alphabetical declares it (``official_child_order()``: StageC, StageB, ResBlock,
+    TimestepBlock); the others go by name, containers (nnx.List) by index."""
+    declared = getattr(module, "official_child_order", None)
+    return tuple(declared()) if callable(declared) else ()
 
 
 def _children(module) -> list[tuple[str, nnx.Module]]:
@@ -346,50 +329,17 @@ def init_lora(model: nnx.Module, name: str, *, filters: Sequence[str] | None = D
     return len(targets)
 
 
-class LoRAMismatchError(ValueError):
-    """A LoRA that does not fit the model; the message names each offending key and both shapes."""
-
-
-def check_lora_fits(model: nnx.Module, lora: LoRAWeights, source: str = "the LoRA"):
-    """Raise :class:`LoRAMismatchError` unless every factor of ``lora`` fits a weight of ``model``."""
-    targets = {t.key: t for t in all_targets(model, "")}
-    problems = []
-    for key, factors in lora.layers.items():
-        if key not in targets:
-            problems.append(f"{key}: the model has no such weight")
-            continue
-        d0, d1 = targets[key].torch_dims()
-        rank = factors.rank
-        if tuple(factors.down.shape) != (rank, d1) or tuple(factors.up.shape) != (d0, rank):
-            problems.append(f"{key}: lora_down {tuple(factors.down.shape)} / lora_up {tuple(factors.up.shape)} in "
-                            f"the file, the model needs ({rank}, {d1}) / ({d0}, {rank})")
-    if problems:
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise LoRAMismatchError(f"{source} does not fit this model ({len(problems)} of {len(lora.layers)} weights):\n  "
-                                + "\n  ".join(problems[:10]) + more + _both_sides(model, lora)
-                                + "\nUse the model the LoRA was trained on.")
-
-
-def _both_sides(model: nnx.Module, lora: LoRAWeights) -> str:
-    """The model's ResBlocks and widths per level beside what the LoRA's own keys and shapes imply."""
-    from cascade_jax.models.structure import describe_lora_layers, describe_unet, model_shapes
-
-    in_model = describe_unet(model_shapes(model))
-    in_lora = describe_lora_layers({key: int(factors.down.shape[1]) for key, factors in lora.layers.items()})
-    return (f"\n  this model: {in_model}" if in_model else "") + f"\n  the LoRA: {in_lora}"
-
-
-def attach_lora(model: nnx.Module, name: str, lora: LoRAWeights, strength: float = 1.0) -> int:
-    """Add the layers of ``lora`` to ``model`` under ``name`` (checked first); returns how many."""
+def add_factors(model: nnx.Module, name: str, layers: dict, strength: float = 1.0) -> int:
+    """Add ``layers`` (``{official key: LayerFactors}``, whose shapes the caller checked against ``model``: see
+    ``weights.lora_weights.attach_lora``) to ``model`` as LoRA ``name``; returns how many."""
     strength = check_strength(f"LoRA {name!r} strength", strength)
-    check_lora_fits(model, lora, f"LoRA {name!r}")
     targets = {t.key: t for t in all_targets(model, "")}
-    for key, factors in lora.layers.items():
+    for key, factors in layers.items():
         weight = _adapted(targets[key])
         check_adapter_name(weight, name, key)
         weight.adapters[name] = LoRAFactors(factors.down, factors.up, factors.alpha, strength,
                                             axes=_factor_axes(targets[key]))
-    return len(lora.layers)
+    return len(layers)
 
 
 def lora_layers(model: nnx.Module, name: str) -> dict:

@@ -24,6 +24,7 @@ def _conditioning_mapper(c_in, c_hidden0, *, rngs):
 
 class StageB(CascadeUNet):
     CONFIG_FORMS = {**UNET_CONFIG_FORMS, "c_clip": INT, "c_effnet": INT, "c_pixels": INT}
+    CONDITION_MAPPERS = ("effnet_mapper", "pixels_mapper", "clip_mapper")
 
     def __init__(self, c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=1280, c_hidden=(320, 640, 1280, 1280),
                  nhead=(-1, -1, 20, 20), blocks=((2, 6, 28, 6), (6, 28, 6, 2)),

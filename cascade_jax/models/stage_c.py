@@ -46,6 +46,7 @@ class StageC(CascadeUNet):
     # switch_level is read at level - 1 (the first level has no rescale): one entry fewer than c_hidden.
     CONFIG_FORMS = {**UNET_CONFIG_FORMS, "c_clip_text": INT, "c_clip_text_pooled": INT, "c_clip_img": INT,
                     "switch_level": per_level(FLAG, level_offset=-1)}
+    CONDITION_MAPPERS = ("clip_txt_mapper", "clip_txt_pooled_mapper", "clip_img_mapper")
 
     def __init__(self, c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=2048, c_hidden=(2048, 2048), nhead=(32, 32),
                  blocks=((8, 24), (24, 8)), block_repeat=((1, 1), (1, 1)), level_config=("CTA", "CTA"),

@@ -98,6 +98,13 @@ class CascadeUNet(nnx.Module):
     remat = None
     scan_blocks = False
     unroll_stacked = False  # run stacked units (unet_stack) as straight-line code: planning's estimate only
+    CONDITION_MAPPERS: tuple = ()  # each stage's conditioning mappers, in the official registration order
+
+    def official_child_order(self) -> tuple:
+        """The official module's registration order of its children (NNX sorts attributes by name): it fixes
+        the order of ``modules()``, hence of the factors in an official LoRA file (``models.lora``)."""
+        return self.CONDITION_MAPPERS + ("embedding", "down_blocks", "down_downscalers", "down_repeat_mappers",
+                                         "up_blocks", "up_upscalers", "up_repeat_mappers", "clf")
 
     def set_remat(self, remat):
         """Recompute each block in the backward pass (see :func:`remat_policy` for the values)."""

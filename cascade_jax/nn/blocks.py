@@ -63,6 +63,10 @@ class ResBlock(nnx.Module):
             h = jnp.concatenate([h, x_skip.astype(h.dtype)], axis=-1)
         return _run_channel_mlp(self.channelwise, h, key) + x
 
+    def official_child_order(self) -> tuple:
+        """The official module's registration order of its children (NNX sorts attributes by name)."""
+        return ("depthwise", "norm", "channelwise")
+
 
 class FeedForwardBlock(nnx.Module):
     def __init__(self, c, dropout=0.0, *, rngs):
@@ -117,6 +121,10 @@ class TimestepBlock(nnx.Module):
             ab = ab + getattr(self, f"mapper_{name}")(chunks[i + 1]).astype(jnp.float32)
         a, b = jnp.split(ab[:, None, None, :], 2, axis=-1)
         return (x.astype(jnp.float32) * (1 + a) + b).astype(x.dtype)
+
+    def official_child_order(self) -> tuple:
+        """The official registration order: ``mapper``, then one mapper per condition in order."""
+        return ("mapper",) + tuple(f"mapper_{c}" for c in self.conds)
 
 
 def r_embedding(r, c_r: int, max_positions: float = 10000.0):

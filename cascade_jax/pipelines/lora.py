@@ -18,9 +18,10 @@ from pathlib import Path
 from flax import nnx
 
 from cascade_jax import storage
-from cascade_jax.models.lora import LoRAWeights, attach_lora, check_strength, merged_model, shallow_copy
+from cascade_jax.models.lora import check_strength, merged_model, shallow_copy
 from cascade_jax.models.lora_tokens import attach_token_rows, resolve_token_ids, token_embedding
 from cascade_jax.weights.lora_files import load_lora
+from cascade_jax.weights.lora_weights import LoRAWeights, attach_lora
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from cascade_jax.diffusion import GDF, apply_cfg
 from cascade_jax.diffusion.consistency import consistency_function, consistency_loss, draw_solver_times, \
     teacher_ddim_step
 from cascade_jax.diffusion.scalers import per_sample, vp_scalers
-from cascade_jax.models.lora import DEFAULT_FILTERS, attach_lora, init_lora, set_enabled, shallow_copy
+from cascade_jax.models.lora import DEFAULT_FILTERS, init_lora, set_enabled, shallow_copy
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.lcm_config import lcm_config
 from cascade_jax.training.lora import NAME, LoRATask
@@ -70,6 +70,7 @@ class LCMTask(LoRATask):
         self.train_tokens = []
         if cfg.lora_checkpoint_path is not None:
             from cascade_jax.weights.lora_files import load_lora
+            from cascade_jax.weights.lora_weights import attach_lora
 
             attach_lora(modules.generator, NAME, load_lora(cfg.lora_checkpoint_path, modules.generator))
         else:

@@ -26,8 +26,7 @@ import numpy as np
 from flax import nnx
 
 from cascade_jax import storage
-from cascade_jax.models.lora import (DEFAULT_FILTERS, LayerFactors, LoRAParam, LoRAWeights, TokenDeltas, attach_lora,
-                                     init_lora, lora_layers)
+from cascade_jax.models.lora import DEFAULT_FILTERS, LayerFactors, LoRAParam, TokenDeltas, init_lora, lora_layers
 from cascade_jax.models.lora_tokens import add_train_tokens, attach_token_rows, init_token_rows, token_deltas, \
     token_embedding
 from cascade_jax.models.unet_stack import unstack_flat
@@ -35,6 +34,7 @@ from cascade_jax.nn.params import official_key
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.stage_c import StageCTask, encode_text
 from cascade_jax.training.task import TrainModules, register_task
+from cascade_jax.weights.lora_weights import LoRAWeights, attach_lora
 
 NAME = "lora"  # the adapter name inside the models
 

@@ -25,8 +25,8 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from cascade_jax.models.lora import (DEFAULT_FILTERS, LayerFactors, LoRAMismatchError, LoRAWeights, TokenDeltas,
-                                     all_targets, check_lora_fits, lora_targets)
+from cascade_jax.models.lora import DEFAULT_FILTERS, LayerFactors, TokenDeltas, all_targets, lora_targets
+from cascade_jax.weights.lora_weights import LoRAMismatchError, LoRAWeights, check_lora_fits
 from cascade_jax.weights.safetensors_io import SafetensorsReader, save_safetensors
 
 METADATA_KEY = "cascade_jax_lora"

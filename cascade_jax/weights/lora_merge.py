@@ -13,7 +13,8 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 
-from cascade_jax.models.lora import adapted_weights, attach_lora, check_strength
+from cascade_jax.models.lora import adapted_weights, check_strength
+from cascade_jax.weights.lora_weights import attach_lora
 from cascade_jax.models.registry import abstract_model, load_config
 from cascade_jax.weights import checkpoint
 from cascade_jax.weights.lora_files import load_lora, model_config_of, save_lora
