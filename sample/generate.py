@@ -17,8 +17,6 @@ Every argument and the input image are checked before any model loads. Earlier r
 kept (new names get a -N suffix) unless --overwrite is given.
 """
 
-from __future__ import annotations
-
 import argparse
 import dataclasses
 import json
