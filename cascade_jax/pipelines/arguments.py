@@ -1,7 +1,7 @@
 """Checks of the pipeline's arguments, each failing with a message that names the argument.
 
-Shared by ``StableCascadePipeline`` and ``sample/generate.py`` (which runs them before loading any
-model, so a bad argument costs a second, not a model load).
+Shared by ``StableCascadePipeline`` and the sampling request (``request.py``: the command line's and
+the app's, checked before any model loads, so a bad argument costs a second, not a model load).
 """
 
 from __future__ import annotations
