@@ -257,7 +257,3 @@ def write_json(path: Path, data: dict):
 
 def log(message: str):
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def fmt_s(value, digits=2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"

@@ -14,11 +14,6 @@ PACKAGE = REPO / "cascade_jax"
 LAYERS = {"storage": 0, "nn": 0, "sharding": 0, "named_weights": 0, "demo": 0, "accelerators": 0,
           "compile_report": 0, "models": 1, "weights": 2, "diffusion": 2, "data": 2, "conditioning": 2,
           "pipelines": 3, "training": 3}
-# Re-exports that keep old import paths working after a move (the target imports nothing above it).
-ALLOWED_UPWARD = {
-    ("cascade_jax.models", "cascade_jax.data.clip_tokenizer"): "cascade_jax.models.CLIPTokenizer, moved to data/",
-    ("cascade_jax.models.clip_tokenizer", "cascade_jax.data.clip_tokenizer"): "old module path of the tokenizer",
-}
 
 
 def modules() -> dict[str, Path]:
@@ -117,7 +112,7 @@ def test_layers_only_import_downward():
             src, dst = LAYERS.get(layer(source)), LAYERS.get(layer(target))
             if layer(target) == "<root>":
                 continue  # `from cascade_jax import load_model`: the root only re-exports
-            if src is not None and dst is not None and dst > src and (source, target) not in ALLOWED_UPWARD:
+            if src is not None and dst is not None and dst > src:
                 upward.append(f"{source} ({layer(source)}) imports {target} ({layer(target)})")
     assert not upward, "imports pointing up a layer:\n" + "\n".join(upward)
 
