@@ -5,7 +5,7 @@ Sections, in order of priority, each writing ``benchmarks/results/<section>.json
   pipeline  lite text-to-image, 20+10 steps: compile, steady state, sampling-loop overhead
   convert   full-size official-format checkpoints -> converted directories: time, peak memory
   train     the library's train step, tiny/lite Stage C and B, remat, cached conditions: steps/s, MFU, memory
-then ``results/summary.md`` (and the marked section of README.md, if it has the markers
+then ``results/summary.md`` (and the marked section of docs/benchmarks.md, if it has the markers
 ``<!-- bench:start -->`` / ``<!-- bench:end -->``).
 
 The whole run keeps to a wall-clock budget (default 19 min on a 2-core machine): every case
@@ -117,7 +117,7 @@ def main(argv=None):
     import report
     summary = report.write_summary(results_dir)
     if not (args.tiny or args.dry_run):
-        report.update_readme(summary)
+        report.update_benchmarks_page(summary)
     log(f"done in {budget.elapsed():.0f}s; results in {results_dir}")
 
 
