@@ -21,10 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-import bridge
 import jax.numpy as jnp
-from bench_forward import draw_inputs, jax_args, jax_forward
-from common import alternate, log, other_cpu_load, skipped, summarize, timed
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import shared_weights  # noqa: E402
+from benchmarks.bench_forward import draw_inputs, jax_args, jax_forward  # noqa: E402
+from benchmarks.harness import alternate, log, other_cpu_load, skipped, summarize, timed  # noqa: E402
 
 CANDIDATE_SIZES = (1024, 768, 512, 384, 256, 192, 128)
 # Building the lite pipeline (~15 s), compiling both sampling loops and two single forwards (XLA:CPU compile
@@ -43,7 +47,7 @@ def build_pipeline(set_name: str, dtype: str = "float32", tokenizer_dir=None):
     from cascade_jax.pipelines.loading import default_tokenizer_dir, pipeline_set
 
     components = pipeline_set(set_name)
-    models = {name: bridge.fast_random_model(*components[name], seed=i, dtype=dtype)
+    models = {name: shared_weights.fast_random_model(*components[name], seed=i, dtype=dtype)
               for i, name in enumerate(("stage_c", "stage_b", "stage_a", "text_encoder"))}
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir or default_tokenizer_dir())
     return StableCascadePipeline(**models, tokenizer=tokenizer), components

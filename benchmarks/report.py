@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from common import REPO_ROOT
+from benchmarks.harness import REPO_ROOT
 
 BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
