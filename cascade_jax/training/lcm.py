@@ -94,6 +94,12 @@ class LCMTask(LoRATask):
         empty = self.tokenizer([""] * len(arrays["input_ids"]))  # the pipeline's unconditional text
         return {**arrays, "uncond_input_ids": empty["input_ids"], "uncond_attention_mask": empty["attention_mask"]}
 
+    def plan_batch(self, cfg: TrainConfig) -> dict:
+        """Stage C's planned batch plus the "" token arrays ``host_batch`` adds (planning, ``--plan``)."""
+        self._check(cfg)
+        specs = StageCTask.plan_batch(self, cfg)
+        return {**specs, "uncond_input_ids": specs["input_ids"], "uncond_attention_mask": specs["attention_mask"]}
+
     def conditions(self, modules, batch):
         return StageCTask.conditions(self, modules, batch)  # all constant: no token deltas here
 
@@ -171,7 +177,7 @@ def main(argv) -> int:
     import sys
 
     from cascade_jax.training import export_run, load_config, train
-    from cascade_jax.training.cli import export_folder, parse_args
+    from cascade_jax.training.cli import export_folder, parse_args, run_plan
     from cascade_jax.training.export_folder import check_export_folder
     from cascade_jax.training.hooks import Hook
 
@@ -179,6 +185,8 @@ def main(argv) -> int:
     if args.distributed:
         jax.distributed.initialize()
     cfg = load_config(args.config, ["stage=c_lcm", *args.overrides])
+    if args.plan is not None:  # shapes only: nothing is read or written
+        return run_plan(cfg, args)
     task = LCMTask()
     if lcm_config(cfg.lcm).student != "lora":
         out = export_folder(args, cfg)
