@@ -164,7 +164,8 @@ def markdown(report: dict, training_grid=(), sampling_grid=()) -> str:
     """The table; every (label, slice) of the grids that has no result yet is a row saying it was not run."""
     num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     training, sampling = in_grid_order(report["training"], training_grid), in_grid_order(report["sampling"], sampling_grid)
-    lines = [f"Compiled {report['date']} with jax {report['jax']} and libtpu {report['libtpu']} on a CPU (no TPU): "
+    lines = [f"Each cell compiled (its date in sizing.json) with jax {report['jax']} and libtpu {report['libtpu']} on a CPU "
+             "(no TPU): "
              "full FSDP over the slice, remat full, AdamW state float32, bf16 compute, the config's image size; "
              "the largest batch per chip that fits with a 10% HBM margin; step time and MFU are the TPU compiler's "
              "estimates, not measurements.", "",
