@@ -83,6 +83,15 @@ def test_every_trainer_traces_its_planned_step(config, overrides):
     assert trainable > 0 and len(traced.jaxpr.eqns) > 0
 
 
+def test_train_c_lcm_plans_instead_of_training(capsys):
+    """train_c_lcm.py has its own CLI: --plan goes to the planner (here a bad slice name, refused before any
+    compile), never to training."""
+    from cascade_jax.training.lcm import main
+
+    assert main(["tiny_c", "--plan", "v5p-15", "dropout=false", "lcm={student: lora, solver_steps: 4}"]) == 2
+    assert "two per chip" in capsys.readouterr().err
+
+
 def test_fit_finds_the_largest_batch_cheapest_remat_and_says_what_fits(monkeypatch):
     """The search logic on a memory model (no compiles): peak = state/fsdp + images x activation(remat)."""
     from cascade_jax.training import plan_fit
