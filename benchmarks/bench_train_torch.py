@@ -19,10 +19,16 @@ every op; one thread shows how much of PyTorch's time that is).
 from __future__ import annotations
 
 import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
-from common import alternate, log, other_cpu_load, ratio, rss_gb, summarize
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import alternate, log, other_cpu_load, ratio, rss_gb, summarize  # noqa: E402
 
 # Small configs of the released architectures (level mix, attention, repeat mappers of Stage B lite), sized so
 # that one update takes a fraction of a second on 2 CPU cores. Dropout 0: both sides are deterministic.
@@ -192,16 +198,17 @@ def torch_runs(model_name: str, unet, batch: dict) -> tuple[dict, dict]:
 # ---- the case ----------------------------------------------------------------------------------------
 
 def run_case(model_name: str, rounds: int = 5, phase_rounds: int = 3) -> dict:
-    import bridge
     import torch
+
+    from benchmarks import shared_weights
 
     spec = SMALL[model_name]
     result = {"label": spec["label"], "model": model_name, "batch": spec["batch"],
               "latent_shape_nhwc": [spec["batch"], *spec["latent"]], "dtype": "float32",
               "torch_threads": torch.get_num_threads(), "load_before": other_cpu_load()}
-    model = bridge.fast_random_model(model_name, spec["config"], seed=0)
-    result["params"] = bridge.param_count(model)
-    unet = bridge.diffusers_unet(model_name, spec["config"], model, share=False)
+    model = shared_weights.fast_random_model(model_name, spec["config"], seed=0)
+    result["params"] = shared_weights.param_count(model)
+    unet = shared_weights.diffusers_unet(model_name, spec["config"], model, share=False)
     batch = draw_batch(model_name, spec["config"], spec["batch"], spec["latent"])
     jax_side, jax_info = jax_runs(model_name, model, batch)
     torch_side, torch_info = torch_runs(model_name, unet, batch)
@@ -276,9 +283,8 @@ def run_train_torch_section(budget, names=("stage_c", "stage_b"), rounds: int = 
 
 if __name__ == "__main__":
     import json
-    import sys
 
-    from common import Budget
+    from benchmarks.harness import Budget
 
     print(json.dumps(run_train_torch_section(Budget(1e9), names=sys.argv[1:] or ("stage_c", "stage_b")), indent=1,
                      default=str))
