@@ -65,7 +65,6 @@ def bench_task(stage: str):
             import bridge
 
             config = self.generator_config(cfg)
-            self.generator_config_used = config
             model = bridge.fast_random_model(self.generator_model, config, seed=cfg.seed, dtype=cfg.param_dtype)
             if cfg.remat:
                 model.set_remat(cfg.remat)

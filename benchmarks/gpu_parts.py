@@ -203,7 +203,7 @@ class State:
         ``train_batches`` that runs; then, time permitting, the same batch without remat."""
         import bench_train as bt
         from cascade_jax.training import build_run
-        from cascade_jax.training.hooks import peak_flops_per_device
+        from cascade_jax.training.metrics_log import peak_flops_per_device
 
         self.models.pop("stage_c", None)  # the inference copy; the cuDNN part rebuilds it
         gc.collect()
