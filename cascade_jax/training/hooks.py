@@ -40,7 +40,8 @@ class StepInfo:
 
 class Hook:
     """``fn(info)`` after every ``every``-th update (never with ``every=0``) and, with ``at_end``, once more when
-    the run completes (its last update, or a resumed run with none left) unless it just ran for that update.
+    ``train()`` returns without an interruption (after its last update, ``stop_after``'s, or at once for a resumed
+    run with none left), unless it just ran for that update.
     Subclasses may override ``due``, ``interrupted`` (Ctrl-C / SIGTERM: ``info`` is the last completed update),
     ``close`` (always, last) and ``start_line`` (a start-up line saying what the hook writes where)."""
 

@@ -205,10 +205,10 @@ def _run_hooks(run: Run, data, checkpointer: TrainCheckpointer, start: int, user
     from cascade_jax.training.samples import make_sample_collage
 
     cfg = run.cfg
-    logging = LoggingHook(cfg, start, data, progress)
+    log_hook = LoggingHook(cfg, start, data, progress)
     meta = {"config": json.loads(json.dumps(cfg.to_dict(), default=str))}
-    hooks = TrainerHooks([logging, CheckpointHook(checkpointer, every=cfg.save_every, meta=meta), *user_hooks.hooks])
-    collage = make_sample_collage(run, cfg, data, logging.logger.add_image)
+    hooks = TrainerHooks([log_hook, CheckpointHook(checkpointer, every=cfg.save_every, meta=meta), *user_hooks.hooks])
+    collage = make_sample_collage(run, cfg, data, log_hook.logger.add_image)
     if collage is not None:
         hooks.add_hook(collage)
     return hooks

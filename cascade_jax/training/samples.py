@@ -336,6 +336,6 @@ def _stage_c_prompts(cfg: TrainConfig, data, count: int) -> tuple[list[str] | No
 
 
 def make_sample_collage(run, cfg: TrainConfig, data=None, log_image=None) -> SampleCollage | None:
-    """The collage hook's function when ``sample_every`` is set, else None. ``data``: the training data
+    """The collage hook when ``sample_every`` is set, else None. ``data``: the training data
     iterator (Stage C prompts with its captions); ``log_image(tag, image, step)``: e.g. TensorBoard's."""
     return SampleCollage(run, cfg, data, log_image) if cfg.sample_every else None
