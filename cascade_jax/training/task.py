@@ -14,6 +14,8 @@ The trainer (``cascade_jax.training.loop``) is generic; a :class:`Task` supplies
 * ``loss(modules, batch, key, loss_state, cfg) -> (loss, LossAux)``: traced inside the jitted
   step on one micro-batch; ``key`` gives the noise levels, noise and dropout;
 * ``export_model(cfg) -> (model name, config)``: how the trained generator is saved.
+* ``exports(cfg)`` / ``output_hooks(cfg)``: what ``train/*.py`` write besides checkpoints: an export folder
+  (by default), and hooks of the task's own products (the LoRA task's ``LoRAFiles``).
 
 A task keeps no state a later call depends on: what a method needs it is given (the config; the run's
 ``stack_layouts`` for the LoRA writer), or it computes again from the config.
