@@ -91,7 +91,6 @@ class ControlNetTask(StageCTask):
 
     def build(self, cfg: TrainConfig) -> TrainModules:
         work = work_dir(cfg)
-        self.control = control_of(cfg)
         frozen = self.build_frozen(cfg, work)
         stage_c = self.frozen_stage_c(cfg, work)
         config = controlnet_config(cfg, self.generator_config(cfg))
@@ -109,7 +108,6 @@ class ControlNetTask(StageCTask):
         stage_c = abstract_model("stage_c", self.generator_config(cfg))
         if cfg.remat:
             stage_c.set_remat(cfg.remat)
-        self.control = control_of(cfg)
         config = controlnet_config(cfg, self.generator_config(cfg))
         frozen = {name: abstract_model(*spec) for name, spec in self.frozen_specs(cfg).items()}
         return TrainModules(generator=abstract_model("controlnet", config), stage_c=stage_c, **frozen)
@@ -153,10 +151,10 @@ class ControlNetTask(StageCTask):
     def host_batch(self, cfg: TrainConfig, batch: dict, rng: np.random.Generator) -> dict:
         arrays = super().host_batch(cfg, batch, rng)
         params = dict(cfg.controlnet_filter_params or {})
-        images = arrays["images"]
-        if self.control == "canny":
+        images, control = arrays["images"], control_of(cfg)
+        if control == "canny":
             arrays["hint"] = hints.canny_hint(images, resize=params.get("resize", 224))
-        elif self.control == "inpainting":
+        elif control == "inpainting":
             arrays["hint"] = hints.inpainting_hint(images, self.inpainting_masks(rng, images, params))
         return arrays
 
@@ -172,7 +170,7 @@ class ControlNetTask(StageCTask):
         return hints.saliency_mask(images, self.saliency_fn, threshold=rng.uniform(low, high), outpaint=outpaint)
 
     def hint(self, modules, batch, cfg: TrainConfig):
-        if self.control != "super_resolution":
+        if control_of(cfg) != "super_resolution":
             return batch["hint"]
         # SREffnetFilter: EfficientNet latents of the nearest-downscaled image, nearest-upsampled back.
         factor = dict(cfg.controlnet_filter_params or {}).get("scale_factor", hints.super_resolution.SCALE_FACTOR)
