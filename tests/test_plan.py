@@ -84,11 +84,12 @@ def test_every_trainer_traces_its_planned_step(config, overrides):
 
 
 def test_train_c_lcm_plans_instead_of_training(capsys):
-    """train_c_lcm.py has its own CLI: --plan goes to the planner (here a bad slice name, refused before any
-    compile), never to training."""
-    from cascade_jax.training.lcm import main
+    """train_c_lcm.py's --plan goes to the planner (here a bad slice name, refused before any compile), never to
+    training."""
+    from cascade_jax.training.cli import main
 
-    assert main(["tiny_c", "--plan", "v5p-15", "dropout=false", "lcm={student: lora, solver_steps: 4}"]) == 2
+    assert main(["tiny_c", "--plan", "v5p-15", "dropout=false", "lcm={student: lora, solver_steps: 4}"],
+                stage="c_lcm") == 2
     assert "two per chip" in capsys.readouterr().err
 
 
