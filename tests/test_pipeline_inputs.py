@@ -193,6 +193,7 @@ def test_a_request_samples_as_the_pipeline_call_and_is_refused_by_flag_name(pipe
                              (dict(seed=(1 << 32) - 1, num_images=2), r"^--seed must be an integer in \[0, 2\*\*32 - 2\]"),
                              (dict(prior={"steps": 0}), "^--prior-steps must be a positive integer"),
                              (dict(decoder={"t_start": 1.5}), "^--decoder-t-start must be"),
+                             (dict(prior={"sampler": "euler"}), "^--prior-sampler: unknown sampler 'euler'"),
                              (dict(decoder={"stepz": 3}), r"unknown decoder setting\(s\) \['stepz'\]"),
                              (dict(height=100), "nearest valid size")]:
         with pytest.raises(ValueError, match=message):

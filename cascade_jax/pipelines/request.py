@@ -32,9 +32,22 @@ TITLES = {"prior": "Stage C", "decoder": "Stage B"}
 METADATA_FIELDS = ("steps", "cfg", "shift", "sampler", "t_start", "cfg_rho", "cfg_std_per_sample")
 
 
-def _flag(name: str, message: str) -> str:
-    """A setting's message with the command-line flag's spelling (t_start -> --prior-t-start)."""
-    return f"--{name}-{message.replace('t_start', 't-start')}"
+def _flag(name: str, message: str, changes: dict) -> str:
+    """A stage setting's message with its command-line flag: "t_start must be ..." -> "--prior-t-start must
+    be ..."; a message that does not start with the setting's name gets it in front ("--prior-sampler: ...")."""
+    for key in STAGE_KEYS:
+        if message.startswith(f"{key} "):
+            return f"--{name}-{key.replace('_', '-')}{message[len(key):]}"
+    bad = [key for key in changes if key in STAGE_KEYS and not _valid(name, key, changes[key])]
+    return f"--{name}-{bad[0].replace('_', '-')}: {message}" if bad else f"--{name}-*: {message}"
+
+
+def _valid(name: str, key: str, value) -> bool:
+    try:
+        OFFICIAL[name].replace(**{key: value})
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def stage_changes(name: str, changes) -> dict:
@@ -47,7 +60,7 @@ def stage_changes(name: str, changes) -> dict:
     try:
         OFFICIAL[name].replace(**changes)
     except (ValueError, TypeError) as e:
-        raise ValueError(_flag(name, str(e))) from None
+        raise ValueError(_flag(name, str(e), changes)) from None
     return changes
 
 
@@ -135,7 +148,8 @@ class CheckedRequest:
             try:
                 out.append(base.replace(**getattr(self.request, name)))
             except ValueError as e:  # a change that only conflicts with these weights' defaults
-                raise ValueError(f"{_flag(name, str(e))} (with these weights' {name} defaults)") from None
+                raise ValueError(f"{_flag(name, str(e), getattr(self.request, name))} (with these weights' {name} "
+                                 "defaults)") from None
         return StageSettings(*out)
 
     def describe(self, settings: StageSettings) -> str:
