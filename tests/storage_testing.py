@@ -157,10 +157,13 @@ class FaultProxy:
                 response = conn.getresponse()
                 data = response.read()
                 self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("transfer-encoding", "content-length", "connection"):
+                for key, value in response.getheaders():  # send_response wrote its own Server and Date
+                    if key.lower() not in ("transfer-encoding", "content-length", "connection", "server", "date"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD answer has no body, and its Content-Length is the object's size (what a client
+                # that asks for it before reading allocates and reads): passed on as it came.
+                length = response.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length)
                 self.end_headers()
                 self.wfile.write(data)
                 conn.close()

@@ -177,8 +177,6 @@ def test_deleted_object_and_corrupt_shard_are_skipped_and_counted(object_stores,
     it.close()
 
 
-@pytest.mark.skip(reason="fails in a fresh `make test` venv (the first read through FaultProxy returns b''; passed in the "
-                         "venv it was written in, so a package-version difference is suspected): issue 34, to be fixed")
 def test_transient_503s_are_retried_and_counted_then_a_stopped_server_is_an_error(object_stores, monkeypatch,
                                                                                  caplog):
     bucket = object_stores.bucket("s3")
