@@ -19,14 +19,13 @@ written next to each result (control_NN_seedS.png).
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS
 from cascade_jax.pipelines.controlnet import (CONTROLS, ControlNetPipeline, ControlSettings, controlled_steps,
                                               output_size, saliency_function)
-from cascade_jax.pipelines.images import image_size, load_grey, load_image
+from cascade_jax.pipelines.images import image_size, load_grey, load_image, local_file
 from cascade_jax.pipelines.outputs import check_output_dir, output_paths, save_images, timing_report
 
 
@@ -87,8 +86,8 @@ def check_inputs(args):
         controlled_steps(args.control, args.prior_steps, args.t_start))
     for name in ("image", "mask", "faces"):  # (--saliency may also be a converted directory: checked at load)
         path = getattr(args, name)
-        if path and not Path(path).is_file():
-            raise ValueError(f"--{name} {path} is not a file")
+        if path:
+            local_file(path, f"--{name} {path}")  # a local file or an object in a bucket (copied once)
     array = getattr(args, "image_array", None)
     image_hw = array.shape[:2] if array is not None else image_size(args.image)  # refuses bombs
     output_size(args.control, tuple(image_hw), args.height, args.width)
@@ -107,7 +106,7 @@ def read_images(args):
 
 
 def read_faces(path):
-    with np.load(path) as data:
+    with np.load(local_file(path, f"--faces {path}")) as data:
         if "boxes" not in data or "embeddings" not in data:
             raise ValueError(f"{path} must hold arrays 'boxes' (N, 4) and 'embeddings' (N, 512), has {data.files}")
         return [data["boxes"]], [data["embeddings"]]

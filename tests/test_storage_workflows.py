@@ -189,3 +189,47 @@ def test_lora_from_a_bucket(object_stores, tiny, tmp_path, monkeypatch):  # noqa
     assert list(applied.layers) == list(layers)
     for key, factors in layers.items():
         assert np.array_equal(lora.layers[key].down, factors.down) and np.array_equal(lora.layers[key].up, factors.up)
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_script", HERE.parent / "sample" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampling_scripts_read_inputs_from_and_write_results_to_buckets(object_stores, tmp_path, monkeypatch, capsys):
+    """generate.py and controlnet.py up to the model (no compile): inputs read from buckets, results named and
+    written in a bucket without replacing earlier ones, and a missing object or bucket refused by name."""
+    from PIL import Image
+
+    from cascade_jax.pipelines.images import load_image
+    from cascade_jax.pipelines.outputs import read_png_metadata, save_images
+    from test_controlnet_hints import photo_like
+
+    monkeypatch.setenv("CASCADE_JAX_CACHE", str(tmp_path / "cache"))
+    s3, gs = object_stores.bucket("s3"), object_stores.bucket("gs")
+    Image.fromarray(photo_like(64, 64)).save(tmp_path / "photo.png")
+    Image.fromarray((photo_like(64, 64)[..., 0] > 128).astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    upload_folder(tmp_path, f"{s3}/in")
+    generate, controlnet = _script("generate"), _script("controlnet")
+    img2img = ["img2img", "--random", "tiny", "--image", f"{s3}/in/photo.png", "--seed", "3"]
+    args = generate.parse_args([*img2img, "--out", f"{gs}/out"])
+    np.testing.assert_array_equal(args.image_array, load_image(tmp_path / "photo.png"))
+    assert args.paths == [f"{gs}/out/img2img_00_seed3.png"]
+    save_images(args.paths, [args.image_array], seeds=[3], metadata={"prompt": "p"})
+    assert read_png_metadata(args.paths[0]) == {"prompt": "p", "seed": "3"}
+    assert generate.parse_args([*img2img, "--out", f"{gs}/out"]).paths == [f"{gs}/out/img2img_00_seed3-1.png"]
+    args = controlnet.parse_args(["--random", "tiny", "--control", "inpainting", "--image", f"{s3}/in/photo.png",
+                                  "--mask", f"{s3}/in/mask.png", "--out", f"{s3}/cn"])
+    assert (args.paths, args.control_paths) == ([f"{s3}/cn/inpainting_00_seed0.png"], [f"{s3}/cn/control_00_seed0.png"])
+    controlnet.read_images(args)
+    assert args.mask_array.shape == (64, 64) and args.image_array.shape == (64, 64, 3)
+    for argv, message in [([*img2img[:4], f"{s3}/in/none.png", "--out", f"{gs}/o"], f"{s3}/in/none.png: no such object"),
+                          ([*img2img, "--out", "gs://no-such-bucket-34/o"], "gs://no-such-bucket-34 does not exist")]:
+        with pytest.raises(SystemExit):
+            generate.parse_args(argv)
+        assert message in capsys.readouterr().err
+    assert not storage.exists(f"{gs}/o")
