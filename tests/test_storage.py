@@ -144,8 +144,8 @@ def test_a_missing_bucket_is_one_clear_message_before_any_work(object_stores, tm
         check_run_paths(config_from_dict(base))
     with pytest.raises(FileNotFoundError, match="gs://no-such-bucket-34 does not exist"):
         check_run_paths(config_from_dict({**base, "data": None, "checkpoint_path": "gs://no-such-bucket-34/c"}))
-    with pytest.raises(ValueError, match=r"checkpoint_path s3://x/ckpt/cascade_jax: Orbax .* gs://"):
-        check_run_paths(config_from_dict({**base, "data": None, "checkpoint_path": "s3://x/ckpt"}))
+    with pytest.raises(ValueError, match=r"checkpoint_path memory://x/ckpt/cascade_jax: Orbax .* gs://, s3://"):
+        check_run_paths(config_from_dict({**base, "data": None, "checkpoint_path": "memory://x/ckpt"}))
     with pytest.raises(FileNotFoundError, match="no such object"):
         check_run_paths(config_from_dict({**base, "data": None, "generator_checkpoint_path": f"{gs}/nothing"}))
 

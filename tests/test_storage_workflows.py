@@ -123,6 +123,38 @@ def test_sigkill_during_a_save_to_a_bucket_resumes_from_the_last_complete_checkp
     assert set(killed_steps) | set(resumed_steps) == set(range(1, 9))  # no update was skipped
 
 
+def test_train_checkpoints_in_s3_commit_restore_and_count_only_committed_steps(object_stores):
+    """Orbax through TensorStore's s3 driver (storage/orbax_s3.py): a step counts once its commit file is written."""
+    import jax
+
+    from cascade_jax.training.checkpointing import TrainCheckpointer
+
+    url = f"{object_stores.bucket('s3')}/ckpt"
+
+    def checkpointer():
+        return TrainCheckpointer(url, save_every=1, keep=2, backup_every=None, use_async=True)
+
+    saver, weights = checkpointer(), np.arange(12, dtype=np.float32).reshape(3, 4)
+    for step in (1, 2, 3):
+        saver.save(step, {"w": weights + step}, {"step": step}, {"run": "s3"})
+    saver.close()
+    assert {"2/commit_success.txt", "3/commit_success.txt"} <= set(storage.listing(url))
+    restorer = checkpointer()
+    try:
+        assert restorer.manager.all_steps() == [2, 3]  # keep=2 removed step 1 from the bucket
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        state, data, meta = restorer.restore(3, {"w": weights}, {"w": sharding})
+    finally:
+        restorer.close()
+    assert np.array_equal(state["w"], weights + 3) and data == {"step": 3} and meta == {"run": "s3"}
+    storage.remove(f"{url}/3/commit_success.txt")  # as a process killed before its save committed leaves it
+    cut = checkpointer()
+    try:
+        assert cut.latest_step() == 2
+    finally:
+        cut.close()
+
+
 def test_convert_into_a_bucket_load_and_export_back(object_stores, tiny, tmp_path, monkeypatch):  # noqa: F811
     sys.path.insert(0, str(HERE.parent / "convert"))
     import convert as convert_script
@@ -140,8 +172,8 @@ def test_convert_into_a_bucket_load_and_export_back(object_stores, tiny, tmp_pat
     assert_same_weights(load_model(f"{gs}/models/stage_a"), model, "stage_a")
     assert convert_script.main([*args, "--output", f"{gs}/models/stage_a"]) == 2  # exists: refused, kept
     assert convert_script.main([*args, "--output", f"{gs}/models/stage_a", "--overwrite"]) == 0
-    assert convert_script.main([*args, "--output", f"{s3}/models/stage_a"]) == 2  # Orbax cannot write s3://
-    assert not storage.exists(f"{s3}/models")
+    assert convert_script.main([*args, "--output", f"{s3}/models/stage_a"]) == 0  # Orbax taught s3:// (orbax_s3)
+    assert_same_weights(load_model(f"{s3}/models/stage_a"), model, "stage_a")
     assert convert_script.main(["--export", "--input", f"{gs}/models/stage_a", "--output", f"{s3}/a.safetensors"]) == 0
     assert storage.read_bytes(f"{s3}/a.safetensors") == (tmp_path / "stage_a.safetensors").read_bytes()
 
