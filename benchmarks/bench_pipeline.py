@@ -24,7 +24,7 @@ from pathlib import Path
 import bridge
 import jax.numpy as jnp
 from bench_forward import draw_inputs, jax_args, jax_forward
-from common import alternate, log, other_cpu_load, skipped, summarize, timed
+from common import alternate, log, other_cpu_load, skipped, summarize, timed, write_text
 
 CANDIDATE_SIZES = (1024, 768, 512, 384, 256, 192, 128)
 # Building the lite pipeline (~15 s), compiling both sampling loops and two single forwards (XLA:CPU compile
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, nargs=2, default=(20, 10))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", type=Path, default=None, help="JSON file (default results/callback_<set>_<size>.json)")
+    p.add_argument("--out", default=None, help="JSON file or bucket URL (default results/callback_<set>_<size>.json)")
     args = p.parse_args(argv)
     from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS
     prior, decoder = PRIOR_DEFAULTS.replace(steps=args.steps[0]), DECODER_DEFAULTS.replace(steps=args.steps[1])
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
               "load_after": other_cpu_load()}
     log(f"callback alone: {1e6 * result['bare_hook']['callback_per_step_s']:.0f} us/step")
     path = args.out or Path(__file__).resolve().parent / "results" / f"callback_{args.set}_{args.size}.json"
-    path.write_text(json.dumps(result, indent=2))
+    write_text(path, json.dumps(result, indent=2))  # (a bucket URL too)
     log(f"wrote {path}")
     return 0
 

@@ -177,7 +177,7 @@ def table(report: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "storage.json")
+    p.add_argument("--out", default=str(RESULTS_DIR / "storage.json"), help="JSON file or bucket URL; .md beside it")
     args = p.parse_args(argv)
     from storage_testing import start_object_stores
 
