@@ -32,6 +32,7 @@ import numpy as np
 
 from app_parts import (ControlNetEntry, Done, Service, Update, check_upload, image_from_editor, mask_from_editor,
                        size_hint)
+from cascade_jax import storage
 from cascade_jax.diffusion.samplers import SAMPLERS
 from cascade_jax.named_weights import lookup
 from cascade_jax.pipelines import StableCascadePipeline
@@ -99,6 +100,14 @@ def load_pipeline(args):
 def find_loras(folder) -> dict:
     if folder is None:
         return {}
+    if storage.is_url(folder):  # a bucket folder: the files are applied from their URLs (copied once)
+        try:
+            found = storage.glob(storage.join(folder, "*.safetensors"))
+        except OSError as e:
+            raise SystemExit(f"error: --lora {folder}: {e}") from None
+        if not found:
+            raise SystemExit(f"error: --lora {folder} holds no LoRA files (*.safetensors)")
+        return {storage.name(url): url for url, _ in found}
     folder = Path(folder)
     if not folder.is_dir():
         raise SystemExit(f"error: --lora {folder} is not a folder of LoRA files")
@@ -324,6 +333,9 @@ def main(argv=None):
         raise SystemExit(f"error: --max-side must be at least {MIN_SIZE} (the smallest image side)")
     gradio()  # a missing extra fails now, not after the models load
     start = time.perf_counter()
+    if args.out and storage.is_url(args.out):
+        raise SystemExit(f"error: --out {args.out}: the app serves its results to the browser from a local folder; "
+                         "name one (generate.py --out takes bucket URLs)")
     pipe, source_argv, label = load_pipeline(args)
     out = Path(args.out or tempfile.mkdtemp(prefix="cascade-app-"))
     out.mkdir(parents=True, exist_ok=True)

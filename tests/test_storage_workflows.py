@@ -275,3 +275,28 @@ def test_benchmark_reports_to_a_bucket(object_stores, monkeypatch):
     write_report(f"{gs}/bench/storage.json", {"images_per_s": 75.0}, "| what | value |")
     assert json.loads(storage.read_text(f"{gs}/bench/storage.json")) == {"images_per_s": 75.0}
     assert storage.read_text(f"{gs}/bench/storage.md") == "| what | value |"
+
+
+def test_config_files_and_an_app_lora_folder_in_a_bucket(object_stores, tmp_path, monkeypatch):
+    import dataclasses
+
+    from cascade_jax.models.registry import load_config as load_model_config
+    from cascade_jax.models.registry import presets_dir
+    from cascade_jax.training import load_config
+    from cascade_jax.training.config import training_configs_dir
+
+    monkeypatch.setenv("CASCADE_JAX_CACHE", str(tmp_path / "cache"))
+    s3 = object_stores.bucket("s3")
+    storage.upload(training_configs_dir() / "tiny_c.yaml", f"{s3}/configs/tiny_c.yaml")
+    storage.upload(presets_dir() / "stage_a.yaml", f"{s3}/configs/stage_a.yaml")
+    assert dataclasses.asdict(load_config(f"{s3}/configs/tiny_c.yaml", ["updates=3"])) == \
+        dataclasses.asdict(load_config("tiny_c", ["updates=3"]))
+    assert load_model_config(f"{s3}/configs/stage_a.yaml") == load_model_config("stage_a")
+    with pytest.raises(FileNotFoundError, match=f"{s3}/configs/none.yaml"):
+        load_config(f"{s3}/configs/none.yaml")
+    monkeypatch.syspath_prepend(str(HERE.parent / "sample"))
+    app = _script("app")
+    storage.write_bytes(f"{s3}/loras/style.safetensors", b"not read here")
+    assert app.find_loras(f"{s3}/loras") == {"style.safetensors": f"{s3}/loras/style.safetensors"}
+    with pytest.raises(SystemExit, match="holds no LoRA files"):
+        app.find_loras(f"{s3}/configs")
