@@ -221,6 +221,12 @@ def test_lora_from_a_bucket(object_stores, tiny, tmp_path, monkeypatch):  # noqa
     assert list(applied.layers) == list(layers)
     for key, factors in layers.items():
         assert np.array_equal(lora.layers[key].down, factors.down) and np.array_equal(lora.layers[key].up, factors.up)
+    from cascade_jax.weights.lora_merge import convert_lora_file  # convert/lora.py convert, bucket to bucket
+
+    convert_lora_file(spec.path, f"{bucket}/loras/style_comfyui.safetensors", "comfyui", model_dir=tiny["stage_c"][3])
+    comfy = load_lora(f"{bucket}/loras/style_comfyui.safetensors", stage_c)
+    assert all(np.allclose(comfy.layers[k].down, f.down) and np.allclose(comfy.layers[k].up, f.up)
+               for k, f in layers.items())
 
 
 def _script(name: str):
