@@ -38,15 +38,15 @@ def read_png_metadata(path) -> dict:
         return dict(image.text)
 
 
-def check_output_dir(out_dir) -> Path:
+def check_output_dir(out_dir) -> Path | str:
     """Prove ``out_dir`` writable now, before any work whose result would be lost, without creating it:
     a run that fails later leaves no empty folder behind (``save_images`` creates it). A bucket URL is
     proved by writing (and deleting) a small probe object there."""
     if storage.is_url(out_dir):
         try:
             storage.check_writable(out_dir, "--out")
-        except OSError as e:
-            raise ValueError(f"--out {out_dir}: {e}") from None
+        except OSError as e:  # names "--out URL" and the cause (no bucket, no permission, unreachable)
+            raise ValueError(str(e)) from None
         return storage.absolute(out_dir)
     out_dir = Path(out_dir)
     existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
