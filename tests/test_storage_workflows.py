@@ -265,7 +265,8 @@ def test_sampling_scripts_read_inputs_from_and_write_results_to_buckets(object_s
     assert (args.paths, args.control_paths) == ([f"{s3}/cn/inpainting_00_seed0.png"], [f"{s3}/cn/control_00_seed0.png"])
     controlnet.read_images(args)
     assert args.mask_array.shape == (64, 64) and args.image_array.shape == (64, 64, 3)
-    for argv, message in [([*img2img[:4], f"{s3}/in/none.png", "--out", f"{gs}/o"], f"{s3}/in/none.png: no such object"),
+    for argv, message in [([*img2img[:4], f"{s3}/in/none.png", "--out", f"{gs}/o"],
+                           f"{s3}/in/none.png: no such object"),
                           ([*img2img, "--out", "gs://no-such-bucket-34/o"], "gs://no-such-bucket-34 does not exist")]:
         with pytest.raises(SystemExit):
             generate.parse_args(argv)
