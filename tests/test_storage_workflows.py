@@ -147,7 +147,15 @@ def test_train_checkpoints_in_s3_commit_restore_and_count_only_committed_steps(o
     finally:
         restorer.close()
     assert np.array_equal(state["w"], weights + 3) and data == {"step": 3} and meta == {"run": "s3"}
-    storage.remove(f"{url}/3/commit_success.txt")  # as a process killed before its save committed leaves it
+    # Step 3 as a process killed before its save committed leaves it, seen by this process after it listed the
+    # folder (as a poller or an earlier run does): the commit file is removed by another client.
+    import fsspec
+
+    from cascade_jax.storage.backends import filesystem
+
+    fs, path = filesystem(url)
+    fs.ls(f"{path}/3")
+    fsspec.filesystem("s3", skip_instance_cache=True).rm(f"{path}/3/commit_success.txt")
     cut = checkpointer()
     try:
         assert cut.latest_step() == 2
