@@ -29,7 +29,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR.parent) not in sys.path:  # run as `python benchmarks/demo_accuracy.py` from anywhere
     sys.path.insert(0, str(BENCH_DIR.parent))
 
-from benchmarks.common import write_text  # noqa: E402
+from benchmarks.harness import write_text  # noqa: E402
 from cascade_jax.data import shapes  # noqa: E402
 
 DEFAULT_OUT = BENCH_DIR / "results" / "demo_accuracy.json"

@@ -25,7 +25,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR.parent) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR.parent))
 
-from benchmarks.common import write_text  # noqa: E402
+from benchmarks.harness import write_text  # noqa: E402
 from benchmarks.demo_accuracy import evaluate_pipeline, sample_split_combos  # noqa: E402
 from cascade_jax.data import shapes  # noqa: E402
 

@@ -30,7 +30,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR.parent) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR.parent))
 
-from benchmarks.common import load_pipeline, write_report  # noqa: E402
+from benchmarks.harness import load_pipeline, write_report  # noqa: E402
 from cascade_jax.data import shapes  # noqa: E402
 
 DEFAULT_OUT = BENCH_DIR / "results" / "demo_probe.json"

@@ -149,10 +149,6 @@ class TrainConfig:
         check_values(self)  # every value check lives there: one place, run before anything is built
 
     @property
-    def micro_batch_size(self) -> int:
-        return self.batch_size // self.grad_accum_steps
-
-    @property
     def use_ema(self) -> bool:
         return self.ema_iters is not None
 
