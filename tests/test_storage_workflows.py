@@ -284,7 +284,7 @@ def test_sampling_scripts_read_inputs_from_and_write_results_to_buckets(object_s
 
 def test_benchmark_reports_to_a_bucket(object_stores, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE.parent))
-    from benchmarks.common import write_report
+    from benchmarks.harness import write_report
 
     gs = object_stores.bucket("gs")
     write_report(f"{gs}/bench/storage.json", {"images_per_s": 75.0}, "| what | value |")
