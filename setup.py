@@ -60,7 +60,9 @@ setup(
             "tensorboardX>=2.6",
             "tqdm",
             # The object-storage tests (the `cloud` extra, and real S3 / GCS APIs served on loopback).
-            "fsspec", "gcsfs", "s3fs", "moto[server]>=5", "gcp-storage-emulator",
+            # s3fs's lower bound: without it pip, reconciling aiobotocore's botocore pin with the newest boto3
+            # that moto pulls in, backtracks to s3fs 0.4.2 (2020, synchronous, a HEAD before every read).
+            "fsspec", "gcsfs", "s3fs>=2024.1", "moto[server]>=5", "gcp-storage-emulator",
             # The app tests (same as the `app` extra); playwright drives Debian's chromium, no browser download.
             "gradio>=6.31,<7", "gradio_client>=2.7,<3", "playwright>=1.65,<2",
             # The planning tests compile for a v5e-4 topology (same as the `tpu` extra).
@@ -85,7 +87,7 @@ setup(
         # --plan TOPOLOGY: libtpu compiles for TPU slices on any machine (no TPU needed); runtime never needs it.
         "tpu": [jax_tpu()],
         # Paths that are gs://, s3:// or other fsspec URLs (cascade_jax/storage); local paths need none of it.
-        "cloud": ["fsspec", "gcsfs", "s3fs"],
+        "cloud": ["fsspec", "gcsfs", "s3fs>=2024.1"],
         # ControlNet hint filters: the canny hint calls cv2.Canny as the official filter does.
         # scipy: the inpainting masks' Gaussian blur (cascade_jax/data/hints/resize.py).
         "controlnet": ["opencv-python-headless", "scipy"],

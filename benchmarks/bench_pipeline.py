@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, nargs=2, default=(20, 10))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", type=Path, default=None, help="JSON file (default results/callback_<set>_<size>.json)")
+    p.add_argument("--out", default=None, help="JSON file or bucket URL (default results/callback_<set>_<size>.json)")
     args = p.parse_args(argv)
     from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS
     prior, decoder = PRIOR_DEFAULTS.replace(steps=args.steps[0]), DECODER_DEFAULTS.replace(steps=args.steps[1])

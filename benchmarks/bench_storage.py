@@ -129,7 +129,7 @@ def bench_startup(work: Path, s3: str, repeats: int) -> dict:
     return out
 
 
-def bench_checkpoint(work: Path, gs: str, repeats: int) -> dict:
+def bench_checkpoint(work: Path, gs: str, s3: str, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -141,7 +141,7 @@ def bench_checkpoint(work: Path, gs: str, repeats: int) -> dict:
     shardings = {k: sharding for k in state}
     steps = iter(range(1, 10**6))
     out = {"state_mib": 64}
-    for name, root in (("disk", str(work / "ckpt")), ("gs", f"{gs}/ckpt")):
+    for name, root in (("disk", str(work / "ckpt")), ("gs", f"{gs}/ckpt"), ("s3", f"{s3}/ckpt")):
         checkpointer = TrainCheckpointer(root, save_every=1, keep=2, backup_every=None, use_async=False)
         saved = []
 
@@ -158,7 +158,7 @@ def bench_checkpoint(work: Path, gs: str, repeats: int) -> dict:
         out[name] = {k: summarize(v) for k, v in alternate({"save": save, "restore": restore}, repeats).items()}
         checkpointer.close()
     for op in ("save", "restore"):
-        log(f"checkpoint {op} (64 MiB): disk {out['disk'][op]['median_s']:.2f} s, gs {out['gs'][op]['median_s']:.2f} s")
+        log(f"checkpoint {op} (64 MiB): " + ", ".join(f"{k} {out[k][op]['median_s']:.2f} s" for k in ("disk", "gs", "s3")))
     return out
 
 
@@ -173,14 +173,14 @@ def table(report: dict) -> str:
                 f"index, {startup['with_index']['median_s']:.2f} with |")
     for op in ("save", "restore"):
         rows.append(f"| checkpoint {op}, 64 MiB, s | {ckpt['disk'][op]['median_s']:.2f} | "
-                    f"{ckpt['gs'][op]['median_s']:.2f} (gs) |")
+                    f"{ckpt['gs'][op]['median_s']:.2f} (gs), {ckpt['s3'][op]['median_s']:.2f} (s3) |")
     return "\n".join(rows) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "storage.json")
+    p.add_argument("--out", default=str(RESULTS_DIR / "storage.json"), help="JSON file or bucket URL; .md beside it")
     args = p.parse_args(argv)
     from storage_testing import start_object_stores
 
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
                       "same process as the reader; interleaved runs, medians",
                       "loader": bench_loader(work, s3, args.repeats),
                       "startup": bench_startup(work, s3, args.repeats),
-                      "checkpoint": bench_checkpoint(work, gs, args.repeats)}
+                      "checkpoint": bench_checkpoint(work, gs, s3, args.repeats)}
         write_report(args.out, report, table(report))
     finally:
         stop()

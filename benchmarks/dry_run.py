@@ -100,13 +100,14 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="the tiny smoke case only")
     p.add_argument("--only", default=None, help="run the cases whose label contains this text")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case (default 1800)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result (default {DEFAULT_OUT}); .md beside it")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"JSON result (default {DEFAULT_OUT}); .md beside it")
     args = p.parse_args(argv)
     import datetime
 
     import jax
 
     from benchmarks.harness import write_text
+    from cascade_jax import storage
 
     cases = []
     chosen = [c for c in (TINY_CASES if args.tiny else CASES) if args.only is None or args.only in c[0]]
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "jax": jax.__version__, "cases": cases}
     write_text(args.out, json.dumps(report, indent=1))
-    write_text(args.out.with_suffix(".md"), markdown(report))
+    write_text(storage.with_suffix(args.out, ".md"), markdown(report))  # (--out may be a bucket URL)
     print(markdown(report))
     return 1 if any("error" in c for c in cases) else 0
 

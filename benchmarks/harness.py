@@ -222,10 +222,15 @@ def to_jsonable(value):
     return value
 
 
-def write_text(path: Path, text: str):
-    """``text`` to ``path`` (its folder made), through a temp sibling: a killed run leaves the old result."""
+def write_text(path, text: str):
+    """``text`` to ``path`` (its folder made), through a temp sibling: a killed run leaves the old result.
+    ``path`` may be a bucket URL (gs://, s3://): one object, published whole."""
+    from cascade_jax import storage
     from cascade_jax.weights import atomic
 
+    if storage.is_url(path):
+        storage.write_text(path, text)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(path, text)
@@ -242,14 +247,17 @@ def load_pipeline(weights: str, dtype: str = "float32"):
         return None
 
 
-def write_report(out: Path, report: dict, table: str):
-    """``report`` as JSON to ``out`` and ``table`` (markdown) beside it as .md; the table is printed."""
+def write_report(out, report: dict, table: str):
+    """``report`` as JSON to ``out`` (a path or bucket URL) and ``table`` (markdown) beside it as .md; the table
+    is printed."""
+    from cascade_jax import storage
+
     write_text(out, json.dumps(report, indent=1))
-    write_text(Path(out).with_suffix(".md"), table)
+    write_text(storage.with_suffix(out, ".md"), table)
     print(table)
 
 
-def write_json(path: Path, data: dict):
+def write_json(path, data: dict):
     write_text(path, json.dumps(to_jsonable(data), indent=1))
 
 

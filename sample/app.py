@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cascade_jax import storage
 from cascade_jax.app.page import build_page, gradio
 from cascade_jax.app.service import Service
 from cascade_jax.app.startup import APP_CONTROLS, build_controlnets, find_loras, load_pipeline
@@ -76,6 +77,9 @@ def main(argv=None):
         raise SystemExit(f"error: --max-side must be at least {MIN_SIZE} (the smallest image side)")
     gradio()  # a missing extra fails now, not after the models load
     start = time.perf_counter()
+    if args.out and storage.is_url(args.out):
+        raise SystemExit(f"error: --out {args.out}: the app serves its results to the browser from a local folder; "
+                         "name one (generate.py --out takes bucket URLs)")
     try:
         pipe, label, dtype = load_pipeline(args.weights, args.random, lite=args.lite, dtype=args.dtype)
         loras = find_loras(args.lora)

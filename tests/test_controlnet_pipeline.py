@@ -141,7 +141,7 @@ def test_script_refuses_bad_arguments_before_loading(tmp_path, capsys):
                           (["--control", "identity"], "identity needs --faces"),
                           (["--control", "canny", "--t-start", "0"], "--t-start must be in (0, 1]"),
                           (["--control", "canny", "--control-start", "-1"], "control start must be a step index"),
-                          (["--control", "canny", "--image", tmp_path / "none.png"], "is not a file"),
+                          (["--control", "canny", "--image", tmp_path / "none.png"], "no such file"),
                           (["--control", "canny", "--image", tmp_path / "bomb.png"], "possible decompression bomb"),
                           (["--control", "canny", "--image", tmp_path / "huge.png"],
                            "height=9000 is not supported: sides must be multiples of 8 between 64 and 8192; the "

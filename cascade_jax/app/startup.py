@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cascade_jax import storage
 from cascade_jax.app.service import ControlNetEntry
 from cascade_jax.pipelines import StableCascadePipeline
 from cascade_jax.pipelines.sources import default_dtype
@@ -31,9 +32,17 @@ def load_pipeline(weights: str | None, random: str | None, *, lite: bool = False
 
 
 def find_loras(folder) -> dict:
-    """{file name: path} of the LoRA files in ``folder`` (None: none)."""
+    """{file name: path or URL} of the LoRA files in ``folder`` (a local or bucket folder; None: none)."""
     if folder is None:
         return {}
+    if storage.is_url(folder):  # a bucket folder: the files are applied from their URLs (copied once)
+        try:
+            found = storage.glob(storage.join(folder, "*.safetensors"))
+        except OSError as e:
+            raise ValueError(f"--lora {folder}: {e}") from None
+        if not found:
+            raise ValueError(f"--lora {folder} holds no LoRA files (*.safetensors)")
+        return {storage.name(url): url for url, _ in found}
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"--lora {folder} is not a folder of LoRA files")

@@ -11,6 +11,7 @@ import jax
 import yaml
 from flax import nnx
 
+from cascade_jax import storage
 from cascade_jax.models.config_check import check_config
 from cascade_jax.models.config_yaml import load_yaml
 
@@ -80,9 +81,10 @@ def list_presets() -> list[str]:
 def load_config(preset_or_file: str) -> tuple[str | None, dict]:
     """``(model name or None, constructor kwargs)`` from a preset name or a YAML/JSON file.
 
-    A preset/file is either ``{model: NAME, config: {...}}`` or the bare constructor kwargs.
+    A preset/file is either ``{model: NAME, config: {...}}`` or the bare constructor kwargs; a file may be
+    a bucket URL (read from a cached local copy).
     """
-    path = Path(preset_or_file)
+    path = storage.local_copy(preset_or_file) if storage.is_url(preset_or_file) else Path(preset_or_file)
     if not path.exists():
         path = presets_dir() / f"{preset_or_file}.yaml"
         if not path.exists():

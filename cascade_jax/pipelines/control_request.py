@@ -10,13 +10,12 @@ reads an image's size from its header (refusing decompression bombs).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 
 from cascade_jax.pipelines.controlnet import ControlSettings, controlled_steps, output_size, saliency_function
 from cascade_jax.pipelines.defaults import DECODER_DEFAULTS, PRIOR_DEFAULTS
-from cascade_jax.pipelines.images import image_size, load_grey, load_image
+from cascade_jax.pipelines.images import image_size, load_grey, load_image, local_file
 from cascade_jax.pipelines.request import StageSettings
 
 OFFICIAL_CFG = 4.0  # Stage C guidance with a control; super-resolution runs without (the official notebook)
@@ -79,8 +78,8 @@ class ControlNetRequest:
         self.control_settings.check(controlled_steps(self.control, self.prior_steps, self.t_start))
         for name in ("image", "mask", "faces"):  # (--saliency may also be a converted directory: checked at load)
             path = getattr(self, name)
-            if path and not Path(path).is_file():
-                raise ValueError(f"--{name} {path} is not a file")
+            if path:
+                local_file(path, f"--{name} {path}")  # a local file or an object in a bucket (copied once)
         if self.image_array is None and not self.image:
             raise ValueError("a ControlNet request needs a control image (--image)")
         image_hw = self.image_array.shape[:2] if self.image_array is not None else image_size(self.image)
@@ -120,7 +119,7 @@ class ControlNetRequest:
 
 def read_faces(path):
     """(boxes, embeddings) of an identity request's .npz, as one image's lists."""
-    with np.load(path) as data:
+    with np.load(local_file(path, f"--faces {path}")) as data:
         if "boxes" not in data or "embeddings" not in data:
             raise ValueError(f"{path} must hold arrays 'boxes' (N, 4) and 'embeddings' (N, 512), has {data.files}")
         return [data["boxes"]], [data["embeddings"]]

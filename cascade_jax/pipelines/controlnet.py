@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from cascade_jax import storage
 from cascade_jax.data import hints
 from cascade_jax.models.controlnet import ControlNet
 from cascade_jax.models.lora import check_strength
@@ -187,13 +188,12 @@ def load_controlnet(source, control: str, dtype: str = "bfloat16") -> ControlNet
     from cascade_jax.weights.checkpoint import load_model
     from cascade_jax.weights.convert import convert_checkpoint
 
-    source = Path(source)
-    if source.is_dir():
+    if storage.isdir(source):  # a local folder or a prefix in a bucket
         return load_model(source, dtype=dtype)
-    if not source.is_file():
+    if not storage.isfile(source):
         raise FileNotFoundError(f"ControlNet weights {source} not found: pass a converted directory or the official "
                                 f"{control}.safetensors")
-    with tempfile.TemporaryDirectory(prefix="controlnet-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="controlnet-") as tmp:  # (a file in a bucket is read from a copy)
         out = convert_checkpoint("controlnet", PRESETS[control], source, Path(tmp) / "controlnet", dtype=dtype)
         return load_model(out, dtype=dtype)
 
@@ -204,10 +204,9 @@ def saliency_function(source, dtype: str = "float32"):
     from cascade_jax.weights.checkpoint import load_model
     from cascade_jax.weights.convert import convert_checkpoint
 
-    source = Path(source)
-    if source.is_dir():
+    if storage.isdir(source):  # a local folder or a prefix in a bucket
         model = load_model(source, dtype=dtype)
-    elif source.is_file():
+    elif storage.isfile(source):
         with tempfile.TemporaryDirectory(prefix="saliency-") as tmp:
             model = load_model(convert_checkpoint("saliency", "saliency", source, Path(tmp) / "saliency"), dtype=dtype)
     else:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cascade_jax import storage
 from cascade_jax.data.clip_preprocess import preprocess_images
 from cascade_jax.pipelines.sizes import SIZE_MULTIPLE
 
@@ -75,15 +76,31 @@ def check_pixels(width: int, height: int, name, max_pixels: int | None = None):
                          "it); resize it first")
 
 
+def local_file(path, name) -> Path:
+    """A local file to read for the input ``path``: itself, or for an object in a bucket (``gs://``,
+    ``s3://``) a cached local copy (fetched again only when the object changes); ``ValueError`` naming
+    ``name`` when it is missing or a folder."""
+    if storage.is_url(path):
+        try:
+            if storage.isfile(path):
+                return storage.local_copy(path)
+            problem = "is a folder" if storage.isdir(path) else "no such object"
+        except OSError as e:  # a missing bucket, no permission, retries used up: the storage layer says which
+            raise ValueError(f"{name}: {e}") from None
+        raise ValueError(f"{name}: {problem}")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{name}: {'is a folder' if path.is_dir() else 'no such file'}")
+    return path
+
+
 @contextlib.contextmanager
 def open_checked(source, name=None, max_pixels: int | None = None):
-    """``Image.open`` of a path (or bytes / a file object) with its size checked from the header, before
+    """``Image.open`` of a path or URL (or bytes / a file object) with its size checked from the header, before
     any pixel is decoded; every failure is one ``ValueError`` naming ``name`` (default: the path)."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        name = name or f"image file {path}"
-        if not path.is_file():
-            raise ValueError(f"{name}: {'is a folder' if path.is_dir() else 'no such file'}")
+        name = name or f"image file {source}"
+        source = local_file(source, name)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
     name = name or "the image"

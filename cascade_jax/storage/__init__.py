@@ -9,7 +9,8 @@ functions where they used ``os``/``open``/``Path`` for a path that may be remote
   appears whole or not at all), ``upload``, ``remove``;
 * ``staging``: ``local_copy`` / ``mirror`` for readers that need local files; ``cache_root``;
 * ``blocks``: ``RangeReader`` (header scans) and ``BlockCache`` (streaming with read-ahead);
-* ``checks``: ``check_readable`` / ``check_writable`` before any long work; ``orbax_path`` for checkpoints;
+* ``checks``: ``check_readable`` / ``check_writable`` before any long work; ``orbax_path`` for checkpoints
+  (``gs://`` natively, ``s3://`` once ``orbax_s3`` has taught Orbax TensorStore's s3 driver);
 * ``faults``: retries with backoff (counted: ``fault_counts``), one clear message per permanent fault.
 
 fsspec and the cloud filesystems (gcsfs, s3fs) come with the ``cloud`` extra and are imported only when

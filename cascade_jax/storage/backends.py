@@ -52,7 +52,10 @@ def configure() -> None:
         fsspec = require_fsspec()
         s3, emulator = state
         # botocore would retry inside a call where nobody counts: s3fs and faults.retrying do, counted.
-        s3_options = {"config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}}}
+        # No listings cache: objects appear by other writers (TensorStore, other hosts, a killed trainer), and
+        # a cached listing of a step folder would hide its commit file from Orbax (a resume found no step).
+        s3_options = {"config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}},
+                      "use_listings_cache": False}
         if s3:
             s3_options["client_kwargs"] = {"endpoint_url": s3}
         fsspec.config.conf["s3"] = {**fsspec.config.conf.get("s3", {}), **s3_options}

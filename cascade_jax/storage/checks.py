@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import socket
 
-from cascade_jax.storage import backends, files
+from cascade_jax.storage import backends, files, orbax_s3
 from cascade_jax.storage.urls import is_url, join, scheme
 
 # Orbax writes and reads its checkpoints through TensorStore, whose kvstore Orbax builds natively for
-# gs:// (and local paths) only; an s3:// checkpoint would fail deep inside a save.
-ORBAX_SCHEMES = ("gs",)
+# gs:// (and local paths) only; s3:// once orbax_s3 has taught it. Any other scheme would fail deep inside a save.
+ORBAX_SCHEMES = ("gs", "s3")
 
 
 def check_readable(path, what: str = "input") -> None:
@@ -47,9 +47,10 @@ def orbax_path(path, what: str = "checkpoint folder") -> str:
     endpoint; other URLs are refused now with what works instead."""
     if not is_url(path):
         return os.path.abspath(os.path.expanduser(str(path)))
-    if scheme(path) not in ORBAX_SCHEMES:
+    supported = [s for s in ORBAX_SCHEMES if s != "s3" or orbax_s3.install()]
+    if scheme(path) not in supported:
         raise ValueError(f"{what} {path}: Orbax checkpoints (train checkpoints, converted weight folders) go to "
-                         f"local paths or {', '.join(s + '://' for s in ORBAX_SCHEMES)} URLs, which it writes through "
+                         f"local paths or {', '.join(s + '://' for s in supported)} URLs, which it writes through "
                          f"TensorStore with its commit protocol; {scheme(path)}:// is not one. Use a gs:// bucket, a "
                          f"local folder, or a mounted bucket (e.g. mountpoint-s3) as a local path")
     backends.configure()

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from cascade_jax import storage
 from cascade_jax.data.config import DataConfig
 from cascade_jax.data.config_values import coerce_dataclass_fields, coerce_mapping, list_fields
 from cascade_jax.models.config_yaml import load_yaml
@@ -194,8 +195,10 @@ LIST_KEYS = frozenset(list_fields(TrainConfig) + [f"data.{name}" for name in lis
 
 
 def load_config(path_or_name, overrides=()) -> TrainConfig:
-    """A config from a YAML file or the name of one in ``configs/training/``, with ``key=value`` overrides."""
-    path = Path(path_or_name)
+    """A config from a YAML file (a path or bucket URL) or the name of one in ``configs/training/``, with
+    ``key=value`` overrides."""
+    # A config in a bucket is read from a cached local copy (a missing object: FileNotFoundError naming the URL).
+    path = storage.local_copy(path_or_name) if storage.is_url(path_or_name) else Path(path_or_name)
     if not path.is_file():
         path = training_configs_dir() / f"{path_or_name}.yaml"
         if not path.is_file():

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from cascade_jax import storage
 from cascade_jax.weights.checkpoint import load_model, read_meta
 from cascade_jax.weights.sources import safetensors_files
 
@@ -158,6 +159,9 @@ def verify(model_dir, torch_target: str, *, torch_path=None, checkpoint=None, to
     meta = read_meta(model_dir)
     cls = import_class(torch_target, torch_path)
     checkpoint = checkpoint or meta["source"]["path"]
+    # PyTorch reads local files: a checkpoint (file or folder) or config in a bucket from a cached local copy.
+    checkpoint = storage.local_copy(checkpoint) if storage.is_url(checkpoint) else checkpoint
+    torch_config = storage.local_copy(torch_config) if torch_config and storage.is_url(torch_config) else torch_config
     torch_model, torch = build_torch_model(cls, meta, checkpoint, torch_config)
     jax_model = load_model(model_dir, dtype="float32")
     scale = getattr(torch_model, "scale_factor", None) or getattr(getattr(torch_model, "config", None), "scale_factor", 1.0)
