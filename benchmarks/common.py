@@ -226,7 +226,7 @@ def to_jsonable(value):
 
 def write_text(path: Path, text: str):
     """``text`` to ``path`` (its folder made), through a temp sibling: a killed run leaves the old result."""
-    from cascade_jax.weights import atomic
+    from cascade_jax.storage import atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ if str(BENCH_DIR.parent) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR.parent))
 
 from cascade_jax.data import shapes  # noqa: E402
-from cascade_jax.weights import atomic  # noqa: E402
+from cascade_jax.storage import atomic  # noqa: E402
 
 SIZE, TEXT_W, VERDICT_H = 128, 330, 14
 

@@ -183,7 +183,7 @@ def write_folder(folder, n: int, seed: int, size: int = 128, split: str = "train
         raise ValueError(f"n must be >= 1 to write a dataset, got {n}")
     _check_replaceable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # Not weights.atomic: data importing weights would close an import cycle (weights -> models -> data).
+    # Not storage.atomic: data importing weights would close an import cycle (weights -> models -> data).
     # A failure or Ctrl-C removes the partial output; only a killed process leaves a .NAME.tmp-* sibling.
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))

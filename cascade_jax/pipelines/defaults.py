@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from cascade_jax.diffusion import STAGE_B_DEFAULTS, STAGE_C_DEFAULTS, SamplerSettings
-from cascade_jax.weights import atomic
+from cascade_jax.storage import atomic
 
 PRIOR_DEFAULTS = STAGE_C_DEFAULTS.replace(cfg_std_per_sample=True)
 DECODER_DEFAULTS = STAGE_B_DEFAULTS.replace(cfg_std_per_sample=True)

@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from cascade_jax.storage import atomic
+
 
 def save_png(path, image: np.ndarray, metadata: dict):
     """Write ``image`` (H, W, 3 uint8) atomically with ``metadata`` as PNG text chunks (JSON values)."""
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
 
 
 def read_png_metadata(path) -> dict:

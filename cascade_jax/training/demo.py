@@ -39,7 +39,8 @@ from cascade_jax.models.random_init import random_model
 from cascade_jax.nn.params import named_variables
 from cascade_jax.pipelines.defaults import write_sampling_defaults
 from cascade_jax.pipelines.loading import pipeline_set
-from cascade_jax.weights import atomic, checkpoint
+from cascade_jax.storage import atomic
+from cascade_jax.weights import checkpoint
 from cascade_jax.weights.checkpoint import META_FILE
 
 ENCODERS = ("text_encoder", "image_encoder", "effnet")

@@ -22,7 +22,7 @@ from pathlib import Path
 from cascade_jax import demo
 from cascade_jax.data import shapes
 from cascade_jax.pipelines.defaults import write_sampling_defaults
-from cascade_jax.weights import atomic
+from cascade_jax.storage import atomic
 
 CONFIG = "demo_lcm"
 # demo-lcm's defaults: Stage C with the LCM sampler in 4 steps and no guidance (distilled into the LoRA: an
