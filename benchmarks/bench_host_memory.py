@@ -36,7 +36,7 @@ def child(spec: dict) -> dict:
     """One variant: ``spec`` = {work, name, updates, cpu}; returns the trainer's logged rates and losses."""
     os.sched_setaffinity(0, {spec["cpu"]})  # before JAX starts its thread pools
     from cascade_jax.training import load_config, train
-    from cascade_jax.training.demo import stage_overrides
+    from cascade_jax.demo.recipe import stage_overrides
 
     work, name = Path(spec["work"]), spec["name"]
     cfg = load_config("demo_b", stage_overrides(work, "stage_b", 1.0, {}) + [
@@ -52,8 +52,8 @@ def child(spec: dict) -> dict:
 def prepare(work: Path, images: int):
     """The layout ``stage_overrides`` reads, from the shipped demo weights and freshly generated images."""
     from cascade_jax import demo
-    from cascade_jax.data import shapes
-    from cascade_jax.training.demo import ENCODERS
+    from cascade_jax.demo import shapes
+    from cascade_jax.demo.recipe import ENCODERS
 
     shapes.write_folder(work / "data", images, 0, size=demo.IMAGE_SIZE)
     (work / "encoders").mkdir()

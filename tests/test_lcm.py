@@ -207,7 +207,7 @@ LCM_PROMPTS_PER_SPLIT = 12
 LCM_LOWER_BOUNDS = {"colour": 0.7, "shape": 0.65, "background": 0.75, "position": 0.6}
 LCM_SCRIPT = """
 import json, sys
-from cascade_jax.data import shapes
+from cascade_jax.demo import shapes
 from cascade_jax.pipelines import StableCascadePipeline
 splits = {split: [shapes.Combo(*c) for c in combos] for split, combos in json.loads(sys.argv[1]).items()}
 truth = [c for combos in splits.values() for c in combos for _ in range(2)]
@@ -232,8 +232,8 @@ def test_demo_lcm_draws_what_the_prompt_says_in_few_steps():
     from helpers import REPO
 
     from cascade_jax import demo
-    from cascade_jax.data import shapes
-    from cascade_jax.training.demo_lcm import SAMPLING
+    from cascade_jax.demo import shapes
+    from cascade_jax.demo.lcm_recipe import SAMPLING
 
     assert (demo.LCM_DIR / demo.LCM_LORA_FILE).is_file(), f"demo-lcm is missing from {demo.LCM_DIR}"
     chosen = {}

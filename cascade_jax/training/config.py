@@ -76,9 +76,6 @@ class TrainConfig:
     # Stage B: latent sides that get pyramid-noise octaves (official [1, 16] for 256x256 latents, where the
     # white noise keeps ~82% of the variance; a 32x32 latent needs ~[1, 2] for the same); null: plain Gaussian
     pyramid_noise_sizes: tuple[int, ...] | None = (1, 16)
-    # Previewer: also train the EfficientNet encoder (an autoencoder whose decoder is the Previewer),
-    # for a new domain where no pretrained encoder exists (the demo cascade)
-    train_effnet: bool = False
     tokenizer_path: str | None = None  # CLIP tokenizer folder; default: the text model's folder, else the released BPE
     # ControlNet (official train_c_controlnet.py; see cascade_jax.training.controlnet)
     controlnet_blocks: tuple[int, ...] | None = None  # Stage C ResBlock indices that get a residual
@@ -128,14 +125,10 @@ class TrainConfig:
     # Stage A / Previewer (reconstruction losses; cascade_jax.training.stage_a / previewer)
     vq_beta: float = 0.25  # Stage A commitment-loss weight (VQ-VAE's beta; the official StageA uses 0.25)
     l1_weight: float = 0.0  # weight of an extra mean-absolute reconstruction error
-    # Pixels farther than 0.15 (in [0, 1] RGB) from their image's median colour weigh this much in the optimised
-    # loss (1: the plain MSE): the reconstruction error of Stage A / the Previewer, and the denoising error of
-    # Stage B / C per latent position (the mean weight of its pixels). Small objects on a flat background are
-    # otherwise a few percent of the loss. Logged losses stay the plain MSE.
-    object_loss_weight: float = 1.0
-    # Pixels within 2 of the object's outline (losses.outline) weigh this much instead (1: no change), where
-    # shapes of one box differ: in Stage B / C's denoising error, normalised as object_loss_weight's weights.
-    edge_loss_weight: float = 1.0
+    # A per-pixel loss-weight plug-in ({function: "module:name", ...its keyword arguments}; None: every pixel
+    # weighs 1): the reconstruction error of Stage A / the Previewer and the denoising error of Stage B / C
+    # (cascade_jax.training.pixel_weights). Logged losses stay the plain MSE.
+    pixel_weights: dict | None = None
 
     def __post_init__(self):
         coerce_dataclass_fields(self)  # first: the checks below compare numbers, not the text a user typed
@@ -145,6 +138,10 @@ class TrainConfig:
             from cascade_jax.training.lcm_config import lcm_config
 
             lcm_config(self.lcm)  # refused by name at load, before any model is built
+        if self.pixel_weights is not None:
+            from cascade_jax.training.pixel_weights import check_pixel_weights
+
+            check_pixel_weights(self.pixel_weights)
         check_values(self)  # every value check lives there: one place, run before anything is built
 
     @property

@@ -23,6 +23,7 @@ path filter on ``controlnet``); register it with :func:`register_task` under a `
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -50,8 +51,19 @@ def register_task(stage: str, factory: Callable[[], "Task"]):
 
 
 def get_task(stage: str) -> "Task":
+    """The task of ``stage``: a registered name, or a project's own Task class by its import path
+    (``stage: package.module:ClassName``; imported here, when a run starts, by whichever process runs it)."""
+    if stage not in TASKS and isinstance(stage, str) and stage.count(":") == 1:
+        module_name, name = stage.split(":")
+        try:
+            TASKS[stage] = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"stage {stage!r} cannot be imported ({err}); name a Task class as "
+                             "package.module:ClassName, or one of the registered tasks: "
+                             f"{sorted(k for k in TASKS if ':' not in k)}") from None
     if stage not in TASKS:
-        raise ValueError(f"unknown training stage {stage!r}; registered tasks: {sorted(TASKS)}")
+        raise ValueError(f"unknown training stage {stage!r}; registered tasks: {sorted(TASKS)}, or a Task class "
+                         "as package.module:ClassName")
     return TASKS[stage]()
 
 

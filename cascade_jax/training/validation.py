@@ -108,8 +108,6 @@ def _check_numbers(cfg):
     _number(cfg, "offset_noise", 0, optional=True, what="the std of the per-channel offset noise")
     _number(cfg, "vq_beta", 0, what="the VQ commitment weight")
     _number(cfg, "l1_weight", 0, what="the weight of the L1 reconstruction term")
-    _number(cfg, "object_loss_weight", 1, what="1 is the plain MSE")
-    _number(cfg, "edge_loss_weight", 1, what="1 adds no outline weight")
     _number(cfg, "peak_flops", 0, low_open=True, optional=True, what="per-device peak FLOP/s for the MFU")
 
 
@@ -240,10 +238,9 @@ def _check_contradictions(cfg):
     if (cfg.ema_start_iters is None) != (cfg.ema_iters is None) or \
             (cfg.ema_iters is not None and cfg.ema_beta is None):
         raise ConfigError("EMA needs all of ema_start_iters, ema_iters and ema_beta (or none of them)")
-    for name in ("object_loss_weight", "edge_loss_weight"):
-        if getattr(cfg, name) != 1 and cfg.cached_conditions:
-            raise ConfigError(f"{name}={getattr(cfg, name)} needs the images, which cached_conditions batches "
-                              f"do not carry: set {name}: 1 or cached_conditions: false")
+    if cfg.pixel_weights is not None and cfg.cached_conditions:
+        raise ConfigError("pixel_weights needs the images, which cached_conditions batches do not carry: remove "
+                          "pixel_weights or set cached_conditions: false")
     prompts = cfg.sample_prompts
     if prompts is not None and (not isinstance(prompts, (list, tuple)) or not prompts
                                 or not all(isinstance(p, str) for p in prompts)):
