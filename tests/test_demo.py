@@ -202,3 +202,13 @@ def test_the_spawned_trainers_start_with_huge_pages_and_the_parent_keeps_its_env
         recipe.train_all(tmp_path, 1.0, parallel=True, log=print)
         assert parallel.os.environ.get("GLIBC_TUNABLES") == before
     assert seen == ["glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"]
+
+
+def test_a_task_named_by_import_path_is_the_demos_encoder_task():
+    from cascade_jax.demo.encoder_task import EncoderPreviewerTask
+    from cascade_jax.training import load_config
+    from cascade_jax.training.task import get_task
+
+    assert type(get_task(load_config("demo_effnet").stage)) is EncoderPreviewerTask
+    with pytest.raises(ValueError, match="cannot be imported"):
+        get_task("cascade_jax.demo.encoder_task:NoSuchTask")

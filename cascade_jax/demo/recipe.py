@@ -56,7 +56,7 @@ TOKENIZER_MAX_LENGTH = 24  # the longest caption is 13 tokens with <|startoftext
 # Rechecked with Stage B attending at 8x8 (all 126 seen combinations x 2): official -> guidance 3, colour
 # 0.948 -> 0.960, position 0.810 -> 0.881; and on the larger objects (30-38% of the side), seen colour
 # 0.992 -> 1.0, position 0.857 -> 0.909.
-# With the outline weight (edge_loss_weight), a weaker guidance draws the shapes better (at 3 the latents' blob
+# With the outline weight (pixel_weights' edge_weight), a weaker guidance draws the shapes better (at 3 the latents' blob
 # outweighs the caption's shape word) and a stronger one the colour and place. On the seen combinations (126 x 2)
 # of the 7,000-update Stage B, guidance 1.5 / 1.75 / 2 / 2.25 / 3 gave shape 0.917 / 0.873 / 0.873 / 0.829 /
 # 0.774 and colour 0.964 / 0.972 / 0.972 / 0.976 / 0.976, all meeting issue 13's goals from 1.5 to 2.25; 1.75

@@ -52,7 +52,7 @@ class PreviewerTask(ReconstructionTask):
         generator = modules.generator
         preview = generator(self.latents(modules, images).astype(param_dtype(generator)))
         target = resize_to(images, preview.shape[1:3])
-        mse, total = reconstruction_loss(preview, target, cfg.l1_weight, image_weights(cfg.pixel_weights, target))
+        mse, total = reconstruction_loss(preview, target, cfg.reconstruction.l1_weight, image_weights(cfg.pixel_weights, target))
         return jnp.mean(total), LossAux(mse)
 
 

@@ -109,8 +109,8 @@ class StageATask(ReconstructionTask):
     def loss(self, modules, batch, key, loss_state, cfg: TrainConfig):
         generator = modules.generator
         images = losses.images_to_unit(batch["images"])
-        out = stage_a_forward(generator, images.astype(param_dtype(generator)), cfg.vq_beta)
-        mse, total = reconstruction_loss(out.reconstruction, images, cfg.l1_weight,
+        out = stage_a_forward(generator, images.astype(param_dtype(generator)), cfg.reconstruction.vq_beta)
+        mse, total = reconstruction_loss(out.reconstruction, images, cfg.reconstruction.l1_weight,
                                          image_weights(cfg.pixel_weights, images))
         return jnp.mean(total) + out.vq_loss.astype(jnp.float32), LossAux(mse)
 

@@ -84,7 +84,7 @@ class StageCTask(Task):
         sources = super().frozen_sources(cfg, work_dir)
         if self.previewer_named(cfg):
             model, preset, path_key = self.optional_frozen["previewer"]
-            path = getattr(cfg, path_key)
+            path = cfg.get(path_key)
             if path is not None and not storage.exists(path):
                 if not self.wanted_previewer(cfg):
                     return sources  # named for collages that are off: nothing to preview with or export

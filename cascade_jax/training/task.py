@@ -172,7 +172,7 @@ class Task:
         also for a run that does not build them (``cached_conditions``): what an export copies."""
         sources = {}
         for attr, (model, preset, path_key) in self.frozen.items():
-            path = getattr(cfg, path_key)
+            path = cfg.get(path_key)
             # Official CLIP keys name Hugging Face repositories; only local paths are read here.
             path = path if path is not None and storage.exists(path) else None
             sources[attr] = frozen_source(model, cfg, path, attr, work_dir, preset=preset)
