@@ -115,7 +115,7 @@ def test_write_folder_replaces_its_own_folder_and_refuses_a_foreign_one(tmp_path
             raise KeyboardInterrupt  # as Ctrl-C in the middle of writing
         return real_render(*args)
 
-    monkeypatch.setattr(S, "render", failing_render)
+    monkeypatch.setattr(S.images, "render", failing_render)  # what write_folder calls
     with pytest.raises(KeyboardInterrupt):
         S.write_folder(folder, 5, seed=9, size=32)
     with pytest.raises(KeyboardInterrupt):

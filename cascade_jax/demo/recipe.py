@@ -48,20 +48,9 @@ ENCODERS = ("text_encoder", "image_encoder", "effnet")
 TRAINED = {"stage_a": "demo_a", "stage_b": "demo_b", "stage_c": "demo_c", "previewer": "demo_previewer"}
 CALIBRATION_IMAGES = 256
 TOKENIZER_MAX_LENGTH = 24  # the longest caption is 13 tokens with <|startoftext|> and <|endoftext|>
-# The shipped cascade's sampling.json: changes to the official sampler settings, chosen on seen combinations
-# (cascade_jax/demo/evaluate/accuracy.py, 80 images): before the outline weight, the tiny Stage B followed its latents'
-# colour and place better with guidance 3 than 1.1, and when its first step is at t 0.9, not 1, where its predicted noise's error is
-# amplified ~100x into out-of-range latents that Stage A draws as speckles (seen colour 0.86 -> 0.94,
-# position 0.76 -> 0.85, shape 0.35 -> 0.41).
-# Rechecked with Stage B attending at 8x8 (all 126 seen combinations x 2): official -> guidance 3, colour
-# 0.948 -> 0.960, position 0.810 -> 0.881; and on the larger objects (30-38% of the side), seen colour
-# 0.992 -> 1.0, position 0.857 -> 0.909.
-# With the outline weight (pixel_weights' edge_weight), a weaker guidance draws the shapes better (at 3 the latents' blob
-# outweighs the caption's shape word) and a stronger one the colour and place. On the seen combinations (126 x 2)
-# of the 7,000-update Stage B, guidance 1.5 / 1.75 / 2 / 2.25 / 3 gave shape 0.917 / 0.873 / 0.873 / 0.829 /
-# 0.774 and colour 0.964 / 0.972 / 0.972 / 0.976 / 0.976, all meeting issue 13's goals from 1.5 to 2.25; 1.75
-# keeps the largest smallest margin over them (README). With 8,000 updates 1.5 to 2.25 still meet every goal on
-# the seen combinations, their smallest margins within two images of each other, so 1.75 stays.
+# The shipped cascade's sampling.json: changes to the official sampler settings, chosen on the seen combinations
+# with cascade_jax.demo.evaluate.accuracy (the first step at t 0.9: at t 1 the tiny Stage B's error is amplified
+# into speckles; guidance 1.75: the best margin over shape, colour and place). The sweeps: docs/demo_project.md.
 SAMPLING = {"decoder": {"t_start": 0.9, "cfg": 1.75}}
 
 
