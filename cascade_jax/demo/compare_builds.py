@@ -30,6 +30,8 @@ def items(root: Path) -> dict[str, Path]:
         relative = str(path.relative_to(root))
         if any(part.startswith(".") for part in path.relative_to(root).parts) or "checkpoints" in path.parts:
             continue  # temp entries; the trainers' resumable checkpoints (their finished models are compared)
+        if any((parent / META_FILE).is_file() for parent in path.parents):
+            continue  # inside a model folder (compared as arrays; Orbax's marker files hold paths and times)
         if path.is_dir() and (path / META_FILE).is_file():
             found[relative] = path
         elif path.suffix in (".safetensors", ".png", ".txt") or (path.suffix == ".json" and "reports" in path.parts):
