@@ -15,21 +15,25 @@ import argparse
 import json
 import os
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cascade_jax.models.random_init import random_model
-from cascade_jax.pipelines import PRIOR_DEFAULTS
-from cascade_jax.pipelines.cascade import jitted_call
-from cascade_jax.pipelines.controlnet import ControlledStageC, ControlSettings, _ControlledPrior, resblock_widths
-from cascade_jax.pipelines.loading import pipeline_set
-from cascade_jax.pipelines.stage_runner import StageRunner
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.harness import RESULTS_DIR, alternate, machine_info, write_json  # noqa: E402
+from cascade_jax.models.random_init import random_model  # noqa: E402
+from cascade_jax.pipelines import PRIOR_DEFAULTS  # noqa: E402
+from cascade_jax.pipelines.cascade import jitted_call  # noqa: E402
+from cascade_jax.pipelines.controlnet import (ControlledStageC, ControlSettings, _ControlledPrior,  # noqa: E402
+                                              resblock_widths)
+from cascade_jax.pipelines.loading import pipeline_set  # noqa: E402
+from cascade_jax.pipelines.stage_runner import StageRunner  # noqa: E402
+
 # size -> (pipeline set, image side, ControlNet bottleneck, ResBlocks with a residual)
 SIZES = {"tiny": ("tiny", 128, "effnet", None), "lite": ("lite", 1024, "effnet", 8)}
 
@@ -43,16 +47,6 @@ def conditions(stage_c, batch: int, rng):
     return cond, {k: np.zeros_like(v) for k, v in cond.items()}
 
 
-def timed(run, repeats: int):
-    run()  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def measure(size: str, steps: int, repeats: int) -> dict:
     set_name, side, mode, n_blocks = SIZES[size]
     _, config = pipeline_set(set_name)["stage_c"]
@@ -64,24 +58,17 @@ def measure(size: str, steps: int, repeats: int) -> dict:
     controlnet = random_model("controlnet", cnet_config, seed=1)
     rng = np.random.default_rng(0)
     hint = jnp.asarray(rng.random((1, side, side, 1), np.float32))
-    cnet_times = timed(lambda: jax.block_until_ready(jitted_call(controlnet, hint)), repeats)
+    cnet_times = alternate({"controlnet": lambda: jax.block_until_ready(jitted_call(controlnet, hint))}, repeats,
+                           warmup=1)["controlnet"]
     residuals = list(jitted_call(controlnet, hint))
     cond, uncond = conditions(stage_c, 1, rng)
     settings = PRIOR_DEFAULTS.replace(steps=steps)
     latent = (-(-side * 3 // 128), -(-side * 3 // 128), 16)  # ceil(side / 42.67)
     plain = StageRunner("Stage C", stage_c)
     controlled = _ControlledPrior(StageRunner("Stage C", ControlledStageC(stage_c)), residuals, ControlSettings())
-    runs = {"plain": lambda: plain(settings, latent, [0], cond, uncond),
-            "controlled": lambda: controlled(settings, latent, [0], cond, uncond)}
-    for run in runs.values():
-        run()  # compile both before timing either
-    samples = {name: [] for name in runs}
-    for i in range(repeats):  # alternate A B, B A under the same load
-        order = list(runs) if i % 2 == 0 else list(runs)[::-1]
-        for name in order:
-            start = time.perf_counter()
-            jax.block_until_ready(runs[name]())
-            samples[name].append(time.perf_counter() - start)
+    runs = {"plain": lambda: jax.block_until_ready(plain(settings, latent, [0], cond, uncond)),
+            "controlled": lambda: jax.block_until_ready(controlled(settings, latent, [0], cond, uncond))}
+    samples = alternate(runs, repeats, warmup=1)  # the warm-up round compiles both before timing either
     plain_s, ctrl_s = (statistics.median(samples[n]) for n in ("plain", "controlled"))
     # The fastest run of each is the least disturbed by other processes on a shared machine.
     plain_min, ctrl_min = (min(samples[n]) for n in ("plain", "controlled"))
@@ -103,11 +90,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     result = measure(args.size, args.steps, args.repeats)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"controlnet_{args.size}.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    write_json(RESULTS_DIR / f"controlnet_{args.size}.json", {"machine": machine_info(), **result})
     print(json.dumps({k: v for k, v in result.items() if k != "samples_s"}, indent=1))
 
 

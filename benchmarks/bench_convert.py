@@ -20,9 +20,10 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from bridge import PooledGenerator
+
+from benchmarks.harness import BENCH_DIR, log, other_cpu_load, skipped
+from benchmarks.shared_weights import PooledGenerator
 from cascade_jax.models.registry import abstract_model
-from common import BENCH_DIR, log, other_cpu_load, skipped
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 MEMORY_GOAL = 1.3

@@ -14,14 +14,15 @@ import json
 import math
 import time
 
-import bridge
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import alternate, free_memory, log, other_cpu_load, ratio, rss_gb, skipped, summarize, timed
+from flax import nnx
+
+from benchmarks import shared_weights
+from benchmarks.harness import alternate, free_memory, log, other_cpu_load, ratio, rss_gb, skipped, summarize, timed
 from cascade_jax.compile_report import xla_cost
 from cascade_jax.models.registry import abstract_model
-from flax import nnx
 
 # 1024x1024 images: Stage C latent 24x24x16, Stage B latent 256x256x4.
 STAGE_SHAPES = {"stage_c": (24, 24, 16), "stage_b": (256, 256, 4)}
@@ -131,7 +132,7 @@ def run_case(label: str, model_name: str, config: dict, batch: int, shape: tuple
     result = {"label": label, "model": model_name, "batch": batch, "latent_shape_nhwc": [batch, *shape],
               "dtype": "float32", "torch_threads": torch.get_num_threads()}
     abstract = abstract_model(model_name, config)
-    n_params = bridge.param_count(abstract)
+    n_params = shared_weights.param_count(abstract)
     result["params"] = n_params
     need = memory_needed_gb(n_params, batch, shape)
     available = psutil.virtual_memory().available / 2**30
@@ -140,10 +141,10 @@ def run_case(label: str, model_name: str, config: dict, batch: int, shape: tuple
                                     f"{available:.1f} GiB available")}
     result["load_before"] = other_cpu_load()
     start = time.perf_counter()
-    model = bridge.fast_random_model(model_name, config, seed=0)
+    model = shared_weights.fast_random_model(model_name, config, seed=0)
     result["build_jax_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    unet = bridge.diffusers_unet(model_name, config, model, share=True)
+    unet = shared_weights.diffusers_unet(model_name, config, model, share=True)
     result["build_torch_s"] = time.perf_counter() - start
     inputs = draw_inputs(model_name, config, batch, shape)
     args = jax_args(model_name, inputs, jnp.float32)
@@ -182,7 +183,7 @@ def run_case(label: str, model_name: str, config: dict, batch: int, shape: tuple
         except Exception as e:  # noqa: BLE001 - the what-if must not lose the case
             result["jax_depthwise_shifted_sum"] = {"error": f"{type(e).__name__}: {e}"}
     if breakdown:
-        from breakdown import block_breakdown
+        from benchmarks.forward_breakdown import block_breakdown
         try:
             result["breakdown"] = block_breakdown(model_name, config, model, unet, batch, shape,
                                                   whole={k: result[k]["median_s"] for k in ("jax", "torch")})

@@ -14,17 +14,21 @@ the lite size (issue 8). Standalone, at a chosen size, without the rest of the s
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import bridge
 import jax.numpy as jnp
-from bench_forward import draw_inputs, jax_args, jax_forward
-from common import alternate, log, other_cpu_load, skipped, summarize, timed
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import shared_weights  # noqa: E402
+from benchmarks.bench_forward import draw_inputs, jax_args, jax_forward  # noqa: E402
+from benchmarks.harness import (RESULTS_DIR, alternate, log, machine_info, other_cpu_load, skipped,  # noqa: E402
+                                summarize, timed, write_json)
 
 CANDIDATE_SIZES = (1024, 768, 512, 384, 256, 192, 128)
 # Building the lite pipeline (~15 s), compiling both sampling loops and two single forwards (XLA:CPU compile
@@ -43,7 +47,7 @@ def build_pipeline(set_name: str, dtype: str = "float32", tokenizer_dir=None):
     from cascade_jax.pipelines.loading import default_tokenizer_dir, pipeline_set
 
     components = pipeline_set(set_name)
-    models = {name: bridge.fast_random_model(*components[name], seed=i, dtype=dtype)
+    models = {name: shared_weights.fast_random_model(*components[name], seed=i, dtype=dtype)
               for i, name in enumerate(("stage_c", "stage_b", "stage_a", "text_encoder"))}
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir or default_tokenizer_dir())
     return StableCascadePipeline(**models, tokenizer=tokenizer), components
@@ -240,14 +244,14 @@ def main(argv=None) -> int:
     pipe, _ = build_pipeline(args.set)
     out = pipe.text_to_image(PROMPT, height=args.size, width=args.size, num_images_per_prompt=args.batch,
                              prior=prior, decoder=decoder, decode=False)
-    result = {"set": args.set, "size": args.size, "batch": args.batch, "dtype": "float32",
+    result = {"machine": machine_info(), "set": args.set, "size": args.size, "batch": args.batch, "dtype": "float32",
               "load_before": other_cpu_load(),
               "stages": callback_overheads(pipe, out, prior, decoder, args.batch, args.reps),
               "bare_hook": bare_callback_cost(),
               "load_after": other_cpu_load()}
     log(f"callback alone: {1e6 * result['bare_hook']['callback_per_step_s']:.0f} us/step")
-    path = args.out or Path(__file__).resolve().parent / "results" / f"callback_{args.set}_{args.size}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = args.out or RESULTS_DIR / f"callback_{args.set}_{args.size}.json"
+    write_json(path, result)
     log(f"wrote {path}")
     return 0
 

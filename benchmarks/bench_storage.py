@@ -25,7 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS_DIR, REPO_ROOT, alternate, log, machine_info, summarize, write_report
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import RESULTS_DIR, REPO_ROOT, alternate, log, machine_info, summarize, write_report  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the loopback S3 / GCS servers of the tests
 

@@ -8,7 +8,7 @@ process so its peak memory (VmHWM) is its own; the parent watches the child's RS
 before the shared machine runs out of memory, recording where it stopped.
 
 Inside a child: ``build_run`` builds the run as training does (the generator's random weights
-come from a pooled generator, ``bridge.fast_random_model``, seconds instead of minutes for a
+come from a pooled generator, ``shared_weights.fast_random_model``, seconds instead of minutes for a
 billion parameters; the frozen encoders are the config's ``encoders`` set, random). One loader
 batch (random images, captions) goes through the task's ``host_batch`` once — for a cached
 variant ``latent_cache.write_cache`` encodes it first (or, for the lite models whose real-size
@@ -36,7 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BENCH_DIR, log, other_cpu_load, skipped
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import BENCH_DIR, log, other_cpu_load, skipped  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -62,11 +65,11 @@ def bench_task(stage: str):
 
     class BenchTask(base):
         def build_generator(self, cfg, work_dir):
-            import bridge
+            from benchmarks import shared_weights
 
             config = self.generator_config(cfg)
             self.generator_config_used = config
-            model = bridge.fast_random_model(self.generator_model, config, seed=cfg.seed, dtype=cfg.param_dtype)
+            model = shared_weights.fast_random_model(self.generator_model, config, seed=cfg.seed, dtype=cfg.param_dtype)
             if cfg.remat:
                 model.set_remat(cfg.remat)
             if cfg.dropout:
@@ -344,7 +347,6 @@ def add_rates(record: dict, batch: int, peak: dict, measured_gflops):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(BENCH_DIR))
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         print(json.dumps(child(json.loads(sys.argv[2]))))
     else:

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-if str(BENCH_DIR.parent) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR.parent))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_OUT = BENCH_DIR / "results" / "dry_run.json"
 # (label, config, devices, overrides): the official Stage C 3.6B finetune (768², remat full, bf16 compute,
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from benchmarks.common import write_text
+    from benchmarks.harness import write_text
 
     cases = []
     chosen = [c for c in (TINY_CASES if args.tiny else CASES) if args.only is None or args.only in c[0]]

@@ -20,12 +20,11 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import common  # also puts the repository root on sys.path
-
-PUBLISHED = {"batch": 4, "stage_c_s": 6.08, "stage_a_b_s": 4.07, "total_s": 10.15,
-             "source": "figure quoted in issue 5 (diffusers, batch 4, 1024^2, 20+10 steps)"}
+from benchmarks import harness  # noqa: E402
+from benchmarks.gpu_cases import PUBLISHED  # noqa: E402
 
 
 class Run:
@@ -58,18 +57,18 @@ class Run:
         self.data.pop("in_progress", None)
         self.save()
         print(f"[{time.perf_counter() - self.start:6.1f}s] {name}: "
-              f"{json.dumps(common.to_jsonable(self.data['parts'][name]))[:400]}", flush=True)
+              f"{json.dumps(harness.to_jsonable(self.data['parts'][name]))[:400]}", flush=True)
         return value
 
     def save(self):
         self.data["elapsed_s"] = time.perf_counter() - self.start
-        common.write_json(self.out / "gpu_results.json", self.data)
+        harness.write_json(self.out / "gpu_results.json", self.data)
 
 
 def environment() -> dict:
     import jax
 
-    info = {"versions": common.versions(), "jax_devices": [str(d) for d in jax.devices()],
+    info = {"versions": harness.versions(), "jax_devices": [str(d) for d in jax.devices()],
             "device_kind": jax.devices()[0].device_kind}
     try:
         import torch
@@ -95,31 +94,20 @@ def settings(tiny: bool) -> dict:
                       "compute_dtype": "bfloat16"}}
 
 
-def sync_time(fn, device) -> tuple[object, float]:
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny configs, 256^2, few steps: a CPU smoke test")
-    p.add_argument("--out", default=os.environ.get("OUT") or str(common.RESULTS_DIR / "gpu_tiny"))
+    p.add_argument("--out", default=os.environ.get("OUT") or str(harness.RESULTS_DIR / "gpu_tiny"))
     p.add_argument("--deadline-s", type=float, default=400.0, help="no part starts after this many seconds")
     args = p.parse_args(argv)
     run = Run(Path(args.out), args.deadline_s, args.tiny)
-    import gpu_parts as parts
+    from benchmarks import gpu_cases as parts
 
     run.data["environment"] = run.part("environment", environment)
     cfg = settings(args.tiny)
     run.data["settings"] = {"batch": cfg["batch"], "size": cfg["size"], "steps": cfg["steps"], "dtype": "bfloat16",
                             "train": cfg["train"]}
-    state = parts.State(cfg)
+    state = parts.GpuCascadeCases(cfg)
     run.part("build_jax_models", state.build_jax, min_left_s=60)
     run.part("jax_stage_c", state.jax_stage_c, min_left_s=60)
     run.part("torch_stage_c", state.torch_stage_c, min_left_s=30)

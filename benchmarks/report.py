@@ -1,4 +1,4 @@
-"""``results/summary.md`` from the section JSON files, and the marked section of README.md."""
+"""``results/summary.md`` from the section JSON files, and the marked section of docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 import re
 from pathlib import Path
 
-from common import REPO_ROOT
+from benchmarks.harness import REPO_ROOT
 
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def _load(results_dir: Path, name: str):
@@ -173,14 +173,14 @@ def write_summary(results_dir: Path) -> str:
     return text
 
 
-def update_readme(summary: str, readme: Path = REPO_ROOT / "README.md") -> bool:
-    """Replace the text between the bench markers of README.md; False (and no change) without markers."""
-    if not readme.is_file():
+def update_benchmarks_page(summary: str, page: Path = REPO_ROOT / "docs" / "benchmarks.md") -> bool:
+    """Replace the text between the bench markers of docs/benchmarks.md; False (and no change) without markers."""
+    if not page.is_file():
         return False
-    text = readme.read_text()
-    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.DOTALL)
+    text = page.read_text()
+    pattern = re.compile(re.escape(BENCH_START) + ".*?" + re.escape(BENCH_END), re.DOTALL)
     if not pattern.search(text):
-        print(f"{readme.name} has no {README_START} ... {README_END} markers; summary left in benchmarks/results/summary.md")
+        print(f"{page} has no {BENCH_START} ... {BENCH_END} markers; summary left in benchmarks/results/summary.md")
         return False
-    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{summary}\n{README_END}", text))
+    page.write_text(pattern.sub(lambda _: f"{BENCH_START}\n{summary}\n{BENCH_END}", text))
     return True

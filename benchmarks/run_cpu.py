@@ -5,7 +5,7 @@ Sections, in order of priority, each writing ``benchmarks/results/<section>.json
   pipeline  lite text-to-image, 20+10 steps: compile, steady state, sampling-loop overhead
   convert   full-size official-format checkpoints -> converted directories: time, peak memory
   train     the library's train step, tiny/lite Stage C and B, remat, cached conditions: steps/s, MFU, memory
-then ``results/summary.md`` (and the marked section of README.md, if it has the markers
+then ``results/summary.md`` (and the marked section of docs/benchmarks.md, if it has the markers
 ``<!-- bench:start -->`` / ``<!-- bench:end -->``).
 
 The whole run keeps to a wall-clock budget (default 19 min on a 2-core machine): every case
@@ -27,10 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import common  # also puts the repository root on sys.path
-from common import Budget, log, machine_info, write_json
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import Budget, log, machine_info, write_json  # noqa: E402
 
 SECTIONS = ("forward", "pipeline", "convert", "train")
 
@@ -65,7 +66,7 @@ def throughput_probe() -> dict:
     ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
     f = jax.jit(jnp.matmul)
     runs = {"jax": lambda: f(ja, jb).block_until_ready(), "torch": lambda: torch.matmul(ta, tb)}
-    samples = common.alternate(runs, 5, warmup=1)
+    samples = harness.alternate(runs, 5, warmup=1)
     flops = 2 * m * k * n
     return {name: flops / min(s) / 1e9 for name, s in samples.items()} | {"shape_mkn": [m, k, n]}
 
@@ -81,11 +82,11 @@ def main(argv=None):
     total = args.budget or (600 if args.quick else 300 if args.tiny else 1e9 if args.full else 1140)
     budget = Budget(total, dry_run=args.dry_run)
     default_dir = "dry_run" if args.dry_run else "tiny" if args.tiny else ""
-    results_dir = Path(args.results) if args.results else common.RESULTS_DIR / default_dir
+    results_dir = Path(args.results) if args.results else harness.RESULTS_DIR / default_dir
     mode = "tiny" if args.tiny else "quick" if args.quick else "full" if args.full else "default"
-    import plan
+    from benchmarks import cpu_sections
     info = {**machine_info(), "mode": mode, "budget_s": total, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "load_at_start": common.other_cpu_load(1.0)}
+            "load_at_start": harness.other_cpu_load(1.0)}
     log(f"benchmarks ({mode}, budget {total:.0f}s): {info['cpu']}, {info['cores']} cores, "
         f"load {info['load_at_start']}")
     info["matmul_probe_gflops"] = throughput_probe()
@@ -93,10 +94,10 @@ def main(argv=None):
     log(f"matmul probe: {info['matmul_probe_gflops']}")
     write_json(results_dir / "machine.json", info)
     runners = {
-        "forward": lambda b: plan.forward(b, mode, gflops),
-        "pipeline": lambda b: plan.pipeline(b, mode, gflops, args.pipeline_size),
-        "convert": lambda b: plan.convert(b, mode, args.scratch),
-        "train": lambda b: plan.train(b, mode, gflops, info["nominal_peak_fp32"], args.train_lite),
+        "forward": lambda b: cpu_sections.forward(b, mode, gflops),
+        "pipeline": lambda b: cpu_sections.pipeline(b, mode, gflops, args.pipeline_size),
+        "convert": lambda b: cpu_sections.convert(b, mode, args.scratch),
+        "train": lambda b: cpu_sections.train(b, mode, gflops, info["nominal_peak_fp32"], args.train_lite),
     }
     for section in SECTIONS:
         if section not in sections:
@@ -113,11 +114,11 @@ def main(argv=None):
             log(f"{section} failed: {data['error']}")
         write_json(results_dir / f"{section}.json", {"machine": info, "section_s": time.perf_counter() - start,
                                                      "results": data})
-        common.free_memory()
-    import report
+        harness.free_memory()
+    from benchmarks import report
     summary = report.write_summary(results_dir)
     if not (args.tiny or args.dry_run):
-        report.update_readme(summary)
+        report.update_benchmarks_page(summary)
     log(f"done in {budget.elapsed():.0f}s; results in {results_dir}")
 
 

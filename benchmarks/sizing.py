@@ -27,12 +27,10 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-if str(BENCH_DIR) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bounded import run_bounded  # noqa: E402
+from benchmarks.bounded import run_bounded  # noqa: E402
 
 # (label, config, overrides): the released configs at their official image sizes.
 TRAINING = [("Stage C 3.6B full finetune", "finetune_c_3b", []),

@@ -88,7 +88,7 @@ def test_bad_size_shows_the_pipeline_message_and_the_app_keeps_serving(client):
 
 
 def test_bad_uploads_and_long_prompts_are_explained_on_the_page(app, client, tmp_path):
-    """Issue 30: a non-image upload showed gradio's error with the server's cache path, an upload had no size
+    """A non-image upload showed gradio's error with the server's cache path, an upload had no size
     limit (the test app's --max-upload-mb is 1), a truncated prompt's warning reached only the server's log,
     and every failed request left an empty folder."""
     (tmp_path / "notes.png").write_text("not an image")
@@ -142,7 +142,7 @@ def test_requests_are_checked_as_the_command_line_checks_them(tmp_path):
     assert args.lora == [f"{tmp_path / 'style.safetensors'}:0.5"]
     other = app.generate_args("text2img", fields)
     assert other.paths[0].parent != args.paths[0].parent  # a folder per request: no shared file names
-    # Results are served by path: the folder names are unguessable (issue 30), and made only for results.
+    # Results are served by path: the folder names are unguessable, and made only for results.
     assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{16}", args.paths[0].parent.name), args.paths[0]
     assert not (tmp_path / "results").exists()
 
@@ -157,7 +157,7 @@ def test_requests_are_checked_as_the_command_line_checks_them(tmp_path):
 
 
 def test_requests_over_the_size_cap_are_refused_before_any_work(tmp_path):
-    """Issue 30 item 1: a 4004x4004 control image held the device for minutes and the app died at 16.9 GB."""
+    """A 4004x4004 control image held the device for minutes and the app died at 16.9 GB."""
     app = service(tmp_path, max_side=256)
     with pytest.raises(ValueError, match=r"512x256 \(HxW\) has a side over this server's --max-side of 256 pixels; "
                                          r"the largest size of that shape within it is 256x128$"):
@@ -183,7 +183,7 @@ def test_requests_over_the_size_cap_are_refused_before_any_work(tmp_path):
 
 
 def test_uploads_are_checked_from_their_header_with_the_users_file_name(tmp_path):
-    """Issue 30 item 5 and the probe's unclear case: gradio's own error named its cache path."""
+    """Gradio's own error for a huge or non-image upload named the server's cache path."""
     Image.new("1", (5000, 5000)).save(tmp_path / "big.png")  # 25 megapixels, a few kB
     (tmp_path / "notes.png").write_text("not an image")
     upload = lambda path, name: types.SimpleNamespace(path=str(path), orig_name=name)

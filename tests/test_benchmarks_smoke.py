@@ -89,9 +89,3 @@ def test_the_training_dry_run_table_compiles_a_sharded_step(tmp_path):
     assert case["argument_gib_per_device"] > 0 and case["flops_per_step_per_device"] > 0, case
     assert "| tiny C, FSDP 8 | 8 | fsdp 8 |" in out.with_suffix(".md").read_text()
 
-
-def test_the_host_memory_benchmark_refuses_too_few_updates_to_time(tmp_path):
-    run = subprocess.run([sys.executable, "benchmarks/bench_host_memory.py", "--updates", "10", "--out",
-                          str(tmp_path / "h.json")], capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert run.returncode == 2 and "--updates must be at least 75" in run.stderr, run.stderr[-2000:]
-    assert not (tmp_path / "h.json").exists()

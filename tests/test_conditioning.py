@@ -13,7 +13,7 @@ import pytest
 
 from cascade_jax.conditioning import PromptTruncatedWarning, TextConditioner, bucket_size
 from cascade_jax.models.clip import text_kwargs_from_hf_config
-from cascade_jax.models.clip_tokenizer import CLIPTokenizer, openai_bpe_path, write_tokenizer_folder_from_openai_bpe
+from cascade_jax.data.clip_tokenizer import CLIPTokenizer, openai_bpe_path, write_tokenizer_folder_from_openai_bpe
 
 from clip_testing import load_converted, randomise_torch_model, save_torch_model
 from helpers import relative_error

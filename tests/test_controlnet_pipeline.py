@@ -134,7 +134,7 @@ def test_script_refuses_bad_arguments_before_loading(tmp_path, capsys):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     Image.fromarray(photo_like(64, 64)).save(tmp_path / "photo.png")
-    # Issue 30 item 2: huge images (1-bit PNGs of a few kB) are refused from their header, before any work.
+    # Huge images (1-bit PNGs of a few kB) are refused from their header, before any work.
     Image.new("1", (12000, 12000)).save(tmp_path / "bomb.png")  # 144 megapixels
     Image.new("1", (9000, 9000)).save(tmp_path / "huge.png")  # under PIL's limit, over the largest side
     for args, message in [(["--control", "inpainting"], "inpainting needs --mask"),
@@ -146,7 +146,7 @@ def test_script_refuses_bad_arguments_before_loading(tmp_path, capsys):
                           (["--control", "canny", "--image", tmp_path / "huge.png"],
                            "height=9000 is not supported: sides must be multiples of 8 between 64 and 8192; the "
                            "nearest valid size is 8192x8192 (HxW); it comes from the input image's size 9000x9000"),
-                          # Issue 30 items 7 and 12: an absurd strength and an empty control window, by name.
+                          # An absurd strength and an empty control window, by name.
                           (["--control", "canny", "--strength", "1e30"], "control strength must be a finite number "
                                                                          "between -100 and 100 (1 is full strength)"),
                           (["--control", "canny", "--control-start", "15", "--control-stop", "5"],

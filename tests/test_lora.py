@@ -259,7 +259,7 @@ def test_merge_script_and_format_conversion(official, tmp_path):
 
 def test_bad_strengths_and_full_models_are_refused_by_name_before_any_work(official, fixtures_dir, tmp_path,
                                                                            capsys):
-    """Issue 30 item 7: strength nan/inf wrote a broken model with rc 0; a full Stage C read as "LoHa/LoKr"."""
+    """Strength nan/inf wrote a broken model with rc 0; a full Stage C read as "LoHa/LoKr"."""
     from cascade_jax.weights.lora_merge import merge_loras_into_directory
     _, _, _, _, path, converted = official
     script = _script()

@@ -57,7 +57,7 @@ def t2i(pipe, prompt):
 def test_spec_parsing(tmp_path, monkeypatch):
     assert parse_lora_spec("a/b.safetensors:0.5") == parse_lora_spec(("a/b.safetensors", 0.5))
     assert parse_lora_spec("C:/x.safetensors").strength == 1.0 and parse_lora_spec("x:y").path == "x:y"
-    # Issue 30: refused by name, before any model loads (nan/inf made NaN images after sampling).
+    # Refused by name, before any model loads (nan/inf made NaN images after sampling).
     for spec, message in [("style.safetensors:nan", "LoRA style.safetensors strength must be a finite number"),
                           ("style.safetensors:inf", "strength must be a finite number between -100 and 100"),
                           ("style.safetensors:1e30", "strength must be a finite number"),
@@ -89,7 +89,7 @@ def test_new_token_lora_in_the_pipeline(pipe, lora_file):
     pipe.load_loras([f"{path}:0"])
     assert _same(_stage_c_params(pipe), base)  # strength 0 = no LoRA, to the bit
     pipe.load_loras([str(path)])
-    applied, = pipe.loras  # what generate.py prints (issue 32)
+    applied, = pipe.loras  # what generate.py prints
     assert applied.describe() == f"LoRA {path} at strength 1: {applied.weights} Stage C weights, 1 token rows; new " \
                                  "tokens for prompts: [fernando]" and applied.weights > 0
     tokenizer, table = pipe.text.tokenizer, token_embedding(pipe.text.text_encoder).weight[...]

@@ -69,7 +69,7 @@ from test_diffusers_unet import DECODER, LEVEL  # the same tiny decoder as the U
 
 import cascade_jax
 from cascade_jax.diffusion import SamplerSettings
-from cascade_jax.models.clip_tokenizer import CLIPTokenizer, openai_bpe_path, write_tokenizer_folder_from_openai_bpe
+from cascade_jax.data.clip_tokenizer import CLIPTokenizer, openai_bpe_path, write_tokenizer_folder_from_openai_bpe
 from cascade_jax.pipelines import DECODER_DEFAULTS, PRIOR_DEFAULTS, StableCascadePipeline, stage_b_latent_hw
 from cascade_jax.pipelines.cascade import jitted_call
 from cascade_jax.weights.convert import convert_checkpoint

@@ -1,4 +1,4 @@
-"""What the pipeline does with unusual inputs (issue 9 items 6, 8, 9; issue 8's initial noise of both stages):
+"""What the pipeline does with unusual inputs and the initial noise of both stages:
 seeds over the whole uint32 range, settings refused by name, high-bit-depth and transparent images,
 sizes honoured or refused in img2img / reconstruct, long prompts. Tiny random cascade, float32, 64x64
 (Stage C 2x2, Stage B 16x16) so that each sampled shape compiles in seconds."""
@@ -32,7 +32,7 @@ def t2i(pipe, prompt="a red cube", **kwargs):
     return pipe.text_to_image(prompt, height=S, width=S, **{"prior": PRIOR, "decoder": DECODER, **kwargs})
 
 
-# ---- seeds (issue 9 item 6) ------------------------------------------------------------------------
+# ---- seeds ------------------------------------------------------------------------------------------
 def test_every_uint32_seed_runs_both_stages(pipe):
     """3·2³⁰ and 2³²−1 used to pass Stage C and overflow in Stage B (seed + 2³⁰)."""
     for seed in (3 << 30, (1 << 32) - 1):
@@ -56,7 +56,7 @@ def test_consecutive_seeds_must_stay_in_range(pipe):
         pipe.text_to_image("x", height=S, width=S, num_images_per_prompt=2, seed=(1 << 32) - 1)
 
 
-# ---- initial noise of both stages (issue 8) ---------------------------------------------------------
+# ---- initial noise of both stages -------------------------------------------------------------------
 def test_initial_noise_of_both_stages_can_be_given(pipe):
     """The documented draws (Stage C: key(seed); Stage B: fold_in(key(seed), 1)) passed in explicitly give
     the very same run; another Stage B start changes only Stage B."""
@@ -75,7 +75,7 @@ def test_initial_noise_of_both_stages_can_be_given(pipe):
         t2i(pipe, prior_x_init=np.full((1, 2, 2, 16), np.nan, np.float32))
 
 
-# ---- settings that cannot work (issue 9 item 8) -----------------------------------------------------
+# ---- settings that cannot work ----------------------------------------------------------------------
 @pytest.mark.parametrize("changes, message", [
     (dict(shift=0.0), "shift must be a finite number in \\(0.0"), (dict(shift=-1.0), "shift must be"),
     (dict(shift=math.nan), "shift must be"), (dict(shift=math.inf), "shift must be"),
@@ -104,7 +104,7 @@ def test_other_arguments_are_checked_by_name_before_sampling(pipe):
             pipe.image_to_image(image, "x", strength=strength)
 
 
-# ---- images of other bit depths and with transparency (issue 9 item 8) ------------------------------
+# ---- images of other bit depths and with transparency -----------------------------------------------
 def test_sixteen_bit_and_float_images_are_scaled_not_clipped():
     ramp16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)  # 0 .. 65520
     for mode in ("I;16", "I"):
@@ -136,7 +136,7 @@ def test_transparency_is_composited_on_the_stated_background():
     assert as_uint8_batch(palette)[0, 3, 3].tolist() == [255, 255, 255]
 
 
-# ---- sizes in img2img and reconstruct (issue 9 item 8) ----------------------------------------------
+# ---- sizes in img2img and reconstruct ---------------------------------------------------------------
 def test_img2img_and_reconstruct_honour_or_refuse_the_size(pipe):
     image = t2i(pipe, seed=1).images[0]
     out = pipe.reconstruct(image, height=S, width=S + 32, decoder=DECODER)
@@ -148,7 +148,7 @@ def test_img2img_and_reconstruct_honour_or_refuse_the_size(pipe):
             mode(image, height=7, width=S)
 
 
-# ---- long prompts (issue 9 item 9) ------------------------------------------------------------------
+# ---- long prompts ------------------------------------------------------------------------------------
 def test_long_prompts_warn_when_truncated_and_can_be_encoded_in_windows(pipe):
     text = pipe.text
     assert len(text.tokenizer.encode(LONG, add_special_tokens=False)) > 75

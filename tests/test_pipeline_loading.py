@@ -127,7 +127,7 @@ def test_official_folder_with_tiny_configs_converts_once(official_folder, tiny, 
     assert conversions == []
 
     # The cache is keyed on content: a touched file is still the same entry, but another file of the same
-    # size and modification time (issue 9 item 5) is converted again; the others still come from the cache.
+    # size and modification time is converted again; the others still come from the cache.
     stage_a = official_folder / "stage_a.safetensors"
     stat, original = stage_a.stat(), stage_a.read_bytes()
     os.utime(stage_a, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))

@@ -89,7 +89,7 @@ def _refused(script, capsys, argv, message):
 
 
 def test_inputs_and_outputs_are_checked_before_any_model_loads(tmp_path, capsys, monkeypatch):
-    """Issue 9 item 7: each of these used to fail only after the models loaded (or after sampling)."""
+    """Each of these used to fail only after the models loaded (or after sampling)."""
     script = load_script()
     good = tmp_path / "good.png"
     Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(good)
@@ -143,7 +143,7 @@ def test_earlier_results_are_kept_unless_overwrite(tmp_path, capsys):
 
 
 def test_a_failed_run_leaves_no_output_folder(tmp_path, capsys):
-    """Issue 30: every failed run left an empty output folder; it is now made when there is a result."""
+    """Every failed run left an empty output folder; it is now made when there is a result."""
     script = load_script()
     (tmp_path / "empty").mkdir()
     out = tmp_path / "new" / "out"

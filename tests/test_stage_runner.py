@@ -104,7 +104,7 @@ def test_noise_streams_of_one_seed_are_independent_and_any_uint32_seed_works():
 
 
 def test_a_new_guidance_scale_reuses_the_program(runner):
-    """Issue 30 item 4: the guidance scale is an argument of the compiled loop, not a constant of it (the
+    """The guidance scale is an argument of the compiled loop, not a constant of it (the
     official parity tests run through it). The settings and batch of the progress test above: in a full
     run this test compiles nothing."""
     stage, config = runner

@@ -1,6 +1,5 @@
 """Training configs that cannot train are refused by name at load, before any model is built or compiled
-(issue 30's probe cases 8, 9, 13, 14, 15 and its unclear ones; issue 32's "config mistakes refused before
-any compile"): each refusal is timed. Then what a run meets on the way: a NaN loss, a second trainer on the
+(values out of range, broken YAML, missing or mismatched weights): each refusal is timed. Then what a run meets on the way: a NaN loss, a second trainer on the
 same run, a resume with a changed config, a full disk."""
 
 from __future__ import annotations

@@ -89,9 +89,6 @@ class TrainLoader:
     def buckets(self) -> list[tuple[int, int]]:
         return list(self.plan.schedule.sizes)
 
-    def bucket_of_step(self, step: int) -> tuple[int, int]:
-        return self.plan.schedule.bucket(step)
-
     def fingerprint(self) -> int:
         """A checksum of what must be equal on every host (sample count, buckets and their
         frequencies, seed): hosts that list different shards would otherwise feed different shapes."""

@@ -19,7 +19,7 @@ SLOTS = 2
 # XLA:CPU takes each update's scratch memory (118 MB for Stage B) from malloc, above glibc's mmap threshold, so
 # every update maps fresh memory and faults in ~29,000 zeroed 4-KiB pages: 15% of Stage B's time went to the
 # kernel. Asked to, glibc (2.35+) backs such mappings with transparent huge pages, ~60 faults an update (Stage B
-# on one core: 3.31 -> 3.82 updates/s, benchmarks/bench_host_memory.py). The numbers computed do not change. glibc
+# on one core: 3.31 -> 3.82 updates/s, docs/experiments.md). The numbers computed do not change. glibc
 # reads the variable when a process starts, so it is set for the spawned trainers; other C libraries ignore it.
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 

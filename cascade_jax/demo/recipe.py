@@ -4,7 +4,7 @@ From nothing to a cascade that draws what its prompt says, with this project's o
 
 1. ``data``: generated 128x128 images of coloured shapes with captions (``cascade_jax.demo.shapes``),
    training split only; the held-out combinations are never drawn.
-2. ``encoders``: the demo tokenizer (the grammar's words, ``demo.word_tokenizer``) and frozen random
+2. ``encoders``: the demo tokenizer (the grammar's words, ``word_tokenizer``) and frozen random
    CLIP text / CLIP image encoders: the text encoder only has to tell the grammar's words and their
    places apart, which a random transformer with position embeddings does.
    ``effnet``: the EfficientNet starts random with BatchNorm statistics calibrated on the data, then

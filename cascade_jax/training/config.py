@@ -136,10 +136,6 @@ class TrainConfig:
             check_pixel_weights(self.pixel_weights)
         check_values(self)  # every value check lives there: one place, run before anything is built
 
-    @property
-    def micro_batch_size(self) -> int:
-        return self.batch_size // self.grad_accum_steps
-
     def get(self, key: str):
         """The value of ``key`` as the official configs name it: a base field or a section's (``rank``)."""
         section = SECTION_OF_KEY.get(key)

@@ -22,8 +22,6 @@ import numpy as np
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
-if str(REPO_ROOT) not in sys.path:  # scripts run as `python benchmarks/x.py` from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
 
 # Zen 3 / Zen 4 / Skylake-class x86 cores: two 256-bit FMA pipes = 2 x 8 lanes x 2 flops per cycle.
 AVX2_FP32_FLOPS_PER_CYCLE = 32
@@ -257,7 +255,3 @@ def write_json(path: Path, data: dict):
 
 def log(message: str):
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def fmt_s(value, digits=2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"

@@ -10,8 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import alternate, summarize
 from flax import nnx
+
+from benchmarks.harness import alternate, summarize
 
 ROUNDS = 3
 

@@ -8,12 +8,27 @@ import math
 import statistics
 import time
 
-import bridge
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from gpu_bench import PUBLISHED, sync_time
 
+from benchmarks import shared_weights
+
+
+
+PUBLISHED = {"batch": 4, "stage_c_s": 6.08, "stage_a_b_s": 4.07, "total_s": 10.15,
+             "source": "figure quoted in issue 5 (diffusers, batch 4, 1024^2, 20+10 steps)"}
+
+
+def sync_time(fn, device) -> tuple[object, float]:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
 
 
 def _time_twice(fn, device):
@@ -24,7 +39,9 @@ def _time_twice(fn, device):
         times.append(seconds)
     return out, times
 
-class State:
+class GpuCascadeCases:
+    """The GPU benchmark's parts over one set of models: JAX and PyTorch sampling per stage, then the training step."""
+
     def __init__(self, cfg: dict):
         self.cfg, self.models, self.outputs = cfg, {}, {}
         self.batch, self.size = cfg["batch"], cfg["size"]
@@ -37,9 +54,9 @@ class State:
         out = {}
         for name, (model_name, config) in self.cfg["configs"].items():
             start = time.perf_counter()
-            self.models[name] = bridge.fast_random_model(model_name, config, seed=0, dtype="bfloat16")
+            self.models[name] = shared_weights.fast_random_model(model_name, config, seed=0, dtype="bfloat16")
             jax.block_until_ready(nnx.state(self.models[name]))
-            out[name] = {"params": bridge.param_count(self.models[name]), "build_s": time.perf_counter() - start}
+            out[name] = {"params": shared_weights.param_count(self.models[name]), "build_s": time.perf_counter() - start}
         return out
 
     def _conditions(self, config: dict, seed: int):
@@ -111,12 +128,12 @@ class State:
         if name not in self.torch_models:
             _, device = self._torch()
             model_name, config = self.cfg["configs"][name]
-            self.torch_models[name] = bridge.diffusers_unet(model_name, config, self.models[name], share=True,
+            self.torch_models[name] = shared_weights.diffusers_unet(model_name, config, self.models[name], share=True,
                                                             device=device)
         return self.torch_models[name]
 
     def torch_stage_c(self) -> dict:
-        import torch_loop
+        from benchmarks import torch_loop
         torch, device = self._torch()
         start = time.perf_counter()
         unet = self._torch_unet("stage_c")
@@ -130,7 +147,7 @@ class State:
         return {"build_s": build_s, "first_run_s": times[0], "steady_s": times[1], "steps": steps, "cfg": 4.0}
 
     def torch_stage_b(self) -> dict:
-        import torch_loop
+        from benchmarks import torch_loop
         torch, device = self._torch()
         start = time.perf_counter()
         unet = self._torch_unet("stage_b")
@@ -147,10 +164,10 @@ class State:
         return {"build_s": build_s, "first_run_s": times[0], "steady_s": times[1], "steps": steps, "cfg": 1.1}
 
     def torch_stage_a(self) -> dict:
-        import torch_loop
+        from benchmarks import torch_loop
         torch, device = self._torch()
         config = self.cfg["configs"]["stage_a"][1]
-        vq = bridge.diffusers_stage_a(config, self.models["stage_a"], share=True, device=device)
+        vq = shared_weights.diffusers_stage_a(config, self.models["stage_a"], share=True, device=device)
         latents = self.outputs.get("torch_stage_b")
         if latents is None:
             latents = torch.randn(self.batch, 4, self.size // 4, self.size // 4).to(device=device, dtype=torch.bfloat16)
@@ -168,7 +185,7 @@ class State:
 
         if "stage_c" not in self.models:  # the training step consumed (donated) the weights
             model_name, config = self.cfg["configs"]["stage_c"]
-            self.models["stage_c"] = bridge.fast_random_model(model_name, config, seed=0, dtype="bfloat16")
+            self.models["stage_c"] = shared_weights.fast_random_model(model_name, config, seed=0, dtype="bfloat16")
         original = jax.nn.dot_product_attention
         jax.nn.dot_product_attention = functools.partial(original, implementation="cudnn")
         jax.clear_caches()  # the sampling loop must be traced again with the patched attention
@@ -201,7 +218,7 @@ class State:
         float32 master weights and AdamW moments, bfloat16 compute, per-block remat, cached conditions
         (random arrays of the cache's shapes: the generator's step alone), at the largest batch of
         ``train_batches`` that runs; then, time permitting, the same batch without remat."""
-        import bench_train as bt
+        from benchmarks import bench_train as bt
         from cascade_jax.training import build_run
         from cascade_jax.training.hooks import peak_flops_per_device
 

@@ -5,10 +5,10 @@ Order is priority: under a budget the later cases are the ones skipped (with the
 
 from __future__ import annotations
 
-from bench_convert import run_convert_section
-from bench_forward import STAGE_SHAPES, abstract_flops, run_forward_section
-from bench_pipeline import run_pipeline_section
-from bench_train import run_train_section
+from benchmarks.bench_convert import run_convert_section
+from benchmarks.bench_forward import STAGE_SHAPES, abstract_flops, run_forward_section
+from benchmarks.bench_pipeline import run_pipeline_section
+from benchmarks.bench_train import run_train_section
 
 PRESETS = {"stage_c_lite": "Stage C lite (1B)", "stage_b_lite": "Stage B lite (700M)",
            "stage_c": "Stage C (3.6B)", "stage_b": "Stage B (1.5B)"}
@@ -104,8 +104,8 @@ def train(budget, mode: str, gflops: float, peak: dict, train_lite: bool) -> lis
 
 def train_variant(label, config_name, batch, image_size, remat, cached, *, mode: str, gflops: float) -> dict:
     """A child spec with its parameter counts and time estimates (abstract models only: no weights)."""
-    import bridge
-    from bench_train import variant_config
+    from benchmarks import shared_weights
+    from benchmarks.bench_train import variant_config
     from cascade_jax.models.registry import abstract_model
     from cascade_jax.training import get_task
 
@@ -119,14 +119,14 @@ def train_variant(label, config_name, batch, image_size, remat, cached, *, mode:
     latent = ([-(-image_size // 32)] * 2 + [16]) if cfg.stage == "c" else [image_size // 4, image_size // 4, 4]
     flops = abstract_flops(task.generator_model, generator, batch, tuple(latent)) or 0.0
     step_s = 3 * flops / (gflops * 1e9) * (4 / 3 if remat != "none" else 1.0)
-    frozen_params = sum(bridge.param_count(abstract_model(*spec)) for spec in frozen.values())
+    frozen_params = sum(shared_weights.param_count(abstract_model(*spec)) for spec in frozen.values())
     if not cached and frozen:  # the encoders' forward runs in the step: ~7.5 GFLOP per 256^2 image measured at
         # tiny size (EfficientNet), plus the text encoder's 77 tokens
         step_s += (7.5e9 * (image_size / 256) ** 2 + 2 * 77 * frozen_params) * batch / (gflops * 1e9)
     return dict(label=label, stage=cfg.stage, config=config_name, batch=batch, image_size=image_size, latent=latent,
                 remat=remat, cached=cached, steps=2 if mode == "tiny" or lite else 3, overrides=extra,
                 random_cache=lite and cached,
-                trainable_params=bridge.param_count(abstract_model(task.generator_model, generator)),
+                trainable_params=shared_weights.param_count(abstract_model(task.generator_model, generator)),
                 frozen_params=frozen_params,
                 est_step_s=step_s, est_build_s=300 if lite else 15 if not cached else 45,
                 est_compile_s=300 if lite else 30 if cached else 60)

@@ -1,5 +1,5 @@
-"""Issue 9, items 1-5 and 10: each fault found by trying the converter, load_model and the cache as a
-hostile user would, reproduced and shown fixed. All on a tiny Stage A (a few hundred kB)."""
+"""Faults of the converter, load_model and the converted-weights cache, met as a hostile user would meet
+them: each reproduced and shown handled. All on a tiny Stage A (a few hundred kB)."""
 
 from __future__ import annotations
 
