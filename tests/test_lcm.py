@@ -85,8 +85,8 @@ def tiny_config(student: str, tmp="/tmp/cascade_jax_lcm_test", **changes):
     # diverge (1.5x the loss after 12 updates); 2e-3 gave 0.92 / 0.85 / 0.89 / 0.75x after 3 / 6 / 9 / 12.
     values = dict(stage="c_lcm", model_config=pipeline_set("tiny")["stage_c"][1], dropout=False, lr=2e-3,
                   lcm={"student": student, "solver_steps": 4, "guidance": [2.0, 4.0], "loss": "l2"},
-                  module_filters=(".attn", "channelwise"), rank=4, ema_start_iters=0, ema_iters=1, ema_beta=0.5,
-                  save_every=1000)
+                  lora=dataclasses.replace(cfg.lora, module_filters=(".attn", "channelwise"), rank=4),
+                  ema_start_iters=0, ema_iters=1, ema_beta=0.5, save_every=1000)
     return dataclasses.replace(cfg, **{**values, **changes})
 
 
