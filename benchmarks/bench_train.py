@@ -68,7 +68,6 @@ def bench_task(stage: str):
             from benchmarks import shared_weights
 
             config = self.generator_config(cfg)
-            self.generator_config_used = config
             model = shared_weights.fast_random_model(self.generator_model, config, seed=cfg.seed, dtype=cfg.param_dtype)
             if cfg.remat:
                 model.set_remat(cfg.remat)

@@ -9,6 +9,7 @@ from benchmarks.bench_convert import run_convert_section
 from benchmarks.bench_forward import STAGE_SHAPES, abstract_flops, run_forward_section
 from benchmarks.bench_pipeline import run_pipeline_section
 from benchmarks.bench_train import run_train_section
+from benchmarks.bench_train_torch import run_train_torch_section
 
 PRESETS = {"stage_c_lite": "Stage C lite (1B)", "stage_b_lite": "Stage B lite (700M)",
            "stage_c": "Stage C (3.6B)", "stage_b": "Stage B (1.5B)"}
@@ -130,3 +131,8 @@ def train_variant(label, config_name, batch, image_size, remat, cached, *, mode:
                 frozen_params=frozen_params,
                 est_step_s=step_s, est_build_s=300 if lite else 15 if not cached else 45,
                 est_compile_s=300 if lite else 30 if cached else 60)
+
+
+def train_torch(budget, mode: str) -> list[dict]:
+    """One update of the small Stage C and Stage B, JAX against PyTorch (bench_train_torch.py)."""
+    return run_train_torch_section(budget, rounds={"tiny": 2, "quick": 3, "full": 9}.get(mode, 5))

@@ -220,7 +220,7 @@ class GpuCascadeCases:
         ``train_batches`` that runs; then, time permitting, the same batch without remat."""
         from benchmarks import bench_train as bt
         from cascade_jax.training import build_run
-        from cascade_jax.training.hooks import peak_flops_per_device
+        from cascade_jax.training.metrics_log import peak_flops_per_device
 
         self.models.pop("stage_c", None)  # the inference copy; the cuDNN part rebuilds it
         gc.collect()
@@ -282,9 +282,8 @@ class GpuCascadeCases:
         result = {"batch": cfg.batch_size, "latent": list(batch["x0"].shape[1:]), "remat": "none" if remat_off else "full",
                   "compile_s": time.perf_counter() - start, "xla_memory_gb": bt.xla_memory_gb(compiled),
                   "hardware_flops_per_step": bt.flops_of(compiled)}
-        if isinstance(result["xla_memory_gb"], dict):
-            m = result["xla_memory_gb"]
-            result["xla_step_memory_gb"] = m.get("argument", 0) + m.get("output", 0) - m.get("alias", 0) + m.get("temp", 0)
+        if isinstance(result["xla_memory_gb"], dict):  # compile_report's peak: arguments + outputs + temps - aliases
+            result["xla_step_memory_gb"] = result["xla_memory_gb"]["peak"]
         result["step_s"], result["losses"] = bt.time_steps(run, compiled, batch, self.cfg["train_steps"], deadline)
         step_s = statistics.median(result["step_s"]) if result["step_s"] else None
         result.update(median_step_s=step_s, images_per_s=cfg.batch_size / step_s if step_s else None)

@@ -5,6 +5,8 @@ Sections, in order of priority, each writing ``benchmarks/results/<section>.json
   pipeline  lite text-to-image, 20+10 steps: compile, steady state, sampling-loop overhead
   convert   full-size official-format checkpoints -> converted directories: time, peak memory
   train     the library's train step, tiny/lite Stage C and B, remat, cached conditions: steps/s, MFU, memory
+  train_torch  one training update (forward, backward, AdamW) of a small Stage C and Stage B, JAX against
+            PyTorch (diffusers' U-Net, the official GDF loss, torch AdamW), same weights and batch
 then ``results/summary.md`` (and the marked section of docs/benchmarks.md, if it has the markers
 ``<!-- bench:start -->`` / ``<!-- bench:end -->``).
 
@@ -33,7 +35,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python b
 from benchmarks import harness  # noqa: E402
 from benchmarks.harness import Budget, log, machine_info, write_json  # noqa: E402
 
-SECTIONS = ("forward", "pipeline", "convert", "train")
+SECTIONS = ("forward", "pipeline", "convert", "train", "train_torch")
 
 
 def parse_args(argv=None):
@@ -98,6 +100,7 @@ def main(argv=None):
         "pipeline": lambda b: cpu_sections.pipeline(b, mode, gflops, args.pipeline_size),
         "convert": lambda b: cpu_sections.convert(b, mode, args.scratch),
         "train": lambda b: cpu_sections.train(b, mode, gflops, info["nominal_peak_fp32"], args.train_lite),
+        "train_torch": lambda b: cpu_sections.train_torch(b, mode),
     }
     for section in SECTIONS:
         if section not in sections:
@@ -126,7 +129,7 @@ def reserves_after(section: str, selected: list[str], mode: str) -> dict:
     """Budget kept for the selected sections that come after ``section``."""
     scale = {"quick": 0.75, "tiny": 0.1, "full": 0.0}.get(mode, 1.0)
     later = SECTIONS[SECTIONS.index(section) + 1:]
-    table = {"pipeline": 230, "convert": 150, "train": 110}
+    table = {"pipeline": 230, "convert": 150, "train": 110, "train_torch": 150}
     return {s: table[s] * scale for s in later if s in selected}
 
 

@@ -12,7 +12,9 @@ measurements.
     python benchmarks/sizing.py                               # every cell: hours on a 2-core machine
     python benchmarks/sizing.py --only "Stage C 3.6B full" --slices v5p-16
     python benchmarks/sizing.py --tiny                        # smoke test: tiny configs on a v5e-4
-Writes results/sizing.json and results/sizing.md, and the README section between its markers.
+Writes results/sizing.json and results/sizing.md, and the README section between its markers, after every cell;
+cells of earlier runs in that file are kept (a cell planned again is replaced), and every cell of the grid without
+a result is a row that says it was not run.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ TRAINING = [("Stage C 3.6B full finetune", "finetune_c_3b", []),
             ("Stage C 3.6B LoRA", "finetune_c_3b_lora", []),
             ("ControlNet (canny) on Stage C 3.6B", "controlnet_c_3b_canny", []),
             ("Stage B 1.5B", "finetune_b_3b", []),
-            ("Stage B 700M", "finetune_b_700m", [])]
+            ("Stage B 700M", "finetune_b_700m", []),
+            ("Stage C 3.6B LCM distillation", "lcm_c_3b", []),
+            ("Stage C 3.6B LCM-LoRA", "lcm_c_3b_lora", [])]
 SLICES = ["v4-8", "v5e-16", "v5p-16", "v5p-128", "v6e-8", "v6e-256"]
 SAMPLING = [("cascade 1024², 4 images, bf16", "full", 1024, 4, slice_) for slice_ in ("v5e-1", "v6e-1")]
 TINY_TRAINING = [("tiny Stage C", "tiny_c", ["cached_conditions=true", "scan_blocks=true"])]
@@ -103,6 +107,7 @@ def child_plan(kind: str, config: str, overrides: list, slice_name: str) -> dict
     import dataclasses
 
     import cascade_jax.training.controlnet  # noqa: F401  (registers the c_controlnet task)
+    import cascade_jax.training.lcm  # noqa: F401  (registers the c_lcm task)
     import cascade_jax.training.lora  # noqa: F401  (registers the c_lora task)
     from cascade_jax import compile_report
     from cascade_jax.accelerators import plan_target
@@ -153,31 +158,70 @@ def run_child(kind: str, args: list, limit_gib: float, timeout_s: float, folder:
     return {**cell, **data}
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, training_grid=(), sampling_grid=()) -> str:
+    """The table; every (label, slice) of the grids that has no result yet is a row saying it was not run."""
     num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    lines = [f"Compiled {report['date']} with jax {report['jax']} and libtpu {report['libtpu']} on a CPU (no TPU): "
+    training, sampling = in_grid_order(report["training"], training_grid), in_grid_order(report["sampling"], sampling_grid)
+    lines = [f"Each cell compiled (its date in sizing.json) with jax {report['jax']} and libtpu {report['libtpu']} on a CPU "
+             "(no TPU): "
              "full FSDP over the slice, remat full, AdamW state float32, bf16 compute, the config's image size; "
              "the largest batch per chip that fits with a 10% HBM margin; step time and MFU are the TPU compiler's "
              "estimates, not measurements.", "",
              "| run | slice | fits | peak / HBM per chip (GiB) | largest batch per chip | est. step s | est. MFU |",
              "|---|---|---|---|---|---|---|"]
-    for c in report["training"]:
+    for c in training:
         if "error" in c:
-            lines.append(f"| {c['label']} | {c['slice']} | not run: {c['error']} | | | | |")
+            lines.append(f"| {c['label']} | {c['slice']} | {not_run(c['error'])} | | | | |")
             continue
         lines.append(f"| {c['label']} | {c['slice']} | {'yes' if c.get('fits') else 'no'} | "
                      f"{num(c.get('peak_gib_per_device'), '.1f')} / {num(c.get('hbm_gib_per_device'), 'g')} | "
                      f"{c.get('batch_per_chip', 0)} | {num(c.get('estimated_step_s'), '.3g')} | "
                      f"{num(c.get('estimated_mfu'), '.0%')} |")
     lines += ["", "| sampling | chip | fits | peak / HBM (GiB) | est. s per image |", "|---|---|---|---|---|"]
-    for c in report["sampling"]:
+    for c in sampling:
         if "error" in c:
-            lines.append(f"| {c['label']} | {c['slice']} | not run: {c['error']} | | |")
+            lines.append(f"| {c['label']} | {c['slice']} | {not_run(c['error'])} | | |")
             continue
         lines.append(f"| {c['label']} | {c['slice']} | {c['verdict']} | "
                      f"{c['cascade_peak_gib_per_device']:.1f} / {num(c['hbm_gib_per_device'], 'g')} | "
                      f"{num(c['estimated_s_per_image'], '.3g')} |")
     return "\n".join(lines) + "\n"
+
+
+def in_grid_order(cells: list, grid) -> list:
+    """The cells in the grid's order, a "not run" row for each grid entry without one, then any others."""
+    by_key = {(c["label"], c["slice"]): c for c in cells}
+    rows = [by_key.pop(key, {"label": key[0], "slice": key[1], "error": "not run: not yet planned on this machine"})
+            for key in grid]
+    return rows + list(by_key.values())
+
+
+def not_run(error: str) -> str:
+    return error if error.startswith("not run") else f"not run: {error}"
+
+
+def merge_cell(report: dict, section: str, cell: dict):
+    """``cell`` into ``report[section]`` in place of an earlier result for the same (label, slice)."""
+    report[section] = [c for c in report[section] if (c["label"], c["slice"]) != (cell["label"], cell["slice"])]
+    report[section].append(cell)
+
+
+def earlier_report(out: Path) -> dict:
+    """The results already in ``out`` (cells of earlier runs are kept, a cell planned again is replaced)."""
+    if out.is_file():
+        data = json.loads(out.read_text())
+        return {**data, "training": data.get("training", []), "sampling": data.get("sampling", [])}
+    return {"training": [], "sampling": []}
+
+
+def write_results(report: dict, out: Path, grids: tuple, readme: bool) -> str:
+    """sizing.json, sizing.md and the README section, rewritten after every cell (a long run keeps what landed)."""
+    out.write_text(json.dumps(report, indent=1, default=str))
+    table = markdown(report, *grids)
+    out.with_suffix(".md").write_text(table)
+    if readme:
+        update_readme(table)
+    return table
 
 
 def update_readme(table: str, readme: Path = REPO / "README.md"):
@@ -208,27 +252,30 @@ def main(argv=None) -> int:
         TRAINING, SLICES, SAMPLING)
     slices = args.slices or slices
     wanted = lambda label: args.only is None or args.only in label  # noqa: E731
-    report = {"date": time.strftime("%Y-%m-%d"), "training": [], "sampling": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     import jax
     from importlib import metadata
-    report.update(jax=jax.__version__, libtpu=metadata.version("libtpu"))
+    report = {**earlier_report(out), "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+              "libtpu": metadata.version("libtpu")}
+    grids = ([(label, s) for label, _, _ in training for s in (TINY_SLICES if args.tiny else SLICES)],
+             [(c[0], c[-1]) for c in sampling])
+    readme = not args.tiny and not args.no_readme
+    table = write_results(report, out, grids, readme)
     for label, config, overrides in training:
         for slice_ in slices if wanted(label) else []:
             print(f"sizing: {label} on {slice_}", file=sys.stderr, flush=True)
             cell = training_cell(config, overrides, slice_, args.limit_gib, args.timeout_s, out.parent)
-            report["training"].append({"label": label, "config": config, "slice": slice_, **cell})
+            merge_cell(report, "training", {"label": label, "config": config, "slice": slice_,
+                                              "date": time.strftime("%Y-%m-%d"), **cell})
+            table = write_results(report, out, grids, readme)
     for label, set_name, size, batch, slice_ in sampling:
         if wanted(label) and (args.slices is None or slice_ in args.slices):
             print(f"sizing: {label} on {slice_}", file=sys.stderr, flush=True)
             cell = run_child("sampling", [set_name, size, batch, slice_], args.limit_gib, args.timeout_s, out.parent)
-            report["sampling"].append({"label": label, "slice": slice_, **cell})
-    out.write_text(json.dumps(report, indent=1, default=str))
-    table = markdown(report)
-    out.with_suffix(".md").write_text(table)
-    if not args.tiny and not args.no_readme and args.only is None and args.slices is None:
-        update_readme(table)
+            merge_cell(report, "sampling", {"label": label, "slice": slice_, "date": time.strftime("%Y-%m-%d"),
+                                              **cell})
+            table = write_results(report, out, grids, readme)
     print(table)
     return 0
 

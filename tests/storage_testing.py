@@ -199,17 +199,17 @@ def toy_training(checkpoint_url: str, updates: int, log_file: str) -> None:
     from training_testing import ToyData, toy_config
 
     from cascade_jax.training import train
-    from cascade_jax.training.hooks import Hook
 
     cfg = toy_config(__import__("pathlib").Path("/unused"), checkpoint_path=checkpoint_url, output_path=checkpoint_url,
                      updates=updates, save_every=2, async_checkpointing=True, keep_checkpoints=2)
     data = ToyData(cfg.batch_size)
 
-    def record(step, state, metrics):
+    def record(info):
         with open(log_file, "a") as f:
-            f.write(json.dumps({"step": step, "position": data.position, "loss": float(metrics["loss"])}) + "\n")
+            f.write(json.dumps({"step": info.step, "position": data.position,
+                                "loss": float(info.metrics["loss"])}) + "\n")
 
-    train(cfg, data=data, hooks=[Hook(1, record)], progress=False)
+    train(cfg, data=data, hooks=[record], progress=False)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ def errors_in(value, where="") -> list[str]:
 
 
 # What these entry points write by default; other benchmarks may write beside them meanwhile.
-DEFAULT_OUTPUTS = ["machine.json", "forward.json", "pipeline.json", "convert.json", "train.json", "summary.md",
+DEFAULT_OUTPUTS = ["machine.json", "forward.json", "pipeline.json", "convert.json", "train.json", "train_torch.json",
+                   "summary.md",
                    "tiny", "dry_run", "gpu_tiny"]
 
 
@@ -54,7 +55,7 @@ def test_run_cpu_tiny_dry_run_plans_every_section(tmp_path, results_untouched):
     result = subprocess.run([sys.executable, "benchmarks/run_cpu.py", "--tiny", "--dry-run", "--results", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    for section in ("forward", "pipeline", "convert", "train"):
+    for section in ("forward", "pipeline", "convert", "train", "train_torch"):
         data = json.loads((out / f"{section}.json").read_text())
         assert errors_in(data["results"]) == [], section
     assert "failed" not in (out / "summary.md").read_text()

@@ -92,3 +92,19 @@ def test_lora_file_written_at_save_loads_back(trained, tmp_path):
     modules = nnx.merge(run.graphdef, run.state.params, run.frozen)
     lora = load_lora(path, modules.generator)
     assert set(lora.layers) == set(task.alphas) and lora.tokens.tokens == ["[fernando]"]
+
+
+def test_a_scan_blocks_run_writes_its_lora_per_block(trained, tmp_path):
+    """With scan_blocks the generator's units are stacked: the writer is given the run's stack_layouts (the task
+    keeps none) and writes the same per-block keys and shapes as the unstacked run's file."""
+    cfg, task, run, *_ = trained
+    scan_cfg = load_config("tiny_c_lora", [f"checkpoint_path={tmp_path}/ck", f"output_path={tmp_path}/out",
+                                           "scan_blocks=true"])
+    scan_task = get_task("c_lora")
+    scanned = build_run(scan_cfg, scan_task, mesh=run.mesh)
+    assert scanned.stack_layouts.get("generator")
+    with pytest.raises(ValueError, match="pass its stack_layouts"):
+        scan_task.write_lora(scan_cfg, scanned.state.params, 0)
+    written = read_tensors(scan_task.write_lora(scan_cfg, scanned.state.params, 0, scanned.stack_layouts))[0]
+    reference = read_tensors(task.write_lora(cfg, run.state.params, UPDATES))[0]
+    assert {k: v.shape for k, v in written.items()} == {k: v.shape for k, v in reference.items()}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import cascade_jax.training.controlnet  # noqa: F401  (registers the c_controlnet task)
+import cascade_jax.training.lcm  # noqa: F401  (registers the c_lcm task)
 import cascade_jax.training.lora  # noqa: F401  (registers the c_lora task)
 from cascade_jax.accelerators import parse_target, peak_flops_for, resolve_target, topology_shape
 from cascade_jax.training import load_config
@@ -71,13 +72,25 @@ def test_train_c_plans_tiny_c_for_a_v5e_4(capsys):
 
 @pytest.mark.parametrize("config, overrides", [
     ("tiny_b", ["cached_conditions=true"]), ("tiny_c", ["remat=full"]), ("tiny_c_lora", []),
-    ("controlnet_tiny", ["init=scratch"]), ("tiny_a", []), ("tiny_previewer", [])])
+    ("controlnet_tiny", ["init=scratch"]), ("tiny_a", []), ("tiny_previewer", []),
+    ("tiny_c", ["stage=c_lcm", "dropout=false", "lcm={student: lora, solver_steps: 4}"]),
+    ("tiny_c", ["stage=c_lcm", "dropout=false", "lcm={student: full, solver_steps: 4}"])])
 def test_every_trainer_traces_its_planned_step(config, overrides):
     """Each task's abstract models and planned batch are what its loss needs: the step traces on shapes alone
     (the compile is the same call as above)."""
     cfg = load_config(config, overrides)
     traced, trainable = traced_step(cfg, plan_mesh(cfg, resolve_target("v5e-4")))
     assert trainable > 0 and len(traced.jaxpr.eqns) > 0
+
+
+def test_train_c_lcm_plans_instead_of_training(capsys):
+    """train_c_lcm.py's --plan goes to the planner (here a bad slice name, refused before any compile), never to
+    training."""
+    from cascade_jax.training.cli import main
+
+    assert main(["tiny_c", "--plan", "v5p-15", "dropout=false", "lcm={student: lora, solver_steps: 4}"],
+                stage="c_lcm") == 2
+    assert "two per chip" in capsys.readouterr().err
 
 
 def test_fit_finds_the_largest_batch_cheapest_remat_and_says_what_fits(monkeypatch):

@@ -103,16 +103,15 @@ def test_sigkill_during_a_save_to_a_bucket_resumes_from_the_last_complete_checkp
     assert f"{in_save}/commit_success.txt" not in storage.listing(f"{gs}/run/toy"), "the kill came after the save"
     # Resumed here (the same trainer as the subprocess's, without a second process start-up).
     from cascade_jax.training import train
-    from cascade_jax.training.hooks import Hook
 
     resumed_data, resumed_steps = ToyData(8), []
 
-    def record(step, state, metrics):
-        resumed_steps.append(step)
+    def record(info):
+        resumed_steps.append(info.step)
 
     cfg = toy_config(tmp_path, checkpoint_path=f"{gs}/run", output_path=f"{gs}/run", updates=8, save_every=2,
                      keep_checkpoints=2)
-    resumed = train(cfg, data=resumed_data, hooks=[Hook(1, record)], progress=False)
+    resumed = train(cfg, data=resumed_data, hooks=[record], progress=False)
     whole = train(toy_config(tmp_path, updates=8, save_every=2, keep_checkpoints=2), data=ToyData(8), progress=False)
     got, want = host_params(resumed.state), host_params(whole.state)
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)

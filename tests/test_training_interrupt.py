@@ -21,7 +21,7 @@ from training_testing import ToyData, host_params, interruptible_config, toy_con
 
 from cascade_jax.training import train
 from cascade_jax.training.checkpointing import TrainCheckpointer
-from cascade_jax.training.hooks import Hook
+from cascade_jax.training.export import ExportHook
 from cascade_jax.training.interrupt import Abandoned, StopSignals, call_abandonably, exit_status
 from cascade_jax.training.loop import checkpointer_for
 
@@ -52,8 +52,8 @@ def test_sigterm_saves_the_update_in_flight_and_resume_is_bit_identical(tmp_path
                                                                         restore_signal_handlers):
     cfg = toy_config(tmp_path / "a", **SETTINGS)
 
-    def sigterm_at_update_5(step, state, metrics):
-        if step == 5:  # guard: without train()'s handler this signal would end pytest
+    def sigterm_at_update_5(info):
+        if info.step == 5:  # guard: without train()'s handler this signal would end pytest
             assert getattr(signal.getsignal(signal.SIGTERM), "graceful", False), "train() installed no handler"
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -66,8 +66,7 @@ def test_sigterm_saves_the_update_in_flight_and_resume_is_bit_identical(tmp_path
     monkeypatch.setattr(TrainCheckpointer, "save_if_new", save_with_a_second_signal)
 
     def work() -> int:
-        train(cfg, data=ToyData(8), hooks=[Hook(1, sigterm_at_update_5)], progress=False,
-              export_dir=tmp_path / "export")
+        train(cfg, data=ToyData(8), hooks=[sigterm_at_update_5, ExportHook(tmp_path / "export")], progress=False)
         return 0
 
     assert exit_status(work) == 143

@@ -16,6 +16,7 @@ import numpy as np
 from training_testing import ToyData, host_params, toy_config
 
 from cascade_jax.training import train
+from cascade_jax.training.hooks import TrainerHooks
 from cascade_jax.training.loop import build_run, checkpointer_for
 
 HERE = Path(__file__).resolve().parent
@@ -80,11 +81,17 @@ def test_kill_minus_nine_then_resume_is_bit_identical(tmp_path):
 
 
 def test_in_process_resume_and_checkpoint_retention(tmp_path):
-    """Two calls of train() (the second resumes) equal one; keep N plus backups are honoured."""
+    """Two calls of train() (the second resumes) equal one; keep N plus backups are honoured. A user's hook
+    (added without touching the loop) runs every 3 updates and when train() returns, on the state of that update."""
     cfg = toy_config(tmp_path / "a", updates=8, save_every=2, keep_checkpoints=2, backup_every=4,
                      ema_start_iters=0, ema_iters=1, ema_beta=0.5, adaptive_loss_weight=True)
-    train(cfg, data=ToyData(8), stop_after=5, progress=False)
-    resumed = train(cfg, data=ToyData(8), progress=False)
+    seen = []
+    hooks = TrainerHooks()
+    hooks.add_hook(lambda info: seen.append((info.step, int(info.state.step), info.final)), every=3, at_end=True)
+    train(cfg, data=ToyData(8), stop_after=5, progress=False, hooks=hooks)
+    resumed = train(cfg, data=ToyData(8), progress=False, hooks=hooks)
+    # 3, then 5 (stop_after); resumed from the checkpoint of 4: 6, then the last update.
+    assert seen == [(3, 3, False), (5, 5, False), (6, 6, False), (8, 8, True)]
     once = train(toy_config(tmp_path / "b", **{k: getattr(cfg, k) for k in (
         "updates", "save_every", "keep_checkpoints", "backup_every", "ema_start_iters", "ema_iters", "ema_beta",
         "adaptive_loss_weight")}), data=ToyData(8), progress=False)

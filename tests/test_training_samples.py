@@ -20,7 +20,7 @@ from training_testing import ImageData
 from cascade_jax.data import global_batch
 from cascade_jax.sharding import make_mesh
 from cascade_jax.training import build_run, load_config, train
-from cascade_jax.training.hooks import Hook
+from cascade_jax.training.hooks import StepInfo
 from cascade_jax.training.loop import host_rng
 from cascade_jax.training.samples import CAPTION_HEIGHT, PAD, SampleCollage, collage, false_colour
 
@@ -115,15 +115,15 @@ def test_stage_c_collages_leave_training_unchanged(tmp_path, caplog):
 
 
 def test_stage_b_collage_reconstructs_the_first_batch_from_the_ema(tmp_path):
-    """The hook as train() drives it (remember each loader batch, then Hook(every) after each update), on a
-    built run without training steps (the Stage B step would compile for another 28 s of CPU)."""
+    """The hook as train() drives it (a StepInfo with the loader batch after each update: due on the first, to
+    keep its images, and every EVERY updates), on a built run without training steps (the Stage B step would
+    compile for another 28 s of CPU)."""
     cfg = tiny("b", tmp_path, "b", f"sample_every={EVERY}", "ema_start_iters=0", "ema_iters=1", "ema_beta=0.9")
     run = build_run(cfg, mesh=one_device())
     hook, data = SampleCollage(run, cfg), ImageData(4, 64)
     first_batch = next(ImageData(4, 64))
     for step in range(1, UPDATES + 1):
-        hook.remember(next(data))
-        Hook(EVERY, hook)(step, run.state, {})
+        hook(StepInfo(step, run, {}, next(data)))
     found = collages(tmp_path, "b")
     assert list(found) == ["step_00000002.png", "step_00000004.png"]
     # 64-px images -> 16x16 Stage B latents -> 64-px Stage A decodes, tiles upscaled 2x to 128; originals above

@@ -164,16 +164,15 @@ def interruptible_config(work):
 def interruptible_main(work: str, log_file: str) -> int:
     """A toy run too long to finish (~20 ms an update) under the trainer scripts' exit handling."""
     from cascade_jax.training import train
-    from cascade_jax.training.hooks import Hook
     from cascade_jax.training.interrupt import exit_status
 
-    def record(step, state, metrics):
+    def record(info):
         with open(log_file, "a") as f:
-            f.write(json.dumps({"step": step, "loss": float(metrics["loss"])}) + "\n")
+            f.write(json.dumps({"step": info.step, "loss": float(info.metrics["loss"])}) + "\n")
         time.sleep(0.02)
 
     def work_fn() -> int:
-        train(interruptible_config(Path(work)), data=ToyData(8), hooks=[Hook(1, record)], progress=False)
+        train(interruptible_config(Path(work)), data=ToyData(8), hooks=[record], progress=False)
         return 0
 
     return exit_status(work_fn)
@@ -198,18 +197,17 @@ def interrupted_distributed_run(work, process_id: int) -> int:
     """A long run that the test stops with Ctrl-C to process 0 only: both processes must stop after the
     same update (JAX's preemption sync point), save it, and exit 130 (process 0) and 143 (process 1)."""
     from cascade_jax.training import train
-    from cascade_jax.training.hooks import Hook
     from cascade_jax.training.interrupt import exit_status
 
-    def record(step, state, metrics):
+    def record(info):
         with open(work / f"steps{process_id}", "a") as f:
-            f.write(f"{step}\n")
+            f.write(f"{info.step}\n")
         time.sleep(0.02)
 
     def work_fn() -> int:
         cfg = toy_config(work / "interrupted", batch_size=16, updates=10_000, save_every=1000,
                          async_checkpointing=True)
-        train(cfg, data=ToyData(8, stride=16, offset=8 * process_id), hooks=[Hook(1, record)], progress=False)
+        train(cfg, data=ToyData(8, stride=16, offset=8 * process_id), hooks=[record], progress=False)
         return 0
 
     return exit_status(work_fn)
@@ -217,7 +215,6 @@ def interrupted_distributed_run(work, process_id: int) -> int:
 
 if __name__ == "__main__":
     from cascade_jax.training import train
-    from cascade_jax.training.hooks import Hook
 
     if sys.argv[1] == "distributed":
         sys.exit(distributed_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]))
@@ -227,8 +224,9 @@ if __name__ == "__main__":
     cfg = toy_config(ckpt, updates=updates, save_every=2, async_checkpointing=True, keep_checkpoints=2)
     data = ToyData(cfg.batch_size)
 
-    def record(step, state, metrics):
+    def record(info):
         with open(log_file, "a") as f:
-            f.write(json.dumps({"step": step, "position": data.position, "loss": float(metrics["loss"])}) + "\n")
+            f.write(json.dumps({"step": info.step, "position": data.position,
+                                "loss": float(info.metrics["loss"])}) + "\n")
 
-    train(cfg, data=data, hooks=[Hook(1, record)], progress=False)
+    train(cfg, data=data, hooks=[record], progress=False)

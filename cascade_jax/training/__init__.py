@@ -10,7 +10,8 @@ Stage A (``stage_a.StageATask``, ``stage: a``, a VQ autoencoder) and the Preview
 subclasses one, adds its module in ``build``, narrows ``trainable`` to it and calls
 ``register_task("c_lora", ...)``. Everything else — config, AdamW with warm-up and clipping,
 accumulation, EMA, adaptive loss buckets, sharding, checkpoints and resume, logging, export — is
-shared.
+shared. Checkpoints, logging, sample collages and exports are hooks (``training/hooks.py``); add your own with
+``TrainerHooks.add_hook(fn, every=N)``.
 
     from cascade_jax.training import load_config, train, export_run
     run = train(load_config("finetune_c_3b", ["batch_size=64", "mesh.fsdp=8"]))
@@ -19,9 +20,11 @@ shared.
 
 from cascade_jax.training import previewer, stage_a, stage_b, stage_c  # noqa: F401  (register the tasks)
 from cascade_jax.training.config import MeshConfig, TrainConfig, config_from_dict, load_config
+from cascade_jax.training.hooks import Hook, StepInfo, TrainerHooks
 from cascade_jax.training.loop import Run, build_run, export_run, train
 from cascade_jax.training.state import TrainState
 from cascade_jax.training.task import LossAux, Task, TrainModules, generator_filter, get_task, register_task
 
-__all__ = ["MeshConfig", "TrainConfig", "config_from_dict", "load_config", "Run", "build_run", "export_run", "train",
+__all__ = ["MeshConfig", "TrainConfig", "config_from_dict", "load_config", "Hook", "StepInfo", "TrainerHooks", "Run",
+           "build_run", "export_run", "train",
            "TrainState", "LossAux", "Task", "TrainModules", "generator_filter", "get_task", "register_task"]

@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from cascade_jax import storage
+from cascade_jax.training.hooks import Hook, StepInfo
 from cascade_jax.training.storage_errors import quiet_orbax_noise, storage_errors
 
 
@@ -113,3 +114,25 @@ class TrainCheckpointer:
             self.wait()
         finally:
             self.close()
+
+
+class CheckpointHook(Hook):
+    """Saves the state and the data position as Orbax would (multiples of ``save_every``, the first update of a
+    folder without checkpoints, the last update forced), the last completed update of an interrupted run, and
+    waits for the saves in flight when the run ends. ``meta``: stored beside each step (the run's config)."""
+
+    def __init__(self, checkpointer: TrainCheckpointer, *, every: int, meta: dict):
+        super().__init__(every=every)
+        self.checkpointer, self.meta = checkpointer, meta
+
+    def due(self, info: StepInfo) -> bool:
+        return super().due(info) or info.final or self.checkpointer.latest_step() is None
+
+    def run(self, info: StepInfo):
+        self.checkpointer.save(info.step, info.state, info.data_state, self.meta, force=info.final)
+
+    def interrupted(self, info: StepInfo):
+        self.checkpointer.save_if_new(info.step, info.state, info.data_state, self.meta)
+
+    def close(self):
+        self.checkpointer.finish()

@@ -1,4 +1,6 @@
-"""What ``train/train_*.py`` run: parse, (multi-host init), train or plan (``--plan TOPOLOGY [--fit]``), export."""
+"""What every ``train/train_*.py`` runs: parse, (multi-host init), train or plan (``--plan TOPOLOGY [--fit]``), and
+write what the task makes: an export folder (``--export``) and the task's own outputs (a LoRA file), as hooks of
+the run (``Task.exports``, ``Task.output_hooks``), each summarised at the end."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import jax
 
 
 def parse_args(argv, stage: str):
-    parser = argparse.ArgumentParser(description=f"Train Stage {stage.upper()} (cascade-jax).")
+    parser = argparse.ArgumentParser(description=f"Train {stage_title(stage)} (cascade-jax).")
     parser.add_argument("config", help="a YAML file or a name in configs/training (e.g. finetune_c_3b, tiny_c)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted for sections: mesh.fsdp=8; "
                                                     "sample_every=500 writes sample collages)")
@@ -34,6 +36,14 @@ def parse_args(argv, stage: str):
     parser.add_argument("--force-resume", action="store_true",
                         help="resume a checkpoint trained with another model, task, batch or data (refused otherwise)")
     return parser.parse_intermixed_args(argv)  # overrides may follow the flags
+
+
+def stage_title(stage: str) -> str:
+    """``c`` -> "Stage C", ``c_lora`` -> "Stage C (c_lora)", ``previewer`` -> "the Previewer"."""
+    if stage == "previewer":
+        return "the Previewer"
+    base = stage.split("_", 1)[0]
+    return f"Stage {base.upper()}" + (f" ({stage})" if "_" in stage else "")
 
 
 def run_plan(cfg, args) -> int:
@@ -97,15 +107,17 @@ def reporting_errors(body) -> int:
         return 2
 
 
-def load_checked(args, stage: str, *, exports: bool = True):
-    """The config (values checked at load) and the export folder; ``train`` checks the rest against the task
-    and the files before it reads data or builds a model."""
-    from cascade_jax.training import load_config
+def load_checked(args, stage: str, task=None):
+    """The config (values checked at load) and, when the task exports, the export folder; ``train`` checks
+    the rest against the task and the files before it reads data or builds a model."""
+    from cascade_jax.training import get_task, load_config
     from cascade_jax.training.run_checks import check_export_folder
     from cascade_jax.training.validation import ConfigError
 
+    task = task or get_task(stage)
     try:
         cfg = load_config(args.config, [f"stage={stage}", *args.overrides])
+        exports = task.exports(cfg)
     except (ValueError, TypeError) as err:  # the config file and overrides: each message names the key
         raise ConfigError(str(err)) from None
     if exports and args.plan is None:  # a plan compiles from shapes: it writes nothing
@@ -117,23 +129,31 @@ def export_folder(args, cfg) -> str:
     return args.export or os.path.join(cfg.output_path, cfg.experiment_id, "export")
 
 
+def output_hooks(task, cfg, args) -> list:
+    """The hooks that write the run's products: the task's own (a LoRA file) and the export folder."""
+    from cascade_jax.training.export import ExportHook
+
+    hooks = list(task.output_hooks(cfg))
+    if task.exports(cfg):
+        hooks.append(ExportHook(export_folder(args, cfg)))
+    return hooks
+
+
 def _main(args, stage: str) -> int:
     if args.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
-    from cascade_jax import storage
-    from cascade_jax.training import export_run, train
+    from cascade_jax.training import get_task, train
     from cascade_jax.training.console import say
 
-    cfg = load_checked(args, stage)
+    task = get_task(stage)
+    cfg = load_checked(args, stage, task)
     if args.plan is not None:
         return run_plan(cfg, args)
     say(config_line(args))
-    out = export_folder(args, cfg)
-    run = train(cfg, export_dir=out, force_resume=args.force_resume)
-    if jax.process_index() == 0:
-        exported = export_run(run, out)
-        report = {"export": storage.absolute(out), **{k: [str(p) for p in v] for k, v in exported.items()}}
-        if cfg.sample_every:  # the collages of training/samples.py
-            report["samples"] = [os.path.join(cfg.output_path, cfg.experiment_id, "samples")]
-        print(json.dumps(report, indent=1))
+    hooks = output_hooks(task, cfg, args)
+    train(cfg, task=task, hooks=hooks, force_resume=args.force_resume)
+    for hook in hooks:
+        summary = hook.summary()
+        if summary is not None:
+            print(summary)
     return 0

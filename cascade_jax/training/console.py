@@ -73,21 +73,20 @@ def mesh_line(mesh, batch_size: int) -> str:
     return f"mesh: {axes} over {mesh.devices.size} {kind} device(s){hosts}; global batch {batch_size}"
 
 
-def folder_lines(cfg, checkpoint_dir, export_dir=None) -> list[str]:
+def folder_lines(cfg, checkpoint_dir, hook_lines=()) -> list[str]:
+    """Where the run writes; ``hook_lines``: what further hooks write (an export, LoRA files)."""
     run_dir = storage.join(cfg.output_path, cfg.experiment_id)  # a folder or a bucket URL
     lines = [f"checkpoints: {checkpoint_dir} (every {cfg.save_every} updates, the last {cfg.keep_checkpoints} kept)"]
     if cfg.sample_every:
         lines.append(f"samples: {storage.join(run_dir, 'samples')} (every {cfg.sample_every} updates)")
     lines.append(f"TensorBoard: tensorboard --logdir {storage.join(run_dir, 'logs')}")
-    if export_dir is not None:
-        lines.append(f"export: {export_dir} (at the end)")
-    return lines
+    return [*lines, *hook_lines]
 
 
-def announce_start(run, data, checkpoint_dir, start: int, export_dir=None):
+def announce_start(run, data, checkpoint_dir, start: int, hook_lines=()):
     cfg = run.cfg
     lines = [data_line(data), parameters_line(run.state.params, run.frozen), mesh_line(run.mesh, cfg.batch_size),
-             *folder_lines(cfg, checkpoint_dir, export_dir)]
+             *folder_lines(cfg, checkpoint_dir, hook_lines)]
     if start >= cfg.updates:
         lines.append(f"resuming from step {start}: all {cfg.updates} updates are done")
     elif start:

@@ -32,7 +32,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from cascade_jax.data import hints
 from cascade_jax.models.controlnet import adapt_stem_weight
@@ -55,12 +54,12 @@ def control_of(cfg: TrainConfig) -> str:
     return FILTERS[cfg.controlnet.controlnet_filter]
 
 
-def controlnet_config(cfg: TrainConfig, stage_c) -> dict:
+def controlnet_config(cfg: TrainConfig, stage_c_config: dict) -> dict:
     """The official ``ControlNet(c_in=filter channels, proj_blocks=controlnet_blocks, bottleneck_mode)``;
-    c_proj is Stage C's width (the official default 2048 is the 3.6B width)."""
+    c_proj is the width of the Stage C of ``stage_c_config`` (the official default 2048 is the 3.6B width)."""
     if not cfg.controlnet.controlnet_blocks:
         raise ValueError("controlnet_blocks is required: the Stage C ResBlock indices that get a residual")
-    width = stage_c.embedding[1].weight.shape[-1]
+    width = stage_c_config["c_hidden"][0]  # the width its embedding projects to, where residuals are added
     return {"c_in": hints.HINT_CHANNELS[control_of(cfg)], "c_proj": int(width),
             "proj_blocks": [int(i) for i in cfg.controlnet.controlnet_blocks],
             "bottleneck_mode": cfg.controlnet.controlnet_bottleneck_mode or "effnet"}
@@ -92,15 +91,13 @@ class ControlNetTask(StageCTask):
 
     def build(self, cfg: TrainConfig) -> TrainModules:
         work = work_dir(cfg)
-        self.control = control_of(cfg)
         frozen = self.build_frozen(cfg, work)
         stage_c = self.frozen_stage_c(cfg, work)
-        self.controlnet_config = controlnet_config(cfg, stage_c)
+        config = controlnet_config(cfg, self.generator_config(cfg))
         if cfg.controlnet.controlnet_checkpoint_path is not None:
-            controlnet = load_weights("controlnet", self.controlnet_config, cfg.controlnet.controlnet_checkpoint_path, work,
-                                      cfg.param_dtype)
+            controlnet = load_weights("controlnet", config, cfg.controlnet.controlnet_checkpoint_path, work, cfg.param_dtype)
         else:
-            controlnet = init_controlnet(self.controlnet_config, frozen["effnet"], cfg.seed, cfg.param_dtype)
+            controlnet = init_controlnet(config, frozen["effnet"], cfg.seed, cfg.param_dtype)
         modules = TrainModules(generator=controlnet, stage_c=stage_c, **frozen)
         self.tokenizer = self.tokenizer_for(cfg)
         self.clip_image_size = modules.image_encoder.vision_model.embeddings.image_size
@@ -111,10 +108,9 @@ class ControlNetTask(StageCTask):
         stage_c = abstract_model("stage_c", self.generator_config(cfg))
         if cfg.remat:
             stage_c.set_remat(cfg.remat)
-        self.control = control_of(cfg)
-        self.controlnet_config = controlnet_config(cfg, stage_c)
+        config = controlnet_config(cfg, self.generator_config(cfg))
         frozen = {name: abstract_model(*spec) for name, spec in self.frozen_specs(cfg).items()}
-        return TrainModules(generator=abstract_model("controlnet", self.controlnet_config), stage_c=stage_c, **frozen)
+        return TrainModules(generator=abstract_model("controlnet", config), stage_c=stage_c, **frozen)
 
     def plan_batch(self, cfg: TrainConfig) -> dict:
         specs = super().plan_batch(cfg)
@@ -136,8 +132,8 @@ class ControlNetTask(StageCTask):
             model.set_remat(cfg.remat)
         return model
 
-    def export_model(self, modules) -> tuple[str, dict]:
-        return "controlnet", self.controlnet_config
+    def export_model(self, cfg: TrainConfig) -> tuple[str, dict]:
+        return "controlnet", controlnet_config(cfg, self.generator_config(cfg))
 
     def frozen_sources(self, cfg: TrainConfig, work_dir: Path) -> dict:
         """The Stage C task's, plus the frozen Stage C's converted directory (exported beside the ControlNet)."""
@@ -155,10 +151,10 @@ class ControlNetTask(StageCTask):
     def host_batch(self, cfg: TrainConfig, batch: dict, rng: np.random.Generator) -> dict:
         arrays = super().host_batch(cfg, batch, rng)
         params = dict(cfg.controlnet.controlnet_filter_params or {})
-        images = arrays["images"]
-        if self.control == "canny":
+        images, control = arrays["images"], control_of(cfg)
+        if control == "canny":
             arrays["hint"] = hints.canny_hint(images, resize=params.get("resize", 224))
-        elif self.control == "inpainting":
+        elif control == "inpainting":
             arrays["hint"] = hints.inpainting_hint(images, self.inpainting_masks(rng, images, params))
         return arrays
 
@@ -174,7 +170,7 @@ class ControlNetTask(StageCTask):
         return hints.saliency_mask(images, self.saliency_fn, threshold=rng.uniform(low, high), outpaint=outpaint)
 
     def hint(self, modules, batch, cfg: TrainConfig):
-        if self.control != "super_resolution":
+        if control_of(cfg) != "super_resolution":
             return batch["hint"]
         # SREffnetFilter: EfficientNet latents of the nearest-downscaled image, nearest-upsampled back.
         factor = dict(cfg.controlnet.controlnet_filter_params or {}).get("scale_factor", hints.super_resolution.SCALE_FACTOR)

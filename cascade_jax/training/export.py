@@ -47,6 +47,7 @@ from cascade_jax.models.clip import CLIPEncoder
 from cascade_jax.models.unet import CascadeUNet
 from cascade_jax.models.unet_stack import unstack_units
 from cascade_jax.nn.params import named_variables
+from cascade_jax.training.hooks import Hook, StepInfo
 from cascade_jax.training.task import RandomSource, work_dir
 from cascade_jax.storage import atomic
 from cascade_jax.weights import checkpoint
@@ -86,6 +87,31 @@ def _dtype_of(arrays: dict) -> str:
     return str(floats[0]) if floats else "float32"
 
 
+class ExportHook(Hook):
+    """Exports the run to ``out_dir`` when it completes (process 0); ``written`` is what :func:`export_run`
+    returned. ``train/*.py`` add it (``--export``); ``summary()`` is the JSON they print."""
+
+    def __init__(self, out_dir):
+        super().__init__(at_end=True)
+        self.out_dir, self.written, self.samples = out_dir, None, None
+        self.start_line = f"export: {out_dir} (at the end)"
+
+    def run(self, info: StepInfo):
+        self.last_step = info.step
+        if info.run.cfg.sample_every:  # the collages of training/samples.py
+            self.samples = storage.join(info.run.cfg.output_path, info.run.cfg.experiment_id, "samples")
+        if jax.process_index() == 0:
+            self.written = export_run(info.run, self.out_dir)
+
+    def summary(self) -> str | None:
+        if self.written is None:
+            return None
+        report = {"export": storage.absolute(self.out_dir), **{k: [str(p) for p in v] for k, v in self.written.items()}}
+        if self.samples is not None:
+            report["samples"] = [str(self.samples)]
+        return json.dumps(report, indent=1)
+
+
 # ---- writing ----------------------------------------------------------------------------------------
 def export_run(run, out_dir) -> dict:
     """Export ``run`` into ``out_dir`` (a local folder or a bucket URL; see the module docstring). Returns
@@ -121,7 +147,7 @@ def _write_folder(run, folder: Path) -> dict:
 
 def _write_trained(run, folder: Path) -> tuple[dict, dict]:
     """The trained weights: ``name/`` (EMA if kept) and ``name_non_ema/`` (with an EMA), each with its safetensors."""
-    name, config = run.task.export_model(None)
+    name, config = run.task.export_model(run.cfg)
     variants = [("generator", name, run.state.params, "trained")]
     if run.state.ema is not None:
         variants = [("generator_ema", name, run.state.ema, "trained (EMA)"),
@@ -165,10 +191,9 @@ def _write_frozen(run, folder: Path, exclude: set) -> tuple[dict, list]:
 
 
 def _frozen_sources(task, cfg) -> dict:
-    sources = getattr(task, "sources", None)
-    if sources is not None:
-        return sources
-    try:  # cached_conditions: nothing was built; the config still says where the frozen models come from
+    """Where the frozen models came from (converted on first use by ``build``: found again here). With
+    cached_conditions nothing was built; the config still says where the frozen models come from."""
+    try:
         return task.frozen_sources(cfg, work_dir(cfg))
     except (OSError, ValueError) as e:
         warnings.warn(f"the export holds only the trained model: its frozen models cannot be found ({e})")
@@ -228,7 +253,7 @@ def _save_module(model, spec: tuple[str, dict], out_dir: Path, origin: str):
 
 
 def _write_manifest(run, folder: Path, components: dict, skipped: list):
-    name, _ = run.task.export_model(None)
+    name, _ = run.task.export_model(run.cfg)
     entries = sorted([*components, *(c["file"] for c in components.values() if "file" in c)])
     manifest = {"format": MANIFEST_FORMAT, "run": run_identity(run.cfg), "experiment_id": run.cfg.experiment_id,
                 "step": int(jax.device_get(run.state.step)), "trained": name,

@@ -1,93 +1,129 @@
-"""Things done every N updates: logging (progress bar, TensorBoard scalars and images) and checkpoints.
+"""Things done every N updates, outside the loop: logging, checkpoints, sample collages, exports, a user's own.
 
-A hook is ``Hook(every, fn)``; ``fn(step, state, metrics)`` runs after update ``step`` (1-based)
-when ``step % every == 0``. ``MetricsLogger`` keeps the official smoothed loss
-(``ema_loss = 0.99·ema_loss + 0.01·loss``), steps/s, images/s and an MFU estimate.
+``train()`` (``training/loop.py``) only runs updates; after each one it hands a :class:`StepInfo` to its
+:class:`TrainerHooks`, which call every hook that is due. A user adds one without editing the loop::
+
+    hooks = TrainerHooks()
+    hooks.add_hook(lambda info: print(info.step, float(info.metrics["loss"])), every=100)
+    train(cfg, hooks=hooks)
+
+A hook sees only finite states: the loop checks the losses of the updates so far before any hook runs.
+The built-in hooks (``metrics_log.LoggingHook``, ``checkpointing.CheckpointHook``, ``samples.SampleCollage``,
+``export.ExportHook``) are :class:`Hook` subclasses that also act when a run is interrupted or ends.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from pathlib import Path
-from typing import Callable
-
-import jax
-
-from cascade_jax import storage
-from cascade_jax.accelerators import peak_flops_for
+from typing import Any, Callable
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What a hook is given: the run after update ``step`` (1-based; at the start, the update resumed from)."""
+
+    step: int
+    run: Any  # training.loop.Run: state, task, config, mesh
+    metrics: dict | None = None  # this update's metrics (device arrays); None before any update of this process
+    loader_batch: dict | None = None  # the loader batch this update trained on
+    data_state: dict | None = None  # the data iterator's position after this update (what a checkpoint saves)
+
+    @property
+    def state(self):
+        return self.run.state
+
+    @property
+    def final(self) -> bool:
+        """Whether this is the run's last update (``cfg.updates``)."""
+        return self.step == self.run.cfg.updates
+
+
 class Hook:
-    every: int
-    fn: Callable
+    """``fn(info)`` after every ``every``-th update (never with ``every=0``) and, with ``at_end``, once more when
+    ``train()`` returns without an interruption (after its last update, ``stop_after``'s, or at once for a resumed
+    run with none left), unless it just ran for that update.
+    Subclasses may override ``due``, ``interrupted`` (Ctrl-C / SIGTERM: ``info`` is the last completed update),
+    ``close`` (always, last) and ``start_line`` (a start-up line saying what the hook writes where)."""
 
-    def __call__(self, step: int, state, metrics: dict):
-        if self.every and step % self.every == 0:
-            self.fn(step, state, metrics)
+    start_line: str | None = None
 
+    def __init__(self, fn: Callable[[StepInfo], Any] | None = None, every: int = 0, at_end: bool = False):
+        if isinstance(fn, int) and callable(every):
+            raise TypeError("Hook(fn, every=N): the function comes first")
+        self.fn, self.every, self.at_end = fn, int(every or 0), at_end
+        self.last_step: int | None = None
 
-def peak_flops_per_device(override: float | None = None) -> float | None:
-    if override:
-        return float(override)
-    return peak_flops_for(jax.devices()[0].device_kind)
+    def due(self, info: StepInfo) -> bool:
+        return bool(self.every) and info.step % self.every == 0
 
+    def run(self, info: StepInfo):
+        self.last_step = info.step
+        return self.fn(info)
 
-class MetricsLogger:
-    """Smoothed loss, rates and MFU; writes TensorBoard events and a tqdm bar on process 0."""
+    def __call__(self, info: StepInfo):
+        """Run if due (what the loop does after each update)."""
+        if self.due(info):
+            return self.run(info)
+        return None
 
-    def __init__(self, log_dir, *, total_steps: int, start_step: int, images_per_step: int, smoothing: float,
-                 step_flops: float | None, peak_flops: float | None, progress: bool = True):
-        self.smoothing, self.images_per_step = smoothing, images_per_step
-        self.step_flops, self.peak = step_flops, peak_flops
-        self.smoothed = None
-        self.last_time, self.last_step = time.perf_counter(), start_step
-        self.main = jax.process_index() == 0
-        self.writer = self.bar = None
-        if self.main:
-            from tensorboardX import SummaryWriter
+    def end(self, info: StepInfo):
+        if self.at_end and self.last_step != info.step:
+            self.run(info)
 
-            if storage.is_url(log_dir):
-                from cascade_jax.storage.tensorboard import register_for
-
-                register_for(log_dir)  # event files in a bucket (rewritten whole per flush)
-            else:
-                Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(log_dir))
-            if progress:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
-
-    def update(self, step: int, metrics: dict, extra: dict | None = None) -> dict:
-        """Record one update's metrics (host floats); returns what was logged."""
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        loss = values["loss"]
-        self.smoothed = loss if self.smoothed is None else self.smoothed * self.smoothing + loss * (1 - self.smoothing)
-        now = time.perf_counter()
-        steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_step = now, step
-        logged = {**values, "loss_smoothed": self.smoothed, "steps_per_s": steps_per_s,
-                  "images_per_s": steps_per_s * self.images_per_step, **(extra or {})}
-        if self.step_flops and self.peak:
-            logged["mfu"] = self.step_flops * steps_per_s / (self.peak * jax.device_count())
-        if self.writer is not None:
-            for key, value in logged.items():
-                self.writer.add_scalar(f"train/{key}", value, step)
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{self.smoothed:.4f}", raw=f"{loss:.4f}", gn=f"{values['grad_norm']:.3f}",
-                                 lr=f"{values['lr']:.2e}")
-        return logged
-
-    def add_image(self, tag: str, image, step: int):
-        """An (H, W, 3) uint8 image (a sample collage) under ``tag`` in TensorBoard's Images tab."""
-        if self.writer is not None:
-            self.writer.add_image(tag, image, step, dataformats="HWC")
+    def interrupted(self, info: StepInfo):
+        pass
 
     def close(self):
-        if self.writer is not None:
-            self.writer.close()
-        if self.bar is not None:
-            self.bar.close()
+        pass
+
+
+class TrainerHooks:
+    """The hooks of one run, in the order they were added (levanter's ``TrainerHooks.add_hook``)."""
+
+    def __init__(self, hooks=()):
+        self.hooks: list[Hook] = []
+        for hook in hooks:
+            self.add_hook(hook)
+
+    def add_hook(self, fn, *, every: int | None = None, at_end: bool = False) -> Hook:
+        """Add ``fn(info)`` to run every ``every`` updates (and at the end with ``at_end``), or a :class:`Hook`
+        as it is; returns the hook."""
+        if isinstance(fn, Hook):
+            if every is not None or at_end:
+                raise ValueError(f"{type(fn).__name__} is a Hook already: give every/at_end to its constructor")
+            hook = fn
+        elif callable(fn):
+            hook = Hook(fn, every=1 if every is None else every, at_end=at_end)
+        else:
+            raise TypeError(f"a hook is a function of a StepInfo or a Hook, got {type(fn).__name__}")
+        self.hooks.append(hook)
+        return hook
+
+    def due(self, info: StepInfo) -> list[Hook]:
+        return [hook for hook in self.hooks if hook.due(info)]
+
+    def run(self, hooks: list[Hook], info: StepInfo):
+        for hook in hooks:
+            hook.run(info)
+
+    def end(self, info: StepInfo):
+        for hook in self.hooks:
+            hook.end(info)
+
+    def interrupted(self, info: StepInfo):
+        for hook in self.hooks:
+            hook.interrupted(info)
+
+    def start_lines(self) -> list[str]:
+        return [hook.start_line for hook in self.hooks if hook.start_line]
+
+    def close(self):
+        """Close every hook, the last added first, even when one fails (the first failure is raised)."""
+        failure = None
+        for hook in reversed(self.hooks):
+            try:
+                hook.close()
+            except BaseException as err:  # noqa: BLE001 - the others still close; the first one is raised below
+                failure = failure or err
+        if failure is not None:
+            raise failure

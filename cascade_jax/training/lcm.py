@@ -16,7 +16,8 @@ with and without guidance), and three networks:
 
 The loss is the distance (pseudo-Huber or L2, ``lcm.loss``) between the student's consistency function at
 (x_t, t) and the target's at the teacher's (x_t', t'); the boundary parameterisation and the solver are in
-``cascade_jax.diffusion.consistency``. The result samples with the LCM sampler in 1-8 steps
+``cascade_jax.diffusion.consistency``. ``train/train_c_lcm.py`` writes the LCM-LoRA file at every save and at the
+end, or exports the full student as a weights folder. The result samples with the LCM sampler in 1-8 steps
 (``--prior-sampler lcm --prior-steps 4``, or a weights folder's sampling.json).
 """
 
@@ -35,7 +36,7 @@ from cascade_jax.diffusion.scalers import per_sample, vp_scalers
 from cascade_jax.models.lora import DEFAULT_FILTERS, attach_lora, init_lora, set_enabled, shallow_copy
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.lcm_config import lcm_config
-from cascade_jax.training.lora import NAME, LoRATask
+from cascade_jax.training.lora import NAME, LoRAFiles, LoRATask
 from cascade_jax.training.stage_c import StageCTask, encode_text
 from cascade_jax.training.task import LossAux, TrainModules, generator_filter, param_dtype, register_task
 
@@ -84,6 +85,14 @@ class LCMTask(LoRATask):
         teacher = shallow_copy(modules.generator)  # its own variables (shapes only): frozen, not the student's
         return TrainModules(teacher=teacher, **{n: getattr(modules, n) for n in modules.names})
 
+    def exports(self, cfg: TrainConfig) -> bool:
+        return lcm_config(cfg.lcm).student != "lora"  # a full student (and its EMA) as weights folders
+
+    def output_hooks(self, cfg: TrainConfig) -> list:
+        if lcm_config(cfg.lcm).student != "lora":
+            return []
+        return [LoRAFiles(self, cfg, params_of=task_params, label="LCM-LoRA")]
+
     def trainable(self, cfg: TrainConfig):
         if lcm_config(cfg.lcm).student == "lora":
             return super().trainable(cfg)  # the LoRA factors only
@@ -93,6 +102,12 @@ class LCMTask(LoRATask):
         arrays = super().host_batch(cfg, batch, rng)
         empty = self.tokenizer([""] * len(arrays["input_ids"]))  # the pipeline's unconditional text
         return {**arrays, "uncond_input_ids": empty["input_ids"], "uncond_attention_mask": empty["attention_mask"]}
+
+    def plan_batch(self, cfg: TrainConfig) -> dict:
+        """Stage C's planned batch plus the "" token arrays ``host_batch`` adds (planning, ``--plan``)."""
+        self._check(cfg)
+        specs = StageCTask.plan_batch(self, cfg)
+        return {**specs, "uncond_input_ids": specs["input_ids"], "uncond_attention_mask": specs["attention_mask"]}
 
     def conditions(self, modules, batch):
         return StageCTask.conditions(self, modules, batch)  # all constant: no token deltas here
@@ -162,38 +177,6 @@ def predict(model, gdf: GDF, x, logsnr, cond):
 
 
 register_task("c_lcm", LCMTask)
-
-
-def main(argv) -> int:
-    """``train/train_c_lcm.py``: the trainer CLI; with ``lcm.student: lora`` also the LCM-LoRA file at every save
-    and at the end, else the exported student (and its EMA, the target network) as weights folders."""
-    import json
-    import sys
-
-    from cascade_jax.training import export_run, load_config, train
-    from cascade_jax.training.cli import export_folder, parse_args
-    from cascade_jax.training.export_folder import check_export_folder
-    from cascade_jax.training.hooks import Hook
-
-    args = parse_args(argv, "c_lcm")
-    if args.distributed:
-        jax.distributed.initialize()
-    cfg = load_config(args.config, ["stage=c_lcm", *args.overrides])
-    task = LCMTask()
-    if lcm_config(cfg.lcm).student != "lora":
-        out = export_folder(args, cfg)
-        try:  # before any compile: an export never overwrites a user's file
-            check_export_folder(out, cfg)
-        except (OSError, ValueError) as e:
-            print(f"error: --export: {e}", file=sys.stderr)
-            return 2
-        run = train(cfg, task=task)
-        print(json.dumps({k: [str(p) for p in v] for k, v in export_run(run, out).items()}, indent=1))
-        return 0
-    hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, task_params(state), step))
-    run = train(cfg, task=task, hooks=[hook])
-    print(f"LCM-LoRA written to {task.write_lora(cfg, task_params(run.state), cfg.updates)}")
-    return 0
 
 
 def task_params(state):

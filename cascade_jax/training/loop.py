@@ -1,5 +1,6 @@
-"""The training loop: build a run (task models split into trainable / frozen, state on the mesh),
-feed it batches, log, checkpoint, resume, export.
+"""The training loop: build a run (task models split into trainable / frozen, state on the mesh), resume it,
+feed it batches. Everything done every N updates (logging, checkpoints, sample collages, an export, a user's
+own) is a hook (``training/hooks.py``): the loop knows none of them.
 
 Per step the host draws the task's random choices from ``np.random.default_rng((seed, step,
 process))`` and the device from ``fold_in(state.rng, step)``, so a run resumed from a checkpoint
@@ -21,11 +22,12 @@ from cascade_jax import storage
 from cascade_jax.compile_report import xla_cost
 from cascade_jax.sharding import make_mesh
 from cascade_jax.training import console, placement
-from cascade_jax.training.checkpointing import TrainCheckpointer
+from cascade_jax.training.checkpointing import CheckpointHook, TrainCheckpointer
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.finite_guard import FiniteGuard
-from cascade_jax.training.hooks import Hook, MetricsLogger, peak_flops_per_device
+from cascade_jax.training.hooks import StepInfo, TrainerHooks
 from cascade_jax.training.interrupt import Abandoned, StopSignals, TrainingInterrupted, call_abandonably
+from cascade_jax.training.metrics_log import LoggingHook
 from cascade_jax.training.optimizer import make_optimizer
 from cascade_jax.training.paths import check_run_paths
 from cascade_jax.training.resume_check import check_resume_config, check_resume_state
@@ -48,7 +50,8 @@ class Run:
     state_shardings: Any
     frozen_shardings: Any
     compiled: dict = dataclasses.field(default_factory=dict)
-    history: list = dataclasses.field(default_factory=list)
+    history: list = dataclasses.field(default_factory=list)  # what the logging hook logged
+    stack_layouts: dict = dataclasses.field(default_factory=dict)  # scan_blocks: how each U-Net was stacked
 
     def step(self, batch):
         """One update on a global batch; compiles once per batch shape."""
@@ -73,7 +76,8 @@ class Run:
 def build_run(cfg: TrainConfig, task: Task | None = None, mesh=None) -> Run:
     task = task or get_task(cfg.stage)
     mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    modules = stack_for_scan(task, task.build(cfg), cfg)
+    modules = task.build(cfg)
+    layouts = stack_for_scan(modules, cfg)
     graphdef, params, frozen = nnx.split(modules, task.trainable(cfg), ...)
     if not jax.tree.leaves(params):
         raise ValueError(f"the {type(task).__name__} filter selects no trainable parameters (train_filter="
@@ -87,7 +91,7 @@ def build_run(cfg: TrainConfig, task: Task | None = None, mesh=None) -> Run:
     state_sh = placement.state_shardings(state, tx, mesh, rules)
     frozen_sh = placement.variable_shardings(frozen, mesh, rules)
     return Run(cfg, task, mesh, graphdef, placement.place(frozen, frozen_sh), placement.place(state, state_sh), tx,
-               state_sh, frozen_sh)
+               state_sh, frozen_sh, stack_layouts=layouts)
 
 
 def make_data_iterator(cfg: TrainConfig):
@@ -130,62 +134,55 @@ def resume(run: Run, checkpointer: TrainCheckpointer, data) -> int:
 
 
 def train(cfg: TrainConfig, *, task: Task | None = None, data=None, mesh=None, hooks=(), stop_after: int | None = None,
-          progress: bool = True, export_dir=None, force_resume: bool = False) -> Run:
+          progress: bool = True, force_resume: bool = False) -> Run:
     """Train ``cfg.updates`` updates (resuming from ``checkpoint_path/experiment_id`` when a checkpoint is there).
 
     ``data``: an iterator of per-host loader batches with ``get_state``/``set_state`` (default: the
     Grain loader of ``cfg.data``). ``stop_after``: leave after this many updates in total (tests).
-    ``hooks`` run after each update's checkpoint; with ``sample_every`` set, the sample-collage hook
-    (``training/samples.py``) runs after them. ``export_dir``: only named in the start-up lines.
+    ``hooks``: a :class:`~cascade_jax.training.hooks.TrainerHooks` or a list of hooks (functions of a ``StepInfo``
+    run after every update, or :class:`~cascade_jax.training.hooks.Hook` objects with their ``every``); they run
+    after the built-in logging and checkpoint hooks and before the sample collages (``sample_every``).
     ``force_resume``: resume a checkpoint trained with another model, task, batch or data
     (training/resume_check.py). The config is checked against its task and files, then the data, before any
     model is built; one trainer at a time holds the run folder. A NaN or infinite loss or gradient norm raises
-    :class:`NonFiniteError` before the bad state is saved. Ctrl-C or SIGTERM stops after the update in flight,
-    saves it and raises :class:`~cascade_jax.training.interrupt.TrainingInterrupted` (``training/interrupt.py``).
+    :class:`NonFiniteError` before the bad state is saved or shown to a hook. Ctrl-C or SIGTERM stops after the
+    update in flight, saves it and raises :class:`~cascade_jax.training.interrupt.TrainingInterrupted`
+    (``training/interrupt.py``). A run that completes runs its hooks' ``end`` (an export) after the signal
+    handlers are gone, still holding the run folder.
     """
     task = task or get_task(cfg.stage)
+    hooks = hooks if isinstance(hooks, TrainerHooks) else TrainerHooks(hooks)
     check_run(cfg, task)
     check_run_paths(cfg)  # a missing bucket or a permission error: one message now, before any work
     with run_lock(checkpoint_dir(cfg)):
         check_resume_config(checkpoint_dir(cfg), cfg, force_resume)
         with StopSignals() as stop:
-            return _train(cfg, task, data, mesh, hooks, stop_after, progress, export_dir, stop)
+            run, done, all_hooks = _train(cfg, task, data, mesh, hooks, stop_after, progress, stop)
+        all_hooks.end(done)
+    return run
 
 
-def _train(cfg: TrainConfig, task, data, mesh, hooks, stop_after, progress, export_dir, stop: StopSignals) -> Run:
+def _train(cfg: TrainConfig, task, data, mesh, user_hooks: TrainerHooks, stop_after, progress, stop: StopSignals):
+    """The loop: an update, then the hooks that are due. Returns (run, the last update's StepInfo, the hooks)."""
     from cascade_jax.data import global_batch
-    from cascade_jax.training.samples import make_sample_collage
 
     run, data, checkpointer, start = _prepare(cfg, task, data, mesh, stop)
-    console.announce_start(run, data, checkpointer.directory, start, export_dir)
+    hooks = _run_hooks(run, data, checkpointer, start, user_hooks, progress)
+    console.announce_start(run, data, checkpointer.directory, start, hooks.start_lines())
     guard = FiniteGuard(checkpointer.directory, checkpointer.latest_step)
-    logger = MetricsLogger(storage.join(cfg.output_path, cfg.experiment_id, "logs"), total_steps=cfg.updates,
-                           start_step=start, images_per_step=cfg.batch_size, smoothing=cfg.loss_smoothing,
-                           step_flops=None, peak_flops=peak_flops_per_device(cfg.peak_flops), progress=progress)
-    collage = make_sample_collage(run, cfg, data, logger.add_image)
-    hooks = (*hooks, Hook(cfg.sample_every, collage)) if collage is not None else tuple(hooks)
-    meta = {"config": json.loads(json.dumps(cfg.to_dict(), default=str))}
-    done = (start, _data_state(data))  # the last completed update and the data position after it
+    done = StepInfo(start, run, data_state=_data_state(data))  # the last completed update
     try:
         for step in range(start + 1, cfg.updates + 1):
             with stop.abandonable():  # waiting for data: the update has not started
                 loader_batch = next(data)
-            if collage is not None:
-                collage.remember(loader_batch)  # Stage B reconstructs images of the first batch
             arrays = run.task.host_batch(cfg, loader_batch, host_rng(cfg, step - 1))
             metrics = run.step(global_batch(arrays, run.mesh))
             guard.add(step, metrics)
-            if logger.step_flops is None:
-                logger.step_flops = run.step_flops()
-            if step % cfg.log_every == 0 or step == cfg.updates or step == start + 1:
-                guard.check()
-                run.history.append(logger.update(step, metrics, _skips(data)) | {"step": step})
-            if _reads_state(step, cfg, hooks, checkpointer):
-                guard.check()  # nothing non-finite is saved or handed to a hook
-            done = (step, _data_state(data))
-            checkpointer.save(step, run.state, done[1], meta, force=step == cfg.updates)
-            for hook in hooks:
-                hook(step, run.state, metrics)
+            done = StepInfo(step, run, metrics, loader_batch, _data_state(data))
+            due = hooks.due(done)
+            if due:
+                guard.check()  # nothing non-finite is logged, saved or handed to a hook
+            hooks.run(due, done)
             if stop.requested(step) or (stop_after is not None and step >= stop_after):
                 break
     except Abandoned:
@@ -194,13 +191,27 @@ def _train(cfg: TrainConfig, task, data, mesh, hooks, stop_after, progress, expo
         try:
             if stop.signum is not None:
                 guard.check()  # an interrupted run saves its last update only if it is finite
-                checkpointer.save_if_new(done[0], run.state, done[1], meta)
+                hooks.interrupted(done)
         finally:
-            checkpointer.finish()
-            logger.close()
+            hooks.close()
     if stop.signum is not None:
-        raise TrainingInterrupted(stop.signum, done[0], checkpointer.directory)
-    return run
+        raise TrainingInterrupted(stop.signum, done.step, checkpointer.directory)
+    return run, done, hooks
+
+
+def _run_hooks(run: Run, data, checkpointer: TrainCheckpointer, start: int, user_hooks: TrainerHooks,
+               progress: bool) -> TrainerHooks:
+    """Logging and checkpoints, the user's hooks, then the sample collages (which log their images)."""
+    from cascade_jax.training.samples import make_sample_collage
+
+    cfg = run.cfg
+    log_hook = LoggingHook(cfg, start, data, progress)
+    meta = {"config": json.loads(json.dumps(cfg.to_dict(), default=str))}
+    hooks = TrainerHooks([log_hook, CheckpointHook(checkpointer, every=cfg.save_every, meta=meta), *user_hooks.hooks])
+    collage = make_sample_collage(run, cfg, data, log_hook.logger.add_image)
+    if collage is not None:
+        hooks.add_hook(collage)
+    return hooks
 
 
 def _prepare(cfg: TrainConfig, task, data, mesh, stop: StopSignals):
@@ -222,19 +233,6 @@ def _prepare(cfg: TrainConfig, task, data, mesh, stop: StopSignals):
 
 def _data_state(data) -> dict | None:
     return data.get_state() if hasattr(data, "get_state") else None
-
-
-def _reads_state(step: int, cfg: TrainConfig, hooks, checkpointer: TrainCheckpointer) -> bool:
-    """Whether update ``step`` is saved or shown to a hook: Orbax saves multiples of save_every, the last update
-    (forced) and the first one of a run folder without checkpoints."""
-    saved = step % cfg.save_every == 0 or step == cfg.updates or checkpointer.latest_step() is None
-    return saved or any(h.every and step % h.every == 0 for h in hooks)
-
-
-def _skips(data) -> dict:
-    counts = getattr(data, "skip_counts", None)
-    storage_faults = {f"storage_{k}": v for k, v in storage.fault_counts().items()}  # retries, skipped shards
-    return ({f"skipped_{k}": v for k, v in counts.items()} if counts else {}) | storage_faults
 
 
 def export_run(run: Run, out_dir) -> dict:

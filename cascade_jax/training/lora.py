@@ -33,6 +33,7 @@ from cascade_jax.models.lora_tokens import add_train_tokens, attach_token_rows, 
 from cascade_jax.models.unet_stack import unstack_flat
 from cascade_jax.nn.params import official_key
 from cascade_jax.training.config import TrainConfig
+from cascade_jax.training.hooks import Hook, StepInfo
 from cascade_jax.training.stage_c import StageCTask, encode_text
 from cascade_jax.training.task import TrainModules, register_task
 
@@ -78,6 +79,12 @@ class LoRATask(StageCTask):
     def trainable(self, cfg: TrainConfig):
         return nnx.OfType(LoRAParam)
 
+    def exports(self, cfg: TrainConfig) -> bool:
+        return False  # its product is the LoRA file, not a weights folder
+
+    def output_hooks(self, cfg: TrainConfig) -> list:
+        return [LoRAFiles(self, cfg)]
+
     def conditions(self, modules, batch):
         # The text encoding keeps its gradient (to the token deltas); the rest is constant.
         x0, _, _, clip_img = super().conditions(modules, batch)
@@ -90,11 +97,12 @@ class LoRATask(StageCTask):
         self.alphas = {key: factors.alpha for key, factors in layers.items()}
         self.tokens = token_deltas(token_embedding(modules.text_encoder), NAME)
 
-    def lora_weights(self, params) -> LoRAWeights:
-        """The LoRA held by the trainable ``params`` (an ``nnx.State`` of LoRAParam, host or device)."""
+    def lora_weights(self, params, stack_layouts: dict | None = None) -> LoRAWeights:
+        """The LoRA held by the trainable ``params`` (an ``nnx.State`` of LoRAParam, host or device);
+        ``stack_layouts``: the run's (``Run.stack_layouts``) when it trained with scan_blocks."""
         values = {path: np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(params)}
-        if getattr(self, "stack_layouts", {}).get("generator"):  # scan_blocks: per-block paths again
-            values = unstack_flat(values, self.stack_layouts["generator"], prefix=("generator",))
+        if (stack_layouts or {}).get("generator"):  # scan_blocks: per-block paths again
+            values = unstack_flat(values, stack_layouts["generator"], prefix=("generator",))
         # Matched by official key, not by parsing the key into a path: a Sequential's children are named "0", "1"
         # (strings) in the state, so "channelwise.0.weight" is not the path (..., "channelwise", 0, "weight").
         factors = {}
@@ -109,52 +117,46 @@ class LoRATask(StageCTask):
             tokens = TokenDeltas(self.tokens.indices, rows, self.tokens.tokens)
         return LoRAWeights(layers, tokens, self.filters, self.train_tokens)
 
-    def write_lora(self, cfg: TrainConfig, params, step: int) -> Path | None:
-        """Write ``lora_{step}.safetensors`` and ``lora.safetensors`` (process 0); returns the step's file."""
+    def write_lora(self, cfg: TrainConfig, params, step: int, stack_layouts: dict | None = None) -> Path | None:
+        """Write ``lora_{step}.safetensors`` and ``lora.safetensors`` (process 0); returns the step's file.
+        ``stack_layouts``: the run's (``Run.stack_layouts``), required when it trained with scan_blocks."""
         from cascade_jax.weights.lora_files import save_official
 
+        if cfg.scan_blocks and not stack_layouts:
+            raise ValueError("write_lora: the run trained with scan_blocks; pass its stack_layouts (Run.stack_layouts) "
+                             "so that the LoRA is written per block")
         if jax.process_index() != 0:
             return None
         folder = storage.join(cfg.output_path, cfg.experiment_id, "lora")  # a local folder or a bucket URL
         if not storage.is_url(folder):
             Path(folder).mkdir(parents=True, exist_ok=True)
-        lora, model_config = self.lora_weights(params), {"model": "stage_c", "config": self.generator_config_used}
+        lora = self.lora_weights(params, stack_layouts)
+        model_config = {"model": "stage_c", "config": self.generator_config(cfg)}
         path = storage.join(folder, f"lora_{step}.safetensors")
         save_official(path, lora, model_config)
         save_official(storage.join(folder, "lora.safetensors"), lora, model_config)
         return path if storage.is_url(path) else Path(path)
 
 
+class LoRAFiles(Hook):
+    """Writes the LoRA file (``write_lora``) every ``save_every`` updates and when the run completes; ``params_of``
+    picks what to write from the state (the trained factors by default)."""
+
+    def __init__(self, task: LoRATask, cfg: TrainConfig, params_of=None, label: str = "LoRA"):
+        super().__init__(every=cfg.save_every, at_end=True)
+        self.task, self.cfg, self.label = task, cfg, label
+        self.params_of = params_of or (lambda state: state.params)
+        self.path = None
+        folder = storage.join(cfg.output_path, cfg.experiment_id, "lora")
+        self.start_line = f"{label} files: {folder} (every {cfg.save_every} updates and at the end)"
+
+    def run(self, info: StepInfo):
+        self.last_step = info.step
+        self.path = self.task.write_lora(self.cfg, self.params_of(info.state), info.step, info.run.stack_layouts)
+        return self.path
+
+    def summary(self) -> str | None:
+        return None if self.path is None else f"{self.label} written to {self.path}"
+
+
 register_task("c_lora", LoRATask)
-
-
-def main(argv) -> int:
-    """``train/train_c_lora.py``: the trainer CLI, plus the LoRA file at every save and at the end."""
-    from cascade_jax.training.interrupt import exit_status
-
-    return exit_status(lambda: _main(argv))
-
-
-def _main(argv) -> int:
-    from cascade_jax.training import train
-    from cascade_jax.training.cli import config_line, load_checked, parse_args, reporting_errors, run_plan
-    from cascade_jax.training.console import say
-    from cascade_jax.training.hooks import Hook
-
-    args = parse_args(argv, "c_lora")
-
-    def run_lora() -> int:
-        if args.distributed:
-            jax.distributed.initialize()
-        cfg = load_checked(args, "c_lora", exports=False)  # the LoRA files are its output, not --export
-        if args.plan is not None:
-            return run_plan(cfg, args)
-        say(config_line(args))
-        task = LoRATask()
-        hook = Hook(cfg.save_every, lambda step, state, metrics: task.write_lora(cfg, state.params, step))
-        run = train(cfg, task=task, hooks=[hook], force_resume=args.force_resume)
-        print(f"LoRA written to {task.write_lora(cfg, run.state.params, cfg.updates)}")
-        return 0
-
-    return reporting_errors(run_lora)
-

@@ -49,7 +49,8 @@ def traced_step(cfg: TrainConfig, mesh, batch_specs: dict | None = None, *, unro
     units (``scan_blocks``) as straight-line code, for XLA's time estimate."""
     task = get_task(cfg.stage)
     task.initial_loss_state(cfg)  # a clear error for a task without noise levels before anything is built
-    modules = stack_for_scan(task, task.abstract_modules(cfg), cfg)
+    modules = task.abstract_modules(cfg)
+    stack_for_scan(modules, cfg)
     if unrolled:
         unroll_stacked(modules)
     batch_specs = batch_specs or task.plan_batch(cfg)

@@ -43,6 +43,7 @@ from cascade_jax.pipelines.sizes import stage_b_latent_hw, stage_c_latent_hw
 from cascade_jax.training import placement
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.console import compiling, say
+from cascade_jax.training.hooks import Hook, StepInfo
 from cascade_jax.training.interrupt import call_abandonably
 from cascade_jax.training.stage_c import encode_text
 from cascade_jax.training.step import cast_floats
@@ -193,12 +194,13 @@ def collage_kind(run, cfg: TrainConfig) -> str:
     return "c" if model == "stage_c" else "b"
 
 
-class SampleCollage:
-    """The collage hook's ``fn(step, state, metrics)``; ``train`` passes it each loader batch through
-    ``remember`` first (Stage B keeps the first one)."""
+class SampleCollage(Hook):
+    """The collage hook: a collage every ``sample_every`` updates. It is also due on the first update while it
+    has nothing to sample (Stage B, or Stage C without prompts): it keeps that update's loader batch."""
 
     def __init__(self, run, cfg: TrainConfig, data=None, log_image=None):
-        self.run, self.cfg, self.kind = run, cfg, collage_kind(run, cfg)
+        super().__init__(every=cfg.sample_every)
+        self.train_run, self.cfg, self.kind = run, cfg, collage_kind(run, cfg)
         self.folder = storage.join(cfg.output_path, cfg.experiment_id, "samples")
         self.log_image = log_image  # (tag, image, step): TensorBoard
         self.count = len(cfg.sample_prompts) if cfg.sample_prompts else SAMPLE_COUNT
@@ -217,7 +219,7 @@ class SampleCollage:
                 self._prepare_stage_c(prompts)
 
     def _tokens(self, texts: list[str]) -> dict:
-        tokens = self.run.task.tokenizer(list(texts) + [""] * len(texts))
+        tokens = self.train_run.task.tokenizer(list(texts) + [""] * len(texts))
         return {k: np.asarray(v) for k, v in tokens.items()}
 
     def _place(self, inputs: dict) -> dict:
@@ -225,16 +227,16 @@ class SampleCollage:
             from jax.experimental import multihost_utils
 
             inputs = multihost_utils.broadcast_one_to_all(inputs)
-        rep = placement.replicated(self.run.mesh)
+        rep = placement.replicated(self.train_run.mesh)
         return placement.place(inputs, {k: rep for k in inputs})
 
     def _jit(self, program):
-        return jax.jit(program, out_shardings=placement.replicated(self.run.mesh))
+        return jax.jit(program, out_shardings=placement.replicated(self.train_run.mesh))
 
     def _prepare_stage_c(self, prompts: list[str]):
-        run, cfg = self.run, self.cfg
+        run, cfg = self.train_run, self.cfg
         side = math.ceil(cfg.image_size / 32)  # the EfficientNet latents the generator trains on
-        shape = (len(prompts), side, side, run.task.generator_config_used["c_in"])
+        shape = (len(prompts), side, side, run.task.generator_config(cfg)["c_in"])
         self.captions, self.inputs = list(prompts), self._place(self._tokens(prompts))
         settings = PRIOR_DEFAULTS.replace(steps=cfg.sample_steps)
         self.program = self._jit(stage_c_program(run.graphdef, cfg.compute_dtype, settings, shape,
@@ -256,9 +258,9 @@ class SampleCollage:
         self.originals = images
         self.inputs = self._place({**self._tokens(self.captions),
                                    "effnet_pixels": effnet_pixels(images, (hc * 32, wc * 32))})
-        c_latent = self.run.task.generator_config_used["c_out"]
+        c_latent = self.train_run.task.generator_config(self.cfg)["c_out"]
         settings = DECODER_DEFAULTS.replace(steps=self.cfg.sample_steps)
-        self.program = self._jit(stage_b_program(self.run.graphdef, self.cfg.compute_dtype, settings,
+        self.program = self._jit(stage_b_program(self.train_run.graphdef, self.cfg.compute_dtype, settings,
                                                  (len(images), hb, wb, c_latent)))
 
     def images(self, state) -> tuple[list[np.ndarray], np.ndarray]:
@@ -266,7 +268,7 @@ class SampleCollage:
         if self.program is None:
             raise RuntimeError("sample collage before any batch (Stage B, or Stage C without prompts): call "
                                "remember(batch) first")
-        args = (state.ema if state.ema is not None else state.params, self.run.frozen, self.inputs, self.key)
+        args = (state.ema if state.ema is not None else state.params, self.train_run.frozen, self.inputs, self.key)
         if self.compiled is None:
             with compiling("the sampler of the sample collages"):
                 self.compiled = call_abandonably(lambda: self.program.lower(*args).compile())
@@ -282,7 +284,18 @@ class SampleCollage:
             originals = resize_nearest(originals, decoded.shape[1:3])
         return [originals, decoded], latents
 
-    def __call__(self, step: int, state, metrics: dict) -> Path | None:
+    def due(self, info: StepInfo) -> bool:
+        return super().due(info) or (self.inputs is None and info.loader_batch is not None)
+
+    def run(self, info: StepInfo) -> Path | None:
+        """Keep the batch if it is the first one; write the collage of update ``info.step`` if it is one."""
+        if info.loader_batch is not None:
+            self.remember(info.loader_batch)
+        self.last_step = info.step
+        return self.write(info.step, info.state) if super().due(info) else None
+
+    def write(self, step: int, state) -> Path | None:
+        """The collage of ``state`` as ``samples/step_{step}.png`` (process 0; every process samples)."""
         rows, _ = self.images(state)
         if jax.process_index() != 0:
             return None
@@ -313,6 +326,6 @@ def _stage_c_prompts(cfg: TrainConfig, data, count: int) -> tuple[list[str] | No
 
 
 def make_sample_collage(run, cfg: TrainConfig, data=None, log_image=None) -> SampleCollage | None:
-    """The collage hook's function when ``sample_every`` is set, else None. ``data``: the training data
+    """The collage hook when ``sample_every`` is set, else None. ``data``: the training data
     iterator (Stage C prompts with its captions); ``log_image(tag, image, step)``: e.g. TensorBoard's."""
     return SampleCollage(run, cfg, data, log_image) if cfg.sample_every else None

@@ -21,7 +21,7 @@ from cascade_jax.data.clip_preprocess import preprocess_images
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.pixel_weights import latent_weights
-from cascade_jax.training.task import (Task, TrainModules, frozen_model, frozen_source, param_dtype, register_task,
+from cascade_jax.training.task import (Task, TrainModules, frozen_source, param_dtype, register_task,
                                      work_dir)
 
 CAPTION_DROP = 0.05  # official: rand > 0.05 keeps the caption
@@ -93,11 +93,8 @@ class StageCTask(Task):
             sources["previewer"] = frozen_source(model, cfg, path, "previewer", work_dir, preset=preset)
         return sources
 
-    def build_frozen(self, cfg: TrainConfig, work_dir: Path) -> dict:
-        models = super().build_frozen(cfg, work_dir)
-        if self.wanted_previewer(cfg):
-            models["previewer"] = frozen_model(self.sources["previewer"], cfg)
-        return models
+    def frozen_to_build(self, cfg: TrainConfig) -> tuple[str, ...]:
+        return (*super().frozen_to_build(cfg), *(("previewer",) if self.wanted_previewer(cfg) else ()))
 
     def build(self, cfg: TrainConfig) -> TrainModules:
         work = work_dir(cfg)

@@ -13,7 +13,12 @@ The trainer (``cascade_jax.training.loop``) is generic; a :class:`Task` supplies
   ``rng``, which is seeded per step and host so that resuming repeats them exactly);
 * ``loss(modules, batch, key, loss_state, cfg) -> (loss, LossAux)``: traced inside the jitted
   step on one micro-batch; ``key`` gives the noise levels, noise and dropout;
-* ``export_model(modules) -> (model name, config)``: how the trained generator is saved.
+* ``export_model(cfg) -> (model name, config)``: how the trained generator is saved.
+* ``exports(cfg)`` / ``output_hooks(cfg)``: what ``train/*.py`` write besides checkpoints: an export folder
+  (by default), and hooks of the task's own products (the LoRA task's ``LoRAFiles``).
+
+A task keeps no state a later call depends on: what a method needs it is given (the config; the run's
+``stack_layouts`` for the LoRA writer), or it computes again from the config.
 
 Stage C and Stage B are the two tasks in this package (``stage_c.py``, ``stage_b.py``). LoRA or
 ControlNet training is a further task: subclass one of them, add the adapter/ControlNet module in
@@ -178,11 +183,15 @@ class Task:
             sources[attr] = frozen_source(model, cfg, path, attr, work_dir, preset=preset)
         return sources
 
+    def frozen_to_build(self, cfg: TrainConfig) -> tuple[str, ...]:
+        """The frozen models ``build_frozen`` loads: the ``frozen`` table's (a subclass adds optional ones)."""
+        return tuple(self.frozen)
+
     def build_frozen(self, cfg: TrainConfig, work_dir: Path) -> dict:
         if cfg.cached_conditions:
             return {}
-        self.sources = self.frozen_sources(cfg, work_dir)
-        return {attr: frozen_model(self.sources[attr], cfg) for attr in self.frozen}
+        sources = self.frozen_sources(cfg, work_dir)
+        return {attr: frozen_model(sources[attr], cfg) for attr in self.frozen_to_build(cfg)}
 
     def unsourced_spec(self, cfg: TrainConfig, attr: str) -> tuple[str, dict]:
         """(model name, config) of a frozen model built in memory with no weights file (none by default)."""
@@ -202,6 +211,15 @@ class Task:
         from cascade_jax.data.clip_tokenizer import CLIPTokenizer
 
         return CLIPTokenizer.from_pretrained(self.tokenizer_dir(cfg))
+
+    def exports(self, cfg: TrainConfig) -> bool:
+        """Whether ``train/*.py`` export the run as a weights folder at its end (``--export``)."""
+        return True
+
+    def output_hooks(self, cfg: TrainConfig) -> list:
+        """Hooks (``training/hooks.py``) that write what the task makes besides checkpoints and the export (a
+        LoRA file); ``train/*.py`` add them to the run and print each one's ``summary()`` at the end."""
+        return []
 
     def build(self, cfg: TrainConfig) -> TrainModules:
         raise NotImplementedError
@@ -224,12 +242,12 @@ class Task:
                              "or set model_config to a preset name or file")
         return load_config(preset)[1]
 
-    def export_model(self, modules: TrainModules) -> tuple[str, dict]:
-        return self.generator_model, self.generator_config_used
+    def export_model(self, cfg: TrainConfig) -> tuple[str, dict]:
+        """(model name, constructor config) of the trained generator, as an export writes it."""
+        return self.generator_model, self.generator_config(cfg)
 
     def build_generator(self, cfg: TrainConfig, work_dir: Path):
         config = self.generator_config(cfg)
-        self.generator_config_used = config
         if cfg.init in ("official", "scratch"):
             model = random_model(self.generator_model, config, seed=cfg.seed, dtype=cfg.param_dtype)
             if cfg.init == "official":
@@ -258,27 +276,26 @@ def unroll_stacked(modules: TrainModules):
     return modules
 
 
-def stack_for_scan(task: Task, modules: TrainModules, cfg: TrainConfig) -> TrainModules:
+def stack_for_scan(modules: TrainModules, cfg: TrainConfig) -> dict:
     """With ``scan_blocks``: every U-Net of the task (the trained one, a ControlNet's frozen Stage C) keeps its
-    repeated units stacked (``models/unet_stack.py``), in place; ``task.stack_layouts[attribute]`` says how,
-    for what reads parameters by path (the LoRA writer). Exports unstack (``training/export.py``)."""
-    task.stack_layouts = {}
+    repeated units stacked (``models/unet_stack.py``), in place. Returns ``{attribute: layout}`` (empty without
+    scan_blocks), how each was stacked, for what reads parameters by path (the LoRA writer: ``Run.stack_layouts``).
+    Exports unstack (``training/export.py``)."""
     if not cfg.scan_blocks:
-        return modules
+        return {}
     if cfg.train_filter:
         raise ValueError(f"train_filter={list(cfg.train_filter)} selects blocks by official name, which scan_blocks "
                          "stacks into one array per run of identical blocks: use one of them, not both")
     unets = {name: getattr(modules, name) for name in modules.names if isinstance(getattr(modules, name), CascadeUNet)}
     if not unets:
         raise ValueError(f"scan_blocks applies to the Stage B / C U-Nets; stage {cfg.stage!r} has none: leave it unset")
-    for name, unet in unets.items():
-        task.stack_layouts[name] = stack_units(unet)
+    layouts = {name: stack_units(unet) for name, unet in unets.items()}
     # The frozen CLIP encoders' layers too (nothing reads their parameters by key).
     encoders = [node for name in modules.names if name != "generator"
                 for _, node in nnx.iter_graph(getattr(modules, name)) if isinstance(node, CLIPEncoder)]
     for encoder in encoders:
         encoder.stack_layers()
-    return modules
+    return layouts
 
 
 class RandomSource(NamedTuple):
