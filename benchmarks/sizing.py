@@ -158,10 +158,17 @@ def run_child(kind: str, args: list, limit_gib: float, timeout_s: float, folder:
     return {**cell, **data}
 
 
-def markdown(report: dict, training_grid=(), sampling_grid=()) -> str:
-    """The table; every (label, slice) of the grids that has no result yet is a row saying it was not run."""
+def markdown(report: dict, training_grid=(), sampling_grid=(), *, planned_only: bool = False) -> str:
+    """The table; every (label, slice) of the grids that has no result yet is a row saying it was not run, or
+    (``planned_only``: the README's copy) is counted in one line that points to the full table."""
     num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     training, sampling = in_grid_order(report["training"], training_grid), in_grid_order(report["sampling"], sampling_grid)
+    if planned_only:
+        missing = sum("error" in c for c in (*training, *sampling))
+        training, sampling = [c for c in training if "error" not in c], [c for c in sampling if "error" not in c]
+        if not training and not sampling:
+            return (f"No cell has been planned yet ({missing} in the grid): `python benchmarks/sizing.py` plans them, "
+                    "one compile at a time; `benchmarks/results/sizing.md` lists each with why it was not run.\n")
     lines = [f"Each cell compiled (its date in sizing.json) with jax {report['jax']} and libtpu {report['libtpu']} on a CPU "
              "(no TPU): "
              "full FSDP over the slice, remat full, AdamW state float32, bf16 compute, the config's image size; "
@@ -185,6 +192,8 @@ def markdown(report: dict, training_grid=(), sampling_grid=()) -> str:
         lines.append(f"| {c['label']} | {c['slice']} | {c['verdict']} | "
                      f"{c['cascade_peak_gib_per_device']:.1f} / {num(c['hbm_gib_per_device'], 'g')} | "
                      f"{num(c['estimated_s_per_image'], '.3g')} |")
+    if planned_only and missing:
+        lines += ["", f"{missing} more cells are not planned yet: `benchmarks/results/sizing.md` lists them."]
     return "\n".join(lines) + "\n"
 
 
@@ -220,7 +229,7 @@ def write_results(report: dict, out: Path, grids: tuple, readme: bool) -> str:
     table = markdown(report, *grids)
     out.with_suffix(".md").write_text(table)
     if readme:
-        update_readme(table)
+        update_readme(markdown(report, *grids, planned_only=True))
     return table
 
 
