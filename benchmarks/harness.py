@@ -226,7 +226,7 @@ def write_text(path, text: str):
     """``text`` to ``path`` (its folder made), through a temp sibling: a killed run leaves the old result.
     ``path`` may be a bucket URL (gs://, s3://): one object, published whole."""
     from cascade_jax import storage
-    from cascade_jax.weights import atomic
+    from cascade_jax.storage import atomic
 
     if storage.is_url(path):
         storage.write_text(path, text)

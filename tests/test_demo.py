@@ -1,5 +1,5 @@
 """The embedded demo cascade: its recipe's pieces agree with each other, and the shipped weights draw
-what their prompts say (scored by image analysis, cascade_jax.data.shapes), from a process that never
+what their prompts say (scored by image analysis, cascade_jax.demo.shapes), from a process that never
 imports PyTorch."""
 
 import json
@@ -11,12 +11,12 @@ import pytest
 import yaml
 
 from cascade_jax import demo
-from cascade_jax.data import shapes
+from cascade_jax.demo import shapes
 from cascade_jax.data.clip_tokenizer import CLIPTokenizer
 from cascade_jax.models.registry import configs_root
 from cascade_jax.pipelines.loading import pipeline_set
-from cascade_jax.training.demo import SAMPLING, TOKENIZER_MAX_LENGTH, TRAINED, vocabulary
-from cascade_jax.data.word_tokenizer import learn_merges, write_word_tokenizer_folder
+from cascade_jax.demo.recipe import SAMPLING, TOKENIZER_MAX_LENGTH, TRAINED, vocabulary
+from cascade_jax.demo.word_tokenizer import learn_merges, write_word_tokenizer_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ LOWER_BOUNDS = {"colour": 0.7, "shape": 0.65, "background": 0.75, "position": 0.
 SCRIPT = """
 import json, sys
 import jax
-from cascade_jax.data import shapes
+from cascade_jax.demo import shapes
 from cascade_jax.pipelines import StableCascadePipeline
 splits = {split: [shapes.Combo(*c) for c in combos] for split, combos in json.loads(sys.argv[1]).items()}
 truth = [c for combos in splits.values() for c in combos for _ in range(2)]
@@ -101,12 +101,12 @@ def test_the_shipped_demo_cascade_draws_what_the_prompt_says():
 
 
 def test_the_demo_stages_script_scores_each_link(tmp_path):
-    """benchmarks/demo_stages.py on 16 held-out images: the rendered data and Stage A's round trip are read
+    """cascade_jax.demo.evaluate.stages on 16 held-out images: the rendered data and Stage A's round trip are read
     back exactly (measured 1.0 on 128 images), the Previewer of the EfficientNet latents keeps the colour,
     background and place (measured 0.93, 1.0, 0.98), text -> Stage C -> Previewer draws the prompt's colour
     and place (measured 0.80 and 0.98), and the report lands in JSON and markdown."""
     out = tmp_path / "stages.json"
-    run = subprocess.run([sys.executable, "benchmarks/demo_stages.py", "--images", "16", "--out", str(out)],
+    run = subprocess.run([sys.executable, "-m", "cascade_jax.demo.evaluate.stages", "--images", "16", "--out", str(out)],
                          capture_output=True, text=True, timeout=900, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     stages = json.loads(out.read_text())["stages"]
@@ -123,22 +123,22 @@ def test_the_demo_stages_script_scores_each_link(tmp_path):
 
 
 def test_the_demo_stages_script_refuses_bad_arguments(tmp_path):
-    run = subprocess.run([sys.executable, "benchmarks/demo_stages.py", "--images", "0"], capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "cascade_jax.demo.evaluate.stages", "--images", "0"], capture_output=True,
                          text=True, timeout=120, cwd=REPO)
     assert run.returncode == 2 and "--images must be >= 1, got 0" in run.stderr
-    run = subprocess.run([sys.executable, "benchmarks/demo_stages.py", "--weights", str(tmp_path / "none")],
+    run = subprocess.run([sys.executable, "-m", "cascade_jax.demo.evaluate.stages", "--weights", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 2 and "none" in run.stderr, run.stderr[-2000:]
 
 
 def test_the_demo_probe_script_reads_the_conditionings(tmp_path):
-    """benchmarks/demo_probe.py with 512 training and 128 held-out images: the pooled text embedding
+    """cascade_jax.demo.evaluate.probe with 512 training and 128 held-out images: the pooled text embedding
     Stage B gets tells every attribute of a held-out caption apart linearly, and the EfficientNet latents
     keep the place, the background and, above chance (1/3), the shape (measured with these sizes: text
     0.96-1.0; latents MLP position 0.98, background 0.98, shape 0.66, where the encoder of the earlier,
     smaller objects read 0.44 with 2,048 / 512)."""
     out = tmp_path / "probe.json"
-    run = subprocess.run([sys.executable, "benchmarks/demo_probe.py", "--train", "512", "--test", "128",
+    run = subprocess.run([sys.executable, "-m", "cascade_jax.demo.evaluate.probe", "--train", "512", "--test", "128",
                           "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     probes = json.loads(out.read_text())["probes"]
@@ -147,7 +147,7 @@ def test_the_demo_probe_script_reads_the_conditionings(tmp_path):
     assert latents["position"]["mlp"] >= 0.9 and latents["background"]["mlp"] >= 0.9, latents
     assert latents["shape"]["mlp"] >= 0.5, latents
     assert "| EfficientNet latents |" in out.with_suffix(".md").read_text()
-    run = subprocess.run([sys.executable, "benchmarks/demo_probe.py", "--test", "0"], capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "cascade_jax.demo.evaluate.probe", "--test", "0"], capture_output=True,
                          text=True, timeout=120, cwd=REPO)
     assert run.returncode == 2 and "--test >= 1, got 2048 and 0" in run.stderr
 
@@ -176,29 +176,39 @@ def test_the_recipe_builds_a_loadable_cascade_and_resumes(tmp_path):
 
 
 def test_slots_split_the_cpus_evenly(monkeypatch):
-    from cascade_jax.training import demo as recipe
+    from cascade_jax.demo import parallel
 
-    monkeypatch.setattr(recipe.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 5}, raising=False)
-    assert [recipe.slot_cpus(i, 2) for i in range(2)] == [{0, 1}, {2, 3}]
-    monkeypatch.setattr(recipe.os, "sched_getaffinity", lambda pid: {4}, raising=False)
-    assert recipe.slot_cpus(0, 2) is None  # one CPU: the slots share it unpinned
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 5}, raising=False)
+    assert [parallel.slot_cpus(i, 2) for i in range(2)] == [{0, 1}, {2, 3}]
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {4}, raising=False)
+    assert parallel.slot_cpus(0, 2) is None  # one CPU: the slots share it unpinned
 
 
 def test_the_spawned_trainers_start_with_huge_pages_and_the_parent_keeps_its_environment(monkeypatch, tmp_path):
-    from cascade_jax.training import demo as recipe
+    from cascade_jax.demo import parallel, recipe
 
-    assert recipe.with_tunable(None, "glibc.malloc.hugetlb=1") == "glibc.malloc.hugetlb=1"
-    assert recipe.with_tunable("glibc.malloc.arena_max=2", "glibc.malloc.hugetlb=1") == \
+    assert parallel.with_tunable(None, "glibc.malloc.hugetlb=1") == "glibc.malloc.hugetlb=1"
+    assert parallel.with_tunable("glibc.malloc.arena_max=2", "glibc.malloc.hugetlb=1") == \
         "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    assert recipe.with_tunable("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=1") == "glibc.malloc.hugetlb=0"
+    assert parallel.with_tunable("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=1") == "glibc.malloc.hugetlb=0"
     seen = []
-    monkeypatch.setattr(recipe, "_train_parallel", lambda work, scale, todo: seen.append(
-        recipe.os.environ.get("GLIBC_TUNABLES")) or [])
+    monkeypatch.setattr(parallel, "run_parallel", lambda todo, target, args: seen.append(
+        parallel.os.environ.get("GLIBC_TUNABLES")) or [])
     for before in (None, "glibc.malloc.arena_max=2"):
         if before is None:
             monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
         else:
             monkeypatch.setenv("GLIBC_TUNABLES", before)
         recipe.train_all(tmp_path, 1.0, parallel=True, log=print)
-        assert recipe.os.environ.get("GLIBC_TUNABLES") == before
+        assert parallel.os.environ.get("GLIBC_TUNABLES") == before
     assert seen == ["glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"]
+
+
+def test_a_task_named_by_import_path_is_the_demos_encoder_task():
+    from cascade_jax.demo.encoder_task import EncoderPreviewerTask
+    from cascade_jax.training import load_config
+    from cascade_jax.training.task import get_task
+
+    assert type(get_task(load_config("demo_effnet").stage)) is EncoderPreviewerTask
+    with pytest.raises(ValueError, match="cannot be imported"):
+        get_task("cascade_jax.demo.encoder_task:NoSuchTask")

@@ -16,9 +16,12 @@ PACKAGE = REPO / "cascade_jax"
 SCRIPT_FOLDERS = ("benchmarks", "sample", "train", "convert")
 
 # Lower numbers are lower layers; a module may import its own layer or lower ones.
-LAYERS = {"storage": 0, "nn": 0, "sharding": 0, "named_weights": 0, "demo": 0, "accelerators": 0,
+LAYERS = {"storage": 0, "nn": 0, "sharding": 0, "named_weights": 0, "accelerators": 0,
           "compile_report": 0, "models": 1, "weights": 2, "diffusion": 2, "data": 2, "conditioning": 2,
-          "pipelines": 3, "training": 3, "app": 4, **{folder: 5 for folder in SCRIPT_FOLDERS}}
+          "pipelines": 3, "training": 3, "demo": 4, "app": 4,
+          **{folder: 5 for folder in SCRIPT_FOLDERS}}
+# The library proper; the demo (cascade_jax/demo) is a project built on it, which none of these may know.
+CORE = ("nn", "models", "diffusion", "weights", "data", "pipelines", "training", "storage")
 
 
 def modules() -> dict[str, Path]:
@@ -133,6 +136,16 @@ def test_layers_only_import_downward():
             if src is not None and dst is not None and dst > src:
                 upward.append(f"{source} ({layer(source)}) imports {target} ({layer(target)})")
     assert not upward, "imports pointing up a layer:\n" + "\n".join(upward)
+
+
+def test_no_core_package_imports_or_names_the_demo():
+    """The demo reaches the library through its extension points (named weight sets, a task and a loss-weight
+    plug-in named in its configs, the folder data source); the library never reaches back."""
+    offenders = [f"{source} imports {target}" for source, targets in import_graph().items()
+                 if layer(source) in CORE for target in targets if layer(target) == "demo"]
+    offenders += [f"{name} names cascade_jax.demo" for name, path in modules().items()
+                  if layer(name) in CORE and "cascade_jax.demo" in path.read_text()]
+    assert not offenders, "\n".join(offenders)
 
 
 def test_the_graph_covers_the_script_folders():

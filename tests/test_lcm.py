@@ -86,8 +86,8 @@ def tiny_config(student: str, tmp="/tmp/cascade_jax_lcm_test", **changes):
     # diverge (1.5x the loss after 12 updates); 2e-3 gave 0.92 / 0.85 / 0.89 / 0.75x after 3 / 6 / 9 / 12.
     values = dict(stage="c_lcm", model_config=pipeline_set("tiny")["stage_c"][1], dropout=False, lr=2e-3,
                   lcm={"student": student, "solver_steps": 4, "guidance": [2.0, 4.0], "loss": "l2"},
-                  module_filters=(".attn", "channelwise"), rank=4, ema_start_iters=0, ema_iters=1, ema_beta=0.5,
-                  save_every=1000)
+                  lora=dataclasses.replace(cfg.lora, module_filters=(".attn", "channelwise"), rank=4),
+                  ema_start_iters=0, ema_iters=1, ema_beta=0.5, save_every=1000)
     return dataclasses.replace(cfg, **{**values, **changes})
 
 
@@ -209,7 +209,7 @@ LCM_PROMPTS_PER_SPLIT = 12
 LCM_LOWER_BOUNDS = {"colour": 0.7, "shape": 0.65, "background": 0.75, "position": 0.6}
 LCM_SCRIPT = """
 import json, sys
-from cascade_jax.data import shapes
+from cascade_jax.demo import shapes
 from cascade_jax.pipelines import StableCascadePipeline
 splits = {split: [shapes.Combo(*c) for c in combos] for split, combos in json.loads(sys.argv[1]).items()}
 truth = [c for combos in splits.values() for c in combos for _ in range(2)]
@@ -234,8 +234,8 @@ def test_demo_lcm_draws_what_the_prompt_says_in_few_steps():
     from helpers import REPO
 
     from cascade_jax import demo
-    from cascade_jax.data import shapes
-    from cascade_jax.training.demo_lcm import SAMPLING
+    from cascade_jax.demo import shapes
+    from cascade_jax.demo.lcm_recipe import SAMPLING
 
     assert (demo.LCM_DIR / demo.LCM_LORA_FILE).is_file(), f"demo-lcm is missing from {demo.LCM_DIR}"
     chosen = {}

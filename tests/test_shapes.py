@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from cascade_jax.data import DataConfig, make_train_loader
-from cascade_jax.data import shapes as S
+from cascade_jax.demo import shapes as S
 
 
 def test_caption_grammar_round_trip_over_all_combos():
@@ -115,7 +115,7 @@ def test_write_folder_replaces_its_own_folder_and_refuses_a_foreign_one(tmp_path
             raise KeyboardInterrupt  # as Ctrl-C in the middle of writing
         return real_render(*args)
 
-    monkeypatch.setattr(S, "render", failing_render)
+    monkeypatch.setattr(S.images, "render", failing_render)  # what write_folder calls
     with pytest.raises(KeyboardInterrupt):
         S.write_folder(folder, 5, seed=9, size=32)
     with pytest.raises(KeyboardInterrupt):
@@ -195,12 +195,9 @@ def test_images_without_an_object_get_wrong_predictions_not_errors():
 
 
 def load_demo_accuracy():
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_accuracy.py"
-    spec = importlib.util.spec_from_file_location("demo_accuracy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from cascade_jax.demo.evaluate import accuracy
+
+    return accuracy
 
 
 class RenderingPipeline:

@@ -89,23 +89,25 @@ def test_one_webdataset_path_is_one_path(path, tmp_path):
 
 
 # train_tokens is a list of [token, init regex] pairs: its entries are lists themselves.
-@pytest.mark.parametrize("key", sorted(LIST_KEYS - {"train_tokens"}))
+@pytest.mark.parametrize("key", sorted(LIST_KEYS - {"train_tokens", "lora.train_tokens"}))
 def test_every_list_key_takes_one_value_or_a_list(key):
-    # (values the range checks accept: a ratio, a ResBlock index, a latent side)
-    one = {"controlnet_blocks": 3, "pyramid_noise_sizes": 1, "multi_aspect_ratio": "9/16"}.get(key, "one value")
     section, _, name = key.rpartition(".")
+    # (values the range checks accept: a ratio, a ResBlock index, a latent side)
+    one = {"controlnet_blocks": 3, "pyramid_noise_sizes": 1, "multi_aspect_ratio": "9/16"}.get(name, "one value")
 
     def read(value):
-        if section:
+        if section == "data":
             return config_from_dict({section: {"source": "folder", "paths": ["imgs"], name: value}}).data[name]
-        return getattr(config_from_dict({name: value}), name)
+        if section:  # a task section, nested (lora: {module_filters: ...}); flat below
+            return getattr(getattr(config_from_dict({section: {name: value}}), section), name)
+        return config_from_dict({name: value}).get(name)
 
     assert read(one) == (one,) and read([one, one]) == (one, one)
 
 
 def test_train_tokens_are_pairs():
     cfg = config_from_dict({"train_tokens": [["[fernando]", "^dog</w>"], ["^snail", None]]})
-    assert cfg.train_tokens == (("[fernando]", "^dog</w>"), ("^snail", None))
+    assert cfg.lora.train_tokens == (("[fernando]", "^dog</w>"), ("^snail", None))
 
 
 def test_data_config_takes_one_path_and_one_filter(tmp_path):
@@ -163,3 +165,22 @@ def test_a_brace_range_expanded_by_the_shell_means_every_shard(tmp_path):
 def test_direct_construction_is_read_the_same():
     cfg = TrainConfig(lr="5e-4", updates="1_000", webdataset_path="/d/x.tar", train_filter=None)
     assert (cfg.lr, cfg.updates, cfg.webdataset_path, cfg.train_filter) == (5e-4, 1000, ("/d/x.tar",), ())
+
+
+def test_task_sections_load_flat_as_officially_or_nested_and_store_flat():
+    """LoRA / ControlNet / reconstruction keys live in their task's section (cfg.lora.rank); the official flat
+    keys and the nested form load the same config, and a checkpoint stores the flat keys."""
+    flat = config_from_dict({"rank": 8, "controlnet_blocks": [0, 4], "offset_noise": 0.1, "l1_weight": 0.5})
+    nested = config_from_dict({"lora": {"rank": 8}, "controlnet": {"controlnet_blocks": [0, 4], "offset_noise": 0.1},
+                               "reconstruction": {"l1_weight": 0.5}})
+    assert flat == nested and flat.lora.rank == 8 and flat.controlnet.controlnet_blocks == (0, 4)
+    assert flat.get("rank") == 8 and flat.get("l1_weight") == 0.5 and flat.get("lr") == flat.lr
+    stored = flat.to_dict()
+    assert stored["rank"] == 8 and stored["offset_noise"] == 0.1 and "lora" not in stored
+    assert config_from_dict({k: v for k, v in stored.items() if k not in ("mesh",)}) == flat
+    with pytest.raises(ValueError, match="rank is given both at the top level and in lora"):
+        config_from_dict({"rank": 8, "lora": {"rank": 4}})
+    with pytest.raises(ValueError, match="lora: unknown config key 'rnak'; did you mean 'rank'"):
+        config_from_dict({"lora": {"rnak": 4}})
+    with pytest.raises(ValueError, match="rank=0"):
+        config_from_dict({"lora": {"rank": 0}})

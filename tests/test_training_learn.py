@@ -27,7 +27,8 @@ from cascade_jax.sharding import make_mesh
 from cascade_jax.training import build_run, cli, export_run, load_config, train
 from cascade_jax.training.export import generator_arrays
 from cascade_jax.training.loop import host_rng, make_data_iterator
-from cascade_jax.weights import atomic, checkpoint
+from cascade_jax.storage import atomic
+from cascade_jax.weights import checkpoint
 from cascade_jax.weights.checkpoint import load_model
 from cascade_jax.weights.components import copy_tree, read_export_manifest
 from cascade_jax.weights.export import export_official

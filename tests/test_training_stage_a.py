@@ -21,7 +21,7 @@ from cascade_jax.models.effnet import EfficientNetEncoder
 from cascade_jax.models.random_init import random_model
 from cascade_jax.nn.params import named_variables
 from cascade_jax.training import build_run, export_run, load_config, train
-from cascade_jax.training.calibrate import calibrated_effnet, effnet_inputs
+from cascade_jax.demo.calibrate import calibrated_effnet, effnet_inputs
 from cascade_jax.training.export import generator_arrays
 from cascade_jax.training.previewer import resize_to
 from cascade_jax.training.stage_a import codebook_usage, jit_stage_a_forward, normalize_latents
@@ -181,8 +181,16 @@ def test_effnet_stage_rows_are_checked():
         EfficientNetEncoder(stages=[[True, 1, 3, 3, 16, 16, 1]], rngs=nnx.Rngs(0))
 
 
+def latent_object_weights(images01, latent_hw, object_weight, edge_weight=1.0):
+    """The demo plug-in's pixel weights pooled per latent position, as the Stage B / C tasks pool them."""
+    from cascade_jax.demo.loss_weights import object_weights
+    from cascade_jax.training.pixel_weights import pooled_weights
+
+    return pooled_weights(object_weights(images01, object_weight, edge_weight), latent_hw)
+
+
 def test_object_weighted_reconstruction_loss_matches_hand_computed():
-    from cascade_jax.training.losses import object_weights
+    from cascade_jax.demo.loss_weights import object_weights
     from cascade_jax.training.stage_a import reconstruction_loss
 
     # A 4x4 grey image with one red pixel: the median is the grey, the red pixel is the object.
@@ -193,19 +201,27 @@ def test_object_weighted_reconstruction_loss_matches_hand_computed():
     weights = np.asarray(object_weights(jnp.asarray(target), 10.0))[0, ..., 0]
     expected = np.ones((4, 4)); expected[1, 2] = 10.0
     np.testing.assert_allclose(weights, expected / expected.mean(), rtol=1e-6)
-    mse, total = reconstruction_loss(jnp.asarray(prediction), jnp.asarray(target), object_weight=10.0)
+    mse, total = reconstruction_loss(jnp.asarray(prediction), jnp.asarray(target),
+                                     weights=object_weights(jnp.asarray(target), 10.0))
     sq = ((prediction - target) ** 2)[0]
     np.testing.assert_allclose(float(mse[0]), sq.mean(), rtol=1e-6)  # the logged value stays plain MSE
     np.testing.assert_allclose(float(total[0]), (sq * (expected / expected.mean())[..., None]).mean(), rtol=1e-6)
     plain_mse, plain_total = reconstruction_loss(jnp.asarray(prediction), jnp.asarray(target))
     assert float(plain_total[0]) == float(plain_mse[0]) == float(mse[0])
-    with pytest.raises(ValueError, match="object_loss_weight=0.5"):
-        load_config("tiny_a", ["object_loss_weight=0.5"])
+    # the plug-in is imported and tried when the config loads: a bad value, argument or path is named then
+    with pytest.raises(ValueError, match="object_weight=0.5"):
+        load_config("tiny_a", ['pixel_weights={function: "cascade_jax.demo.loss_weights:object_weights", object_weight: 0.5}'])
+    with pytest.raises(ValueError, match="refused its arguments"):
+        load_config("tiny_a", ['pixel_weights={function: "cascade_jax.demo.loss_weights:object_weights", object_wieght: 2}'])
+    with pytest.raises(ValueError, match="cannot be imported"):
+        load_config("tiny_a", ['pixel_weights={function: "cascade_jax.demo.loss_weights:nothing"}'])
+    with pytest.raises(ValueError, match="package.module:name"):
+        load_config("tiny_a", ["pixel_weights={object_weight: 2}"])
 
 
 def test_latent_object_weights_and_weighted_denoising_loss():
     """Stage B / C: the pixel weights averaged per latent position weigh the denoising error; logs stay plain."""
-    from cascade_jax.training.losses import denoising_loss, latent_object_weights, make_gdf
+    from cascade_jax.training.losses import denoising_loss, make_gdf
 
     images = np.full((1, 8, 8, 3), 0.5, np.float32)
     images[0, :2, :2] = (1.0, 0.0, 0.0)  # a 2x2 object in the top-left 4x4 cell of a 2x2 latent
@@ -231,12 +247,12 @@ def test_latent_object_weights_and_weighted_denoising_loss():
     np.testing.assert_array_equal(np.asarray(aux.per_sample_loss), np.asarray(plain_aux.per_sample_loss))
     assert abs(float(loss) - float(plain_loss)) > 1e-4  # the weights change what is optimised
     with pytest.raises(ValueError, match="cached_conditions batches do not carry"):
-        load_config("tiny_b", ["object_loss_weight=10", "cached_conditions=true"])
+        load_config("tiny_b", ['pixel_weights={function: "cascade_jax.demo.loss_weights:object_weights", object_weight: 10}', "cached_conditions=true"])
 
 
 def test_edge_weights_mark_the_outline_band_of_the_object():
-    """``edge_loss_weight``: the pixels within OUTLINE_RADIUS of the object's boundary, inside and outside."""
-    from cascade_jax.training.losses import OUTLINE_RADIUS, latent_object_weights, object_weights, outline
+    """``edge_weight``: the pixels within OUTLINE_RADIUS of the object's boundary, inside and outside."""
+    from cascade_jax.demo.loss_weights import OUTLINE_RADIUS, object_weights, outline
 
     far = np.zeros((1, 16, 16, 1), bool)
     far[0, 6:10, 5:12] = True  # a 4x7 object
@@ -257,16 +273,16 @@ def test_edge_weights_mark_the_outline_band_of_the_object():
     cells = expected.reshape(4, 4, 4, 4).mean(axis=(1, 3))
     np.testing.assert_allclose(np.asarray(latent_object_weights(jnp.asarray(image), (4, 4), 5.0, 20.0))[0, ..., 0],
                                cells / cells.mean(), rtol=1e-6)
-    with pytest.raises(ValueError, match="edge_loss_weight=0.5"):
-        load_config("tiny_b", ["edge_loss_weight=0.5"])
-    with pytest.raises(ValueError, match="edge_loss_weight=4 needs the images"):
-        load_config("tiny_b", ["edge_loss_weight=4", "cached_conditions=true"])
+    with pytest.raises(ValueError, match="edge_weight=0.5"):
+        load_config("tiny_b", ['pixel_weights={function: "cascade_jax.demo.loss_weights:object_weights", object_weight: 1, edge_weight: 0.5}'])
+    with pytest.raises(ValueError, match="pixel_weights needs the images"):
+        load_config("tiny_b", ['pixel_weights={function: "cascade_jax.demo.loss_weights:object_weights", object_weight: 1, edge_weight: 4}', "cached_conditions=true"])
 
 
 def test_median_without_sorting_equals_jnp_median_bit_for_bit():
-    """``losses.median`` (bisection on integer keys, the object weights' median colour) against ``jnp.median``:
+    """``demo.loss_weights.median`` (bisection on integer keys, the object weights' median colour) against ``jnp.median``:
     ties (uint8 images), negative values and zeros, odd and even lengths, one element."""
-    from cascade_jax.training.losses import median
+    from cascade_jax.demo.loss_weights import median
 
     rng = np.random.default_rng(0)
     cases = [rng.integers(0, 256, (4, 300, 3)).astype(np.float32) / 255.0,  # many ties, as in images

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from cascade_jax.models.random_init import random_model
 from cascade_jax.models.registry import abstract_model, load_config
 from cascade_jax.nn.params import named_variables
 from cascade_jax.pipelines import loading
-from cascade_jax.weights import atomic, cache, checkpoint
+from cascade_jax.storage import atomic
+from cascade_jax.weights import cache, checkpoint
 from cascade_jax.weights.checkpoint import META_FILE, CheckpointError, load_model
 from cascade_jax.weights.export import export_official
 from cascade_jax.weights.safetensors_io import SafetensorsError, SafetensorsReader, save_safetensors
@@ -245,6 +247,26 @@ def test_write_text_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         atomic.write_text(path, "lost")
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp left
+
+
+def test_replacing_a_folder_publishes_whole_or_keeps_the_old_one(tmp_path):
+    target = tmp_path / "weights"
+    for version in ("old", "new"):
+        with atomic.replacing(target, fsync=True) as tmp:
+            tmp.mkdir()
+            (tmp / "a.txt").write_text(version)
+    assert (target / "a.txt").read_text() == "new"
+    with pytest.raises(RuntimeError, match="failed midway"):
+        with atomic.replacing(target) as tmp:
+            tmp.mkdir()
+            (tmp / "a.txt").write_text("partial")
+            raise RuntimeError("failed midway")
+    assert (target / "a.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["weights"]
+    names = []  # a thread writes into a temp name of its own, which stale-temp cleanup still recognises
+    thread = threading.Thread(target=lambda: names.append(atomic.temp_path(target).name))
+    thread.start()
+    thread.join()
+    assert names[0] != atomic.temp_path(target).name and atomic._TEMP.match(names[0])["name"] == "weights"
 
 
 def test_stale_temps_of_live_processes_and_other_names_are_kept(tmp_path):

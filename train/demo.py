@@ -17,7 +17,7 @@ import sys
 
 def main(argv=None) -> int:
     from cascade_jax import demo
-    from cascade_jax.training.demo import build_demo
+    from cascade_jax.demo.recipe import build_demo
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="demo_build", help="dataset, checkpoints and logs (resumable)")

@@ -15,7 +15,7 @@ import sys
 
 def main(argv=None) -> int:
     from cascade_jax import demo
-    from cascade_jax.training.demo_lcm import build_demo_lcm
+    from cascade_jax.demo.lcm_recipe import build_demo_lcm
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="demo_build/lcm", help="dataset, checkpoints and logs (resumable)")

@@ -22,10 +22,10 @@ import logging
 import os
 import re
 import tarfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from cascade_jax import storage
+from cascade_jax.storage import atomic
 from cascade_jax.data.config import DataConfig
 from cascade_jax.data.filters import MetadataFilter
 from cascade_jax.data.sources import RawSample, SkipSample, check_filters, parse_json, text_of
@@ -219,19 +219,15 @@ def cached_index(path: str, cache_dir: str | None, stat: dict | None = None) -> 
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # absent, stale or damaged: index again and rewrite it
     samples = index_shard(path, stat["size"]) if remote else index_shard(path)
-    _write_index(cache_dir, cache_file, json.dumps({"stamp": stamp, "samples": samples}))
+    _write_index(cache_file, json.dumps({"stamp": stamp, "samples": samples}))
     return samples
 
 
-def _write_index(cache_dir: str, cache_file: str, text: str) -> None:
+def _write_index(cache_file: str, text: str) -> None:
     if storage.is_url(cache_file):
         storage.write_text(cache_file, text)  # one object, published whole
         return
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{cache_file}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, cache_file)  # atomic: hosts sharing the cache folder never read a half-written file
+    atomic.write_text(cache_file, text)  # hosts sharing the cache folder never read a half-written file
 
 
 def _indexes(shards: list[str], stats: dict, cfg: DataConfig) -> list[list]:

@@ -1,8 +1,14 @@
 """The embedded demo cascade: a tiny Stable Cascade trained by this project's trainers on generated
-128x128 images of coloured shapes (``cascade_jax.data.shapes``), shipped as package data.
+128x128 images of coloured shapes (``cascade_jax.demo.shapes``), shipped as package data.
 
 ``StableCascadePipeline.from_pretrained("demo")`` and ``sample/generate.py --weights demo`` load it;
-``make demo-weights`` (``train/demo.py``) rebuilds it from scratch.
+``make demo-weights`` (``train/demo.py``, ``cascade_jax.demo.recipe``) rebuilds it from scratch.
+
+A project on the library, using only its public extension points: this module registers the named weight
+sets (``cascade_jax.named_weights``; the package root imports it, so the names resolve wherever the library
+is used), the training configs name its loss-weight plug-in (``cascade_jax.demo.loss_weights``) and read its
+data through the ``folder`` source. Importing this module stays cheap: the recipe, the dataset, the scorer and
+the evaluation commands are submodules.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from cascade_jax.named_weights import WeightSet, register
 NAME = "demo"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # demo-lcm: the demo with its Stage C distilled for few-step sampling (``make demo-lcm-weights``,
-# ``cascade_jax.training.demo_lcm``): an LCM-LoRA and its sampler settings, beside the demo weights.
+# ``cascade_jax.demo.lcm_recipe``): an LCM-LoRA and its sampler settings, beside the demo weights.
 LCM_NAME = "demo-lcm"
 LCM_DIR = Path(__file__).resolve().parent / "lcm"
 LCM_LORA_FILE = "lcm_lora.safetensors"

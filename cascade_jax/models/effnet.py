@@ -9,7 +9,7 @@ absent; input is an ImageNet-normalised image, output is (B, ceil(H/32), ceil(W/
 
 ``stages`` (rows ``[fused, expand_ratio, kernel, stride, c_in, c_out, num_layers]``) and
 ``last_channels`` give smaller encoders of the same family, e.g. for a frozen random encoder
-whose BatchNorm statistics ``cascade_jax.training.calibrate`` sets from data; the default is
+whose BatchNorm statistics are measured on data (as the embedded demo does); the default is
 V2-S, the official network. The stem halves the resolution and so does every stride-2 stage.
 """
 

@@ -5,7 +5,7 @@ may hold ``sampling.json`` with the settings its models were measured best with,
 defaults, e.g. ``{"decoder": {"t_start": 0.9, "cfg": 3.0}}``; ``from_pretrained`` makes them that
 pipeline's defaults (what a call without ``prior=`` / ``decoder=`` uses). The embedded demo cascade
 ships one: its tiny Stage B follows its latents better with a stronger guidance and without the first
-step at t = 1 (``benchmarks/demo_accuracy.py``).
+step at t = 1 (measured by the demo's accuracy evaluation).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from cascade_jax.diffusion import STAGE_B_DEFAULTS, STAGE_C_DEFAULTS, SamplerSettings
-from cascade_jax.weights import atomic
+from cascade_jax.storage import atomic
 
 PRIOR_DEFAULTS = STAGE_C_DEFAULTS.replace(cfg_std_per_sample=True)
 DECODER_DEFAULTS = STAGE_B_DEFAULTS.replace(cfg_std_per_sample=True)

@@ -23,7 +23,7 @@ from cascade_jax.named_weights import lookup
 from cascade_jax.pipelines.sources import (DIFFUSERS_FOLDERS, OFFICIAL_FILES, find_source,  # noqa: F401
                                          folder_weights, missing_message, official_candidates, resolve_source)
 from cascade_jax.sharding import make_mesh
-from cascade_jax.weights import atomic
+from cascade_jax.storage import atomic
 from cascade_jax.weights.cache import cache_root, cached_model  # noqa: F401  (cache_root: public here before)
 from cascade_jax.weights.checkpoint import load_model
 from cascade_jax.weights.convert import ConversionError, convert_checkpoint

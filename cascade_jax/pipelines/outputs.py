@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from cascade_jax import storage
+from cascade_jax.storage import atomic
 
 
 def save_png(path, image: np.ndarray, metadata: dict):
@@ -27,10 +28,8 @@ def save_png(path, image: np.ndarray, metadata: dict):
         Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
         storage.write_bytes(path, buffer.getvalue())  # an object appears whole: no temp name needed
         return
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
 
 
 def read_png_metadata(path) -> dict:

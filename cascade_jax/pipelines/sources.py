@@ -15,7 +15,6 @@ from pathlib import Path
 import huggingface_hub
 
 from cascade_jax import storage
-from cascade_jax import demo  # noqa: F401  (the embedded demo registers its named sets: "demo", "demo-lcm")
 from cascade_jax.named_weights import lookup
 from cascade_jax.weights.checkpoint import META_FILE
 

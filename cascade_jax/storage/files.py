@@ -3,7 +3,7 @@
 Every remote call goes through :func:`faults.retrying`. Object stores publish an object whole or not
 at all, so a URL write is atomic by itself: :func:`write_bytes` is one PUT, and :func:`open_write`
 aborts its upload (nothing appears) when the block inside raises. Local writes stay with the
-project's temp-and-rename helper (``cascade_jax.weights.atomic``).
+project's temp-and-rename helper (``cascade_jax.storage.atomic``).
 """
 
 from __future__ import annotations

@@ -24,7 +24,10 @@ from cascade_jax import storage
 from cascade_jax.data.config import DataConfig
 from cascade_jax.data.config_values import coerce_dataclass_fields, coerce_mapping, list_fields
 from cascade_jax.models.config_yaml import load_yaml
+from cascade_jax.training.controlnet_config import ControlNetConfig
+from cascade_jax.training.lora_config import LoraConfig
 from cascade_jax.training.overrides import apply_overrides
+from cascade_jax.training.reconstruction_config import ReconstructionConfig
 from cascade_jax.training.validation import ConfigError, check_values
 
 # Accepted for compatibility with the official files, and not used: they configure the official
@@ -77,22 +80,11 @@ class TrainConfig:
     # Stage B: latent sides that get pyramid-noise octaves (official [1, 16] for 256x256 latents, where the
     # white noise keeps ~82% of the variance; a 32x32 latent needs ~[1, 2] for the same); null: plain Gaussian
     pyramid_noise_sizes: tuple[int, ...] | None = (1, 16)
-    # Previewer: also train the EfficientNet encoder (an autoencoder whose decoder is the Previewer),
-    # for a new domain where no pretrained encoder exists (the demo cascade)
-    train_effnet: bool = False
     tokenizer_path: str | None = None  # CLIP tokenizer folder; default: the text model's folder, else the released BPE
-    # ControlNet (official train_c_controlnet.py; see cascade_jax.training.controlnet)
-    controlnet_blocks: tuple[int, ...] | None = None  # Stage C ResBlock indices that get a residual
-    controlnet_filter: str | None = None  # CannyFilter | InpaintFilter | SREffnetFilter | IdentityFilter
-    controlnet_filter_params: dict | None = None
-    controlnet_bottleneck_mode: str | None = None  # effnet (default) | simple | large
-    controlnet_checkpoint_path: str | None = None
-    offset_noise: float | None = None  # std of a per-(sample, channel) constant added to the noise
-    # LoRA (official train_c_lora.py; see cascade_jax.training.lora)
-    module_filters: tuple[str, ...] | None = None  # substrings of official module names; None: ['.attn'] as officially
-    rank: int = 4
-    train_tokens: tuple[tuple, ...] = ()  # [[token or regex, init regex or null], ...]; [x] / <x> adds a new token
-    lora_checkpoint_path: str | None = None  # start from this LoRA file
+    # --- per-task sections; their official keys load flat as the official configs write them (SECTIONS) ---
+    controlnet: ControlNetConfig = ControlNetConfig()  # stage c_controlnet (official train_c_controlnet.py)
+    lora: LoraConfig = LoraConfig()  # stage c_lora (official train_c_lora.py)
+    reconstruction: ReconstructionConfig = ReconstructionConfig()  # stages a and previewer
     lcm: dict | None = None  # stage c_lcm: consistency distillation settings (cascade_jax.training.lcm_config)
     # --- this project's keys ---
     stage: str = "c"  # c | b | a | previewer | c_lora | c_controlnet | c_lcm
@@ -126,17 +118,10 @@ class TrainConfig:
     sample_steps: int = 10  # sampler steps per collage (official inference: Stage C 20, Stage B 10)
     loss_smoothing: float = 0.99  # the official "ema_loss" factor
     peak_flops: float | None = None  # per-device peak FLOP/s for the MFU estimate (None: guess from device kind)
-    # Stage A / Previewer (reconstruction losses; cascade_jax.training.stage_a / previewer)
-    vq_beta: float = 0.25  # Stage A commitment-loss weight (VQ-VAE's beta; the official StageA uses 0.25)
-    l1_weight: float = 0.0  # weight of an extra mean-absolute reconstruction error
-    # Pixels farther than 0.15 (in [0, 1] RGB) from their image's median colour weigh this much in the optimised
-    # loss (1: the plain MSE): the reconstruction error of Stage A / the Previewer, and the denoising error of
-    # Stage B / C per latent position (the mean weight of its pixels). Small objects on a flat background are
-    # otherwise a few percent of the loss. Logged losses stay the plain MSE.
-    object_loss_weight: float = 1.0
-    # Pixels within 2 of the object's outline (losses.outline) weigh this much instead (1: no change), where
-    # shapes of one box differ: in Stage B / C's denoising error, normalised as object_loss_weight's weights.
-    edge_loss_weight: float = 1.0
+    # A per-pixel loss-weight plug-in ({function: "module:name", ...its keyword arguments}; None: every pixel
+    # weighs 1): the reconstruction error of Stage A / the Previewer and the denoising error of Stage B / C
+    # (cascade_jax.training.pixel_weights). Logged losses stay the plain MSE.
+    pixel_weights: dict | None = None
 
     def __post_init__(self):
         coerce_dataclass_fields(self)  # first: the checks below compare numbers, not the text a user typed
@@ -146,7 +131,16 @@ class TrainConfig:
             from cascade_jax.training.lcm_config import lcm_config
 
             lcm_config(self.lcm)  # refused by name at load, before any model is built
+        if self.pixel_weights is not None:
+            from cascade_jax.training.pixel_weights import check_pixel_weights
+
+            check_pixel_weights(self.pixel_weights)
         check_values(self)  # every value check lives there: one place, run before anything is built
+
+    def get(self, key: str):
+        """The value of ``key`` as the official configs name it: a base field or a section's (``rank``)."""
+        section = SECTION_OF_KEY.get(key)
+        return getattr(getattr(self, section) if section else self, key)
 
     @property
     def use_ema(self) -> bool:
@@ -163,11 +157,20 @@ class TrainConfig:
         return data
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field, the sections' keys flat as the official configs write them (what a checkpoint stores)."""
+        values = dataclasses.asdict(self)
+        for name in SECTIONS:
+            values.update(values.pop(name))
+        return values
+
+
+# Section field -> its class. A section's keys are valid at the top level too (the official flat form).
+SECTIONS = {"controlnet": ControlNetConfig, "lora": LoraConfig, "reconstruction": ReconstructionConfig}
+SECTION_OF_KEY = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
 def _check_keys(cls, values: dict, where: str):
-    valid = [f.name for f in dataclasses.fields(cls)]
+    valid = [f.name for f in dataclasses.fields(cls)] + (list(SECTION_OF_KEY) if cls is TrainConfig else [])
     for key in values:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
@@ -185,13 +188,33 @@ def config_from_dict(values: dict, where: str = "training config") -> TrainConfi
         _check_keys(MeshConfig, mesh, f"{where}: mesh")
         mesh = MeshConfig(**mesh)
     try:
-        return TrainConfig(mesh=mesh, **values)
+        return TrainConfig(mesh=mesh, **_sections(values))
     except ValueError as err:  # a value read as its type (config_values) or checked (validation): name the file
         raise ConfigError(f"{where}: {err}") from None
 
 
+def _sections(values: dict) -> dict:
+    """``values`` with each section built from its nested mapping and its keys given flat (official form)."""
+    values = dict(values)
+    for name, cls in SECTIONS.items():
+        nested = values.pop(name, None) or {}
+        if isinstance(nested, cls):
+            nested = dataclasses.asdict(nested)
+        if not isinstance(nested, dict):
+            raise ValueError(f"{name} must be a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}, "
+                             f"got {nested!r}")
+        _check_keys(cls, nested, name)
+        flat = {key: values.pop(key) for key in list(values) if SECTION_OF_KEY.get(key) == name}
+        both = sorted(set(flat) & set(nested))
+        if both:
+            raise ValueError(f"{both[0]} is given both at the top level and in {name}: keep one")
+        values[name] = cls(**nested, **flat)
+    return values
+
+
 # Keys whose repeated overrides join into one list (an unquoted brace range expanded by the shell).
-LIST_KEYS = frozenset(list_fields(TrainConfig) + [f"data.{name}" for name in list_fields(DataConfig)])
+LIST_KEYS = frozenset(list_fields(TrainConfig) + [f"data.{name}" for name in list_fields(DataConfig)]
+                      + [k for name, cls in SECTIONS.items() for f in list_fields(cls) for k in (f, f"{name}.{f}")])
 
 
 def load_config(path_or_name, overrides=()) -> TrainConfig:

@@ -51,18 +51,18 @@ FILTERS = {"CannyFilter": "canny", "InpaintFilter": "inpainting", "SREffnetFilte
 
 def control_of(cfg: TrainConfig) -> str:
     check_controlnet_filter(cfg)  # a filter that can train (validation.py checked the name at load)
-    return FILTERS[cfg.controlnet_filter]
+    return FILTERS[cfg.controlnet.controlnet_filter]
 
 
 def controlnet_config(cfg: TrainConfig, stage_c_config: dict) -> dict:
     """The official ``ControlNet(c_in=filter channels, proj_blocks=controlnet_blocks, bottleneck_mode)``;
     c_proj is the width of the Stage C of ``stage_c_config`` (the official default 2048 is the 3.6B width)."""
-    if not cfg.controlnet_blocks:
+    if not cfg.controlnet.controlnet_blocks:
         raise ValueError("controlnet_blocks is required: the Stage C ResBlock indices that get a residual")
     width = stage_c_config["c_hidden"][0]  # the width its embedding projects to, where residuals are added
     return {"c_in": hints.HINT_CHANNELS[control_of(cfg)], "c_proj": int(width),
-            "proj_blocks": [int(i) for i in cfg.controlnet_blocks],
-            "bottleneck_mode": cfg.controlnet_bottleneck_mode or "effnet"}
+            "proj_blocks": [int(i) for i in cfg.controlnet.controlnet_blocks],
+            "bottleneck_mode": cfg.controlnet.controlnet_bottleneck_mode or "effnet"}
 
 
 def init_controlnet(config: dict, effnet, seed: int, dtype: str):
@@ -94,8 +94,8 @@ class ControlNetTask(StageCTask):
         frozen = self.build_frozen(cfg, work)
         stage_c = self.frozen_stage_c(cfg, work)
         config = controlnet_config(cfg, self.generator_config(cfg))
-        if cfg.controlnet_checkpoint_path is not None:
-            controlnet = load_weights("controlnet", config, cfg.controlnet_checkpoint_path, work, cfg.param_dtype)
+        if cfg.controlnet.controlnet_checkpoint_path is not None:
+            controlnet = load_weights("controlnet", config, cfg.controlnet.controlnet_checkpoint_path, work, cfg.param_dtype)
         else:
             controlnet = init_controlnet(config, frozen["effnet"], cfg.seed, cfg.param_dtype)
         modules = TrainModules(generator=controlnet, stage_c=stage_c, **frozen)
@@ -150,7 +150,7 @@ class ControlNetTask(StageCTask):
 
     def host_batch(self, cfg: TrainConfig, batch: dict, rng: np.random.Generator) -> dict:
         arrays = super().host_batch(cfg, batch, rng)
-        params = dict(cfg.controlnet_filter_params or {})
+        params = dict(cfg.controlnet.controlnet_filter_params or {})
         images, control = arrays["images"], control_of(cfg)
         if control == "canny":
             arrays["hint"] = hints.canny_hint(images, resize=params.get("resize", 224))
@@ -173,7 +173,7 @@ class ControlNetTask(StageCTask):
         if control_of(cfg) != "super_resolution":
             return batch["hint"]
         # SREffnetFilter: EfficientNet latents of the nearest-downscaled image, nearest-upsampled back.
-        factor = dict(cfg.controlnet_filter_params or {}).get("scale_factor", hints.super_resolution.SCALE_FACTOR)
+        factor = dict(cfg.controlnet.controlnet_filter_params or {}).get("scale_factor", hints.super_resolution.SCALE_FACTOR)
         images = losses.images_to_unit(batch["images"])
         low = losses.resize_nearest(images, (int(images.shape[1] * factor), int(images.shape[2] * factor)))
         latents = modules.effnet(losses.effnet_normalize(low).astype(param_dtype(modules.effnet)))
@@ -184,8 +184,8 @@ class ControlNetTask(StageCTask):
         x0, clip_text, pooled, clip_img = self.conditions(modules, batch)
         key_noise, key_offset = jax.random.split(key)
         t, epsilon = losses.draw_t_and_noise(key_noise, x0.shape)
-        if cfg.offset_noise:  # official GDF offset noise: one N(0, 1) per (sample, channel), scaled
-            epsilon = epsilon + cfg.offset_noise * jax.random.normal(key_offset, (x0.shape[0], 1, 1, x0.shape[-1]))
+        if cfg.controlnet.offset_noise:  # official GDF offset noise: one N(0, 1) per (sample, channel), scaled
+            epsilon = epsilon + cfg.controlnet.offset_noise * jax.random.normal(key_offset, (x0.shape[0], 1, 1, x0.shape[-1]))
         cnet = modules.generator(self.hint(modules, batch, cfg).astype(param_dtype(modules.generator)))
         stage_c, dtype = modules.stage_c, param_dtype(modules.stage_c)
         cnet = [None if c is None else c.astype(dtype) for c in cnet]

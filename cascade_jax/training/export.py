@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -50,7 +49,8 @@ from cascade_jax.models.unet_stack import unstack_units
 from cascade_jax.nn.params import named_variables
 from cascade_jax.training.hooks import Hook, StepInfo
 from cascade_jax.training.task import RandomSource, work_dir
-from cascade_jax.weights import atomic, checkpoint
+from cascade_jax.storage import atomic
+from cascade_jax.weights import checkpoint
 from cascade_jax.training.export_folder import check_export_folder, run_identity, upload_export
 from cascade_jax.weights.components import EXPORT_MANIFEST, component_digest, copy_tokenizer, copy_tree
 from cascade_jax.weights.export import export_official
@@ -125,17 +125,9 @@ def export_run(run, out_dir) -> dict:
         finally:
             atomic.remove(staging)
         return {key: (storage.join(out, folder), storage.join(out, file)) for key, (folder, file) in trained.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale_temps(out.parent, out.name)
-    tmp = atomic.temp_path(out)
-    try:
-        with atomic.sigterm_as_exception():
-            tmp.mkdir()
-            trained = _write_folder(run, tmp)
-            atomic.publish_dir(tmp, out)
-    finally:
-        if os.path.lexists(tmp):
-            atomic.remove(tmp)
+    with atomic.replacing(out) as tmp:
+        tmp.mkdir()
+        trained = _write_folder(run, tmp)
     return {key: (out / folder, out / file) for key, (folder, file) in trained.items()}
 
 

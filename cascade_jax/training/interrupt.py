@@ -32,7 +32,7 @@ import threading
 import jax
 
 from cascade_jax.training.console import say
-from cascade_jax.weights import atomic
+from cascade_jax.storage import atomic
 
 _ACTIVE: list["StopSignals"] = []  # the installed handler (signal handlers are per process)
 
@@ -110,7 +110,7 @@ class StopSignals:
                 sys.stderr.flush()
             os._exit(128 + signum)
 
-    _handle.graceful = True  # weights.atomic leaves this SIGTERM handler in place while it writes a file
+    _handle.graceful = True  # storage.atomic leaves this SIGTERM handler in place while it writes a file
 
     @contextlib.contextmanager
     def abandonable(self):

@@ -14,8 +14,6 @@ compiles the same shapes as the uncached one.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import jax
@@ -23,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from cascade_jax import storage
+from cascade_jax.storage import atomic
 from cascade_jax.training.config import TrainConfig
 from cascade_jax.training.loop import host_rng
 from cascade_jax.training.task import get_task
@@ -49,10 +48,8 @@ def write_cache(cfg: TrainConfig, data, out_dir, batches: int) -> Path:
             np.savez(buffer, **{k: np.asarray(v, np.float32) for k, v in zip(task.cached_keys, values)})
             storage.write_bytes(storage.join(out, f"{step:08d}.npz"), buffer.getvalue())
             continue
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic.replacing(out / f"{step:08d}.npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, **{k: np.asarray(v, np.float32) for k, v in zip(task.cached_keys, values)})
-        os.replace(tmp, out / f"{step:08d}.npz")  # a half-written batch never has the final name
     return out
 
 

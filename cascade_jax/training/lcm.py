@@ -53,7 +53,7 @@ class LCMTask(LoRATask):
         if cfg.dropout:
             raise ValueError("stage c_lcm: set dropout: false; the teacher's solver step and the target must be "
                              "deterministic functions (the paper distils without dropout)")
-        if cfg.train_tokens:
+        if cfg.lora.train_tokens:
             raise ValueError("stage c_lcm: train_tokens does not apply (distillation learns no new words); remove it")
 
     def build(self, cfg: TrainConfig) -> TrainModules:
@@ -67,15 +67,15 @@ class LCMTask(LoRATask):
 
     def _with_lora(self, cfg: TrainConfig, modules: TrainModules) -> TrainModules:
         """LoRATask's adapter on the loaded generator, without token rows (nothing here learns words)."""
-        self.filters = tuple(cfg.module_filters) if cfg.module_filters is not None else DEFAULT_FILTERS
+        self.filters = tuple(cfg.lora.module_filters) if cfg.lora.module_filters is not None else DEFAULT_FILTERS
         self.train_tokens = []
-        if cfg.lora_checkpoint_path is not None:
+        if cfg.lora.lora_checkpoint_path is not None:
             from cascade_jax.weights.lora_files import load_lora
             from cascade_jax.weights.lora_weights import attach_lora
 
-            attach_lora(modules.generator, NAME, load_lora(cfg.lora_checkpoint_path, modules.generator))
+            attach_lora(modules.generator, NAME, load_lora(cfg.lora.lora_checkpoint_path, modules.generator))
         else:
-            init_lora(modules.generator, NAME, filters=self.filters, rank=cfg.rank, key=jax.random.key(cfg.seed))
+            init_lora(modules.generator, NAME, filters=self.filters, rank=cfg.lora.rank, key=jax.random.key(cfg.seed))
         self._record_layout(modules)
         return modules
 

@@ -43,14 +43,14 @@ NAME = "lora"  # the adapter name inside the models
 class LoRATask(StageCTask):
     def build(self, cfg: TrainConfig) -> TrainModules:
         modules = super().build(cfg)
-        self.filters = tuple(cfg.module_filters) if cfg.module_filters is not None else DEFAULT_FILTERS
-        self.train_tokens = [tuple(t) for t in cfg.train_tokens]
+        self.filters = tuple(cfg.lora.module_filters) if cfg.lora.module_filters is not None else DEFAULT_FILTERS
+        self.train_tokens = [tuple(t) for t in cfg.lora.train_tokens]
         embedding = token_embedding(modules.text_encoder)
         token_ids = add_train_tokens(self.tokenizer, embedding, self.train_tokens)
-        if cfg.lora_checkpoint_path is not None:
+        if cfg.lora.lora_checkpoint_path is not None:
             self._attach_file(cfg, modules, embedding, token_ids)
         else:
-            init_lora(modules.generator, NAME, filters=self.filters, rank=cfg.rank, key=jax.random.key(cfg.seed))
+            init_lora(modules.generator, NAME, filters=self.filters, rank=cfg.lora.rank, key=jax.random.key(cfg.seed))
             init_token_rows(embedding, NAME, token_ids, self.tokenizer)
         self._record_layout(modules)
         return modules
@@ -58,20 +58,20 @@ class LoRATask(StageCTask):
     def adapt_abstract(self, modules: TrainModules, cfg: TrainConfig) -> TrainModules:
         """The dry run's LoRA: factors of the configured rank and one (zero) row per train_tokens entry
         (abstract tables have no values to select or average rows from)."""
-        filters = tuple(cfg.module_filters) if cfg.module_filters is not None else DEFAULT_FILTERS
-        init_lora(modules.generator, NAME, filters=filters, rank=cfg.rank)
-        if cfg.train_tokens:
-            init_token_rows(token_embedding(modules.text_encoder), NAME, list(range(len(cfg.train_tokens))))
+        filters = tuple(cfg.lora.module_filters) if cfg.lora.module_filters is not None else DEFAULT_FILTERS
+        init_lora(modules.generator, NAME, filters=filters, rank=cfg.lora.rank)
+        if cfg.lora.train_tokens:
+            init_token_rows(token_embedding(modules.text_encoder), NAME, list(range(len(cfg.lora.train_tokens))))
         return modules
 
     def _attach_file(self, cfg, modules, embedding, token_ids):
         from cascade_jax.weights.lora_files import load_lora
 
-        lora = load_lora(cfg.lora_checkpoint_path, modules.generator)
+        lora = load_lora(cfg.lora.lora_checkpoint_path, modules.generator)
         attach_lora(modules.generator, NAME, lora)
         rows = [] if lora.tokens is None else sorted(lora.tokens.indices.tolist())
         if rows != sorted(token_ids):
-            raise ValueError(f"{cfg.lora_checkpoint_path}: its token rows {rows} are not the rows train_tokens "
+            raise ValueError(f"{cfg.lora.lora_checkpoint_path}: its token rows {rows} are not the rows train_tokens "
                              f"selects ({sorted(token_ids)}); use the train_tokens it was trained with")
         if lora.tokens is not None:
             attach_token_rows(embedding, NAME, lora.tokens)

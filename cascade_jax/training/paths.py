@@ -17,7 +17,7 @@ def check_run_paths(cfg: TrainConfig) -> None:
     for key in ("checkpoint_path", "output_path"):
         storage.check_writable(getattr(cfg, key), key)
     for key in WEIGHT_KEYS:
-        value = getattr(cfg, key, None)
+        value = cfg.get(key)
         if isinstance(value, str) and storage.is_url(value):
             storage.check_readable(value, key)
     data = cfg.data_config()

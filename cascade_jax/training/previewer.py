@@ -5,19 +5,18 @@ to an image 8x its size, in [0, 1]. Here the frozen EfficientNet encodes the Ima
 image (as the Stage C task does: ``effnet`` from ``effnet_checkpoint_path``, or random weights
 from an ``encoders`` pipeline set), and the loss is the per-sample MSE between the Previewer
 output and the image resized to that output size (area averaging when the sizes divide,
-antialiased bilinear otherwise). Only the Previewer trains (no adaptive loss weight), unless
-``train_effnet`` is set: then the EfficientNet trains with it, an autoencoder whose code is the
-Stage C latent (how the demo cascade gets an encoder for a domain with no pretrained one).
+antialiased bilinear otherwise). Only the Previewer trains (no adaptive loss weight); a subclass may
+train more (``trainable``) and let the gradient reach the encoder (``latents``).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
+from cascade_jax.training.pixel_weights import image_weights
 from cascade_jax.training.stage_a import ReconstructionTask, reconstruction_loss
 from cascade_jax.training.task import LossAux, param_dtype, register_task
 
@@ -38,24 +37,22 @@ class PreviewerTask(ReconstructionTask):
     default_preset = "previewer"
     frozen = {"effnet": ("effnet", "effnet_encoder", "effnet_checkpoint_path")}
 
-    def trainable(self, cfg: TrainConfig):
-        if not cfg.train_effnet:
-            return super().trainable(cfg)
-        return lambda path, variable: bool(path) and path[0] in ("generator", "effnet") and isinstance(
-            variable, nnx.Param)
+    def latents(self, modules, images01):
+        """The frozen encoder's Stage C latents of ``images01`` (no gradient flows into it)."""
+        return jax.lax.stop_gradient(self.encode(modules, images01))
 
-    def latents(self, modules, images01, train_effnet: bool = False):
+    @staticmethod
+    def encode(modules, images01):
         effnet = modules.effnet
         x = losses.effnet_normalize(images01).astype(param_dtype(effnet))
-        z = effnet(x).astype(jnp.float32)
-        return z if train_effnet else jax.lax.stop_gradient(z)
+        return effnet(x).astype(jnp.float32)
 
     def loss(self, modules, batch, key, loss_state, cfg: TrainConfig):
         images = losses.images_to_unit(batch["images"])
         generator = modules.generator
-        preview = generator(self.latents(modules, images, cfg.train_effnet).astype(param_dtype(generator)))
-        mse, total = reconstruction_loss(preview, resize_to(images, preview.shape[1:3]), cfg.l1_weight,
-                                          cfg.object_loss_weight)
+        preview = generator(self.latents(modules, images).astype(param_dtype(generator)))
+        target = resize_to(images, preview.shape[1:3])
+        mse, total = reconstruction_loss(preview, target, cfg.reconstruction.l1_weight, image_weights(cfg.pixel_weights, target))
         return jnp.mean(total), LossAux(mse)
 
 

@@ -20,7 +20,7 @@ from cascade_jax.training.config import TrainConfig
 
 # Keys that decide what is trained and on what: changed, the run is another experiment.
 IDENTITY_KEYS = ("stage", "model_version", "model_config", "train_filter", "rank", "module_filters", "train_tokens",
-                 "controlnet_blocks", "controlnet_filter", "controlnet_bottleneck_mode", "train_effnet",
+                 "controlnet_blocks", "controlnet_filter", "controlnet_bottleneck_mode",
                  "batch_size", "image_size", "multi_aspect_ratio", "webdataset_path", "dataset_filters", "data",
                  "cached_conditions")
 SHOWN = 8  # differing entries listed in a message

@@ -52,7 +52,7 @@ def check_weight_paths(cfg: TrainConfig, task) -> None:
         # The CLIP keys may name Hugging Face repositories (officially they do): only *_checkpoint_path are paths.
         keys += [key for _, _, key in frozen.values() if key.endswith("_checkpoint_path")]
     for key in keys:
-        path = getattr(cfg, key)
+        path = cfg.get(key)
         if path is not None and not _is_url(path) and not Path(path).exists():
             raise FileNotFoundError(f"{key}={path}: no such file or folder (relative paths start at "
                                     f"{Path.cwd()}); give an official .safetensors file or a converted folder")
@@ -107,7 +107,7 @@ def _compare_configs(path: Path, model: str, stored: dict, configured: dict) -> 
 def check_controlnet_blocks(cfg: TrainConfig, task) -> None:
     """``controlnet_blocks`` are ResBlocks of the configured Stage C whose width the ControlNet projects to."""
     if task.generator_model != "controlnet":
-        if cfg.controlnet_blocks is not None:
+        if cfg.controlnet.controlnet_blocks is not None:
             raise ConfigError(f"controlnet_blocks is set but stage {cfg.stage!r} trains no ControlNet; remove it, "
                               "or train with stage c_controlnet (train/train_c_controlnet.py)")
         return
@@ -115,15 +115,15 @@ def check_controlnet_blocks(cfg: TrainConfig, task) -> None:
     from cascade_jax.pipelines.controlnet import resblock_widths
 
     check_controlnet_filter(cfg)
-    if not cfg.controlnet_blocks:
+    if not cfg.controlnet.controlnet_blocks:
         raise ConfigError("controlnet_blocks is required: the Stage C ResBlock indices that get a residual")
     stage_c = abstract_model("stage_c", task.generator_config(cfg))
     widths = resblock_widths(stage_c)
     width = int(stage_c.embedding[1].weight.shape[-1])  # the ControlNet's c_proj
     fitting = [i for i, w in enumerate(widths) if w == width]
-    bad = [i for i in cfg.controlnet_blocks if i >= len(widths) or widths[i] != width]
+    bad = [i for i in cfg.controlnet.controlnet_blocks if i >= len(widths) or widths[i] != width]
     if bad:
-        raise ConfigError(f"controlnet_blocks {list(cfg.controlnet_blocks)}: {bad} do not fit this Stage C, which "
+        raise ConfigError(f"controlnet_blocks {list(cfg.controlnet.controlnet_blocks)}: {bad} do not fit this Stage C, which "
                           f"has {len(widths)} ResBlocks (indices 0..{len(widths) - 1}, widths {sorted(set(widths))}); "
                           f"a residual of width {width} goes into the ResBlocks of that width: {_ranges(fitting)}")
 
@@ -132,9 +132,9 @@ def check_controlnet_filter(cfg: TrainConfig) -> None:
     """A ControlNet run names a filter that can make its hints from the training images."""
     from cascade_jax.data import hints
 
-    if cfg.controlnet_filter is None:
+    if cfg.controlnet.controlnet_filter is None:
         raise ConfigError("controlnet_filter is required: CannyFilter, InpaintFilter or SREffnetFilter")
-    if cfg.controlnet_filter == "IdentityFilter":
+    if cfg.controlnet.controlnet_filter == "IdentityFilter":
         raise ConfigError("IdentityFilter training needs face boxes and ArcFace embeddings for every image, which "
                           f"the data loader does not provide ({hints.identity.FACE_MODELS_MISSING})")
 

@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import jax
@@ -49,7 +48,7 @@ from cascade_jax.training.interrupt import call_abandonably
 from cascade_jax.training.stage_c import encode_text
 from cascade_jax.training.step import cast_floats
 from cascade_jax.training.task import param_dtype
-from cascade_jax.weights import atomic
+from cascade_jax.storage import atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,18 +129,9 @@ def write_png(path, image: np.ndarray, metadata: dict):
         Image.fromarray(image).save(encoded, format="PNG", pnginfo=info)
         storage.write_bytes(path, encoded.getvalue())
         return path
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale_temps(path.parent, path.name)
-    tmp = atomic.temp_path(path)
-    try:
-        with atomic.sigterm_as_exception():
-            Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-            os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            tmp.unlink()
-    return path
+    with atomic.replacing(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
 
 
 # ---- the sampling programs (traced once per run) -----------------------------------------------

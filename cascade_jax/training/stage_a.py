@@ -30,6 +30,7 @@ from flax import nnx
 from cascade_jax.models.registry import load_config
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
+from cascade_jax.training.pixel_weights import image_weights
 from cascade_jax.training.task import LossAux, Task, TrainModules, param_dtype, register_task, work_dir
 
 
@@ -55,15 +56,14 @@ def stage_a_forward(model, images01, vq_beta: float = 0.25) -> StageAOutput:
 jit_stage_a_forward = nnx.jit(stage_a_forward)
 
 
-def reconstruction_loss(prediction, target, l1_weight: float = 0.0, object_weight: float = 1.0):
+def reconstruction_loss(prediction, target, l1_weight: float = 0.0, weights=None):
     """(per-sample MSE, per-sample weighted MSE + l1_weight * mean absolute error), float32.
 
-    With ``object_weight`` > 1 the optimised error weighs object pixels (see ``object_weights``) more;
+    ``weights`` (B, H, W, 1; ``pixel_weights.image_weights`` of the target) weigh the optimised squared error;
     the first value stays the plain MSE, for logs comparable across settings."""
     diff = prediction.astype(jnp.float32) - target.astype(jnp.float32)
     mse = per_sample_mean(jnp.square(diff))
-    if object_weight != 1.0:
-        weights = jax.lax.stop_gradient(losses.object_weights(target, object_weight))
+    if weights is not None:
         total = per_sample_mean(weights * jnp.square(diff))
     else:
         total = mse
@@ -109,8 +109,9 @@ class StageATask(ReconstructionTask):
     def loss(self, modules, batch, key, loss_state, cfg: TrainConfig):
         generator = modules.generator
         images = losses.images_to_unit(batch["images"])
-        out = stage_a_forward(generator, images.astype(param_dtype(generator)), cfg.vq_beta)
-        mse, total = reconstruction_loss(out.reconstruction, images, cfg.l1_weight, cfg.object_loss_weight)
+        out = stage_a_forward(generator, images.astype(param_dtype(generator)), cfg.reconstruction.vq_beta)
+        mse, total = reconstruction_loss(out.reconstruction, images, cfg.reconstruction.l1_weight,
+                                         image_weights(cfg.pixel_weights, images))
         return jnp.mean(total) + out.vq_loss.astype(jnp.float32), LossAux(mse)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
+from cascade_jax.training.pixel_weights import latent_weights
 from cascade_jax.training.stage_c import TEXT_TOKENS, encode_text, tokenize_with_drop
 from cascade_jax.training.task import Task, TrainModules, param_dtype, register_task, work_dir
 
@@ -97,8 +98,7 @@ class StageBTask(Task):
             return generator(noised.astype(dtype), noise_cond, effnet.astype(dtype), pooled.astype(dtype),
                              rngs=key_dropout)
 
-        weights = losses.denoising_weights(batch.get("images"), x0.shape[1:3], cfg.object_loss_weight,
-                                             cfg.edge_loss_weight)
+        weights = latent_weights(cfg.pixel_weights, batch.get("images"), x0.shape[1:3])
         return losses.denoising_loss(apply, x0, t, epsilon, losses.make_gdf(cfg.adaptive_loss_weight), loss_state,
                                      weights)
 

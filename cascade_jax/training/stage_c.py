@@ -20,6 +20,7 @@ from cascade_jax import storage
 from cascade_jax.data.clip_preprocess import preprocess_images
 from cascade_jax.training import losses
 from cascade_jax.training.config import TrainConfig
+from cascade_jax.training.pixel_weights import latent_weights
 from cascade_jax.training.task import (Task, TrainModules, frozen_source, param_dtype, register_task,
                                      work_dir)
 
@@ -83,7 +84,7 @@ class StageCTask(Task):
         sources = super().frozen_sources(cfg, work_dir)
         if self.previewer_named(cfg):
             model, preset, path_key = self.optional_frozen["previewer"]
-            path = getattr(cfg, path_key)
+            path = cfg.get(path_key)
             if path is not None and not storage.exists(path):
                 if not self.wanted_previewer(cfg):
                     return sources  # named for collages that are off: nothing to preview with or export
@@ -152,8 +153,7 @@ class StageCTask(Task):
             return generator(noised.astype(dtype), noise_cond, clip_text.astype(dtype), pooled.astype(dtype),
                              clip_img.astype(dtype), rngs=key_dropout)
 
-        weights = losses.denoising_weights(batch.get("images"), x0.shape[1:3], cfg.object_loss_weight,
-                                             cfg.edge_loss_weight)
+        weights = latent_weights(cfg.pixel_weights, batch.get("images"), x0.shape[1:3])
         return losses.denoising_loss(apply, x0, t, epsilon, losses.make_gdf(cfg.adaptive_loss_weight), loss_state,
                                      weights)
 

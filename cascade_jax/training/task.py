@@ -28,6 +28,7 @@ path filter on ``controlnet``); register it with :func:`register_task` under a `
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -55,8 +56,19 @@ def register_task(stage: str, factory: Callable[[], "Task"]):
 
 
 def get_task(stage: str) -> "Task":
+    """The task of ``stage``: a registered name, or a project's own Task class by its import path
+    (``stage: package.module:ClassName``; imported here, when a run starts, by whichever process runs it)."""
+    if stage not in TASKS and isinstance(stage, str) and stage.count(":") == 1:
+        module_name, name = stage.split(":")
+        try:
+            TASKS[stage] = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"stage {stage!r} cannot be imported ({err}); name a Task class as "
+                             "package.module:ClassName, or one of the registered tasks: "
+                             f"{sorted(k for k in TASKS if ':' not in k)}") from None
     if stage not in TASKS:
-        raise ValueError(f"unknown training stage {stage!r}; registered tasks: {sorted(TASKS)}")
+        raise ValueError(f"unknown training stage {stage!r}; registered tasks: {sorted(TASKS)}, or a Task class "
+                         "as package.module:ClassName")
     return TASKS[stage]()
 
 
@@ -165,7 +177,7 @@ class Task:
         also for a run that does not build them (``cached_conditions``): what an export copies."""
         sources = {}
         for attr, (model, preset, path_key) in self.frozen.items():
-            path = getattr(cfg, path_key)
+            path = cfg.get(path_key)
             # Official CLIP keys name Hugging Face repositories; only local paths are read here.
             path = path if path is not None and storage.exists(path) else None
             sources[attr] = frozen_source(model, cfg, path, attr, work_dir, preset=preset)

@@ -65,7 +65,7 @@ def _check_counts(cfg):
     _integer(cfg, "log_every", 1, "a log line every N updates")
     _integer(cfg, "keep_checkpoints", 1, "the newest checkpoints kept")
     _integer(cfg, "image_size", 1, "the side of the square training bucket, in pixels")
-    _integer(cfg, "rank", 1, "the LoRA rank")
+    _integer(cfg.lora, "rank", 1, "the LoRA rank")
     _integer(cfg, "seed", 0, "the random seed", high=2**32)
     if cfg.backup_every is not None and (not _is_int(cfg.backup_every) or cfg.backup_every < 0):
         raise ConfigError(f"backup_every={cfg.backup_every!r}: use a whole number of updates >= 1 (0 or null: "
@@ -105,11 +105,9 @@ def _check_numbers(cfg):
     _number(cfg, "shift", 0, low_open=True, what="the noise-schedule shift; 1 in training")
     _number(cfg, "loss_smoothing", 0, 1, high_open=True, what="the smoothed loss's EMA factor, e.g. 0.99")
     _number(cfg, "ema_beta", 0, 1, optional=True, what="the EMA decay")
-    _number(cfg, "offset_noise", 0, optional=True, what="the std of the per-channel offset noise")
-    _number(cfg, "vq_beta", 0, what="the VQ commitment weight")
-    _number(cfg, "l1_weight", 0, what="the weight of the L1 reconstruction term")
-    _number(cfg, "object_loss_weight", 1, what="1 is the plain MSE")
-    _number(cfg, "edge_loss_weight", 1, what="1 adds no outline weight")
+    _number(cfg.controlnet, "offset_noise", 0, optional=True, what="the std of the per-channel offset noise")
+    _number(cfg.reconstruction, "vq_beta", 0, what="the VQ commitment weight")
+    _number(cfg.reconstruction, "l1_weight", 0, what="the weight of the L1 reconstruction term")
     _number(cfg, "peak_flops", 0, low_open=True, optional=True, what="per-device peak FLOP/s for the MFU")
 
 
@@ -170,11 +168,11 @@ def _compile(pattern, key: str):
 def _check_patterns(cfg):
     for pattern in cfg.train_filter or ():
         _compile(pattern, "train_filter")
-    if cfg.module_filters is not None and (not isinstance(cfg.module_filters, (list, tuple)) or
-                                           not all(isinstance(f, str) and f for f in cfg.module_filters)):
-        raise ConfigError(f"module_filters={_shown(cfg.module_filters)!r}: use a list of module-name substrings such as "
+    if cfg.lora.module_filters is not None and (not isinstance(cfg.lora.module_filters, (list, tuple)) or
+                                           not all(isinstance(f, str) and f for f in cfg.lora.module_filters)):
+        raise ConfigError(f"module_filters={_shown(cfg.lora.module_filters)!r}: use a list of module-name substrings such as "
                           "['.attn'] (or null)")
-    for entry in cfg.train_tokens or ():
+    for entry in cfg.lora.train_tokens or ():
         if not isinstance(entry, (list, tuple)) or len(entry) != 2:
             raise ConfigError(f"train_tokens: {_shown(entry)!r} is not a [token or regex, init regex or null] pair; e.g. "
                               "[['[fernando]', '^dog</w>']]")
@@ -187,25 +185,25 @@ def _check_patterns(cfg):
 
 
 def _check_controlnet(cfg):
-    if cfg.controlnet_blocks is not None:
-        blocks = cfg.controlnet_blocks
+    if cfg.controlnet.controlnet_blocks is not None:
+        blocks = cfg.controlnet.controlnet_blocks
         if not isinstance(blocks, (list, tuple)) or not blocks or not all(_is_int(b) and b >= 0 for b in blocks):
             raise ConfigError(f"controlnet_blocks={_shown(blocks)!r}: use a list of Stage C ResBlock indices >= 0, "
                               "e.g. [0, 4, 8, 12, 51, 55, 59, 63]")
-    if cfg.controlnet_bottleneck_mode is not None and cfg.controlnet_bottleneck_mode not in BOTTLENECK_MODES:
-        raise ConfigError(f"controlnet_bottleneck_mode={cfg.controlnet_bottleneck_mode!r}: use one of "
+    if cfg.controlnet.controlnet_bottleneck_mode is not None and cfg.controlnet.controlnet_bottleneck_mode not in BOTTLENECK_MODES:
+        raise ConfigError(f"controlnet_bottleneck_mode={cfg.controlnet.controlnet_bottleneck_mode!r}: use one of "
                           f"{', '.join(BOTTLENECK_MODES)} (or null: effnet)")
-    if cfg.controlnet_filter is not None and cfg.controlnet_filter not in CONTROLNET_FILTERS:
-        raise ConfigError(f"controlnet_filter={cfg.controlnet_filter!r}: use one of {', '.join(CONTROLNET_FILTERS)}")
-    params = cfg.controlnet_filter_params
+    if cfg.controlnet.controlnet_filter is not None and cfg.controlnet.controlnet_filter not in CONTROLNET_FILTERS:
+        raise ConfigError(f"controlnet_filter={cfg.controlnet.controlnet_filter!r}: use one of {', '.join(CONTROLNET_FILTERS)}")
+    params = cfg.controlnet.controlnet_filter_params
     if params is None:
         return
     if not isinstance(params, dict):
         raise ConfigError(f"controlnet_filter_params={params!r}: use a mapping such as {{resize: 224}}")
-    allowed = FILTER_PARAMS.get(cfg.controlnet_filter, sum(FILTER_PARAMS.values(), ()))
+    allowed = FILTER_PARAMS.get(cfg.controlnet.controlnet_filter, sum(FILTER_PARAMS.values(), ()))
     for key, value in params.items():
         if key not in allowed:
-            raise ConfigError(f"controlnet_filter_params.{key}: not a parameter of {cfg.controlnet_filter}; "
+            raise ConfigError(f"controlnet_filter_params.{key}: not a parameter of {cfg.controlnet.controlnet_filter}; "
                               f"it takes {', '.join(allowed)}")
         _check_filter_param(key, value)
 
@@ -240,10 +238,9 @@ def _check_contradictions(cfg):
     if (cfg.ema_start_iters is None) != (cfg.ema_iters is None) or \
             (cfg.ema_iters is not None and cfg.ema_beta is None):
         raise ConfigError("EMA needs all of ema_start_iters, ema_iters and ema_beta (or none of them)")
-    for name in ("object_loss_weight", "edge_loss_weight"):
-        if getattr(cfg, name) != 1 and cfg.cached_conditions:
-            raise ConfigError(f"{name}={getattr(cfg, name)} needs the images, which cached_conditions batches "
-                              f"do not carry: set {name}: 1 or cached_conditions: false")
+    if cfg.pixel_weights is not None and cfg.cached_conditions:
+        raise ConfigError("pixel_weights needs the images, which cached_conditions batches do not carry: remove "
+                          "pixel_weights or set cached_conditions: false")
     prompts = cfg.sample_prompts
     if prompts is not None and (not isinstance(prompts, (list, tuple)) or not prompts
                                 or not all(isinstance(p, str) for p in prompts)):

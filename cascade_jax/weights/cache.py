@@ -23,7 +23,7 @@ from typing import Callable
 
 from filelock import FileLock, Timeout
 
-from cascade_jax.weights import atomic
+from cascade_jax.storage import atomic
 from cascade_jax.weights.checkpoint import META_FILE, CheckpointError, load_model
 
 SAMPLED_CHUNKS = 16

@@ -22,7 +22,7 @@ from cascade_jax import storage
 from cascade_jax.models.registry import abstract_model
 from cascade_jax.nn.params import named_variables
 from cascade_jax.sharding import logical_sharding, make_mesh
-from cascade_jax.weights import atomic
+from cascade_jax.storage import atomic
 from cascade_jax.weights.dtypes import parse_dtype
 
 META_FILE = "cascade_model.json"
@@ -46,27 +46,16 @@ def save(out_dir, meta: dict, arrays: dict, *, overwrite: bool = False):
     if storage.is_url(out_dir):
         return _save_remote(out_dir, meta, arrays, overwrite=overwrite)
     out_dir = check_output(out_dir, overwrite=overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale_temps(out_dir.parent, out_dir.name)
-    tmp, old = atomic.temp_path(out_dir), atomic.temp_path(out_dir, "old")
     meta = {"format_version": FORMAT_VERSION, **meta, "checksums": {k: checksum(v) for k, v in arrays.items()}}
-    try:
-        with atomic.sigterm_as_exception():
-            tmp.mkdir()
-            checkpointer = _host_array_checkpointer()
-            try:
-                checkpointer.save(tmp / WEIGHTS_DIR, args=ocp.args.PyTreeSave(arrays))
-            finally:
-                checkpointer.close()  # its writer threads stop before the cleanup below
-            meta["file_sizes"] = _file_sizes(tmp / WEIGHTS_DIR)
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-            if os.path.lexists(out_dir):
-                os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-    finally:
-        for leftover in (tmp, old):
-            if os.path.lexists(leftover):
-                atomic.remove(leftover)
+    with atomic.replacing(out_dir, fsync=True) as tmp:
+        tmp.mkdir()
+        checkpointer = _host_array_checkpointer()
+        try:
+            checkpointer.save(tmp / WEIGHTS_DIR, args=ocp.args.PyTreeSave(arrays))
+        finally:
+            checkpointer.close()  # its writer threads stop before the cleanup
+        meta["file_sizes"] = _file_sizes(tmp / WEIGHTS_DIR)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
 
 
 def check_output(out_dir, *, overwrite: bool, advice: str | None = None) -> Path:

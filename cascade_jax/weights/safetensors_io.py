@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
 import struct
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from cascade_jax import storage
-from cascade_jax.weights import atomic
+from cascade_jax.storage import atomic
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -194,15 +193,8 @@ def write_safetensors(path, specs, fetch, metadata: dict | None = None):
     path = Path(path).resolve()
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; name the .safetensors file to write")
-    atomic.remove_stale_temps(path.parent, path.name)
-    tmp = atomic.temp_path(path)
-    try:
-        with atomic.sigterm_as_exception(), open(tmp, "wb") as f:
-            _write_body(f, blob, entries, fetch)
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            tmp.unlink()
+    with atomic.replacing(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        _write_body(f, blob, entries, fetch)
 
 
 def _write_body(f, blob: bytes, entries, fetch):

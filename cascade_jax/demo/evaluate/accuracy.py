@@ -2,13 +2,13 @@
 on the held-out ones it never saw (issue 13).
 
 A fixed, seeded sample of seen (train split) and held-out combinations of the shapes dataset
-(``cascade_jax.data.shapes``) is turned into prompts, ``--per-combo`` images each (consecutive
+(``cascade_jax.demo.shapes``) is turned into prompts, ``--per-combo`` images each (consecutive
 seeds), generated in fixed-size batches and scored by image analysis (``shapes.score_image``): the
 fraction right per attribute (colour, shape, position, background) and for all four at once.
 
-    python benchmarks/demo_accuracy.py                       # the shipped demo weights
-    python benchmarks/demo_accuracy.py --weights DIR --combos 126 --per-combo 4
-    python benchmarks/demo_accuracy.py --random tiny --combos 4 --per-combo 1   # plumbing check
+    python -m cascade_jax.demo.evaluate.accuracy                       # the shipped demo weights
+    python -m cascade_jax.demo.evaluate.accuracy --weights DIR --combos 126 --per-combo 4
+    python -m cascade_jax.demo.evaluate.accuracy --random tiny --combos 4 --per-combo 1   # plumbing check
 
 Writes ``--out`` (JSON: settings, per-split accuracy, per-image predictions) and a markdown table
 beside it (same name, ``.md``), each atomically. Random weights give chance-level accuracy or worse.
@@ -25,14 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-BENCH_DIR = Path(__file__).resolve().parent
-if str(BENCH_DIR.parent) not in sys.path:  # run as `python benchmarks/demo_accuracy.py` from anywhere
-    sys.path.insert(0, str(BENCH_DIR.parent))
+from cascade_jax.demo.evaluate import write_text
+from cascade_jax.demo import shapes
+from cascade_jax.demo.evaluate import RESULTS_DIR
 
-from benchmarks.harness import write_text  # noqa: E402
-from cascade_jax.data import shapes  # noqa: E402
-
-DEFAULT_OUT = BENCH_DIR / "results" / "demo_accuracy.json"
+DEFAULT_OUT = RESULTS_DIR / "demo_accuracy.json"
 SPLIT_LABELS = {"train": "seen", "heldout": "held-out"}
 COLUMNS = (*shapes.ATTRIBUTES, "exact")
 
@@ -120,7 +117,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {label} | {split['combos']} | {split['n_images']} | {cells} | {split['wall_s']:.1f} |")
     first = report["splits"]["seen"]["first_batch_s"]
     lines += ["", f"The first seen batch ({first:.1f} s) includes compiling the sampling loops. Scores are by "
-              "image analysis (cascade_jax.data.shapes.score_image); chance is 1/8 colour and background, "
+              "image analysis (cascade_jax.demo.shapes.score_image); chance is 1/8 colour and background, "
               "1/3 shape, 1/5 position.", ""]
     return "\n".join(lines)
 

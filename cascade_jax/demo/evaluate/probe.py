@@ -12,8 +12,8 @@ latents of rendered training-split images and scored on held-out combinations, p
 The same probes on the CLIP text encoder's pooled embedding of each caption (what Stage B attends to)
 show what the text could tell Stage B.
 
-    python benchmarks/demo_probe.py                  # the shipped demo weights
-    python benchmarks/demo_probe.py --weights DIR --train 2048 --test 512
+    python -m cascade_jax.demo.evaluate.probe                  # the shipped demo weights
+    python -m cascade_jax.demo.evaluate.probe --weights DIR --train 2048 --test 512
 """
 
 from __future__ import annotations
@@ -26,14 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-BENCH_DIR = Path(__file__).resolve().parent
-if str(BENCH_DIR.parent) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR.parent))
+from cascade_jax.demo.evaluate import load_pipeline, write_report
+from cascade_jax.demo import shapes
+from cascade_jax.demo.evaluate import RESULTS_DIR
 
-from benchmarks.harness import load_pipeline, write_report  # noqa: E402
-from cascade_jax.data import shapes  # noqa: E402
-
-DEFAULT_OUT = BENCH_DIR / "results" / "demo_probe.json"
+DEFAULT_OUT = RESULTS_DIR / "demo_probe.json"
 ATTRIBUTES = shapes.ATTRIBUTES  # colour, shape, position, background: the fields of a shapes.Combo
 RIDGE = 0.1
 MLP_WIDTH, MLP_STEPS, MLP_LR = 256, 3000, 1e-3

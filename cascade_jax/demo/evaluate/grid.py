@@ -1,7 +1,7 @@
 """A picture of the demo cascade at work: one row per prompt (seen and held-out combinations), the
 prompt written beside its images and the scorer's verdict under each.
 
-    python benchmarks/demo_grid.py [--weights demo|DIR] [--rows 8] [--per-row 4] [--out benchmarks/results/demo_grid.png]
+    python -m cascade_jax.demo.evaluate.grid [--weights demo|DIR] [--rows 8] [--per-row 4] [--out benchmarks/results/demo_grid.png]
 """
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-BENCH_DIR = Path(__file__).resolve().parent
-if str(BENCH_DIR.parent) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR.parent))
-
-from cascade_jax.data import shapes  # noqa: E402
-from cascade_jax.weights import atomic  # noqa: E402
+from cascade_jax.demo import shapes
+from cascade_jax.demo.evaluate import RESULTS_DIR
+from cascade_jax.storage import atomic
 
 SIZE, TEXT_W, VERDICT_H = 128, 330, 14
 
@@ -33,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=8, help="prompts: half seen, half held-out")
     p.add_argument("--per-row", type=int, default=4, help="images (seeds) per prompt")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", default=str(BENCH_DIR / "results" / "demo_grid.png"))
+    p.add_argument("--out", default=str(RESULTS_DIR / "demo_grid.png"))
     args = p.parse_args(argv)
     from cascade_jax.pipelines import StableCascadePipeline
 
@@ -55,10 +52,8 @@ def main(argv=None) -> int:
             grid.paste(Image.fromarray(image), (TEXT_W + j * SIZE, y))
             draw.text((TEXT_W + j * SIZE + 4, y + SIZE), verdict(shapes.score_image(image), combo), fill="black")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.temp_path(out)
-    grid.save(tmp, format="PNG")
-    tmp.replace(out)
+    with atomic.replacing(out) as tmp:
+        grid.save(tmp, format="PNG")
     print(f"wrote {out} (verdict per image: colour shape position background, + right / - wrong)")
     return 0
 

@@ -1,6 +1,6 @@
 """Where the demo cascade loses a prompt's attributes: each stage scored on its own (issue 13).
 
-demo_accuracy.py scores the whole text -> image chain; this script scores the links, on rendered
+``accuracy`` scores the whole text -> image chain; this script scores the links, on rendered
 images of held-out combinations (the data the links should pass through unchanged):
 
 - ``data``: the rendered images themselves (the scorer's ceiling, 1.0);
@@ -14,8 +14,8 @@ images of held-out combinations (the data the links should pass through unchange
 
 Previews (8x the latent side) are enlarged to the image size (nearest) before scoring.
 
-    python benchmarks/demo_stages.py                 # the shipped demo weights, 128 held-out images
-    python benchmarks/demo_stages.py --weights DIR --images 256
+    python -m cascade_jax.demo.evaluate.stages                 # the shipped demo weights, 128 held-out images
+    python -m cascade_jax.demo.evaluate.stages --weights DIR --images 256
 """
 
 from __future__ import annotations
@@ -28,15 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-BENCH_DIR = Path(__file__).resolve().parent
-if str(BENCH_DIR.parent) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR.parent))
+from cascade_jax.demo.evaluate import load_pipeline, write_report
+from cascade_jax.demo.evaluate.accuracy import COLUMNS
+from cascade_jax.demo import shapes
+from cascade_jax.demo.evaluate import RESULTS_DIR
 
-from benchmarks.harness import load_pipeline, write_report  # noqa: E402
-from benchmarks.demo_accuracy import COLUMNS  # noqa: E402
-from cascade_jax.data import shapes  # noqa: E402
-
-DEFAULT_OUT = BENCH_DIR / "results" / "demo_stages.json"
+DEFAULT_OUT = RESULTS_DIR / "demo_stages.json"
 
 
 def enlarge(images: np.ndarray, size: int) -> np.ndarray:

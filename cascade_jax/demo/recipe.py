@@ -2,9 +2,9 @@
 
 From nothing to a cascade that draws what its prompt says, with this project's own trainers:
 
-1. ``data``: generated 128x128 images of coloured shapes with captions (``cascade_jax.data.shapes``),
+1. ``data``: generated 128x128 images of coloured shapes with captions (``cascade_jax.demo.shapes``),
    training split only; the held-out combinations are never drawn.
-2. ``encoders``: the demo tokenizer (the grammar's words, ``data.word_tokenizer``) and frozen random
+2. ``encoders``: the demo tokenizer (the grammar's words, ``word_tokenizer``) and frozen random
    CLIP text / CLIP image encoders: the text encoder only has to tell the grammar's words and their
    places apart, which a random transformer with position embeddings does.
    ``effnet``: the EfficientNet starts random with BatchNorm statistics calibrated on the data, then
@@ -25,7 +25,6 @@ whole recipe with a few updates).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -33,13 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from cascade_jax import demo
-from cascade_jax.data import shapes
-from cascade_jax.data.word_tokenizer import write_word_tokenizer_folder
+from cascade_jax.demo import parallel as pool
+from cascade_jax.demo import shapes
+from cascade_jax.demo.word_tokenizer import write_word_tokenizer_folder
 from cascade_jax.models.random_init import random_model
 from cascade_jax.nn.params import named_variables
 from cascade_jax.pipelines.defaults import write_sampling_defaults
 from cascade_jax.pipelines.loading import pipeline_set
-from cascade_jax.weights import atomic, checkpoint
+from cascade_jax.storage import atomic
+from cascade_jax.weights import checkpoint
 from cascade_jax.weights.checkpoint import META_FILE
 
 ENCODERS = ("text_encoder", "image_encoder", "effnet")
@@ -47,20 +48,9 @@ ENCODERS = ("text_encoder", "image_encoder", "effnet")
 TRAINED = {"stage_a": "demo_a", "stage_b": "demo_b", "stage_c": "demo_c", "previewer": "demo_previewer"}
 CALIBRATION_IMAGES = 256
 TOKENIZER_MAX_LENGTH = 24  # the longest caption is 13 tokens with <|startoftext|> and <|endoftext|>
-# The shipped cascade's sampling.json: changes to the official sampler settings, chosen on seen combinations
-# (benchmarks/demo_accuracy.py, 80 images): before the outline weight, the tiny Stage B followed its latents'
-# colour and place better with guidance 3 than 1.1, and when its first step is at t 0.9, not 1, where its predicted noise's error is
-# amplified ~100x into out-of-range latents that Stage A draws as speckles (seen colour 0.86 -> 0.94,
-# position 0.76 -> 0.85, shape 0.35 -> 0.41).
-# Rechecked with Stage B attending at 8x8 (all 126 seen combinations x 2): official -> guidance 3, colour
-# 0.948 -> 0.960, position 0.810 -> 0.881; and on the larger objects (30-38% of the side), seen colour
-# 0.992 -> 1.0, position 0.857 -> 0.909.
-# With the outline weight (edge_loss_weight), a weaker guidance draws the shapes better (at 3 the latents' blob
-# outweighs the caption's shape word) and a stronger one the colour and place. On the seen combinations (126 x 2)
-# of the 7,000-update Stage B, guidance 1.5 / 1.75 / 2 / 2.25 / 3 gave shape 0.917 / 0.873 / 0.873 / 0.829 /
-# 0.774 and colour 0.964 / 0.972 / 0.972 / 0.976 / 0.976, all meeting issue 13's goals from 1.5 to 2.25; 1.75
-# keeps the largest smallest margin over them (README). With 8,000 updates 1.5 to 2.25 still meet every goal on
-# the seen combinations, their smallest margins within two images of each other, so 1.75 stays.
+# The shipped cascade's sampling.json: changes to the official sampler settings, chosen on the seen combinations
+# with cascade_jax.demo.evaluate.accuracy (the first step at t 0.9: at t 1 the tiny Stage B's error is amplified
+# into speckles; guidance 1.75: the best margin over shape, colour and place). The sweeps: docs/demo_project.md.
 SAMPLING = {"decoder": {"t_start": 0.9, "cfg": 1.75}}
 
 
@@ -79,15 +69,14 @@ def build_encoders(work: Path, data_dir: Path, seed: int):
     """The tokenizer folder and the frozen random encoders (EfficientNet calibrated on ``data_dir``)."""
     from PIL import Image
 
-    from cascade_jax.training.calibrate import calibrated_effnet
+    from cascade_jax.demo.calibrate import calibrated_effnet
 
     out = work / "encoders"
     components = pipeline_set("demo")
     tokenizer = out / "tokenizer"
     if not (tokenizer / "vocab.json").is_file():
-        tmp = atomic.temp_path(tokenizer)
-        write_word_tokenizer_folder(vocabulary(), tmp, model_max_length=TOKENIZER_MAX_LENGTH)
-        os.replace(tmp, tokenizer)
+        with atomic.replacing(tokenizer) as tmp:
+            write_word_tokenizer_folder(vocabulary(), tmp, model_max_length=TOKENIZER_MAX_LENGTH)
     for i, name in enumerate(ENCODERS):
         if (out / (name + "_random" if name == "effnet" else name) / META_FILE).is_file():
             continue
@@ -135,11 +124,8 @@ def train_stage(work: Path, stage: str, scale: float, log) -> dict:
     if stage == "effnet":
         save_trained_effnet(run, work)
     target = work / "trained" / ("effnet_decoder" if stage == "effnet" else stage)
-    if target.exists():
-        atomic.remove(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(chosen, atomic.temp_path(target))
-    os.replace(atomic.temp_path(target), target)
+    with atomic.replacing(target) as tmp:
+        shutil.copytree(chosen, tmp)
     losses = [h["loss"] for h in run.history if "loss" in h]  # unsmoothed, of the logged updates
     k = max(1, len(losses) // 10)
     report = {"seconds": round(seconds, 1), "updates": cfg.updates, "batch_size": cfg.batch_size,
@@ -158,7 +144,7 @@ def save_trained_effnet(run, work: Path):
     from flax import nnx
     from PIL import Image
 
-    from cascade_jax.training.calibrate import effnet_inputs
+    from cascade_jax.demo.calibrate import effnet_inputs
 
     effnet = nnx.merge(run.graphdef, run.state.params, run.frozen).effnet
     files = sorted((work / "data").glob("*.png"))[:CALIBRATION_IMAGES]
@@ -174,55 +160,13 @@ def save_trained_effnet(run, work: Path):
 
 def assemble(work: Path, out: Path):
     """Copy the trained stages, encoders and tokenizer, with SAMPLING as sampling.json, into ``out`` in one rename."""
-    tmp = atomic.temp_path(out)
-    tmp.mkdir(parents=True)
-    for name in TRAINED:
-        shutil.copytree(work / "trained" / name, tmp / name)
-    for name in (*ENCODERS, "tokenizer"):
-        shutil.copytree(work / "encoders" / name, tmp / name)
-    write_sampling_defaults(tmp, SAMPLING)
-    old = atomic.temp_path(out, "old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        atomic.remove(old)
-
-
-# What each training step needs. The steps run in processes of their own, two at a time, each pinned to its
-# share of the CPUs: XLA:CPU runs these small convolutions on about one core, so on a 2-core machine two steps
-# take the time of the longer one; unpinned, the two processes' thread pools contend (measured on 2 cores:
-# Stage B 1.0 updates/s beside Stage C unpinned, 1.8 pinned). The order is the priority: the EfficientNet and
-# Stage A train side by side, then Stage C and Stage B, then the Previewer on whichever CPU frees first.
-NEEDS = {"effnet": (), "stage_a": (), "stage_c": ("effnet",), "stage_b": ("stage_a", "effnet"),
-         "previewer": ("effnet",)}
-SLOTS = 2
-# XLA:CPU takes each update's scratch memory (118 MB for Stage B) from malloc, above glibc's mmap threshold, so
-# every update maps fresh memory and faults in ~29,000 zeroed 4-KiB pages: 15% of Stage B's time went to the
-# kernel. Asked to, glibc (2.35+) backs such mappings with transparent huge pages, ~60 faults an update (Stage B
-# on one core: 3.31 -> 3.82 updates/s, benchmarks/bench_host_memory.py). The numbers computed do not change. glibc
-# reads the variable when a process starts, so it is set for the spawned trainers; other C libraries ignore it.
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
-
-
-def with_tunable(tunables: str | None, tunable: str) -> str:
-    """``GLIBC_TUNABLES`` with ``tunable`` added, unless it already sets that name (the user's choice wins)."""
-    parts = [p for p in (tunables or "").split(":") if p]
-    if tunable.split("=")[0] not in {p.split("=")[0] for p in parts}:
-        parts.append(tunable)
-    return ":".join(parts)
-
-
-def slot_cpus(index: int, slots: int) -> set | None:
-    """The CPUs of slot ``index`` of ``slots``: an even split of this process's CPUs (None when the platform
-    cannot pin or there are fewer CPUs than slots)."""
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < slots:
-        return None
-    share = len(cpus) // slots
-    return set(cpus[index * share:(index + 1) * share])
+    with atomic.replacing(out) as tmp:
+        tmp.mkdir()
+        for name in TRAINED:
+            shutil.copytree(work / "trained" / name, tmp / name)
+        for name in (*ENCODERS, "tokenizer"):
+            shutil.copytree(work / "encoders" / name, tmp / name)
+        write_sampling_defaults(tmp, SAMPLING)
 
 
 def _run_step(work: Path, name: str, step, log):
@@ -252,59 +196,24 @@ def _skip_done(work: Path, names, log) -> list:
     return todo
 
 
-def _train_pinned(work: str, stage: str, scale: float, cpus=None):
-    if cpus:  # before this process starts JAX's thread pools
-        os.sched_setaffinity(0, cpus)
+def _train_pinned(work: str, scale: float, stage: str, cpus=None):
+    pool.pin(cpus)
     work = Path(work)
     _run_step(work, stage, lambda: train_stage(work, stage, scale, print), print)
 
 
 def train_all(work: Path, scale: float, parallel: bool, log):
-    """Every stage of ``NEEDS`` not done yet: in order in this process, or (``parallel``) in spawned processes,
-    ``SLOTS`` at a time, each started as soon as what it needs is done and a slot is free."""
-    todo = _skip_done(work, NEEDS, log)
+    """Every stage of ``parallel.NEEDS`` not done yet: in order in this process, or (``parallel``) in spawned
+    processes (``cascade_jax.demo.parallel``)."""
+    todo = _skip_done(work, pool.NEEDS, log)
     if not parallel:
         for stage in todo:
             _run_step(work, stage, lambda stage=stage: train_stage(work, stage, scale, log), log)
         return
-    tunables = os.environ.get("GLIBC_TUNABLES")
-    os.environ["GLIBC_TUNABLES"] = with_tunable(tunables, HUGE_PAGES)  # what the spawned trainers start with
-    try:
-        failed = _train_parallel(work, scale, todo)
-    finally:
-        if tunables is None:
-            os.environ.pop("GLIBC_TUNABLES")
-        else:
-            os.environ["GLIBC_TUNABLES"] = tunables
+    with pool.huge_pages_for_children():
+        failed = pool.run_parallel(todo, _train_pinned, (str(work), scale))
     if failed:
         raise RuntimeError(f"training {failed} failed (see the log above); run again to resume")
-
-
-def _train_parallel(work: Path, scale: float, todo: list) -> list:
-    """``train_all``'s processes; returns the stages that failed."""
-    from multiprocessing import connection, get_context
-
-    context = get_context("spawn")  # not fork: this process has initialised JAX, whose threads a fork drops
-    done, running, failed = set(NEEDS) - set(todo), {}, []
-    while todo or running:
-        ready = [s for s in todo if set(NEEDS[s]) <= done] if not failed else []
-        for slot in [i for i in range(SLOTS) if i not in running][:len(ready)]:
-            stage = ready.pop(0)
-            todo.remove(stage)
-            running[slot] = (stage, context.Process(target=_train_pinned,
-                                                    args=(str(work), stage, scale, slot_cpus(slot, SLOTS))))
-            running[slot][1].start()
-        if not running:
-            break  # a failure left steps that cannot start
-        connection.wait([process.sentinel for _, process in running.values()])
-        for slot, (stage, process) in list(running.items()):
-            if process.exitcode is not None:
-                del running[slot]
-                if process.exitcode == 0:
-                    done.add(stage)
-                else:
-                    failed.append(stage)
-    return failed
 
 
 def build_demo(work=Path("demo_build"), out=demo.WEIGHTS_DIR, *, images: int = 6000, scale: float = 1.0,

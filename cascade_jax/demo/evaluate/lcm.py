@@ -1,9 +1,9 @@
 """demo-lcm (the demo's Stage C distilled by the c_lcm task) against the demo's default sampling, side by side in
-one process: per-attribute accuracy on the held-out combinations (the demo's scorer, benchmarks/demo_accuracy.py)
+one process: per-attribute accuracy on the held-out combinations (the demo's scorer, cascade_jax.demo.evaluate.accuracy)
 and wall time per image after compilation.
 
-    python benchmarks/demo_lcm.py                      # 40 held-out combinations x 2 images per setting
-    python benchmarks/demo_lcm.py --combos 126 --per-combo 4
+    python -m cascade_jax.demo.evaluate.lcm                      # 40 held-out combinations x 2 images per setting
+    python -m cascade_jax.demo.evaluate.lcm --combos 126 --per-combo 4
 
 Settings: the demo's defaults (20 Stage C + 10 Stage B steps, its sampling.json), the same in 4+2 steps (what the
 distillation adds), and demo-lcm's (its sampling.json: the LCM sampler without guidance on Stage C) at 4+2, 2+2
@@ -18,18 +18,14 @@ import argparse
 import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-if str(BENCH_DIR.parent) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR.parent))
+from cascade_jax.demo.evaluate import write_text
+from cascade_jax.demo.evaluate.accuracy import evaluate_pipeline, sample_split_combos
+from cascade_jax.demo import shapes
+from cascade_jax.demo.evaluate import RESULTS_DIR
 
-from benchmarks.harness import write_text  # noqa: E402
-from benchmarks.demo_accuracy import evaluate_pipeline, sample_split_combos  # noqa: E402
-from cascade_jax.data import shapes  # noqa: E402
-
-DEFAULT_OUT = BENCH_DIR / "results" / "demo_lcm.json"
+DEFAULT_OUT = RESULTS_DIR / "demo_lcm.json"
 LCM_STEPS = ((4, 2), (2, 2), (1, 1))
 FIELDS = ("steps", "cfg", "shift", "sampler", "t_start")
 

@@ -1,6 +1,10 @@
-"""Writing outputs so that a failure, Ctrl-C, SIGTERM or kill -9 never leaves a half-written one.
+"""Writing outputs so that a failure, Ctrl-C, SIGTERM or kill -9 never leaves a half-written one: the one
+helper every local writer of the library uses (:func:`replacing`, :func:`write_bytes`, :func:`write_text`).
 
-Everything is written into a hidden sibling named ``.NAME.tmp-HOST-PID`` and renamed into place.
+It lives in the lowest layer (storage imports nothing else of cascade_jax) so that data, weights, pipelines
+and training can all use it. Everything is written into a hidden sibling named ``.NAME.tmp-HOST-PID`` (with
+``-tTHREAD`` from a thread other than the main one) and renamed into place; a folder or file already there
+is renamed aside first and removed after, so the target is the old one or the new one, never a mix.
 SIGTERM is turned into an exception while writing, so the cleanup runs as it does for Ctrl-C; a
 process killed with -9 cannot clean up, so the next write into the same folder removes the temp
 entries of processes of this host that no longer exist. The host is in the name because on a
@@ -19,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[^/]+)-(?P<pid>\d+)$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[^/]+)-(?P<pid>\d+)(?:-t\d+)?$")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -32,7 +36,9 @@ def _host() -> str:
 
 def temp_path(target: Path, kind: str = "tmp") -> Path:
     """The hidden sibling this process writes ``target`` into (``kind``: tmp, or old for a replaced one)."""
-    return target.with_name(f".{target.name}.{kind}-{_host()}-{os.getpid()}")
+    # Threads of one process writing the same target (shard indexes) each need their own temp name.
+    thread = "" if threading.current_thread() is threading.main_thread() else f"-t{threading.get_ident()}"
+    return target.with_name(f".{target.name}.{kind}-{_host()}-{os.getpid()}{thread}")
 
 
 def _alive(pid: int) -> bool:
@@ -99,23 +105,50 @@ def sigterm_as_exception():
         signal.signal(signal.SIGTERM, previous)
 
 
-def write_text(path: Path, text: str):
-    """Write ``text`` to ``path`` through its temp sibling: the old file or the new one, never part of one."""
-    path = Path(path)
-    tmp = temp_path(path)
+@contextlib.contextmanager
+def replacing(target, *, fsync: bool = False):
+    """Yield the temp sibling to write ``target`` into (a file, or a folder the caller creates); when the
+    block ends normally it takes ``target``'s place (:func:`publish`), else it is removed. Temp entries of
+    dead processes of this host for the same name go first. SIGTERM inside the block cleans up as Ctrl-C.
+    ``fsync``: the written file (or every file of the folder) reaches the disk before the rename, so a
+    power loss leaves the old output or the new one (for weights; not worth it for logs and previews)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target.parent, target.name)
+    tmp = temp_path(target)
     try:
         with sigterm_as_exception():
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            yield tmp
+            if not os.path.lexists(tmp):
+                raise FileNotFoundError(f"nothing was written to {tmp} for {target}")
+            if fsync:
+                _fsync_tree(tmp)
+            publish(tmp, target)
+            if fsync:
+                _fsync_path(target.parent)  # the rename itself
     finally:
         if os.path.lexists(tmp):
             remove(tmp)
 
 
-def publish_dir(tmp: Path, target: Path):
-    """Put the finished folder ``tmp`` (a sibling of ``target``) in ``target``'s place: any old ``target`` is
-    renamed aside first and removed after, so ``target`` is the old folder or the new one, never a mix."""
+def write_bytes(path, data: bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` through its temp sibling: the old file or the new one, never part of one."""
+    with replacing(path, fsync=fsync) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path, text: str, *, fsync: bool = False) -> Path:
+    return write_bytes(path, text.encode(), fsync=fsync)
+
+
+def publish(tmp: Path, target: Path):
+    """Put the finished ``tmp`` (a sibling of ``target``) in ``target``'s place. A file replaces a file in one
+    rename; an old folder (or a file where a folder goes) is renamed aside first and removed after."""
     tmp, target = Path(tmp), Path(target)
+    if tmp.is_file() and not target.is_dir():
+        os.replace(tmp, target)
+        return
     old = temp_path(target, "old")
     try:
         if os.path.lexists(target):
@@ -124,3 +157,21 @@ def publish_dir(tmp: Path, target: Path):
     finally:
         if os.path.lexists(old):
             remove(old)
+
+
+def _fsync_path(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path):
+    if path.is_dir():
+        for root, _, names in os.walk(path):
+            for name in names:
+                _fsync_path(Path(root) / name)
+            _fsync_path(Path(root))
+    else:
+        _fsync_path(path)

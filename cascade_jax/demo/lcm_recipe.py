@@ -14,20 +14,19 @@ Steps with a report in ``work/reports`` are skipped and the trainer resumes from
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 from cascade_jax import demo
-from cascade_jax.data import shapes
+from cascade_jax.demo import shapes
 from cascade_jax.pipelines.defaults import write_sampling_defaults
-from cascade_jax.weights import atomic
+from cascade_jax.storage import atomic
 
 CONFIG = "demo_lcm"
 # demo-lcm's defaults: Stage C with the LCM sampler in 4 steps and no guidance (distilled into the LoRA: an
 # unconditional pass would only cost time), Stage B as the demo samples it but in 2 steps
-# (benchmarks/demo_lcm.py measures 4+2, 2+2 and 1+1 against the demo's 20+10).
+# (cascade_jax/demo/evaluate/lcm.py measures 4+2, 2+2 and 1+1 against the demo's 20+10).
 SAMPLING = {"prior": {"sampler": "lcm", "steps": 4, "cfg": None},
             "decoder": {"steps": 2, "t_start": 0.9, "cfg": 1.75}}
 
@@ -55,8 +54,8 @@ def distil(work: Path, weights: Path, scale: float, log) -> dict:
     run = train(cfg, task=task)
     seconds = time.perf_counter() - start
     written = task.write_lora(cfg, task_params(run.state), cfg.updates)
-    shutil.copyfile(written, atomic.temp_path(work / "lcm_lora.safetensors"))
-    os.replace(atomic.temp_path(work / "lcm_lora.safetensors"), work / "lcm_lora.safetensors")
+    with atomic.replacing(work / "lcm_lora.safetensors") as tmp:
+        shutil.copyfile(written, tmp)
     losses = [h["loss"] for h in run.history if "loss" in h]
     k = max(1, len(losses) // 10)
     report = {"seconds": round(seconds, 1), "updates": cfg.updates, "batch_size": cfg.batch_size,
@@ -68,16 +67,10 @@ def distil(work: Path, weights: Path, scale: float, log) -> dict:
 
 def publish(work: Path, out: Path):
     """The LoRA and sampling.json into ``out`` in one rename."""
-    tmp = atomic.temp_path(out)
-    tmp.mkdir(parents=True)
-    shutil.copyfile(work / "lcm_lora.safetensors", tmp / demo.LCM_LORA_FILE)
-    write_sampling_defaults(tmp, SAMPLING)
-    old = atomic.temp_path(out, "old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        atomic.remove(old)
+    with atomic.replacing(out) as tmp:
+        tmp.mkdir()
+        shutil.copyfile(work / "lcm_lora.safetensors", tmp / demo.LCM_LORA_FILE)
+        write_sampling_defaults(tmp, SAMPLING)
 
 
 def build_demo_lcm(work=Path("demo_build/lcm"), out=demo.LCM_DIR, weights=None, *, images: int = 4000,
