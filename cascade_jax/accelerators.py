@@ -16,6 +16,8 @@ The chip table holds the documented HBM capacity and dense bf16 peak of each gen
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
 import os
 import re
 
@@ -143,6 +145,26 @@ def count_in_name(generation: str, sides) -> int:
     for side in sides:
         chips *= side
     return chips * CHIPS[generation].cores_per_chip_in_name
+
+
+GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+
+
+def skip_absent_tpu():
+    """libtpu (the ``tpu`` extra, installed for ``--plan``) on a machine without a TPU makes JAX try a TPU backend
+    on first use: it fails after printing libtpu's initialisation errors, then JAX falls back to the CPU. When
+    libtpu is installed, no TPU device file exists (``/dev/accel*``, ``/dev/vfio/N``), no GPU plugin is
+    installed and nothing chose the platforms, JAX is told to use the CPU, which it would have used anyway."""
+    if jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS"):
+        return
+    if importlib.util.find_spec("libtpu") is None or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    if any(importlib.util.find_spec(plugin) for plugin in GPU_PLUGINS):
+        return
+    try:
+        jax.config.update("jax_platforms", "cpu")
+    except RuntimeError:  # the backends already started
+        pass
 
 
 def quiet_compile_only_libtpu(accelerator_type: str):

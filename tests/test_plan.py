@@ -52,6 +52,25 @@ def test_topologies_open_without_a_tpu_and_the_suite_stays_on_the_cpu():
     assert peak_flops_for("TPU v5") == 459e12 and peak_flops_for("TPU v5 lite") == 197e12
 
 
+def test_without_a_tpu_the_installed_libtpu_stays_silent():
+    """The tpu extra installs libtpu; on a machine without a TPU, importing cascade_jax keeps JAX from trying
+    (and noisily failing) to start a TPU backend: the CPU, with nothing from libtpu on stderr."""
+    import glob
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("libtpu") is None or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        pytest.skip("needs libtpu installed on a machine without a TPU")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    run = subprocess.run([sys.executable, "-c", "import cascade_jax, jax; print(jax.default_backend())"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "cpu"
+    assert "TPU" not in run.stderr and "libtpu" not in run.stderr, run.stderr
+
+
 def test_train_c_plans_tiny_c_for_a_v5e_4(capsys):
     """The training CLI compiles tiny Stage C's real step for 4 v5e chips and prints the issue's fields."""
     from cascade_jax.training.cli import main
