@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -234,17 +233,6 @@ def write_text(path, text: str):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(path, text)
-
-
-def load_pipeline(weights: str, dtype: str = "float32"):
-    """``StableCascadePipeline.from_pretrained(weights)``, or None after printing why it cannot load."""
-    from cascade_jax.pipelines.cascade import StableCascadePipeline
-
-    try:
-        return StableCascadePipeline.from_pretrained(weights, dtype=dtype)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None
 
 
 def write_report(out, report: dict, table: str):
