@@ -119,7 +119,7 @@ def test_fit_finds_the_largest_batch_cheapest_remat_and_says_what_fits(monkeypat
     activation = {None: 4.0, "dots_saveable": 2.0, "dots_with_no_batch_dims_saveable": 1.5, "full": 1.0}
     speed = {None: 1.0, "dots_saveable": 0.9, "dots_with_no_batch_dims_saveable": 0.85, "full": 0.75}
 
-    def fake_plan(cfg, target, margin, with_model_flops=True):
+    def fake_plan(cfg, target, margin, with_model_flops=True, isolate=False):
         per_chip = cfg.batch_size // (cfg.mesh.data * cfg.mesh.fsdp)
         peak = 40.0 / cfg.mesh.fsdp + per_chip * activation[cfg.remat]
         return {"fits": peak <= 95 * (1 - margin), "peak_gib_per_device": peak, "estimated_step_s": 1.0,

@@ -60,10 +60,16 @@ def run_plan(cfg, args) -> int:
     if args.fit:
         from cascade_jax.training.plan_fit import fit, format_fit
 
-        report = fit(cfg, target, margin=margin)
+        report = fit(cfg, target, margin=margin, isolate=True)
         text = format_fit(report)
     else:
-        report = plan(cfg, target, margin=margin)
+        from cascade_jax.training.plan_isolation import ChildDiedError
+
+        try:
+            report = plan(cfg, target, margin=margin, isolate=True)  # each compile in its own process
+        except ChildDiedError as err:  # the step's own compile: without it there is no plan
+            print(f"error: the step's compile did not finish: {err}", file=sys.stderr)
+            return 1
         text = format_table(report)
     print(json.dumps(report, indent=1))
     print(text)

@@ -44,14 +44,6 @@ def compiled_point(trace, cfg: TrainConfig, mesh, batch_specs) -> tuple[float | 
     return seconds, compile_report.jaxpr_flops(traced.jaxpr)
 
 
-def depth_extrapolated_seconds(trace, cfg: TrainConfig, task, mesh, batch_specs, full_flops: float) -> dict:
-    """``{"estimated_step_s", "estimate_points"}`` from two shallow compiles; None values when the backend
-    gives no estimate or the depth does not change the FLOPs. ``trace``: ``plan.traced_step``."""
-    points = [compiled_point(trace, shallow_config(cfg, task, scale), mesh, batch_specs) for scale in (1, 2)]
-    return {"estimated_step_s": extrapolate(points, full_flops),
-            "estimate_points": [{"optimal_seconds": t, "flops": f} for t, f in points]}
-
-
 def extrapolate(points, full_flops: float) -> float | None:
     """The formula above from ``[(T_A, F_A), (T_B, F_B)]``; None without two estimates that differ in FLOPs."""
     (t1, f1), (t2, f2) = points
