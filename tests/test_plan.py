@@ -87,6 +87,9 @@ def test_train_c_plans_tiny_c_for_a_v5e_4(capsys):
     assert report["images_per_s_estimate"] == pytest.approx(8 / report["estimated_step_s"])
     assert report["compile_s"] > 0 and report["host_peak_rss_gib"] > 0
     assert "estimated step s" in out and "(compiler estimate)" in out
+    # The compile ran in a child process (training/plan_isolation.py): its own peak RSS is the compile's.
+    assert [p["task"] for p in report["processes"]] == ["step"]  # no remat, no scan: nothing else to run
+    assert report["processes"][0]["peak_rss_gib"] == report["host_peak_rss_gib"] > 0.1
 
 
 @pytest.mark.parametrize("config, overrides", [
@@ -119,7 +122,7 @@ def test_fit_finds_the_largest_batch_cheapest_remat_and_says_what_fits(monkeypat
     activation = {None: 4.0, "dots_saveable": 2.0, "dots_with_no_batch_dims_saveable": 1.5, "full": 1.0}
     speed = {None: 1.0, "dots_saveable": 0.9, "dots_with_no_batch_dims_saveable": 0.85, "full": 0.75}
 
-    def fake_plan(cfg, target, margin, with_model_flops=True, isolate=False):
+    def fake_plan(cfg, target, margin, with_model_flops=True, **isolation):
         per_chip = cfg.batch_size // (cfg.mesh.data * cfg.mesh.fsdp)
         peak = 40.0 / cfg.mesh.fsdp + per_chip * activation[cfg.remat]
         return {"fits": peak <= 95 * (1 - margin), "peak_gib_per_device": peak, "estimated_step_s": 1.0,
@@ -137,6 +140,56 @@ def test_fit_finds_the_largest_batch_cheapest_remat_and_says_what_fits(monkeypat
     small = plan_fit.fit(load_config("tiny_c", ["batch_size=1024"]), target)
     assert small["request"]["fits"] is False and small["request"]["largest_that_fits"] == 640
     assert "does not fit; the largest that fits: batch_size=640" in plan_fit.format_fit(small)
+
+
+def test_a_failed_child_leaves_the_step_plan_and_says_why(monkeypatch):
+    """plan() keeps the step's numbers when a later piece fails: the FLOPs trace raising (here, in this process)
+    and the time estimate's compile killed in its child (a real child, SIGKILL as the kernel's OOM killer
+    sends): each missing number is None with the reason in the report, and the second estimate compile is not
+    tried. (The step's numbers are given: what is tested is what plan() does with the pieces' outcomes.)"""
+    import signal
+
+    from cascade_jax.training import plan as planning
+    from cascade_jax.training.plan_isolation import in_process, run_in_child
+
+    numbers = {"memory": {"argument": 1.0, "temp": 2.0, "peak": 3.5}, "cost": {"flops": 2e9, "optimal_seconds": None},
+               "compile_s": 1.0, "hardware_flops": 8e9, "trainable_params": 10, "mesh": {"data": 4, "fsdp": 1, "tensor": 1},
+               "devices": 4, "device_kind": "TPU v5 lite", "host_peak_rss_gib": 1.0}
+    ran = []
+
+    def out_of_memory():
+        raise MemoryError("no room for the trace")
+
+    def run(self, task, piece, *args):
+        ran.append(task)
+        if piece is planning.step_numbers:
+            return in_process(task, lambda: numbers)
+        if piece is planning.model_step_flops:
+            return in_process(task, out_of_memory)
+        return run_in_child(task, "signal:raise_signal", signal.SIGKILL)
+
+    monkeypatch.setattr(planning.Pieces, "run", run)
+    report = planning.plan(load_config("tiny_c", ["remat=full", "scan_blocks=true"]), "v5e-4")
+    assert ran == ["step", "FLOPs without remat (traced)", "time estimate: shallow step x1"]
+    assert report["peak_gib_per_device"] == 3.5 and report["fits"] is True and report["devices"] == 4
+    assert report["model_flops_error"] == "FLOPs without remat (traced): MemoryError: no room for the trace"
+    assert report["flops_per_step_per_device"] is None and report["estimated_mfu"] is None
+    assert report["estimated_step_s"] is None and report["estimate_points"] == []
+    assert report["estimate_source"].startswith("none: a compile of the time estimate failed (time estimate: "
+                                                "shallow step x1: killed by SIGKILL")
+    assert "killed by SIGKILL" in planning.format_table(report)
+
+
+def test_a_child_above_its_memory_limit_is_stopped_and_says_so():
+    """--plan-memory-gib: the child (here at most sleeping after its imports, which alone pass 0.1 GiB) is
+    stopped at the limit, not left to the kernel, and the outcome names the limit."""
+    from cascade_jax.training.plan_isolation import ChildDiedError, run_in_child
+
+    outcome = run_in_child("sleeper", "time:sleep", 60, memory_limit_gib=0.1)
+    assert outcome.value is None and outcome.wall_s < 30
+    assert outcome.error.startswith("stopped at the host-memory limit (0.1 GiB)") and outcome.peak_rss_gib >= 0.1
+    with pytest.raises(ChildDiedError, match="sleeper: stopped at the host-memory limit"):
+        outcome.result()
 
 
 def test_sampling_plan_says_whether_the_cascade_fits_one_chip():

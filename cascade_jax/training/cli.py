@@ -27,6 +27,9 @@ def parse_args(argv, stage: str):
                         help="with --plan: search the largest batch per chip, cheapest remat and mesh that fit")
     parser.add_argument("--margin", type=float, default=None,
                         help="with --plan: share of each chip's HBM to keep free (default 0.1)")
+    parser.add_argument("--plan-memory-gib", type=float, default=None, metavar="GIB",
+                        help="with --plan: stop any one compile (each runs in its own process) above this much host "
+                             "memory; the plan then says which number is missing and why (default: no limit; Linux)")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() (multi-host; automatic on TPU pods/SLURM)")
     parser.add_argument("--export", default=None, help="weights folder written at the end: the trained model (+EMA) "
@@ -50,6 +53,7 @@ def run_plan(cfg, args) -> int:
     """``--plan [TOPOLOGY] [--fit]``: print the plan (JSON, then a short table); 1 when it does not fit."""
     from cascade_jax.accelerators import plan_target
     from cascade_jax.training.plan import DEFAULT_MARGIN, format_table, plan
+    from cascade_jax.training.plan_isolation import ChildDiedError
 
     try:
         target = plan_target(args.plan)
@@ -57,20 +61,19 @@ def run_plan(cfg, args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     margin = DEFAULT_MARGIN if args.margin is None else args.margin
-    if args.fit:
-        from cascade_jax.training.plan_fit import fit, format_fit
+    isolation = {"isolate": True, "child_memory_gib": args.plan_memory_gib}  # each compile in its own process
+    try:
+        if args.fit:
+            from cascade_jax.training.plan_fit import fit, format_fit
 
-        report = fit(cfg, target, margin=margin, isolate=True)
-        text = format_fit(report)
-    else:
-        from cascade_jax.training.plan_isolation import ChildDiedError
-
-        try:
-            report = plan(cfg, target, margin=margin, isolate=True)  # each compile in its own process
-        except ChildDiedError as err:  # the step's own compile: without it there is no plan
-            print(f"error: the step's compile did not finish: {err}", file=sys.stderr)
-            return 1
-        text = format_table(report)
+            report = fit(cfg, target, margin=margin, **isolation)
+            text = format_fit(report)
+        else:
+            report = plan(cfg, target, margin=margin, **isolation)
+            text = format_table(report)
+    except ChildDiedError as err:  # the step's own compile: without it there is no plan
+        print(f"error: the step's compile did not finish: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(report, indent=1))
     print(text)
     return 0 if (report.get("fits") is not False) else 1

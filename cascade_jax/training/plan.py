@@ -80,7 +80,8 @@ def plan_mesh(cfg: TrainConfig, target: Target | None):
 
 
 def plan(cfg: TrainConfig, target: Target | str | None = None, *, batch_specs: dict | None = None, mesh=None,
-         margin: float = DEFAULT_MARGIN, with_model_flops: bool = True, isolate: bool = False) -> dict:
+         margin: float = DEFAULT_MARGIN, with_model_flops: bool = True, isolate: bool = False,
+         child_memory_gib: float | None = None) -> dict:
     """Compile one step for ``target`` (a :class:`Target`, a name such as ``"v5p-16"``, or None: this
     process's devices) over ``cfg.mesh``; ``batch_specs``: name -> (global shape, dtype), default one square
     ``image_size`` bucket. Returns the report (see :func:`step_report`). ``with_model_flops``: with remat,
@@ -89,12 +90,12 @@ def plan(cfg: TrainConfig, target: Target | str | None = None, *, batch_specs: d
 
     ``isolate``: each compile and trace in a fresh process (``plan_isolation``; what ``--plan`` does), so host
     memory is the largest one's, not their sum; the report then lists each process's cost under
-    ``processes``. The step's failure is raised; a failed FLOPs trace or estimate compile leaves that number
-    out, with the reason in the report."""
+    ``processes``; ``child_memory_gib``: a process above that much host memory is stopped. The step's failure
+    is raised; a failed FLOPs trace or estimate compile leaves that number out, with the reason in the report."""
     target = resolve_target(target) if isinstance(target, str) else target
     if isolate and mesh is not None:
         raise ValueError("plan(isolate=True) builds the mesh from cfg.mesh in each process: give no mesh")
-    pieces = Pieces(cfg, target, batch_specs, mesh, isolate)
+    pieces = Pieces(cfg, target, batch_specs, mesh, isolate, child_memory_gib)
     step = pieces.run("step", step_numbers)
     numbers = step.result()  # without the step there is no plan
     outcomes, model_flops, flops = [step], numbers["hardware_flops"], None
@@ -120,8 +121,9 @@ class Pieces:
     """How :func:`plan` runs its pieces (the step, the FLOPs trace, each estimate compile): here, or each in a
     fresh process given the config, the target by name and the module that registers the task."""
 
-    def __init__(self, cfg: TrainConfig, target: Target | None, batch_specs, mesh, isolate: bool):
-        self.cfg, self.batch_specs, self.isolate = cfg, batch_specs, isolate
+    def __init__(self, cfg: TrainConfig, target: Target | None, batch_specs, mesh, isolate: bool,
+                 memory_limit_gib: float | None = None):
+        self.cfg, self.batch_specs, self.isolate, self.memory_limit_gib = cfg, batch_specs, isolate, memory_limit_gib
         self.target = (None if target is None else target.name) if isolate else target
         self.mesh = mesh
         self.task_module = type(get_task(cfg.stage)).__module__  # an unknown stage fails here, before any child
@@ -130,7 +132,7 @@ class Pieces:
         if not self.isolate:
             return in_process(task, piece, self.cfg, self.target, self.batch_specs, self.mesh, *args)
         return run_in_child(task, f"{__name__}:run_piece", self.task_module, piece.__name__, self.cfg,
-                            self.target, self.batch_specs, None, *args)
+                            self.target, self.batch_specs, None, *args, memory_limit_gib=self.memory_limit_gib)
 
 
 def run_piece(task_module: str, piece: str, *args):

@@ -39,8 +39,10 @@ def variant(cfg: TrainConfig, per_chip: int, remat, data: int, fsdp: int, tensor
 class Search:
     """Compiles candidates for one target, remembering each result."""
 
-    def __init__(self, cfg: TrainConfig, target: Target | None, margin: float, isolate: bool = False):
-        self.cfg, self.target, self.margin, self.tried, self.isolate = cfg, target, margin, [], isolate
+    def __init__(self, cfg: TrainConfig, target: Target | None, margin: float, isolate: bool = False,
+                 child_memory_gib: float | None = None):
+        self.cfg, self.target, self.margin, self.tried = cfg, target, margin, []
+        self.isolation = {"isolate": isolate, "child_memory_gib": child_memory_gib}
 
     def compile(self, per_chip: int, remat, data: int, fsdp: int) -> dict:
         candidate = {"batch_per_chip": per_chip, "remat": remat or "none", "mesh": {"data": data, "fsdp": fsdp}}
@@ -49,7 +51,7 @@ class Search:
             return known
         try:
             report = plan(variant(self.cfg, per_chip, remat, data, fsdp), self.target, margin=self.margin,
-                          with_model_flops=False, isolate=self.isolate)
+                          with_model_flops=False, **self.isolation)
         except Exception as e:  # noqa: BLE001 - a candidate the compiler refuses is recorded, not fatal
             candidate.update(fits=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
             self.tried.append(candidate)
@@ -118,13 +120,13 @@ def rank(candidate: dict) -> tuple:
 
 
 def fit(cfg: TrainConfig, target: Target | None, *, margin: float = DEFAULT_MARGIN, remats=REMAT_ORDER,
-        isolate: bool = False) -> dict:
+        isolate: bool = False, child_memory_gib: float | None = None) -> dict:
     """Search (see the module docstring); returns the winner's full plan, the request's verdict and ``tried``.
-    ``isolate``: every compile in a fresh process (``plan(isolate=True)``), as ``--plan --fit`` runs it."""
+    ``isolate``, ``child_memory_gib``: every compile in a fresh process (see ``plan``), as ``--fit`` runs it."""
     from cascade_jax.sharding import make_mesh
 
     devices = len(target.devices) if target is not None else make_mesh(-1).devices.size
-    search, notes = Search(cfg, target, margin, isolate), []
+    search, notes = Search(cfg, target, margin, isolate, child_memory_gib), []
     best = []
     for data, fsdp in feasible_meshes(search, devices, notes):
         for remat in remats:

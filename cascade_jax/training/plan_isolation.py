@@ -77,20 +77,22 @@ def in_process(task: str, function, *args, **kwargs) -> ChildOutcome:
                         time.perf_counter() - start, time.process_time() - cpu)
 
 
-def run_in_child(task: str, function: str, *args, timeout_s: float | None = None, **kwargs) -> ChildOutcome:
+def run_in_child(task: str, function: str, *args, timeout_s: float | None = None,
+                 memory_limit_gib: float | None = None, **kwargs) -> ChildOutcome:
     """``function`` ("package.module:name") called with the arguments in a fresh Python process (see the module
-    docstring); ``timeout_s``: the child is killed after that long. The child's stdout goes to stderr (this
-    process's stdout may carry a report)."""
+    docstring). The child is stopped after ``timeout_s`` seconds or above ``memory_limit_gib`` of resident
+    memory (read from /proc: Linux), and the outcome says so. Its stdout goes to stderr (this process's stdout
+    may carry a report)."""
     with tempfile.TemporaryDirectory(prefix="cascade_jax_child_") as folder:
         call, result = Path(folder) / "call.pickle", Path(folder) / "result.pickle"
         call.write_bytes(pickle.dumps((function, args, kwargs)))
         command = [sys.executable, "-c", BOOTSTRAP, str(call), str(result), json.dumps(sys.path)]
         start = time.perf_counter()
         process = subprocess.Popen(command)
-        status, usage, timed_out = wait_reaping(process, timeout_s)
+        usage, stopped = wait_reaping(process, timeout_s, memory_limit_gib)
         outcome = ChildOutcome(task, wall_s=time.perf_counter() - start, cpu_s=usage.ru_utime + usage.ru_stime,
                                peak_rss_gib=round(maxrss_bytes(usage.ru_maxrss) / GIB, 2))
-        if result.is_file() and not timed_out:
+        if result.is_file() and stopped is None:
             try:
                 kind, payload = pickle.loads(result.read_bytes())
             except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as err:
@@ -101,34 +103,45 @@ def run_in_child(task: str, function: str, *args, timeout_s: float | None = None
             if kind == "exception":
                 outcome.exception, outcome.error = payload, describe_exception(payload)
                 return outcome
-        outcome.error = death_reason(process.returncode, outcome.peak_rss_gib, timeout_s if timed_out else None)
+        outcome.error = stopped or death_reason(process.returncode, outcome.peak_rss_gib)
         return outcome
 
 
-def wait_reaping(process: subprocess.Popen, timeout_s: float | None):
-    """(wait status, the child's rusage, timed out?): ``wait4`` gives this child's own peak RSS and CPU time.
-    An interrupt here (Ctrl-C) kills the child before it propagates: no compile is left running."""
-    start, timed_out = time.perf_counter(), False
+def wait_reaping(process: subprocess.Popen, timeout_s: float | None, memory_limit_gib: float | None):
+    """(the child's rusage, why it was stopped or None): ``wait4`` gives this child's own peak RSS and CPU
+    time. An interrupt here (Ctrl-C) kills the child before it propagates: no compile is left running."""
+    start, stopped, watch = time.perf_counter(), None, timeout_s is not None or memory_limit_gib is not None
     try:
         while True:
-            pid, status, usage = os.wait4(process.pid, 0 if timeout_s is None else os.WNOHANG)
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG if watch else 0)
             if pid:
                 break
-            if time.perf_counter() - start > timeout_s:
+            elapsed, rss = time.perf_counter() - start, resident_bytes(process.pid)
+            if stopped is None and timeout_s is not None and elapsed > timeout_s:
+                stopped = f"stopped at the time limit ({timeout_s:.0f} s)"
+            if stopped is None and memory_limit_gib is not None and rss > memory_limit_gib * GIB:
+                stopped = f"stopped at the host-memory limit ({memory_limit_gib:g} GiB) after {elapsed:.0f} s"
+            if stopped is not None:
                 os.kill(process.pid, signal.SIGKILL)
-                timed_out = True
-            time.sleep(0.2)
+            time.sleep(0.25)
     except BaseException:
         process.kill()
         process.wait()
         raise
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-    return status, usage, timed_out
+    return usage, stopped
 
 
-def death_reason(returncode: int, peak_rss_gib: float, timeout_s: float | None) -> str:
-    if timeout_s is not None:
-        return f"stopped at the time limit ({timeout_s:.0f} s), at {peak_rss_gib} GiB host RSS"
+def resident_bytes(pid: int) -> int:
+    """A process's resident memory now (0 where /proc does not say: the memory limit needs Linux)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def death_reason(returncode: int, peak_rss_gib: float) -> str:
     if returncode < 0:
         name = signal.Signals(-returncode).name
         why = " (most often the kernel's out-of-memory killer)" if -returncode == signal.SIGKILL else ""
