@@ -1,13 +1,14 @@
-"""demo-lcm (the demo's Stage C distilled by the c_lcm task) against the demo's default sampling, side by side in
-one process: per-attribute accuracy on the held-out combinations (the demo's scorer, cascade_jax.demo.evaluate.accuracy)
-and wall time per image after compilation.
+"""demo-lcm (the demo's Stage C and Stage B distilled by the c_lcm and b_lcm tasks) against the demo's default
+sampling, side by side in one process: per-attribute accuracy on the held-out combinations (the demo's scorer,
+cascade_jax.demo.evaluate.accuracy) and wall time per image after compilation.
 
     python -m cascade_jax.demo.evaluate.lcm                      # 40 held-out combinations x 2 images per setting
     python -m cascade_jax.demo.evaluate.lcm --combos 126 --per-combo 4
 
 Settings: the demo's defaults (20 Stage C + 10 Stage B steps, its sampling.json), the same in 4+2 steps (what the
-distillation adds), and demo-lcm's (its sampling.json: the LCM sampler without guidance on Stage C) at 4+2, 2+2
-and 1+1 steps. Each setting first draws
+distillation adds), demo-lcm with only its Stage C LoRA (Stage B undistilled, as the demo samples it but in 2 steps:
+the default before b_lcm), and demo-lcm's (its sampling.json: the LCM sampler without guidance on both stages) at
+the step counts of ``LCM_STEPS``. Each setting first draws
 one untimed batch (compiling its sampling loops), then the scored images; the timing comes after, from
 interleaved batches of every setting (their median). Writes ``--out`` (JSON) and a
 markdown table beside it.
@@ -16,6 +17,7 @@ markdown table beside it.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import statistics
@@ -28,7 +30,8 @@ from cascade_jax.demo import shapes
 from cascade_jax.demo.evaluate import RESULTS_DIR
 
 DEFAULT_OUT = RESULTS_DIR / "demo_lcm.json"
-LCM_STEPS = ((4, 2), (2, 2), (1, 1))
+LCM_STEPS = ((4, 2), (4, 1), (2, 2), (2, 1), (1, 1))
+C_ONLY_STEPS = (4, 2)
 FIELDS = ("steps", "cfg", "shift", "sampler", "t_start")
 
 
@@ -38,6 +41,12 @@ def settings(demo_pipe, lcm_pipe) -> list:
             # the undistilled demo in demo-lcm's default steps: what the distillation adds
             ("demo 4+2 (not distilled)", demo_pipe, demo_pipe.prior_defaults.replace(steps=4),
              demo_pipe.decoder_defaults.replace(steps=2))]
+    c_only = copy.copy(lcm_pipe)  # demo-lcm's Stage C, the demo's own Stage B (sampled as the demo samples it)
+    c_only.decoder = demo_pipe.decoder
+    prior_steps, decoder_steps = C_ONLY_STEPS
+    rows.append((f"demo-lcm {prior_steps}+{decoder_steps}, Stage C LoRA only", c_only,
+                 lcm_pipe.prior_defaults.replace(steps=prior_steps),
+                 demo_pipe.decoder_defaults.replace(steps=decoder_steps)))
     for prior_steps, decoder_steps in LCM_STEPS:
         rows.append((f"demo-lcm {prior_steps}+{decoder_steps}", lcm_pipe,
                      lcm_pipe.prior_defaults.replace(steps=prior_steps),
