@@ -2,7 +2,7 @@
 
 A project built on the library (the embedded demo, ``cascade_jax.demo``) registers its sets here when
 imported; the pipelines resolve a name through :func:`lookup` and know no set by name. A set is a weights
-folder, optionally with Stage C and Stage B LoRAs merged into the base at load (so ``--lora`` stacks on top of them)
+folder, optionally with Stage C LoRAs merged into the base at load (so ``--lora`` stacks on top of them)
 and another folder's ``sampling.json`` as its sampler defaults. Paths are callables, read when the set is
 used: a set whose files are missing fails then, with its own message, not at import.
 """
@@ -18,7 +18,6 @@ from typing import Callable
 class WeightSet:
     folder: Callable[[], Path]  # the weights folder (converted directories, tokenizer/...)
     loras: Callable[[], tuple] = tuple  # Stage C LoRA files merged into the loaded base weights
-    decoder_loras: Callable[[], tuple] = tuple  # Stage B LoRA files merged into the loaded base weights
     sampling: Callable[[], Path] | None = None  # the folder whose sampling.json gives the defaults (None: folder)
     dtype: str = "bfloat16"  # the dtype the scripts load it in by default
     image_size: int | None = None  # the side the scripts draw by default (None: 1024)

@@ -151,11 +151,17 @@ def test_a_tiny_lcm_lora_distillation_lowers_the_loss_and_leaves_the_teacher_bit
     check_distillation(*lora_run)
 
 
-def test_a_tiny_stage_b_lcm_lora_distillation_lowers_the_loss_and_leaves_the_teacher_bit_identical(b_lora_run):
+def test_a_tiny_stage_b_lcm_lora_distillation_lowers_the_loss_and_leaves_the_teacher_bit_identical(b_lora_run,
+                                                                                                    tmp_path):
+    from cascade_jax.weights.lora_files import load_lora, model_config_of
+
     run, task = b_lora_run[:2]
     check_distillation(*b_lora_run)
     assert {p[0] for p, _ in nnx.to_flat_state(run.frozen)} >= {"stage_a", "effnet", "text_encoder"}
-    assert task.lcm.guidance == (1.0, 2.0) and task.lora_weights(task_params(run.state)).layers
+    path = task.write_lora(dataclasses.replace(run.cfg, output_path=str(tmp_path)), task_params(run.state), UPDATES)
+    assert model_config_of(path)["model"] == "stage_b"  # what convert/lora.py merge and a weight set check
+    student = nnx.merge(run.graphdef, run.state.params, run.frozen).generator
+    assert load_lora(path, student).layers.keys() == L.lora_layers(student, "lora").keys()
 
 
 def check_distillation(run, _task, before, after, base):
@@ -247,8 +253,8 @@ truth = [c for combos in splits.values() for c in combos for _ in range(2)]
 pipe = StableCascadePipeline.from_pretrained("demo-lcm", dtype="float32")
 images = pipe.text_to_image([shapes.caption(c) for c in truth], height=128, width=128,
                             seed=list(range(len(truth)))).images
-p = pipe.prior_defaults
-result, start = {"prior": [p.sampler, p.steps, p.cfg], "decoder_steps": pipe.decoder_defaults.steps}, 0
+p, d = pipe.prior_defaults, pipe.decoder_defaults
+result, start = {"prior": [p.sampler, p.steps, p.cfg], "decoder": [d.sampler, d.steps, d.cfg]}, 0
 for split, combos in splits.items():
     n = 2 * len(combos)
     result[split] = shapes.accuracy(images[start:start + n], truth[start:start + n])
@@ -278,7 +284,8 @@ def test_demo_lcm_draws_what_the_prompt_says_in_few_steps():
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["prior"] == ["lcm", SAMPLING["prior"]["steps"], None]  # its sampling.json
-    assert result["decoder_steps"] == SAMPLING["decoder"]["steps"]
+    assert result["decoder"] == [SAMPLING["decoder"].get("sampler", "ddpm"), SAMPLING["decoder"]["steps"],
+                                 SAMPLING["decoder"]["cfg"]]
     for split in shapes.SPLITS:
         for attribute, bound in LCM_LOWER_BOUNDS.items():
             assert result[split][attribute] >= bound, (split, attribute, result)

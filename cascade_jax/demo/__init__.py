@@ -19,12 +19,11 @@ from cascade_jax.named_weights import WeightSet, register
 
 NAME = "demo"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-# demo-lcm: the demo with its Stage C and Stage B distilled for few-step sampling (``make demo-lcm-weights``,
-# ``cascade_jax.demo.lcm_recipe``): two LCM-LoRAs and their sampler settings, beside the demo weights.
+# demo-lcm: the demo with its Stage C distilled for few-step sampling (``make demo-lcm-weights``,
+# ``cascade_jax.demo.lcm_recipe``): an LCM-LoRA and its sampler settings, beside the demo weights.
 LCM_NAME = "demo-lcm"
 LCM_DIR = Path(__file__).resolve().parent / "lcm"
-LCM_LORA_FILE = "lcm_lora.safetensors"  # Stage C's
-LCM_DECODER_LORA_FILE = "lcm_b_lora.safetensors"  # Stage B's
+LCM_LORA_FILE = "lcm_lora.safetensors"
 IMAGE_SIZE = 128  # the size the demo cascade was trained at (Stage C latents 3x3, Stage B 32x32)
 
 
@@ -46,6 +45,5 @@ def lcm_dir() -> Path:
 
 
 register(NAME, WeightSet(weights_dir, dtype="float32", image_size=IMAGE_SIZE))
-register(LCM_NAME, WeightSet(weights_dir, loras=lambda: (lcm_dir() / LCM_LORA_FILE,),
-                             decoder_loras=lambda: (lcm_dir() / LCM_DECODER_LORA_FILE,), sampling=lcm_dir,
+register(LCM_NAME, WeightSet(weights_dir, loras=lambda: (lcm_dir() / LCM_LORA_FILE,), sampling=lcm_dir,
                              dtype="float32", image_size=IMAGE_SIZE))

@@ -1,12 +1,11 @@
-"""The recipe of ``demo-lcm`` (``train/demo_lcm.py``, ``make demo-lcm-weights``): the embedded demo's Stage C and
-Stage B distilled by the ``c_lcm`` and ``b_lcm`` tasks into two LCM-LoRAs, shipped beside the demo weights.
+"""The recipe of ``demo-lcm`` (``train/demo_lcm.py``, ``make demo-lcm-weights``): the embedded demo's Stage C
+distilled by the ``c_lcm`` task into an LCM-LoRA, shipped beside the demo weights.
 
 1. ``data``: the demo's generated shapes images (training split only), as ``make demo-weights`` makes them.
-2. ``distil``: one run of ``cascade_jax.training.train`` from ``configs/training/demo_lcm.yaml`` (Stage C), the
-   teacher and the frozen encoders read from the demo weights folder.
-3. ``distil_b``: the same from ``configs/training/demo_lcm_b.yaml`` (Stage B).
-4. ``publish``: the LoRAs (the EMA target network's, as the paper keeps) and ``SAMPLING`` as sampling.json into
-   ``cascade_jax/demo/lcm/``, in one rename. ``--weights demo-lcm`` is the demo weights with those LoRAs merged
+2. ``distil``: one run of ``cascade_jax.training.train`` from ``configs/training/demo_lcm.yaml``, the teacher
+   and the frozen encoders read from the demo weights folder.
+3. ``publish``: the LoRA (the EMA target network's, as the paper keeps) and ``SAMPLING`` as sampling.json into
+   ``cascade_jax/demo/lcm/``, in one rename. ``--weights demo-lcm`` is the demo weights with that LoRA merged
    and those sampler settings (``cascade_jax.demo`` registers the name).
 
 Steps with a report in ``work/reports`` are skipped and the trainer resumes from its checkpoints.
@@ -24,20 +23,17 @@ from cascade_jax.demo import shapes
 from cascade_jax.pipelines.defaults import write_sampling_defaults
 from cascade_jax.storage import atomic
 
-# (step name, training config, the LoRA file it leaves in the work folder and publishes, demo weights it distils)
-DISTILLATIONS = (("distil", "demo_lcm", demo.LCM_LORA_FILE, "stage_c"),
-                 ("distil_b", "demo_lcm_b", demo.LCM_DECODER_LORA_FILE, "stage_b"))
-# demo-lcm's defaults: both stages with the LCM sampler and no guidance (distilled into the LoRAs: an
-# unconditional pass would only cost time), Stage C in 4 steps, Stage B in 2 from the demo's t_start
-# (cascade_jax/demo/evaluate/lcm.py measures them against the demo's 20+10 and other step counts).
+CONFIG = "demo_lcm"
+# demo-lcm's defaults: Stage C with the LCM sampler in 4 steps and no guidance (distilled into the LoRA: an
+# unconditional pass would only cost time), Stage B as the demo samples it but in 2 steps
+# (cascade_jax/demo/evaluate/lcm.py measures 4+2, 2+2 and 1+1 against the demo's 20+10).
 SAMPLING = {"prior": {"sampler": "lcm", "steps": 4, "cfg": None},
-            "decoder": {"sampler": "lcm", "steps": 2, "t_start": 0.9, "cfg": None}}
+            "decoder": {"steps": 2, "t_start": 0.9, "cfg": 1.75}}
 
 
-def overrides(work: Path, weights: Path, scale: float, updates: int, generator: str = "stage_c") -> list[str]:
+def overrides(work: Path, weights: Path, scale: float, updates: int) -> list[str]:
     paths = {"checkpoint_path": work / "checkpoints", "output_path": work / "output",
-             "generator_checkpoint_path": weights / generator, "effnet_checkpoint_path": weights / "effnet",
-             "stage_a_checkpoint_path": weights / "stage_a",
+             "generator_checkpoint_path": weights / "stage_c", "effnet_checkpoint_path": weights / "effnet",
              "clip_text_model_name": weights / "text_encoder", "clip_image_model_name": weights / "image_encoder",
              "tokenizer_path": weights / "tokenizer"}
     values = [f"{k}={v}" for k, v in paths.items()]
@@ -47,20 +43,18 @@ def overrides(work: Path, weights: Path, scale: float, updates: int, generator: 
     return values
 
 
-def distil(work: Path, weights: Path, scale: float, log, config: str, lora_file: str, generator: str) -> dict:
-    """Train one LCM-LoRA from ``config``; returns its report (time, losses) and leaves the LoRA in work/lora_file."""
-    import cascade_jax.training.lcm  # noqa: F401  (registers c_lcm)
-    import cascade_jax.training.lcm_b  # noqa: F401  (registers b_lcm)
-    from cascade_jax.training import get_task, load_config, train
-    from cascade_jax.training.lcm import task_params
+def distil(work: Path, weights: Path, scale: float, log) -> dict:
+    """Train the LCM-LoRA; returns its report (time, losses) and leaves the LoRA in work/lcm_lora.safetensors."""
+    from cascade_jax.training import load_config, train
+    from cascade_jax.training.lcm import LCMTask, task_params
 
-    cfg = load_config(config, overrides(work, weights, scale, load_config(config).updates, generator))
-    task = get_task(cfg.stage)
+    cfg = load_config(CONFIG, overrides(work, weights, scale, load_config(CONFIG).updates))
+    task = LCMTask()
     start = time.perf_counter()
     run = train(cfg, task=task)
     seconds = time.perf_counter() - start
     written = task.write_lora(cfg, task_params(run.state), cfg.updates)
-    with atomic.replacing(work / lora_file) as tmp:
+    with atomic.replacing(work / "lcm_lora.safetensors") as tmp:
         shutil.copyfile(written, tmp)
     losses = [h["loss"] for h in run.history if "loss" in h]
     k = max(1, len(losses) // 10)
@@ -72,11 +66,10 @@ def distil(work: Path, weights: Path, scale: float, log, config: str, lora_file:
 
 
 def publish(work: Path, out: Path):
-    """The LoRAs and sampling.json into ``out`` in one rename."""
+    """The LoRA and sampling.json into ``out`` in one rename."""
     with atomic.replacing(out) as tmp:
         tmp.mkdir()
-        for _, _, lora_file, _ in DISTILLATIONS:
-            shutil.copyfile(work / lora_file, tmp / lora_file)
+        shutil.copyfile(work / "lcm_lora.safetensors", tmp / demo.LCM_LORA_FILE)
         write_sampling_defaults(tmp, SAMPLING)
 
 
@@ -87,9 +80,8 @@ def build_demo_lcm(work=Path("demo_build/lcm"), out=demo.LCM_DIR, weights=None, 
     weights = Path(weights) if weights is not None else demo.weights_dir()
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    steps = {"data": lambda: shapes.write_folder(work / "data", images, seed, size=demo.IMAGE_SIZE) and None}
-    for name, config, lora_file, generator in DISTILLATIONS:
-        steps[name] = lambda c=config, f=lora_file, g=generator: distil(work, weights, scale, log, c, f, g)
+    steps = {"data": lambda: shapes.write_folder(work / "data", images, seed, size=demo.IMAGE_SIZE) and None,
+             "distil": lambda: distil(work, weights, scale, log)}
     for name, step in steps.items():
         report = work / "reports" / f"{name}.json"
         if report.is_file():

@@ -163,10 +163,7 @@ def load_components(source, *, lite: bool = False, dtype: str = "bfloat16", conf
     roots = folders.resolve_roots(sources, presets, lite=lite, dtype=dtype)
     named = {root: lookup(name) for name, root in zip(sources, roots)}  # registered sets ("demo-lcm"...)
     stage_c_set = named.get(folders.holder(roots, "stage_c", lite, dtype))
-    stage_b_set = named.get(folders.holder(roots, "stage_b", lite, dtype))
-    # Built-in LoRAs per stage: a missing file fails here, before minutes of loading.
-    loras = {"stage_c": stage_c_set.loras() if stage_c_set is not None else (),
-             "stage_b": stage_b_set.decoder_loras() if stage_b_set is not None else ()}
+    loras = stage_c_set.loras() if stage_c_set is not None else ()  # a missing file fails before minutes of loading
     sampling_dirs = {root: n.sampling() for root, n in named.items() if n is not None and n.sampling}
     sampling = folders.sampling_defaults(roots, lite, dtype, sampling_dirs)  # a bad file fails before loading
     tokenizer = folders.tokenizer_folder(roots)
@@ -181,15 +178,14 @@ def load_components(source, *, lite: bool = False, dtype: str = "bfloat16", conf
             found[component], component, model, config, dtype=dtype, config_source=str(config_source),
             sharding=mesh, rules=rules)
     models["tokenizer"] = CLIPTokenizer.from_pretrained(tokenizer)
-    for component, files in loras.items():  # merged into the base weights: --lora / load_loras stack on top
-        if files:
-            models[component] = with_loras(models[component], files)
+    if loras:  # merged into the base weights: a pipeline's own --lora / load_loras stack on top of them
+        models["stage_c"] = with_loras(models["stage_c"], loras)
     return {**models, "prior_defaults": sampling["prior"], "decoder_defaults": sampling["decoder"]}
 
 
 def with_loras(stage, loras):
-    """``stage`` (Stage C or B) with the LoRA files ``loras`` merged in (a named set's built-in LoRAs, e.g.
-    demo-lcm's)."""
+    """``stage`` (Stage C, or Stage B for a b_lcm LoRA) with the LoRA files ``loras`` merged in (a named set's
+    built-in LoRAs, e.g. demo-lcm's; the demo evaluation's Stage B LCM-LoRA)."""
     from cascade_jax.models.lora import merged_model, shallow_copy
     from cascade_jax.pipelines.lora import apply_lora_file
 
