@@ -52,7 +52,7 @@ def variant_config(name: str, *, batch: int, image_size: int, remat: str, cached
 
     overrides = [f"batch_size={batch}", f"image_size={image_size}", f"remat={'null' if remat == 'none' else remat}",
                  f"cached_conditions={'true' if cached else 'false'}", "init=scratch", "grad_accum_steps=1",
-                 *extra]
+                 "generator_checkpoint_path=null", *extra]  # init: scratch refuses a checkpoint path beside it
     return load_config(name, overrides)
 
 

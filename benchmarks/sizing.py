@@ -35,13 +35,14 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python b
 from benchmarks.bounded import run_bounded  # noqa: E402
 
 # (label, config, overrides, slices): the released configs at their official image sizes; slices None: every
-# slice of SLICES. The frozen encoders run ahead of the step (cached_conditions) where the task can: that is how
+# slice of SLICES. The frozen encoders run ahead of the step (cached_conditions) where the task can (the LoRA's
+# new tokens train text-encoder rows; ControlNet and LCM encode in the step): that is how
 # a pod run trains (the latent cache), and with CLIP bigG and EfficientNet in the step the shallow compiles of
 # the time estimate pass the 8 GiB host limit (docs/planning.md). The LCM rows (issue 35) plan the slice of the
 # issue's goal only.
 CACHED = ["cached_conditions=true"]
 TRAINING = [("Stage C 3.6B full finetune", "finetune_c_3b", CACHED, None),
-            ("Stage C 3.6B LoRA", "finetune_c_3b_lora", CACHED, None),
+            ("Stage C 3.6B LoRA", "finetune_c_3b_lora", [], None),  # its train_tokens need the text encoder
             ("ControlNet (canny) on Stage C 3.6B", "controlnet_c_3b_canny", [], None),
             ("Stage B 1.5B", "finetune_b_3b", CACHED, None),
             ("Stage B 700M", "finetune_b_700m", CACHED, None),
@@ -93,7 +94,9 @@ def training_cell(config: str, overrides: list, slice_name: str, limit_gib: floa
     search = ChildSearch(config, overrides, target, limit_gib, timeout_s, folder)
     best = largest_batch(search, "full", 1, target.device_count)
     if best is None:
-        return {"tried": search.tried, "fits": False, "batch_per_chip": 0, "error": "one image per chip does not fit"}
+        first = search.tried[0] if search.tried else {}
+        return {"tried": search.tried, "fits": False, "batch_per_chip": 0,
+                "error": first.get("error") or "one image per chip does not fit"}
     args = (best["batch_per_chip"], "full", 1, target.device_count)
     report, estimate = best["report"], search.child("estimate", *args)
     seconds = report.get("estimated_step_s")
@@ -153,14 +156,18 @@ def run_child(kind: str, args: list, limit_gib: float, timeout_s: float, folder:
     out = folder / f".sizing_child_{os.getpid()}.json"
     command = [sys.executable, __file__, "--child", kind, str(out), json.dumps(args)]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    result = run_bounded(command, limit_gib, timeout_s=timeout_s, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
+    # stderr to a file, not a pipe nobody reads while the child runs (a full pipe would block the compile)
+    with open(out.with_suffix(".err"), "w+") as err:
+        result = run_bounded(command, limit_gib, timeout_s=timeout_s, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        err.seek(0)
+        last = [line.strip() for line in err.read().splitlines() if line.strip()][-1:]
+    out.with_suffix(".err").unlink()
     cell = {"child_wall_s": result["wall_s"], "child_cpu_s": result["cpu_s"],
             "child_peak_rss_gib": result["peak_rss_gib"]}
     if result["killed"]:
         return {**cell, "error": f"stopped: {result['killed']} limit ({limit_gib} GiB, {timeout_s:.0f} s)"}
     if result["rc"] != 0 or not out.is_file():
-        return {**cell, "error": f"exit {result['rc']}"}
+        return {**cell, "error": f"exit {result['rc']}" + (f": {last[0][:300]}" if last else "")}
     data = json.loads(out.read_text())
     out.unlink()
     return {**cell, **data}
@@ -180,7 +187,8 @@ def markdown(report: dict, training_grid=(), sampling_grid=(), *, planned_only: 
     lines = [f"Each cell compiled (its date in sizing.json) with jax {report['jax']} and libtpu {report['libtpu']} on a CPU "
              "(no TPU): "
              "full FSDP over the slice, remat full, AdamW state float32, bf16 compute, the config's image size, the "
-             "frozen encoders run ahead (cached_conditions) where the task allows it (not ControlNet, LCM); "
+             "frozen encoders run ahead (cached_conditions) where the task allows it (not LoRA with new tokens, "
+             "ControlNet, LCM); "
              "the largest batch per chip that fits with a 10% HBM margin; step time and MFU are the TPU compiler's "
              "estimates, not measurements.", "",
              "| run | slice | fits | peak / HBM per chip (GiB) | largest batch per chip | est. step s | est. MFU |",

@@ -90,3 +90,15 @@ def test_the_training_dry_run_table_compiles_a_sharded_step(tmp_path):
     assert case["argument_gib_per_device"] > 0 and case["flops_per_step_per_device"] > 0, case
     assert "| tiny C, FSDP 8 | 8 | fsdp 8 |" in out.with_suffix(".md").read_text()
 
+
+
+def test_every_default_train_variant_loads_its_config():
+    """The dry run uses the tiny configs only; a config check that refuses a lite variant's overrides (as
+    ``init: scratch`` beside a checkpoint path once did) must fail here, not 15 minutes into ``make bench``."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_train import variant_config
+    from benchmarks.cpu_sections import TRAIN_DEFAULT
+
+    for _, config, batch, size, remat, cached in TRAIN_DEFAULT:
+        cfg = variant_config(config, batch=batch, image_size=size, remat=remat, cached=cached)
+        assert (cfg.init, cfg.generator_checkpoint_path, cfg.batch_size) == ("scratch", None, batch), config

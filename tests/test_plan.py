@@ -155,3 +155,13 @@ def test_sampling_plan_says_whether_the_cascade_fits_one_chip():
     assert report["stages"][0]["cfg_batch"] == 4
     assert np.isclose(report["estimated_s_per_image"], sum(s["estimated_s"] for s in report["stages"]) / 2)
     assert "fits one chip" in format_sampling(report)
+
+
+def test_the_unrolled_step_has_no_loop_so_the_compiler_can_estimate_it():
+    """plan_estimate reads the TPU compiler's estimate of an unrolled step, which it gives only without while
+    loops; the adaptive loss weight's bucket lookup (jnp.searchsorted's default binary search) was one. Lowered
+    for TPU devices: for the CPU, JAX writes its random bits' hash as a loop."""
+    cfg = load_config("tiny_c", ["cached_conditions=true", "scan_blocks=true", "adaptive_loss_weight=true",
+                                 "mesh.data=1", "mesh.fsdp=4"])
+    traced, _ = traced_step(cfg, plan_mesh(cfg, resolve_target("v5e-4")), unrolled=True)
+    assert "stablehlo.while" not in traced.lower().as_text()

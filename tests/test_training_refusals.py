@@ -77,6 +77,8 @@ def test_contradictory_keys_are_refused_naming_both():
                       "init='scratch' and generator_checkpoint_path='models/stage_c.safetensors' contradict")
     assert "init: checkpoint" in message
     refused(lambda: load_config("tiny_c", ["ema_iters=1"]), "EMA needs all of ema_start_iters, ema_iters and ema_beta")
+    refused(lambda: load_config("finetune_c_3b_lora", ["cached_conditions=true"]),
+            "train_tokens=.* cached_conditions")
 
 
 def test_every_shipped_config_loads():

@@ -241,6 +241,10 @@ def _check_contradictions(cfg):
     if cfg.pixel_weights is not None and cfg.cached_conditions:
         raise ConfigError("pixel_weights needs the images, which cached_conditions batches do not carry: remove "
                           "pixel_weights or set cached_conditions: false")
+    if cfg.lora.train_tokens and cfg.cached_conditions:
+        raise ConfigError(f"train_tokens={_shown(cfg.lora.train_tokens)!r} trains the text encoder's new token rows, "
+                          "which cached_conditions (text embeddings computed ahead) leaves out of the step: remove "
+                          "train_tokens or set cached_conditions: false")
     prompts = cfg.sample_prompts
     if prompts is not None and (not isinstance(prompts, (list, tuple)) or not prompts
                                 or not all(isinstance(p, str) for p in prompts)):
