@@ -18,8 +18,8 @@ from cascade_jax.pipelines.lora import parse_lora_spec
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    merge = sub.add_parser("merge", help="write a Stage C directory with LoRAs merged into its weights")
-    merge.add_argument("--model", required=True, help="converted Stage C directory")
+    merge = sub.add_parser("merge", help="write a Stage C (or Stage B) directory with LoRAs merged into its weights")
+    merge.add_argument("--model", required=True, help="converted Stage C directory (or Stage B, for a b_lcm LoRA)")
     merge.add_argument("--lora", action="append", required=True, metavar="FILE[:STRENGTH]",
                        help="LoRA file and strength (default 1); repeat for several")
     merge.add_argument("--output", required=True, help="new converted directory")

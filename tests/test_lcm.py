@@ -1,5 +1,5 @@
-"""Latent consistency distillation (stage c_lcm): the solver and the loss against hand-computed values, the task on
-the trainer (the teacher gets no gradient and stays bit-identical, a tiny distillation lowers the consistency loss),
+"""Latent consistency distillation (stages c_lcm and b_lcm): the solver and the loss against hand-computed values, the
+tasks on the trainer (the teacher gets no gradient and stays bit-identical, a tiny distillation lowers the loss),
 the LCM-LoRA file in the pipeline (loads as --lora does, stacks with another LoRA), and the config's refusals."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import cascade_jax.training.lcm  # noqa: F401  (registers the c_lcm task)
+import cascade_jax.training.lcm_b  # noqa: F401  (registers the b_lcm task)
 from cascade_jax.data import global_batch
 from cascade_jax.diffusion import GDF
 from cascade_jax.diffusion.consistency import boundary_scalings, consistency_function, consistency_loss, \
@@ -22,6 +23,7 @@ from cascade_jax.models import lora as L
 from cascade_jax.pipelines.loading import pipeline_set
 from cascade_jax.sharding import make_mesh
 from cascade_jax.training import build_run, get_task, load_config
+from cascade_jax.training.lcm import task_params
 from cascade_jax.training.lcm_config import lcm_config
 from cascade_jax.weights.lora_files import save_official
 from cascade_jax.weights.lora_weights import LoRAWeights
@@ -113,10 +115,19 @@ def params_of(run, exclude=L.LoRAParam) -> dict:
             if not isinstance(v, exclude)}
 
 
-@pytest.fixture(scope="module")
-def lora_run():
-    cfg = tiny_config("lora")
-    task = get_task("c_lcm")
+def tiny_b_config(tmp="/tmp/cascade_jax_lcm_b_test"):
+    """tiny_b (random weights, tiny encoders) as a b_lcm LCM-LoRA run with a guidance range, as tiny_config."""
+    cfg = load_config("tiny_b", [f"checkpoint_path={tmp}/ck", f"output_path={tmp}/out"])
+    values = dict(stage="b_lcm", dropout=False, lr=2e-3,
+                  lcm={"student": "lora", "solver_steps": 4, "guidance": [1.0, 2.0], "loss": "l2"},
+                  lora=dataclasses.replace(cfg.lora, module_filters=(".attn", "channelwise", "mapper"), rank=4),
+                  ema_start_iters=0, ema_iters=1, ema_beta=0.5, save_every=1000)
+    return dataclasses.replace(cfg, **values)
+
+
+def distil_tiny(cfg):
+    """(run, task, loss before, loss after UPDATES updates on one batch, the frozen weights before)."""
+    task = get_task(cfg.stage)
     run = build_run(cfg, task, mesh=make_mesh(devices=jax.devices()[:1]))
     batch = global_batch(task.host_batch(cfg, loader_batch(), np.random.default_rng(0)), run.mesh)
     keys, eval_loss = jax.random.split(jax.random.key(1), 4), eval_loss_fn(run)
@@ -126,9 +137,35 @@ def lora_run():
     return run, task, before, eval_loss(batch, keys), base
 
 
+@pytest.fixture(scope="module")
+def lora_run():
+    return distil_tiny(tiny_config("lora"))
+
+
+@pytest.fixture(scope="module")
+def b_lora_run():
+    return distil_tiny(tiny_b_config())
+
+
 def test_a_tiny_lcm_lora_distillation_lowers_the_loss_and_leaves_the_teacher_bit_identical(lora_run):
-    run, _, before, after, base = lora_run
-    assert after < 0.9 * before, (before, after)  # measured 0.75x on 4 fixed draws
+    check_distillation(*lora_run)
+
+
+def test_a_tiny_stage_b_lcm_lora_distillation_lowers_the_loss_and_leaves_the_teacher_bit_identical(b_lora_run,
+                                                                                                    tmp_path):
+    from cascade_jax.weights.lora_files import load_lora, model_config_of
+
+    run, task = b_lora_run[:2]
+    check_distillation(*b_lora_run)
+    assert {p[0] for p, _ in nnx.to_flat_state(run.frozen)} >= {"stage_a", "effnet", "text_encoder"}
+    path = task.write_lora(dataclasses.replace(run.cfg, output_path=str(tmp_path)), task_params(run.state), UPDATES)
+    assert model_config_of(path)["model"] == "stage_b"  # what convert/lora.py merge and a weight set check
+    student = nnx.merge(run.graphdef, run.state.params, run.frozen).generator
+    assert load_lora(path, student).layers.keys() == L.lora_layers(student, "lora").keys()
+
+
+def check_distillation(run, _task, before, after, base):
+    assert after < 0.9 * before, (before, after)  # measured 0.75x (c_lcm) on 4 fixed draws
     now = params_of(run)
     assert now.keys() == base.keys() and all(np.array_equal(now[k], base[k]) for k in base)
     trained = nnx.to_flat_state(run.state.params)
@@ -216,8 +253,8 @@ truth = [c for combos in splits.values() for c in combos for _ in range(2)]
 pipe = StableCascadePipeline.from_pretrained("demo-lcm", dtype="float32")
 images = pipe.text_to_image([shapes.caption(c) for c in truth], height=128, width=128,
                             seed=list(range(len(truth)))).images
-p = pipe.prior_defaults
-result, start = {"prior": [p.sampler, p.steps, p.cfg], "decoder_steps": pipe.decoder_defaults.steps}, 0
+p, d = pipe.prior_defaults, pipe.decoder_defaults
+result, start = {"prior": [p.sampler, p.steps, p.cfg], "decoder": [d.sampler, d.steps, d.cfg]}, 0
 for split, combos in splits.items():
     n = 2 * len(combos)
     result[split] = shapes.accuracy(images[start:start + n], truth[start:start + n])
@@ -247,7 +284,8 @@ def test_demo_lcm_draws_what_the_prompt_says_in_few_steps():
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["prior"] == ["lcm", SAMPLING["prior"]["steps"], None]  # its sampling.json
-    assert result["decoder_steps"] == SAMPLING["decoder"]["steps"]
+    assert result["decoder"] == [SAMPLING["decoder"].get("sampler", "ddpm"), SAMPLING["decoder"]["steps"],
+                                 SAMPLING["decoder"]["cfg"]]
     for split in shapes.SPLITS:
         for attribute, bound in LCM_LOWER_BOUNDS.items():
             assert result[split][attribute] >= bound, (split, attribute, result)

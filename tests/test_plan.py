@@ -11,6 +11,7 @@ import pytest
 
 import cascade_jax.training.controlnet  # noqa: F401  (registers the c_controlnet task)
 import cascade_jax.training.lcm  # noqa: F401  (registers the c_lcm task)
+import cascade_jax.training.lcm_b  # noqa: F401  (registers the b_lcm task)
 import cascade_jax.training.lora  # noqa: F401  (registers the c_lora task)
 from cascade_jax.accelerators import parse_target, peak_flops_for, resolve_target, topology_shape
 from cascade_jax.training import load_config
@@ -96,7 +97,8 @@ def test_train_c_plans_tiny_c_for_a_v5e_4(capsys):
     ("tiny_b", ["cached_conditions=true"]), ("tiny_c", ["remat=full"]), ("tiny_c_lora", []),
     ("controlnet_tiny", ["init=scratch"]), ("tiny_a", []), ("tiny_previewer", []),
     ("tiny_c", ["stage=c_lcm", "dropout=false", "lcm={student: lora, solver_steps: 4}"]),
-    ("tiny_c", ["stage=c_lcm", "dropout=false", "lcm={student: full, solver_steps: 4}"])])
+    ("tiny_c", ["stage=c_lcm", "dropout=false", "lcm={student: full, solver_steps: 4}"]),
+    ("tiny_b", ["stage=b_lcm", "dropout=false", "lcm={student: lora, solver_steps: 4}"])])
 def test_every_trainer_traces_its_planned_step(config, overrides):
     """Each task's abstract models and planned batch are what its loss needs: the step traces on shapes alone
     (the compile is the same call as above)."""

@@ -49,7 +49,7 @@ TRAIN = Path(__file__).resolve().parents[1] / "train"
 
 
 @pytest.mark.parametrize("script, config", [("train_c.py", "tiny_c"), ("train_c_lora.py", "tiny_c_lora"),
-                                            ("train_c_lcm.py", "lcm_c_3b_lora"),
+                                            ("train_c_lcm.py", "lcm_c_3b_lora"), ("train_b_lcm.py", "lcm_b_3b_lora"),
                                             ("train_c_controlnet.py", "controlnet_tiny")])
 def test_every_trainer_script_is_the_one_front(script, config, monkeypatch, capsys):
     """Each script joins a multi-host run when a coordinator is named, takes --plan and reports a bad value as

@@ -183,12 +183,13 @@ def load_components(source, *, lite: bool = False, dtype: str = "bfloat16", conf
     return {**models, "prior_defaults": sampling["prior"], "decoder_defaults": sampling["decoder"]}
 
 
-def with_loras(stage_c, loras):
-    """``stage_c`` with the LoRA files ``loras`` merged in (a named set's built-in LoRAs, e.g. demo-lcm's)."""
+def with_loras(stage, loras):
+    """``stage`` (Stage C, or Stage B for a b_lcm LoRA) with the LoRA files ``loras`` merged in (a named set's
+    built-in LoRAs, e.g. demo-lcm's; the demo evaluation's Stage B LCM-LoRA)."""
     from cascade_jax.models.lora import merged_model, shallow_copy
     from cascade_jax.pipelines.lora import apply_lora_file
 
-    model = shallow_copy(stage_c)
+    model = shallow_copy(stage)
     for i, path in enumerate(loras):
         apply_lora_file(model, str(path), f"builtin_{i}")
     return merged_model(model)

@@ -85,9 +85,9 @@ class TrainConfig:
     controlnet: ControlNetConfig = ControlNetConfig()  # stage c_controlnet (official train_c_controlnet.py)
     lora: LoraConfig = LoraConfig()  # stage c_lora (official train_c_lora.py)
     reconstruction: ReconstructionConfig = ReconstructionConfig()  # stages a and previewer
-    lcm: dict | None = None  # stage c_lcm: consistency distillation settings (cascade_jax.training.lcm_config)
+    lcm: dict | None = None  # stages c_lcm, b_lcm: consistency distillation settings (cascade_jax.training.lcm_config)
     # --- this project's keys ---
-    stage: str = "c"  # c | b | a | previewer | c_lora | c_controlnet | c_lcm
+    stage: str = "c"  # c | b | a | previewer | c_lora | c_controlnet | c_lcm | b_lcm
     model_config: str | dict | None = None  # generator preset/file or its kwargs; default from model_version
     encoders: str | None = None  # pipeline set (e.g. "tiny") for frozen models without checkpoint paths
     init: str = "checkpoint"  # checkpoint | official (from scratch, official init) | scratch (all random: tests)

@@ -1,4 +1,4 @@
-"""The ``lcm:`` section of a ``stage: c_lcm`` training config (latent consistency distillation, ``training/lcm.py``).
+"""The ``lcm:`` section of a ``stage: c_lcm`` / ``b_lcm`` config (latent consistency distillation, ``training/lcm.py``).
 
 Defaults are the LCM paper's / reference implementation's values (Luo et al. 2023; diffusers'
 ``train_lcm_distill_*``), adapted to Stable Cascade where the paper's do not carry over (see each field).

@@ -40,7 +40,58 @@ from cascade_jax.weights.lora_weights import LoRAWeights, attach_lora
 NAME = "lora"  # the adapter name inside the models
 
 
-class LoRATask(StageCTask):
+class LoRAOutput:
+    """Writing a task's trained LoRA as a file (``write_lora``): the part of the LoRA task that the LCM-LoRA
+    distillation tasks share, whichever stage's generator (``generator_model``) carries the LoRA."""
+
+    def _record_layout(self, modules):
+        """What a LoRA file needs beside the trained values: key order, alphas, token ids and strings."""
+        layers = lora_layers(modules.generator, NAME)
+        self.alphas = {key: factors.alpha for key, factors in layers.items()}
+        self.tokens = token_deltas(token_embedding(modules.text_encoder), NAME)
+
+    def lora_weights(self, params, stack_layouts: dict | None = None) -> LoRAWeights:
+        """The LoRA held by the trainable ``params`` (an ``nnx.State`` of LoRAParam, host or device);
+        ``stack_layouts``: the run's (``Run.stack_layouts``) when it trained with scan_blocks."""
+        values = {path: np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(params)}
+        if (stack_layouts or {}).get("generator"):  # scan_blocks: per-block paths again
+            values = unstack_flat(values, stack_layouts["generator"], prefix=("generator",))
+        # Matched by official key, not by parsing the key into a path: a Sequential's children are named "0", "1"
+        # (strings) in the state, so "channelwise.0.weight" is not the path (..., "channelwise", 0, "weight").
+        factors = {}
+        for path, value in values.items():
+            if path[0] == "generator" and path[-3:-1] == ("adapters", NAME):
+                factors.setdefault(official_key(path[1:-3]), {})[path[-1]] = value
+        layers = {key: LayerFactors(factors[key]["lora_down"], factors[key]["lora_up"], alpha)
+                  for key, alpha in self.alphas.items()}
+        tokens = None
+        if self.tokens is not None:
+            rows = next(v for p, v in values.items() if p[0] == "text_encoder" and p[-1] == "embeddings")
+            tokens = TokenDeltas(self.tokens.indices, rows, self.tokens.tokens)
+        return LoRAWeights(layers, tokens, self.filters, self.train_tokens)
+
+    def write_lora(self, cfg: TrainConfig, params, step: int, stack_layouts: dict | None = None) -> Path | None:
+        """Write ``lora_{step}.safetensors`` and ``lora.safetensors`` (process 0); returns the step's file.
+        ``stack_layouts``: the run's (``Run.stack_layouts``), required when it trained with scan_blocks."""
+        from cascade_jax.weights.lora_files import save_official
+
+        if cfg.scan_blocks and not stack_layouts:
+            raise ValueError("write_lora: the run trained with scan_blocks; pass its stack_layouts (Run.stack_layouts) "
+                             "so that the LoRA is written per block")
+        if jax.process_index() != 0:
+            return None
+        folder = storage.join(cfg.output_path, cfg.experiment_id, "lora")  # a local folder or a bucket URL
+        if not storage.is_url(folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        lora = self.lora_weights(params, stack_layouts)
+        model_config = {"model": self.generator_model, "config": self.generator_config(cfg)}
+        path = storage.join(folder, f"lora_{step}.safetensors")
+        save_official(path, lora, model_config)
+        save_official(storage.join(folder, "lora.safetensors"), lora, model_config)
+        return path if storage.is_url(path) else Path(path)
+
+
+class LoRATask(LoRAOutput, StageCTask):
     def build(self, cfg: TrainConfig) -> TrainModules:
         modules = super().build(cfg)
         self.filters = tuple(cfg.lora.module_filters) if cfg.lora.module_filters is not None else DEFAULT_FILTERS
@@ -90,53 +141,6 @@ class LoRATask(StageCTask):
         x0, _, _, clip_img = super().conditions(modules, batch)
         clip_text, pooled = encode_text(modules.text_encoder, batch["input_ids"], batch["attention_mask"])
         return x0, clip_text, pooled, clip_img
-
-    def _record_layout(self, modules):
-        """What a LoRA file needs beside the trained values: key order, alphas, token ids and strings."""
-        layers = lora_layers(modules.generator, NAME)
-        self.alphas = {key: factors.alpha for key, factors in layers.items()}
-        self.tokens = token_deltas(token_embedding(modules.text_encoder), NAME)
-
-    def lora_weights(self, params, stack_layouts: dict | None = None) -> LoRAWeights:
-        """The LoRA held by the trainable ``params`` (an ``nnx.State`` of LoRAParam, host or device);
-        ``stack_layouts``: the run's (``Run.stack_layouts``) when it trained with scan_blocks."""
-        values = {path: np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(params)}
-        if (stack_layouts or {}).get("generator"):  # scan_blocks: per-block paths again
-            values = unstack_flat(values, stack_layouts["generator"], prefix=("generator",))
-        # Matched by official key, not by parsing the key into a path: a Sequential's children are named "0", "1"
-        # (strings) in the state, so "channelwise.0.weight" is not the path (..., "channelwise", 0, "weight").
-        factors = {}
-        for path, value in values.items():
-            if path[0] == "generator" and path[-3:-1] == ("adapters", NAME):
-                factors.setdefault(official_key(path[1:-3]), {})[path[-1]] = value
-        layers = {key: LayerFactors(factors[key]["lora_down"], factors[key]["lora_up"], alpha)
-                  for key, alpha in self.alphas.items()}
-        tokens = None
-        if self.tokens is not None:
-            rows = next(v for p, v in values.items() if p[0] == "text_encoder" and p[-1] == "embeddings")
-            tokens = TokenDeltas(self.tokens.indices, rows, self.tokens.tokens)
-        return LoRAWeights(layers, tokens, self.filters, self.train_tokens)
-
-    def write_lora(self, cfg: TrainConfig, params, step: int, stack_layouts: dict | None = None) -> Path | None:
-        """Write ``lora_{step}.safetensors`` and ``lora.safetensors`` (process 0); returns the step's file.
-        ``stack_layouts``: the run's (``Run.stack_layouts``), required when it trained with scan_blocks."""
-        from cascade_jax.weights.lora_files import save_official
-
-        if cfg.scan_blocks and not stack_layouts:
-            raise ValueError("write_lora: the run trained with scan_blocks; pass its stack_layouts (Run.stack_layouts) "
-                             "so that the LoRA is written per block")
-        if jax.process_index() != 0:
-            return None
-        folder = storage.join(cfg.output_path, cfg.experiment_id, "lora")  # a local folder or a bucket URL
-        if not storage.is_url(folder):
-            Path(folder).mkdir(parents=True, exist_ok=True)
-        lora = self.lora_weights(params, stack_layouts)
-        model_config = {"model": "stage_c", "config": self.generator_config(cfg)}
-        path = storage.join(folder, f"lora_{step}.safetensors")
-        save_official(path, lora, model_config)
-        save_official(storage.join(folder, "lora.safetensors"), lora, model_config)
-        return path if storage.is_url(path) else Path(path)
-
 
 class LoRAFiles(Hook):
     """Writes the LoRA file (``write_lora``) every ``save_every`` updates and when the run completes; ``params_of``

@@ -20,13 +20,17 @@ from cascade_jax.weights import checkpoint
 from cascade_jax.weights.lora_files import load_lora, model_config_of, save_lora
 
 
+MERGEABLE = ("stage_c", "stage_b")  # the registry names of the two diffusion stages (any size)
+
+
 def merge_loras_into_directory(model_dir, loras, out_dir, *, overwrite: bool = False):
     """``loras``: [(path, strength), ...]; writes ``out_dir`` and returns it. Each strength is checked (finite,
     within +-MAX_STRENGTH) before any work, and a merged weight that is not finite is never written."""
     loras = [(path, check_strength(f"LoRA {path} strength", strength)) for path, strength in loras]
     meta = checkpoint.read_meta(model_dir)
-    if meta["model"] != "stage_c":
-        raise ValueError(f"{model_dir} holds {meta['model']!r}; LoRAs apply to a Stage C directory")
+    if meta["model"] not in MERGEABLE:
+        raise ValueError(f"{model_dir} holds {meta['model']!r}; LoRAs apply to a Stage C or Stage B directory "
+                         "(a Stage B LoRA: an LCM-LoRA from stage b_lcm)")
     model = abstract_model(meta["model"], meta["config"])
     for i, (path, strength) in enumerate(loras):
         lora = load_lora(path, model)

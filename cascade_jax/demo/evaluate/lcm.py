@@ -1,21 +1,21 @@
-"""demo-lcm (the demo's Stage C distilled by the c_lcm task) against the demo's default sampling, side by side in
-one process: per-attribute accuracy on the held-out combinations (the demo's scorer, cascade_jax.demo.evaluate.accuracy)
-and wall time per image after compilation.
+"""demo-lcm (the demo's Stage C distilled by the c_lcm task; optionally a Stage B LCM-LoRA of the b_lcm task) against
+the demo's default sampling, side by side in one process: per-attribute accuracy on the held-out combinations (the
+demo's scorer, cascade_jax.demo.evaluate.accuracy) and wall time per image after compilation.
 
     python -m cascade_jax.demo.evaluate.lcm                      # 40 held-out combinations x 2 images per setting
-    python -m cascade_jax.demo.evaluate.lcm --combos 126 --per-combo 4
+    python -m cascade_jax.demo.evaluate.lcm --combos 126 --per-combo 4 [--lcm-b-lora FILE]
 
 Settings: the demo's defaults (20 Stage C + 10 Stage B steps, its sampling.json), the same in 4+2 steps (what the
-distillation adds), and demo-lcm's (its sampling.json: the LCM sampler without guidance on Stage C) at 4+2, 2+2
-and 1+1 steps. Each setting first draws
-one untimed batch (compiling its sampling loops), then the scored images; the timing comes after, from
-interleaved batches of every setting (their median). Writes ``--out`` (JSON) and a
-markdown table beside it.
+distillation adds), demo-lcm's (its sampling.json: the LCM sampler without guidance on Stage C) at 4+2, 2+2 and
+1+1 steps, and with ``--lcm-b-lora FILE`` demo-lcm with that Stage B LCM-LoRA too (``LCM_B_STEPS``). Each setting
+first draws one untimed batch (compiling its sampling loops), then the scored images; the timing comes after, from
+interleaved batches of every setting (their median). Writes ``--out`` (JSON) and a markdown table beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import statistics
@@ -29,10 +29,13 @@ from cascade_jax.demo.evaluate import RESULTS_DIR
 
 DEFAULT_OUT = RESULTS_DIR / "demo_lcm.json"
 LCM_STEPS = ((4, 2), (2, 2), (1, 1))
+# With --lcm-b-lora (a Stage B LCM-LoRA, stage b_lcm): Stage B with the LCM sampler, no guidance, from the demo's
+# t_start, at these step counts (t_start 1.0 was far worse: pure noise at t = 1 leaves the 1-2 steps too much to do).
+LCM_B_STEPS = ((4, 2), (4, 1), (2, 2), (1, 1))
 FIELDS = ("steps", "cfg", "shift", "sampler", "t_start")
 
 
-def settings(demo_pipe, lcm_pipe) -> list:
+def settings(demo_pipe, lcm_pipe, lcm_b_lora=None) -> list:
     """(label, pipeline, prior settings, decoder settings) of every compared setting."""
     rows = [("demo 20+10", demo_pipe, demo_pipe.prior_defaults, demo_pipe.decoder_defaults),
             # the undistilled demo in demo-lcm's default steps: what the distillation adds
@@ -42,7 +45,26 @@ def settings(demo_pipe, lcm_pipe) -> list:
         rows.append((f"demo-lcm {prior_steps}+{decoder_steps}", lcm_pipe,
                      lcm_pipe.prior_defaults.replace(steps=prior_steps),
                      lcm_pipe.decoder_defaults.replace(steps=decoder_steps)))
+    if lcm_b_lora is not None:
+        both = with_decoder_lora(lcm_pipe, lcm_b_lora)
+        decoder = lcm_pipe.decoder_defaults.replace(sampler="lcm", cfg=None)
+        for prior_steps, decoder_steps in LCM_B_STEPS:
+            rows.append((f"demo-lcm + Stage B LCM-LoRA {prior_steps}+{decoder_steps}", both,
+                         lcm_pipe.prior_defaults.replace(steps=prior_steps), decoder.replace(steps=decoder_steps)))
     return rows
+
+
+def with_decoder_lora(pipe, lora_file):
+    """A copy of ``pipe`` whose Stage B has the LoRA file merged in (the rest shared)."""
+    from flax import nnx
+
+    from cascade_jax.pipelines.loading import with_loras
+    from cascade_jax.pipelines.stage_runner import StageRunner
+
+    stage_b = nnx.merge(pipe.decoder.graphdef, pipe.decoder.state)
+    out = copy.copy(pipe)
+    out.decoder = StageRunner("Stage B", with_loras(stage_b, [lora_file]), pipe.mesh, pipe.rules)
+    return out
 
 
 def measure(label, pipe, prior, decoder, combos, args) -> dict:
@@ -97,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timing-rounds", type=int, default=15, help="interleaved timed batches per setting")
     p.add_argument("--lcm-weights", default="demo-lcm", help="the distilled weights (default: the shipped demo-lcm)")
+    p.add_argument("--lcm-b-lora", type=Path, default=None,
+                   help="also rows with this Stage B LCM-LoRA (train/train_b_lcm.py demo_lcm_b) merged into Stage B")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if min(args.combos, args.per_combo, args.batch_size, args.timing_rounds) < 1:
@@ -109,12 +133,13 @@ def main(argv=None) -> int:
     demo_pipe = StableCascadePipeline.from_pretrained("demo", dtype="float32")
     lcm_pipe = StableCascadePipeline.from_pretrained(args.lcm_weights, dtype="float32")
     combos = sample_split_combos("heldout", args.combos, args.seed)
-    compared = settings(demo_pipe, lcm_pipe)
+    compared = settings(demo_pipe, lcm_pipe, args.lcm_b_lora)
     rows = [measure(*row, combos, args) for row in compared]
     for row, seconds in zip(rows, timed_rounds(compared, combos, args)):
         row.update(s_per_image=statistics.median(seconds), s_per_image_rounds=seconds)
     report = {"combos": len(combos), "per_combo": args.per_combo, "seed": args.seed, "batch_size": args.batch_size,
               "timing_rounds": args.timing_rounds,
+              "lcm_b_lora": None if args.lcm_b_lora is None else str(args.lcm_b_lora),
               "size": 128, "backend": jax.default_backend(), "lcm_weights": args.lcm_weights,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rows": rows}
     write_text(args.out, json.dumps(report, indent=1) + "\n")
