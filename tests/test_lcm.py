@@ -125,10 +125,10 @@ def tiny_b_config(tmp="/tmp/cascade_jax_lcm_b_test"):
     return dataclasses.replace(cfg, **values)
 
 
-def distil_tiny(cfg):
+def distil_tiny(cfg, mesh):
     """(run, task, loss before, loss after UPDATES updates on one batch, the frozen weights before)."""
     task = get_task(cfg.stage)
-    run = build_run(cfg, task, mesh=make_mesh(devices=jax.devices()[:1]))
+    run = build_run(cfg, task, mesh=mesh)
     batch = global_batch(task.host_batch(cfg, loader_batch(), np.random.default_rng(0)), run.mesh)
     keys, eval_loss = jax.random.split(jax.random.key(1), 4), eval_loss_fn(run)
     before, base = eval_loss(batch, keys), params_of(run)
@@ -139,12 +139,13 @@ def distil_tiny(cfg):
 
 @pytest.fixture(scope="module")
 def lora_run():
-    return distil_tiny(tiny_config("lora"))
+    return distil_tiny(tiny_config("lora"), make_mesh(devices=jax.devices()[:1]))
 
 
 @pytest.fixture(scope="module")
 def b_lora_run():
-    return distil_tiny(tiny_b_config())
+    # sharded: parameters, LoRA, EMA target and batch over 2 devices (FSDP), as on a pod
+    return distil_tiny(tiny_b_config(), make_mesh(1, 2, 1, devices=jax.devices()[:2]))
 
 
 def test_a_tiny_lcm_lora_distillation_lowers_the_loss_and_leaves_the_teacher_bit_identical(lora_run):
