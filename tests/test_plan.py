@@ -218,3 +218,26 @@ def test_the_unrolled_step_has_no_loop_so_the_compiler_can_estimate_it():
                                  "mesh.data=1", "mesh.fsdp=4"])
     traced, _ = traced_step(cfg, plan_mesh(cfg, resolve_target("v5e-4")), unrolled=True)
     assert "stablehlo.while" not in traced.lower().as_text()
+
+
+def test_the_compilers_own_loops_keep_its_estimate_and_the_programs_loops_do_not():
+    """compile_report.xla_cost: a while loop in the program as written (StableHLO) leaves its body out of the TPU
+    cost model, so there is no estimate; loops the compiler adds (FSDP all-gathers windowed into matmuls) are
+    costed, so with the lowered text given they do not remove it. ConcatBitcast's -1 s each are added back."""
+    from cascade_jax import compile_report
+
+    class Compiled:
+        def __init__(self, text):
+            self.text = text
+
+        def cost_analysis(self):
+            return {"optimal_seconds": 0.5 - 2, "flops": 1e9}
+
+        def as_text(self):
+            return self.text
+
+    hlo = ('%while.1 = (u32[]) while(%t), condition=%c, body=%b\n'
+           + ' custom-call(), custom_call_target="ConcatBitcast"\n' * 2)
+    assert compile_report.xla_cost(Compiled(hlo))["optimal_seconds"] is None  # judged by the compiled text
+    assert compile_report.xla_cost(Compiled(hlo), lowered_text="stablehlo.add")["optimal_seconds"] == 0.5
+    assert compile_report.xla_cost(Compiled(hlo), lowered_text="%0 = stablehlo.while(")["optimal_seconds"] is None

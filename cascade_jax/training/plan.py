@@ -155,9 +155,11 @@ def step_numbers(cfg: TrainConfig, target, batch_specs, mesh) -> dict:
     target, mesh = _target_and_mesh(cfg, target, mesh)
     start = time.perf_counter()
     traced, trainable = traced_step(cfg, mesh, batch_specs)
-    compiled = traced.lower().compile()
+    lowered = traced.lower()
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    return {"memory": compile_report.xla_memory(compiled) or {}, "cost": compile_report.xla_cost(compiled),
+    cost = compile_report.xla_cost(compiled, lowered_text=lowered.as_text())
+    return {"memory": compile_report.xla_memory(compiled) or {}, "cost": cost,
             "compile_s": compile_s, "hardware_flops": compile_report.jaxpr_flops(traced.jaxpr),
             "trainable_params": trainable, "mesh": dict(mesh.shape), "devices": int(mesh.devices.size),
             "device_kind": mesh.devices.flat[0].device_kind, "host_peak_rss_gib": compile_report.host_peak_rss_gib()}

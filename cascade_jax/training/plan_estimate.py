@@ -40,7 +40,8 @@ def shallow_config(cfg: TrainConfig, task, scale: int) -> TrainConfig:
 def compiled_point(trace, cfg: TrainConfig, mesh, batch_specs) -> tuple[float | None, float]:
     """(the compiler's optimal_seconds, jaxpr FLOPs) of one loop-free step; ``trace``: ``plan.traced_step``."""
     traced, _ = trace(cfg, mesh, batch_specs, unrolled=True)
-    seconds = compile_report.xla_cost(traced.lower().compile())["optimal_seconds"]
+    lowered = traced.lower()
+    seconds = compile_report.xla_cost(lowered.compile(), lowered_text=lowered.as_text())["optimal_seconds"]
     return seconds, compile_report.jaxpr_flops(traced.jaxpr)
 
 
