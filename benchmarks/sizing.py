@@ -201,7 +201,8 @@ def markdown(report: dict, training_grid=(), sampling_grid=(), *, planned_only: 
                      f"{num(c.get('peak_gib_per_device'), '.1f')} / {num(c.get('hbm_gib_per_device'), 'g')} | "
                      f"{c.get('batch_per_chip', 0)} | {num(c.get('estimated_step_s'), '.3g')} | "
                      f"{num(c.get('estimated_mfu'), '.0%')} |")
-    lines += ["", "| sampling | chip | fits | peak / HBM (GiB) | est. s per image |", "|---|---|---|---|---|"]
+    if sampling:  # (the README's copy has no sampling rows until one is planned)
+        lines += ["", "| sampling | chip | fits | peak / HBM (GiB) | est. s per image |", "|---|---|---|---|---|"]
     for c in sampling:
         if "error" in c:
             lines.append(f"| {c['label']} | {c['slice']} | {not_run(c['error'])} | | |")
