@@ -113,30 +113,24 @@ def training_cell(config: str, overrides: list, slice_name: str, limit_gib: floa
 def child_plan(kind: str, config: str, overrides: list, slice_name: str) -> dict:
     """``plan``: the step's compile; ``estimate``: the step's FLOPs (traced with and without remat) and
     plan_estimate's two shallow compiles, in one process (small programs next to the step's)."""
-    import dataclasses
-
     import cascade_jax.training.controlnet  # noqa: F401  (registers the c_controlnet task)
     import cascade_jax.training.lcm  # noqa: F401  (registers the c_lcm task)
     import cascade_jax.training.lora  # noqa: F401  (registers the c_lora task)
     from cascade_jax import compile_report
     from cascade_jax.accelerators import plan_target
-    from cascade_jax.training import get_task, load_config
-    from cascade_jax.training.plan import plan, plan_mesh, traced_step
-    from cascade_jax.training.plan_estimate import compiled_point, shallow_config
+    from cascade_jax.training import load_config
+    from cascade_jax.training.plan import estimate_point, model_step_flops, plan, plan_mesh, traced_step
 
     target, cfg = plan_target(slice_name), load_config(config, overrides)
     if kind == "plan":
         return plan(cfg, target, with_model_flops=False)
     mesh = plan_mesh(cfg, target)
     step, _ = traced_step(cfg, mesh)
-    model, _ = traced_step(dataclasses.replace(cfg, remat=None), mesh)
     flops = {"hardware_flops": compile_report.jaxpr_flops(step.jaxpr),
-             "model_flops": compile_report.jaxpr_flops(model.jaxpr)}
-    del step, model
-    points = [compiled_point(traced_step, shallow_config(cfg, get_task(cfg.stage), scale), mesh, None)
-              for scale in (1, 2)]
-    return {**flops, "points": [{"optimal_seconds": t, "flops": f} for t, f in points],
-            "host_peak_rss_gib": compile_report.host_peak_rss_gib()}
+             "model_flops": model_step_flops(cfg, target, None, mesh)}
+    del step
+    points = [estimate_point(cfg, target, None, mesh, scale) for scale in (1, 2)]
+    return {**flops, "points": points, "host_peak_rss_gib": compile_report.host_peak_rss_gib()}
 
 
 def sampling_cell(set_name: str, size: int, batch: int, slice_name: str) -> dict:
