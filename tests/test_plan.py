@@ -93,12 +93,17 @@ def test_train_c_plans_tiny_c_for_a_v5e_4(capsys):
     assert report["processes"][0]["peak_rss_gib"] == report["host_peak_rss_gib"] > 0.1
 
 
+# The LCM configs plan with scan_blocks (as lcm_c_3b, lcm_c_3b_lora and lcm_b_3b_lora do): two units a level to stack.
+SCANNED_C, SCANNED_B = ["scan_blocks=true", "model_config.blocks=[[2],[2]]"], \
+    ["scan_blocks=true", "model_config.blocks=[[2,2],[2,2]]"]
+
+
 @pytest.mark.parametrize("config, overrides", [
     ("tiny_b", ["cached_conditions=true"]), ("tiny_c", ["remat=full"]), ("tiny_c_lora", []),
     ("controlnet_tiny", ["init=scratch"]), ("tiny_a", []), ("tiny_previewer", []),
-    ("tiny_c", ["stage=c_lcm", "dropout=false", "lcm={student: lora, solver_steps: 4}"]),
-    ("tiny_c", ["stage=c_lcm", "dropout=false", "lcm={student: full, solver_steps: 4}"]),
-    ("tiny_b", ["stage=b_lcm", "dropout=false", "lcm={student: lora, solver_steps: 4}"])])
+    ("tiny_c", ["stage=c_lcm", "dropout=false", "lcm={student: lora, solver_steps: 4}", *SCANNED_C]),
+    ("tiny_c", ["stage=c_lcm", "dropout=false", "lcm={student: full, solver_steps: 4}", *SCANNED_C]),
+    ("tiny_b", ["stage=b_lcm", "dropout=false", "lcm={student: lora, solver_steps: 4}", *SCANNED_B])])
 def test_every_trainer_traces_its_planned_step(config, overrides):
     """Each task's abstract models and planned batch are what its loss needs: the step traces on shapes alone
     (the compile is the same call as above)."""
