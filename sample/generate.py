@@ -34,7 +34,7 @@ from cascade_jax.sharding import parse_mesh_spec
 from cascade_jax.weights.cache import enable_compilation_cache
 
 def stage_args(p, name, defaults):
-    """--NAME-steps/cfg/shift/t-start/sampler; unset ones are the weights' defaults (their sampling.json,
+    """--NAME-steps/cfg/shift/t-start/sampler/cfg-t-start/cfg-t-stop; unset ones are the weights' defaults (their sampling.json,
     else the official values shown)."""
     title = "Stage C" if name == "prior" else "Stage B"
     p.add_argument(f"--{name}-steps", type=int, help=f"{title} steps (official {defaults.steps})")
@@ -44,6 +44,11 @@ def stage_args(p, name, defaults):
     p.add_argument(f"--{name}-shift", type=float, help=f"{title} schedule shift (official {defaults.shift})")
     p.add_argument(f"--{name}-t-start", type=float,
                    help=f"{title} first step's t, (0, 1] (official {defaults.t_start})")
+    p.add_argument(f"--{name}-cfg-t-start", type=float,
+                   help=f"{title} guidance only on steps from t <= this, [0, 1] (official: every step)")
+    p.add_argument(f"--{name}-cfg-t-stop", type=float,
+                   help=f"{title} guidance only on steps from t >= this, [0, 1] (official: every step); the others "
+                        "run the conditional pass alone")
     # --sampler is short for --prior-sampler: Stage C is the stage a consistency distillation makes few-step
     aliases = ["--sampler"] if name == "prior" else []
     p.add_argument(f"--{name}-sampler", *aliases, choices=["ddpm", "ddim", "lcm"],

@@ -26,7 +26,7 @@ from cascade_jax.storage import atomic
 CONFIG = "demo_lcm"
 # demo-lcm's defaults: Stage C with the LCM sampler in 4 steps and no guidance (distilled into the LoRA: an
 # unconditional pass would only cost time), Stage B as the demo samples it but in 2 steps
-# (cascade_jax/demo/evaluate/lcm.py measures 4+2, 2+2 and 1+1 against the demo's 20+10).
+# (cascade_jax/demo/evaluate/lcm.py measures these against the demo's 20+10, and the alternatives docs/lcm.md names).
 SAMPLING = {"prior": {"sampler": "lcm", "steps": 4, "cfg": None},
             "decoder": {"steps": 2, "t_start": 0.9, "cfg": 1.75}}
 

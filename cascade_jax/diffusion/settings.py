@@ -14,6 +14,7 @@ runs instead of surfacing as NaN latents.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import NamedTuple
@@ -137,8 +138,17 @@ class SamplerSettings:
         return dataclasses.replace(self, **changes)
 
     def plan(self) -> SamplingPlan:
-        return sampling_plan(self.steps, self.t_start, self.t_end, self.shift, self.cfg, self.cfg_t_start,
-                             self.cfg_t_stop, self.gdf)
+        """The steps of these settings (computed once per settings: a pipeline asks for them on every call)."""
+        return _cached_plan(self)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_plan(settings: SamplerSettings) -> SamplingPlan:
+    plan = sampling_plan(settings.steps, settings.t_start, settings.t_end, settings.shift, settings.cfg,
+                         settings.cfg_t_start, settings.cfg_t_stop, settings.gdf)
+    for array in plan:
+        array.setflags(write=False)  # shared by every caller of these settings
+    return plan
 
 
 # Official inference settings per stage (the official text-to-image notebook). The only copy.

