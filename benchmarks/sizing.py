@@ -12,6 +12,8 @@ measurements.
     python benchmarks/sizing.py                               # every cell: hours on a 2-core machine
     python benchmarks/sizing.py --only "Stage C 3.6B full" --slices v5p-16
     python benchmarks/sizing.py --tiny                        # smoke test: tiny configs on a v5e-4
+    python benchmarks/sizing.py --only "Stage B 700M" --slices v6e-8 --out /tmp/b.json --no-readme &  # in parallel
+    python benchmarks/sizing.py --merge /tmp/b.json           # its cells into results/sizing.json and the README
 Writes results/sizing.json and results/sizing.md, and the README section between its markers, after every cell;
 cells of earlier runs in that file are kept (a cell planned again is replaced), and every cell of the grid without
 a result is a row that says it was not run.
@@ -235,6 +237,18 @@ def earlier_report(out: Path) -> dict:
     return {"training": [], "sampling": []}
 
 
+def merge_sources(path: Path) -> list:
+    """(section, cell) of every cell in the sizing.json ``path``; a file that is not one fails naming it."""
+    try:
+        data = json.loads(path.read_text())
+        cells = [(section, cell) for section in ("training", "sampling") for cell in data.get(section, [])]
+        if not all(isinstance(c, dict) and "label" in c and "slice" in c for _, c in cells):
+            raise ValueError("a cell without label or slice")
+    except (OSError, ValueError, AttributeError) as e:
+        raise SystemExit(f"sizing.py --merge {path}: not a sizing.json of this script ({e})") from None
+    return cells
+
+
 def write_results(report: dict, out: Path, grids: tuple, readme: bool) -> str:
     """sizing.json, sizing.md and the README section, rewritten after every cell (a long run keeps what landed)."""
     out.write_text(json.dumps(report, indent=1, default=str))
@@ -263,6 +277,9 @@ def main(argv=None) -> int:
     p.add_argument("--timeout-s", type=float, default=3600.0, help="seconds a cell may take")
     p.add_argument("--out", default=str(BENCH_DIR / "results" / "sizing.json"))
     p.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="only merge the cells of these sizing.json files (runs of other processes or machines, "
+                        "each with its own --out) into --out, then rewrite the tables; plans nothing")
     args = p.parse_args(argv)
     if args.child:
         kind, out, cell_args = args.child
@@ -283,7 +300,13 @@ def main(argv=None) -> int:
     grids = ([(label, s) for label, _, _, row_slices in training for s in row_slices or all_slices],
              [(c[0], c[-1]) for c in sampling])
     readme = not args.tiny and not args.no_readme
+    for other in args.merge or []:
+        for section, cell in merge_sources(other):
+            merge_cell(report, section, cell)
     table = write_results(report, out, grids, readme)
+    if args.merge:
+        print(table)
+        return 0
     for label, config, overrides, row_slices in training:
         for slice_ in [s for s in slices if s in (row_slices or all_slices)] if wanted(label) else []:
             print(f"sizing: {label} on {slice_}", file=sys.stderr, flush=True)
