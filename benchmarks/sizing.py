@@ -58,6 +58,10 @@ TINY_SAMPLING = [("tiny cascade 128²", "tiny", 128, 2, "v5e-1")]
 MARKERS = ("<!-- sizing:start -->", "<!-- sizing:end -->")
 
 
+class CompileFailed(Exception):
+    """A compile of the batch search ended without a memory report (crash, watchdog, error)."""
+
+
 class ChildSearch:
     """``plan_fit.largest_batch``'s search with every compile in its own process under the watchdog (a process
     keeps the host memory of its compiles: two 3.6B compiles in one went past 8 GiB)."""
@@ -73,10 +77,14 @@ class ChildSearch:
                                                      "child_peak_rss_gib", "child_cpu_s")})
         self.tried.append(candidate)
         print(f"sizing:   {candidate}", file=sys.stderr, flush=True)
+        if candidate["error"] is not None:
+            # a compile that crashed or was stopped says nothing about fitting: the cell reports it instead of
+            # taking it for "does not fit" (which would publish a smaller largest batch than the truth)
+            raise CompileFailed(f"the compile at {per_chip} image(s) per chip failed: {candidate['error']}")
         return {**candidate, "report": report}
 
     def fits(self, candidate: dict) -> bool:
-        return candidate.get("error") is None and candidate.get("fits") is not False
+        return candidate.get("fits") is not False
 
     def child(self, kind: str, per_chip: int, remat, data: int, fsdp: int) -> dict:
         overrides = [*self.overrides, f"batch_size={per_chip * data * fsdp}", "grad_accum_steps=1",
@@ -94,11 +102,12 @@ def training_cell(config: str, overrides: list, slice_name: str, limit_gib: floa
 
     target = plan_target(slice_name)
     search = ChildSearch(config, overrides, target, limit_gib, timeout_s, folder)
-    best = largest_batch(search, "full", 1, target.device_count)
+    try:
+        best = largest_batch(search, "full", 1, target.device_count)
+    except CompileFailed as e:
+        return {"tried": search.tried, "error": str(e)}
     if best is None:
-        first = search.tried[0] if search.tried else {}
-        return {"tried": search.tried, "fits": False, "batch_per_chip": 0,
-                "error": first.get("error") or "one image per chip does not fit"}
+        return {"tried": search.tried, "fits": False, "batch_per_chip": 0, "error": "one image per chip does not fit"}
     args = (best["batch_per_chip"], "full", 1, target.device_count)
     report, estimate = best["report"], search.child("estimate", *args)
     seconds = report.get("estimated_step_s")
