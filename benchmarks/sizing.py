@@ -194,8 +194,10 @@ def markdown(report: dict, training_grid=(), sampling_grid=(), *, planned_only: 
              "full FSDP over the slice, remat full, AdamW state float32, bf16 compute, the config's image size, the "
              "frozen encoders run ahead (cached_conditions) where the task allows it (not LoRA with new tokens, "
              "ControlNet, LCM); "
-             "the largest batch per chip that fits with a 10% HBM margin; step time and MFU are the TPU compiler's "
-             "estimates, not measurements.", "",
+             "the largest batch per chip that fits with a 10% HBM margin as a line through the peaks at 1 and 2 images "
+             "per chip predicts it, compiled to confirm (the peak grows slower than that line, so a somewhat larger "
+             "batch may fit too: a lower bound); step time and MFU are the TPU compiler's estimates, not "
+             "measurements.", "",
              "| run | slice | fits | peak / HBM per chip (GiB) | largest batch per chip | est. step s | est. MFU |",
              "|---|---|---|---|---|---|---|"]
     for c in training:
