@@ -56,6 +56,9 @@ TINY_TRAINING = [("tiny Stage C", "tiny_c", ["cached_conditions=true", "scan_blo
 TINY_SLICES = ["v5e-4"]
 TINY_SAMPLING = [("tiny cascade 128²", "tiny", 128, 2, "v5e-1")]
 MARKERS = ("<!-- sizing:start -->", "<!-- sizing:end -->")
+# A scanned step's time estimate (plan_estimate): the step's FLOPs, then the shallow copies at 1x and 2x depth
+# (``point1`` / ``point2``: their index here is their scale)
+ESTIMATE_PARTS = ("flops", "point1", "point2")
 
 
 class CompileFailed(Exception):
@@ -95,7 +98,7 @@ class ChildSearch:
 def training_cell(config: str, overrides: list, slice_name: str, limit_gib: float, timeout_s: float,
                   folder: Path) -> dict:
     """The largest batch per chip at full FSDP and remat full, then that batch's plan and step-time estimate
-    (``plan_estimate``'s two shallow compiles and the step's FLOPs, in a process of their own)."""
+    (``plan_estimate``'s two shallow compiles and the step's FLOPs, each in a process of its own)."""
     from cascade_jax.accelerators import plan_target
     from cascade_jax.training.plan_estimate import extrapolate
     from cascade_jax.training.plan_fit import largest_batch
@@ -109,12 +112,16 @@ def training_cell(config: str, overrides: list, slice_name: str, limit_gib: floa
     if best is None:
         return {"tried": search.tried, "fits": False, "batch_per_chip": 0, "error": "one image per chip does not fit"}
     args = (best["batch_per_chip"], "full", 1, target.device_count)
-    report, estimate = best["report"], search.child("estimate", *args)
+    report, estimate = best["report"], {}
+    for kind in ESTIMATE_PARTS:  # each in its own process; the first that fails ends the estimate
+        estimate[kind] = search.child(kind, *args)
+        if "error" in estimate[kind]:
+            break
     seconds = report.get("estimated_step_s")
-    if seconds is None and "error" not in estimate:
-        seconds = extrapolate([(p["optimal_seconds"], p["flops"]) for p in estimate["points"]],
-                              estimate["hardware_flops"])
-    model_flops = estimate.get("model_flops", 0) / target.device_count
+    if seconds is None and len(estimate) == len(ESTIMATE_PARTS) and not any("error" in e for e in estimate.values()):
+        seconds = extrapolate([(estimate[k]["optimal_seconds"], estimate[k]["flops"]) for k in ("point1", "point2")],
+                              estimate["flops"]["hardware_flops"])
+    model_flops = estimate["flops"].get("model_flops", 0) / target.device_count
     return {**report, "tried": search.tried, "batch_per_chip": best["batch_per_chip"], "estimated_step_s": seconds,
             "flops_per_step_per_device": model_flops or report.get("flops_per_step_per_device"),
             "estimated_mfu": model_flops / (seconds * target.peak_flops) if seconds and model_flops else None,
@@ -122,8 +129,9 @@ def training_cell(config: str, overrides: list, slice_name: str, limit_gib: floa
 
 
 def child_plan(kind: str, config: str, overrides: list, slice_name: str) -> dict:
-    """``plan``: the step's compile; ``estimate``: the step's FLOPs (traced with and without remat) and
-    plan_estimate's two shallow compiles, in one process (small programs next to the step's)."""
+    """``plan``: the step's compile; ``flops``: the step's FLOPs (traced with and without remat); ``point1`` /
+    ``point2``: one of plan_estimate's two shallow compiles. One per process: a process keeps the host memory of
+    what it traced and compiled, and the three together passed 10 GiB at 10-11 images per chip of a 3.6B step."""
     import cascade_jax.training.controlnet  # noqa: F401  (registers the c_controlnet task)
     import cascade_jax.training.lcm  # noqa: F401  (registers the c_lcm task)
     import cascade_jax.training.lora  # noqa: F401  (registers the c_lora task)
@@ -136,12 +144,13 @@ def child_plan(kind: str, config: str, overrides: list, slice_name: str) -> dict
     if kind == "plan":
         return plan(cfg, target, with_model_flops=False)
     mesh = plan_mesh(cfg, target)
-    step, _ = traced_step(cfg, mesh)
-    flops = {"hardware_flops": compile_report.jaxpr_flops(step.jaxpr),
-             "model_flops": model_step_flops(cfg, target, None, mesh)}
-    del step
-    points = [estimate_point(cfg, target, None, mesh, scale) for scale in (1, 2)]
-    return {**flops, "points": points, "host_peak_rss_gib": compile_report.host_peak_rss_gib()}
+    if kind == "flops":
+        step, _ = traced_step(cfg, mesh)
+        result = {"hardware_flops": compile_report.jaxpr_flops(step.jaxpr),
+                  "model_flops": model_step_flops(cfg, target, None, mesh)}
+    else:
+        result = estimate_point(cfg, target, None, mesh, ESTIMATE_PARTS.index(kind))
+    return {**result, "host_peak_rss_gib": compile_report.host_peak_rss_gib()}
 
 
 def sampling_cell(set_name: str, size: int, batch: int, slice_name: str) -> dict:
