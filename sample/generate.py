@@ -34,8 +34,8 @@ from cascade_jax.sharding import parse_mesh_spec
 from cascade_jax.weights.cache import enable_compilation_cache
 
 def stage_args(p, name, defaults):
-    """--NAME-steps/cfg/shift/t-start/sampler/cfg-t-start/cfg-t-stop; unset ones are the weights' defaults (their sampling.json,
-    else the official values shown)."""
+    """--NAME-steps/cfg/shift/t-start/sampler/cfg-t-start/cfg-t-stop; unset ones are the weights' defaults
+    (their sampling.json, else the official values shown)."""
     title = "Stage C" if name == "prior" else "Stage B"
     p.add_argument(f"--{name}-steps", type=int, help=f"{title} steps (official {defaults.steps})")
     p.add_argument(f"--{name}-cfg", type=cfg_arg,

@@ -7,9 +7,10 @@ demo's scorer, cascade_jax.demo.evaluate.accuracy) and wall time per image after
 
 Settings: the demo's defaults (20 Stage C + 10 Stage B steps, its sampling.json), the same in 4+2 steps (what the
 distillation adds), demo-lcm's (its sampling.json: the LCM sampler without guidance on Stage C) at 4+2, 2+2 and
-1+1 steps, and at 4+2 and 5+2 with Stage B guided on its first step only (``B_GUIDED_FIRST_STEPS``), and with ``--lcm-b-lora FILE`` demo-lcm with that Stage B LCM-LoRA too (``LCM_B_STEPS``). Each setting
-first draws one untimed batch (compiling its sampling loops), then the scored images; the timing comes after, from
-interleaved batches of every setting (their median). Writes ``--out`` (JSON) and a markdown table beside it.
+1+1 steps, at 4+2 and 5+2 with Stage B guided on its first step only (``B_GUIDED_FIRST_STEPS``), and with
+``--lcm-b-lora FILE`` demo-lcm with that Stage B LCM-LoRA too (``LCM_B_STEPS``). Each setting first draws one
+untimed batch (compiling its sampling loops), then the scored images; the timing comes after, from interleaved
+batches of every setting (their median). Writes ``--out`` (JSON) and a markdown table beside it.
 """
 
 from __future__ import annotations
