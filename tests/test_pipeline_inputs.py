@@ -187,12 +187,14 @@ def test_a_request_samples_as_the_pipeline_call_and_is_refused_by_flag_name(pipe
     assert SamplingRequest(**{**vars(request), "num_images": 3}).check().seeds == (5, 6, 7)
     meta = checked.metadata(settings, weights="random:tiny")
     assert (meta["mode"], meta["prior"]["steps"], meta["height"], meta["loras"]) == ("text2img", 2, S, [])
+    assert (meta["decoder"]["cfg_t_start"], meta["decoder"]["cfg_t_stop"]) == (None, None)  # the guidance interval
     for changes, message in [(dict(mode="sketch"), "unknown mode 'sketch'"),
                              (dict(mode="variation"), "^variation needs --image$"),
                              (dict(num_images=0), "^--num-images must be at least 1"),
                              (dict(seed=(1 << 32) - 1, num_images=2), r"^--seed must be an integer in \[0, 2\*\*32 - 2\]"),
                              (dict(prior={"steps": 0}), "^--prior-steps must be a positive integer"),
                              (dict(decoder={"t_start": 1.5}), "^--decoder-t-start must be"),
+                             (dict(decoder={"cfg_t_stop": 1.5}), "^--decoder-cfg-t-stop must be"),
                              (dict(prior={"sampler": "euler"}), "^--prior-sampler: unknown sampler 'euler'"),
                              (dict(decoder={"stepz": 3}), r"unknown decoder setting\(s\) \['stepz'\]"),
                              (dict(height=100), "nearest valid size")]:

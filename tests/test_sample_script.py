@@ -113,6 +113,8 @@ def test_inputs_and_outputs_are_checked_before_any_model_loads(tmp_path, capsys,
         (["text2img", "--random", "tiny", "--decoder-shift", "nan", *out], "--decoder-shift must be a finite"),
         (["text2img", "--random", "tiny", "--prior-cfg", "inf", *out], "--prior-cfg must be"),
         (["text2img", "--random", "tiny", "--decoder-t-start", "1.5", *out], "--decoder-t-start must be"),
+        (["text2img", "--random", "tiny", "--decoder-cfg-t-stop", "-0.5", *out], "--decoder-cfg-t-stop must be"),
+        (["text2img", "--random", "tiny", "--prior-cfg-t-start", "2", *out], "--prior-cfg-t-start must be"),
         (["reconstruct", "--random", "tiny", "--image", str(good), "--height", "7", *out], "nearest valid size"),
         (["img2img", "--random", "tiny", "--image", str(good), "--width", "100", *out], "nearest valid size"),
     ]:
